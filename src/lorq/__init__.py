@@ -1,0 +1,12 @@
+"""lorq: quantized + low-rank adaptation and compression of large language models.
+
+W ≈ Q + s·B·A: a frozen, bit-packed quantized part Q and a small trainable low-rank part B·A.
+"""
+
+from lorq.config import QuantConfig
+from lorq.quant import quantize
+from lorq.quant.tensor import QuantizedTensor
+
+__version__ = "0.1.0"
+
+__all__ = ["QuantConfig", "QuantizedTensor", "__version__", "quantize"]

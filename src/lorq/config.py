@@ -1,0 +1,150 @@
+"""Frozen, validated configuration dataclasses.
+
+Every artifact lorq writes carries the config that made it (``to_dict`` / ``from_dict``); settings
+never live in file names. Validation happens in ``__post_init__`` and raises ``ValueError`` naming
+the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+Format = Literal["nf", "int"]
+Zero = Literal["int", "float"]
+FloatName = Literal["fp16", "bf16", "fp32"]
+
+FLOAT_BITS: dict[str, int] = {"fp16": 16, "bf16": 16, "fp32": 32}
+SUPPORTED_BITS = (2, 3, 4, 8)
+NF_BLOCK_RANGE = (16, 4096)
+INT_BLOCK_RANGE = (16, 1024)
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{field}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}"
+        )
+
+
+def _check_power_of_two(field: str, value: Any, lo: int, hi: int) -> None:
+    ok = isinstance(value, int) and lo <= value <= hi and value & (value - 1) == 0
+    if not ok:
+        raise ValueError(
+            f"{field}={value!r} is not supported; allowed: a power of two from {lo} to {hi}"
+        )
+
+
+class _Serializable:
+    """to_dict / from_dict for flat frozen dataclasses (unknown keys are an error)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class QuantConfig(_Serializable):
+    """How one weight matrix is quantized (ALGORITHMS.md §1).
+
+    ``block_size`` is the number of consecutive row-major values that share one scale: B0 for
+    NormalFloat, the group size G for affine INT-k (there it must divide ``in_features``).
+
+    NormalFloat (``format="nf"``): absmax scales per block, optionally double-quantized
+    (``scale_bits`` = b0 bits per scale, ``scale_block_size`` = B1 scales per super-block whose
+    max is stored in ``super_scale_dtype`` = b1). ``scale_bits=None`` stores the scales as
+    ``scale_dtype`` floats.
+
+    Affine INT-k (``format="int"``): ``scale_dtype`` scales per group and either an integer k-bit
+    zero point (``zero="int"``, GPTQ layout) or a float min (``zero="float"``, HQQ / GGUF Q4_1
+    layout, stored as ``scale_dtype``).
+    """
+
+    format: Format = "nf"
+    bits: int = 4
+    block_size: int = 64
+    scale_bits: int | None = 8
+    scale_block_size: int = 256
+    super_scale_dtype: FloatName = "fp32"
+    scale_dtype: FloatName | None = None
+    zero: Zero = "int"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "nf4": dict(format="nf", bits=4, block_size=64),
+        "nf3": dict(format="nf", bits=3, block_size=64),
+        "nf2": dict(format="nf", bits=2, block_size=64),
+        "nf8": dict(format="nf", bits=8, block_size=64),
+        "nf4-fp32-scales": dict(format="nf", bits=4, block_size=64, scale_bits=None),
+        "int8-g128": dict(format="int", bits=8, block_size=128),
+        "int4-g32": dict(format="int", bits=4, block_size=32),
+        "int4-g64": dict(format="int", bits=4, block_size=64),
+        "int4-g128": dict(format="int", bits=4, block_size=128),
+        "int3-g32": dict(format="int", bits=3, block_size=32),
+        "int3-g128": dict(format="int", bits=3, block_size=128),
+        "int2-g32": dict(format="int", bits=2, block_size=32),
+        "q4_1": dict(format="int", bits=4, block_size=32, zero="float"),
+    }
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, ("nf", "int"))
+        _check_choice("bits", self.bits, SUPPORTED_BITS)
+        lo, hi = NF_BLOCK_RANGE if self.format == "nf" else INT_BLOCK_RANGE
+        _check_power_of_two("block_size", self.block_size, lo, hi)
+        if self.scale_dtype is None:  # resolve the per-format default once, so it is saved
+            object.__setattr__(self, "scale_dtype", "fp32" if self.format == "nf" else "fp16")
+        _check_choice("scale_dtype", self.scale_dtype, tuple(FLOAT_BITS))
+        _check_choice("super_scale_dtype", self.super_scale_dtype, tuple(FLOAT_BITS))
+        _check_choice("zero", self.zero, ("int", "float"))
+        if self.format == "nf":
+            _check_choice("scale_bits", self.scale_bits, (None, *SUPPORTED_BITS))
+            _check_power_of_two("scale_block_size", self.scale_block_size, 2, 4096)
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the NF scales are themselves quantized (LQ-LoRA's second level)."""
+        return self.format == "nf" and self.scale_bits is not None
+
+    @property
+    def nominal_bits(self) -> float:
+        """Bits per parameter by the formulas of ALGORITHMS.md §1.2/§1.3 (no per-matrix scalars)."""
+        if self.format == "int":
+            zero_bits = self.bits if self.zero == "int" else FLOAT_BITS[self.scale_dtype or "fp16"]
+            return (
+                self.bits + (FLOAT_BITS[self.scale_dtype or "fp16"] + zero_bits) / self.block_size
+            )
+        if self.scale_bits is None:
+            return self.bits + FLOAT_BITS[self.scale_dtype or "fp32"] / self.block_size
+        super_bits = FLOAT_BITS[self.super_scale_dtype] / (self.block_size * self.scale_block_size)
+        return self.bits + self.scale_bits / self.block_size + super_bits
+
+    @property
+    def name(self) -> str:
+        """A short human-readable label (the preset name when the config is a preset)."""
+        for preset, fields in self.PRESETS.items():
+            if QuantConfig(**fields) == self:
+                return preset
+        if self.format == "int":
+            return f"int{self.bits}-g{self.block_size}" + ("-fmin" if self.zero == "float" else "")
+        if self.scale_bits is None:
+            return f"nf{self.bits}-b{self.block_size}-{self.scale_dtype}"
+        return (
+            f"nf{self.bits}-b{self.block_size}-s{self.scale_bits}"
+            f"x{self.scale_block_size}-{self.super_scale_dtype}"
+        )
+
+    @classmethod
+    def preset(cls, name: str) -> QuantConfig:
+        """A named preset: ``nf4`` (QLoRA's 4.127 bits), ``nf3``, ``int4-g32``, ``q4_1``, …"""
+        if name not in cls.PRESETS:
+            raise ValueError(
+                f"unknown quantization preset {name!r}; known: {', '.join(cls.PRESETS)}"
+            )
+        return cls(**cls.PRESETS[name])

