@@ -94,9 +94,11 @@ def _is_causal(config) -> bool:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    with_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a model and its tokenizer with transformers (causal LM when the config says so)."""
+    """Load a model (and its tokenizer) with transformers; causal LM when the config says so."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(name_or_path)
