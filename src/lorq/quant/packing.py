@@ -97,7 +97,7 @@ def pack_blocks(
     blocks: torch.Tensor,
     bits: int,
     encode: Callable[[torch.Tensor, slice], torch.Tensor],
-    chunk_values: int = 1 << 22,
+    chunk_values: int = 1 << 20,
 ) -> torch.Tensor:
     """Encode and pack a (num_blocks, block_size) tensor chunk by chunk.
 
