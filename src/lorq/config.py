@@ -148,3 +148,54 @@ class QuantConfig(_Serializable):
                 f"unknown quantization preset {name!r}; known: {', '.join(cls.PRESETS)}"
             )
         return cls(**cls.PRESETS[name])
+
+
+DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # ALGORITHMS.md §2.1 (T = 5), §2.2 (T_max = 20)
+
+
+@dataclass(frozen=True)
+class DecomposeConfig(_Serializable):
+    """How W ≈ Q + s·B·A is found (ALGORITHMS.md §2).
+
+    ``method``: "loftq" (quantize first, T = 5) or "lq" (LQ-LoRA: SVD first, stop when the error
+    rises, T_max = 20); ``iters`` overrides T. ``scaling`` s = lora_alpha / r (/ √r with
+    ``rslora``); the factors satisfy Q + s·B·A = the decomposition for any alpha. ``svd``:
+    "exact", "randomized" (oversampling 10, 2 power iterations, warm-started between iterations)
+    or "auto" (randomized when the rank is small next to the matrix, exact otherwise).
+    """
+
+    method: Literal["loftq", "lq"] = "lq"
+    rank: int = 16
+    iters: int | None = None
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    lora_alpha: float = 16.0
+    rslora: bool = False
+    svd: Literal["exact", "randomized", "auto"] = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, ("loftq", "lq"))
+        _check_choice("svd", self.svd, ("exact", "randomized", "auto"))
+        if isinstance(self.quant, dict):
+            object.__setattr__(self, "quant", QuantConfig.from_dict(self.quant))
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank={self.rank!r} is not supported; allowed: a positive integer")
+        if self.iters is not None and (not isinstance(self.iters, int) or self.iters <= 0):
+            raise ValueError(f"iters={self.iters!r} is not supported; allowed: a positive integer")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not supported; allowed: > 0")
+
+    @property
+    def iterations(self) -> int:
+        return self.iters if self.iters is not None else DEFAULT_ITERATIONS[self.method]
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, or lora_alpha / √r for rsLoRA."""
+        return self.lora_alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+    def svd_method(self, shape: tuple[int, ...]) -> str:
+        """The SVD actually used for a matrix of ``shape`` ("exact" or "randomized")."""
+        if self.svd != "auto":
+            return self.svd
+        return "randomized" if 4 * (self.rank + 10) <= min(shape) else "exact"

@@ -1,0 +1,35 @@
+"""LoftQ: alternating quantization and low-rank fit, quantize first (Li et al., 2023, Alg. 1).
+
+    R = W
+    for t = 1..T:   Q_t = quant(R);   s·B_t·A_t = svd_r(W − Q_t);   R = W − s·B_t·A_t
+                    err_t = ‖√F ⊙ (W − Q_t − s·B_t·A_t)‖_F
+    return the iterate with the smallest err_t (at 2 bits the error can rise after a few steps)
+
+Shapes: W (out × in), B (out × r), A (r × in).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorq.config import DecomposeConfig
+from lorq.decompose.common import Decomposition, Iterate, LowRankStep, Weighting, finish
+from lorq.decompose.svd import split_factors
+from lorq.quant import quantize
+
+
+def loftq(weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting) -> Decomposition:
+    weight = weight.detach().float()
+    step = LowRankStep(config, weighting, weight)
+    target, errors, best = weight, [], None
+    for _ in range(config.iterations):
+        q = quantize(target, config.quant)
+        residual = weight - q.dequantize()
+        low = step(residual)
+        low_rank = low.dense()
+        errors.append(weighting.error(residual - low_rank))
+        if errors[-1] <= min(errors):
+            best = Iterate(q, *split_factors(low, config.scaling))
+        target = weight - low_rank
+    assert best is not None
+    return finish(config, best, errors)
