@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -99,6 +100,113 @@ def quantize_report(
             f"{row.relative_error:.4f}",
         )
     console.print(table)
+
+
+def _fisher(loaded, targets, source: str, seq_len: int, max_blocks: int):
+    """Fisher of the target weights on calibration text, under a progress bar."""
+    from lorq.data import TextConfig, load_blocks
+    from lorq.fisher import estimate_fisher
+
+    config = TextConfig(source=source, seq_len=seq_len, max_blocks=max_blocks)
+    blocks = load_blocks(loaded.tokenizer, config, "calibration")
+    with progress_bar() as bar:
+        task = bar.add_task("Fisher (calibration)", total=len(blocks))
+        return estimate_fisher(loaded.model, blocks, targets, lambda n: bar.advance(task, n))
+
+
+def _check_plan_target(path: Path) -> None:
+    """Refuse to overwrite a file that is not a lorq plan."""
+    from lorq.budget import BudgetPlan
+
+    if path.exists():
+        try:
+            BudgetPlan.load(path)
+        except ValueError:
+            raise ValueError(
+                f"{path} exists and is not a lorq plan; choose another --out"
+            ) from None
+
+
+def _print_plan(plan) -> None:
+    from lorq.budget.layout import bits_grid
+
+    layers, kinds, cells = bits_grid({e.name: e.bits_per_param for e in plan.entries})
+    table = Table(title="bits/param per layer and module", show_lines=False)
+    table.add_column("layer", justify="right")
+    for kind in kinds:
+        table.add_column(kind.split(".")[-1], justify="right")
+    for layer in layers:
+        row = [cells.get((layer, kind)) for kind in kinds]
+        table.add_row(
+            "-" if layer is None else str(layer), *("" if b is None else f"{b:.2f}" for b in row)
+        )
+    console.print(table)
+    quantized_mb = sum(e.bits for e in plan.entries) / 8e6
+    summary = Table(show_header=False)
+    summary.add_row("budget (bits/param)", f"{plan.budget:.4f}")
+    summary.add_row("achieved, quantized part", f"{plan.achieved_bits:.4f}")
+    summary.add_row("achieved, with low-rank factors (bf16)", f"{plan.bits_with_low_rank(16):.4f}")
+    summary.add_row("quantized linears (MB)", f"{quantized_mb:.2f}")
+    lora_mb = (plan.bits_with_low_rank(16) - plan.achieved_bits) * plan.total_params / 8e6
+    summary.add_row("low-rank factors, bf16 (MB)", f"{lora_mb:.2f}")
+    summary.add_row(
+        "total squared error" + (" (Fisher-weighted)" if plan.weighted else ""),
+        f"{plan.total_error:.6g}",
+    )
+    summary.add_row("solver", f"{plan.status}, gap {plan.gap:.2e}, {plan.solve_seconds:.2f} s")
+    summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
+    console.print(summary)
+
+
+@app.command()
+def plan(
+    budget: Annotated[float, typer.Option(help="average bits per parameter of the quantized part")],
+    model: Annotated[
+        str, typer.Option(help="built-in name, local folder, .gguf file or hub id")
+    ] = (DEFAULT_MODEL),
+    method: Annotated[str, typer.Option(help="lq | loftq | none (plain quantization)")] = "lq",
+    rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
+    fisher: Annotated[bool, typer.Option(help="weight errors by the Fisher information")] = False,
+    candidates: Annotated[
+        str, typer.Option(help="default | full | int | comma-separated preset names")
+    ] = "default",
+    calibration: Annotated[str, typer.Option(help="text for --fisher: builtin, file, hf:NAME")] = (
+        "builtin"
+    ),
+    seq_len: Annotated[int, typer.Option(help="calibration sequence length")] = 128,
+    samples: Annotated[int, typer.Option(help="calibration sequences for --fisher")] = 64,
+    out: Annotated[Path, typer.Option(help="plan JSON path (a PNG heatmap is written beside)")] = (
+        Path("plan.json")
+    ),
+) -> None:
+    """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
+    from lorq.budget import plan_budget
+    from lorq.plots import plan_heatmap
+    from lorq.surgery import dense_weight, find_targets
+
+    with user_errors():
+        _check_plan_target(out)
+        loaded = load_quietly(model, with_tokenizer=fisher)
+        targets = find_targets(loaded.model)
+        if not targets:
+            raise ValueError(f"model {model!r} has no linear layers to plan for")
+        weights = {name: dense_weight(m) for name, m in targets.items()}
+        scores = _fisher(loaded, targets, calibration, seq_len, samples) if fisher else None
+        with progress_bar() as bar:
+            task = bar.add_task(f"cost table ({method}, r={rank})", total=len(weights))
+            result = plan_budget(
+                weights,
+                budget,
+                candidates,
+                method,
+                rank,
+                scores,
+                progress=lambda n: bar.advance(task, n),
+            )
+        result.save(out)
+        plan_heatmap(result, out.with_suffix(".png"))
+    _print_plan(result)
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 @app.command()

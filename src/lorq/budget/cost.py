@@ -1,0 +1,124 @@
+"""The cost table of the bit budget: bits and error of every matrix under every candidate config.
+
+    bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
+    cost[i, c] = ‖√F_i ⊙ (W_i − Q_i − s·B_i·A_i)‖²_F         the decomposition under config c
+
+Methods: "none" (plain quantization, no low-rank part), "lq" and "loftq" (ALGORITHMS.md §2).
+With ``iters=1`` LQ-LoRA's first step, svd_r(W), does not depend on the config: it is computed once
+per matrix and reused for every candidate, so the table costs one SVD and C quantizations per
+matrix. ``iters > 1`` (or LoftQ) runs the full decomposition per candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorq.config import DecomposeConfig, QuantConfig
+from lorq.decompose import decompose
+from lorq.decompose.common import LowRankStep, Weighting, check_rank
+from lorq.quant import quantize
+from lorq.quant.tensor import check_weight
+
+METHODS = ("none", "lq", "loftq")
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Rows: matrices (``names``, ``numels``); columns: ``candidates``."""
+
+    names: tuple[str, ...]
+    numels: np.ndarray  # (n,) int64
+    candidates: tuple[QuantConfig, ...]
+    bits: np.ndarray  # (n, c) float64, total bits of matrix i under config c
+    cost: np.ndarray  # (n, c) float64, squared (weighted) error
+    norms: np.ndarray  # (n,) float64, squared (weighted) norm of W: relative errors
+
+    @property
+    def total_params(self) -> int:
+        return int(self.numels.sum())
+
+    def feasible_range(self) -> tuple[float, float]:
+        """The smallest and largest achievable average bits per parameter."""
+        total = self.total_params
+        return float(self.bits.min(1).sum() / total), float(self.bits.max(1).sum() / total)
+
+
+def _row_lq_shared(
+    weight: torch.Tensor, candidates: Sequence[QuantConfig], config: DecomposeConfig, weighting
+) -> tuple[list[float], list[float]]:
+    low_rank = LowRankStep(config, weighting, weight)(weight).dense()
+    bits, cost = [], []
+    for candidate in candidates:
+        q = quantize(weight - low_rank, candidate)
+        bits.append(8.0 * q.nbytes)
+        cost.append(weighting.error(weight - q.dequantize() - low_rank) ** 2)
+    return bits, cost
+
+
+def _row(
+    weight: torch.Tensor,
+    candidates: Sequence[QuantConfig],
+    method: str,
+    config: DecomposeConfig,
+    fisher: torch.Tensor | None,
+) -> tuple[list[float], list[float], float]:
+    weight = weight.detach().float()
+    weighting = Weighting.from_fisher(fisher, weight)
+    norm = weighting.error(weight) ** 2
+    if method == "lq" and config.iterations == 1:
+        check_rank(weight, config.rank)
+        return (*_row_lq_shared(weight, candidates, config, weighting), norm)
+    bits, cost = [], []
+    for candidate in candidates:
+        if method == "none":
+            check_weight(weight)
+            q = quantize(weight, candidate)
+            err = weighting.error(weight - q.dequantize())
+        else:
+            d = decompose(
+                weight, DecomposeConfig(**{**config.to_dict(), "quant": candidate}), fisher
+            )
+            q, err = d.q, d.error
+        bits.append(8.0 * q.nbytes)
+        cost.append(err**2)
+    return bits, cost, norm
+
+
+def cost_table(
+    matrices: Mapping[str, torch.Tensor],
+    candidates: Sequence[QuantConfig],
+    method: str = "lq",
+    config: DecomposeConfig | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CostTable:
+    """Bits and squared error of every matrix (out × in) under every candidate config.
+
+    ``config`` gives rank, iterations, SVD and seed of the decomposition (its ``quant`` is
+    replaced by each candidate); ``fisher``: {matrix name: F} (a missing name: unweighted).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
+    if not matrices:
+        raise ValueError("no matrices to plan for (the model has no target linear layers)")
+    config = config or DecomposeConfig(iters=1)
+    if method != "none":
+        config = dataclasses.replace(config, method=method)
+    rows = []
+    for name, weight in matrices.items():
+        rows.append(_row(weight, candidates, method, config, (fisher or {}).get(name)))
+        if progress:
+            progress(1)
+    return CostTable(
+        names=tuple(matrices),
+        numels=np.array([w.numel() for w in matrices.values()], dtype=np.int64),
+        candidates=tuple(candidates),
+        bits=np.array([r[0] for r in rows], dtype=np.float64),
+        cost=np.array([r[1] for r in rows], dtype=np.float64),
+        norms=np.array([r[2] for r in rows], dtype=np.float64),
+    )

@@ -1,0 +1,171 @@
+"""BudgetPlan: the chosen config of every matrix under a bit budget, saved as JSON.
+
+achieved bits/param = Σ_i bits_i / Σ_i numel_i                       (quantized part)
+with low-rank factors = (Σ_i bits_i + Σ_i r·(out_i + in_i)·b_lora) / Σ_i numel_i
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorq.budget.cost import cost_table
+from lorq.budget.grid import candidate_grid
+from lorq.budget.ilp import solve
+from lorq.config import DecomposeConfig, QuantConfig
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str
+    shape: tuple[int, int]
+    config: QuantConfig
+    bits: float  # total stored bits of the quantized matrix
+    error: float  # squared (weighted) error of the planned decomposition
+    norm: float  # squared (weighted) norm of W
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.bits / self.numel
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget: float
+    method: str
+    rank: int
+    entries: tuple[PlanEntry, ...]
+    status: str
+    gap: float
+    table_seconds: float
+    solve_seconds: float
+    weighted: bool = False
+
+    @property
+    def total_params(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def achieved_bits(self) -> float:
+        return sum(e.bits for e in self.entries) / self.total_params
+
+    @property
+    def total_error(self) -> float:
+        return sum(e.error for e in self.entries)
+
+    @property
+    def relative_error(self) -> float:
+        """sqrt(Σ error / Σ ‖W‖²), weighted like the costs."""
+        return (self.total_error / sum(e.norm for e in self.entries)) ** 0.5
+
+    def bits_with_low_rank(self, factor_bits: int = 16) -> float:
+        """Average bits/param counting B and A (r·(out + in) values each) at ``factor_bits``."""
+        if self.method == "none":
+            return self.achieved_bits
+        extra = sum(self.rank * (e.shape[0] + e.shape[1]) * factor_bits for e in self.entries)
+        return self.achieved_bits + extra / self.total_params
+
+    def config_of(self, name: str) -> QuantConfig:
+        return {e.name: e.config for e in self.entries}[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        entries = [
+            {**dataclasses.asdict(e), "shape": list(e.shape), "config": e.config.to_dict()}
+            for e in self.entries
+        ]
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"version": PLAN_VERSION, **fields, "entries": entries}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BudgetPlan:
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(
+                f"unsupported plan version {data.get('version')!r}; expected {PLAN_VERSION}"
+            )
+        entries = tuple(
+            PlanEntry(
+                **{**e, "shape": tuple(e["shape"]), "config": QuantConfig.from_dict(e["config"])}
+            )
+            for e in data["entries"]
+        )
+        fields = {k: v for k, v in data.items() if k not in ("version", "entries")}
+        return cls(entries=entries, **fields)
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (temp file + rename): never a half-written plan."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> BudgetPlan:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a valid lorq plan ({err})") from None
+
+
+def plan_budget(
+    matrices: Mapping[str, torch.Tensor],
+    budget_bits: float,
+    candidates: str | Sequence[str | QuantConfig] = "default",
+    method: str = "lq",
+    rank: int = 16,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    iters: int = 1,
+    time_limit: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> BudgetPlan:
+    """Choose a quantization config per matrix minimising total error under ``budget_bits``.
+
+    ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)} weighting.
+    """
+    grid = candidate_grid(candidates)
+    start = time.perf_counter()
+    config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
+    table = cost_table(matrices, grid, method, config, fisher, progress)
+    table_seconds = time.perf_counter() - start
+    solution = solve(table, budget_bits, time_limit)
+    entries = tuple(
+        PlanEntry(
+            name,
+            tuple(matrices[name].shape),
+            grid[c],
+            float(table.bits[i, c]),
+            float(table.cost[i, c]),
+            float(table.norms[i]),
+        )
+        for i, (name, c) in enumerate(zip(table.names, solution.choice, strict=True))
+    )
+    return BudgetPlan(
+        budget_bits,
+        method,
+        rank,
+        entries,
+        solution.status,
+        solution.gap,
+        table_seconds,
+        time.perf_counter() - start - table_seconds,
+        fisher is not None,
+    )
