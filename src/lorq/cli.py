@@ -209,6 +209,244 @@ def plan(
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    from lorq.io.native import is_lorq_dir
+
+    if out.exists() and not is_lorq_dir(out):
+        raise ValueError(f"{out} exists and is not a lorq model directory; choose another --out")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+
+
+def _pipeline_progress(bar: Progress):
+    def stage(name: str, total: int):
+        task = bar.add_task(name, total=total)
+        return lambda n: bar.advance(task, n)
+
+    return stage
+
+
+def _measure(model, blocks, reference, label: str):
+    from lorq.evaluate import evaluate_model
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"evaluating {label}", total=len(blocks))
+        return evaluate_model(model, blocks, reference, progress=lambda n: bar.advance(task, n))
+
+
+def _model_megabytes(model) -> float:
+    """Bytes of every parameter and buffer (shared tensors once), in MB."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 1e6
+
+
+def _linear_bits(model) -> tuple[float, float]:
+    """Bits/param of the replaced linears: quantized part, and with the LoRA factors (bf16)."""
+    from lorq.nn import QuantLoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    numel = sum(m.in_features * m.out_features for m in layers)
+    quant = sum(8 * m.quantized_nbytes() for m in layers)
+    lora = sum(16 * m.rank * (m.in_features + m.out_features) for m in layers)
+    return quant / numel, (quant + lora) / numel
+
+
+def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
+    table = Table(title=title)
+    for column in (
+        "model",
+        "bits/param (Q)",
+        "bits/param (Q+BA)",
+        "size MB",
+        "perplexity",
+        "KL to original",
+        "cosine to original",
+    ):
+        table.add_column(column, justify="left" if column == "model" else "right")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for label, model, result in rows:
+        bits = _linear_bits(model) if label != "original" else (None, None)
+        table.add_row(
+            label,
+            fmt(bits[0], ".3f"),
+            fmt(bits[1], ".3f"),
+            f"{_model_megabytes(model):.1f}",
+            fmt(result.perplexity, ".3f"),
+            fmt(result.kl, ".4f"),
+            fmt(result.cosine, ".5f"),
+        )
+    return table
+
+
+@app.command()
+def compress(
+    model: Annotated[
+        str, typer.Option(help="built-in name, local folder, .gguf file or hub id")
+    ] = (DEFAULT_MODEL),
+    method: Annotated[
+        str, typer.Option(help="lq (LQ-LoRA) | loftq | nf (plain quantization)")
+    ] = "lq",
+    quant: Annotated[str | None, typer.Option(help="uniform preset (see `lorq presets`)")] = None,
+    budget: Annotated[float | None, typer.Option(help="bits/param; mixed precision by ILP")] = None,
+    rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
+    fisher: Annotated[bool, typer.Option(help="Fisher-weighted decomposition and plan")] = False,
+    candidates: Annotated[str, typer.Option(help="ILP grid: default | full | presets")] = "default",
+    calibration: Annotated[str, typer.Option(help="calibration text: builtin, file, hf:NAME")] = (
+        "builtin"
+    ),
+    eval_blocks: Annotated[int, typer.Option(help="evaluation blocks of 256 tokens")] = 16,
+    baseline: Annotated[bool, typer.Option(help="also measure plain NF at the same bits")] = True,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
+    overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
+) -> None:
+    """Compress a model into quantized + low-rank layers, measure it against the original."""
+    from lorq.config import CompressConfig
+    from lorq.data import TextConfig, load_blocks
+    from lorq.io import save
+    from lorq.pipeline import compress as run_compress
+    from lorq.surgery import shared_copy
+
+    with user_errors():
+        config = CompressConfig(
+            method=method,
+            quant=None if budget else (quant or "nf3"),
+            budget=budget,
+            rank=rank,
+            fisher=fisher,
+            candidates=candidates,
+        )
+        _check_out_dir(out, overwrite)
+        loaded = load_quietly(model)
+        original = loaded.model
+        blocks = load_blocks(
+            loaded.tokenizer, TextConfig(seq_len=256, max_blocks=eval_blocks), "evaluation"
+        )
+        calib = None
+        if fisher:
+            calib = load_blocks(
+                loaded.tokenizer,
+                TextConfig(source=calibration, seq_len=128, max_blocks=64),
+                "calibration",
+            )
+        rows = [("original", original, _measure(original, blocks, None, "original"))]
+        if baseline and method != "nf":
+            plain = CompressConfig(
+                method="nf",
+                quant=config.quant,
+                budget=config.budget,
+                rank=rank,
+                candidates=candidates,
+            )
+            with progress_bar() as bar:
+                result = run_compress(shared_copy(original), plain, None, _pipeline_progress(bar))
+            rows.append(
+                (
+                    f"plain NF ({plain.quant or f'{budget} bits'})",
+                    result.model,
+                    _measure(result.model, blocks, original, "plain NF"),
+                )
+            )
+            del result
+        with progress_bar() as bar:
+            result = run_compress(shared_copy(original), config, calib, _pipeline_progress(bar))
+        label = f"lorq {method} r={rank}" + (" +Fisher" if fisher else "")
+        measured = _measure(result.model, blocks, original, label)
+        rows.append((label, result.model, measured))
+        extra = {
+            "source": {
+                "model": model,
+                "path": loaded.source.path,
+                "gguf_file": loaded.source.gguf_file,
+            },
+            "compress": config.to_dict(),
+            "plan": result.plan.to_dict() if result.plan else None,
+            "evaluation": {
+                "original_perplexity": rows[0][2].perplexity,
+                "perplexity": measured.perplexity,
+                "kl": measured.kl,
+                "cosine": measured.cosine,
+            },
+        }
+        save(result.model, out, loaded.tokenizer, extra, overwrite)
+    console.print(_results_table(f"{model} → {out}", rows))
+    console.print(f"saved to {out}")
+
+
+@app.command("eval")
+def eval_(
+    path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
+    eval_blocks: Annotated[int, typer.Option(help="evaluation blocks of 256 tokens")] = 16,
+    reference: Annotated[bool, typer.Option(help="compare with the source model if found")] = True,
+) -> None:
+    """Perplexity, bits/param, size and KL to the source model of a saved lorq model."""
+    from transformers import AutoTokenizer
+
+    from lorq.data import TextConfig, load_blocks
+    from lorq.io.native import load, read_meta
+
+    with user_errors():
+        meta = read_meta(path)
+        model = load(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        blocks = load_blocks(
+            tokenizer, TextConfig(seq_len=256, max_blocks=eval_blocks), "evaluation"
+        )
+        original = None
+        source = (meta.get("source") or {}).get("model")
+        if reference and source:
+            try:
+                original = load_quietly(source, with_tokenizer=False).model
+            except (FileNotFoundError, ValueError) as err:
+                errors.print(f"source model not available, no KL: {err}")
+        rows = []
+        if original is not None:
+            rows.append(("original", original, _measure(original, blocks, None, "original")))
+        rows.append((str(path), model, _measure(model, blocks, original, str(path))))
+    console.print(_results_table(f"{path}", rows))
+
+
+@app.command()
+def generate(
+    path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
+    prompt: Annotated[str, typer.Option(help="the prompt (the chat template is applied if any)")],
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+) -> None:
+    """Generate text from a saved lorq model (greedy)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from lorq.io.native import load
+
+    with user_errors():
+        model = load(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not hasattr(model, "generate"):
+            raise ValueError(f"{path} holds an encoder; generate needs a causal language model")
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": prompt}]
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+    console.print(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+
+
 @app.command()
 def presets() -> None:
     """List the named quantization presets and their bits per parameter."""

@@ -199,3 +199,66 @@ class DecomposeConfig(_Serializable):
         if self.svd != "auto":
             return self.svd
         return "randomized" if 4 * (self.rank + 10) <= min(shape) else "exact"
+
+
+COMPRESS_METHODS = ("lq", "loftq", "nf")
+DEFAULT_COMPRESS_QUANT = "nf3"
+
+
+@dataclass(frozen=True)
+class CompressConfig(_Serializable):
+    """What ``lorq.compress`` does to a model.
+
+    ``method``: "lq" (LQ-LoRA), "loftq", or "nf" (plain quantization; the LoRA factors start as
+    B = 0 and a random A, QLoRA-style). Either a uniform ``quant`` preset for every target
+    (default nf3), or a ``budget`` in bits/param chosen per matrix by the ILP over ``candidates``
+    (costs from ``plan_iters`` decomposition steps, Fisher-weighted with ``fisher``).
+    ``include`` / ``exclude`` are regexes on module names (default: every linear layer of the
+    blocks, no LM head).
+    """
+
+    method: Literal["lq", "loftq", "nf"] = "lq"
+    quant: str | None = None
+    budget: float | None = None
+    candidates: str = "default"
+    rank: int = 16
+    lora_alpha: float = 16.0
+    iters: int | None = None
+    svd: Literal["exact", "randomized", "auto"] = "auto"
+    fisher: bool = False
+    plan_iters: int = 1
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, COMPRESS_METHODS)
+        if self.quant is None and self.budget is None:
+            object.__setattr__(self, "quant", DEFAULT_COMPRESS_QUANT)
+        if self.quant is not None and self.budget is not None:
+            raise ValueError(
+                f"give exactly one of quant={self.quant!r} (a uniform preset) and "
+                f"budget={self.budget!r} (bits/param for the ILP)"
+            )
+        if self.quant is not None:
+            QuantConfig.preset(self.quant)
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"budget={self.budget!r} is not supported; allowed: bits/param > 0")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.decompose_config(QuantConfig())  # validates rank, iters, alpha, svd
+
+    def decompose_config(self, quant: QuantConfig) -> DecomposeConfig:
+        """The DecomposeConfig of one matrix quantized with ``quant``."""
+        method = "loftq" if self.method == "loftq" else "lq"
+        return DecomposeConfig(
+            method=method,
+            rank=self.rank,
+            iters=self.iters,
+            quant=quant,
+            lora_alpha=self.lora_alpha,
+            svd=self.svd,
+            seed=self.seed,
+        )

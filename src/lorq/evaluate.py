@@ -54,3 +54,70 @@ def quantization_report(
                 progress(1)
         rows.append(QuantReportRow(config, numel, nbytes, err, norm))
     return rows
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Perplexity and KL to a reference (causal LMs), or embedding cosine to a reference (encoders).
+
+    perplexity = exp(Σ −log p(x_t | x_<t) / T)
+    kl         = mean over positions of KL(p_ref ‖ p_model) of the next-token distributions
+    cosine     = mean cosine similarity of mean-pooled last hidden states, block by block
+    """
+
+    tokens: int
+    perplexity: float | None = None
+    kl: float | None = None
+    cosine: float | None = None
+
+
+def _is_causal(output) -> bool:
+    return getattr(output, "logits", None) is not None
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    reference: torch.nn.Module | None = None,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Measure ``model`` on token ``blocks`` (n × seq_len); compare with ``reference`` if given."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0:
+        raise ValueError(
+            f"evaluation blocks must be a non-empty (n × seq_len) tensor, got {tuple(blocks.shape)}"
+        )
+    device = next(model.parameters()).device
+    nll = kl = cosine = 0.0
+    tokens = positions = 0
+    causal = True
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        out = model(input_ids=ids)
+        ref = (
+            reference(input_ids=ids.to(next(reference.parameters()).device)) if reference else None
+        )
+        causal = _is_causal(out)
+        if causal:
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            nll -= float(logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            tokens += ids[:, 1:].numel()
+            if ref is not None:
+                ref_logp = torch.log_softmax(ref.logits.float().to(device), dim=-1)
+                kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+                positions += ids.numel()
+        elif ref is not None:
+            a = out.last_hidden_state.float().mean(1)
+            b = ref.last_hidden_state.float().to(device).mean(1)
+            cosine += float(torch.nn.functional.cosine_similarity(a, b, dim=-1).sum())
+        if progress:
+            progress(ids.shape[0])
+    n = blocks.shape[0]
+    if not causal:
+        return EvalResult(blocks.numel(), cosine=cosine / n if reference is not None else None)
+    return EvalResult(
+        tokens,
+        perplexity=float(torch.exp(torch.tensor(nll / tokens))),
+        kl=kl / positions if reference is not None else None,
+    )

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
+from lorq.nn.dense import dense_weight, is_conv1d, is_linear
+
+__all__ = ["dense_weight", "find_targets", "is_conv1d", "is_linear"]
+
 DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"(^|\.)embed_out$", r"(^|\.)score$", r"(^|\.)classifier$")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D: a linear layer whose weight is stored (in × out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out × in), whatever its storage layout (Conv1D is transposed)."""
-    weight = module.weight.detach()
-    return weight.t() if is_conv1d(module) else weight
 
 
 def find_targets(
@@ -49,3 +37,28 @@ def find_targets(
             continue
         targets[name] = module
     return targets
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` by ``module``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def freeze_all_but_lora(model: nn.Module) -> None:
+    """Only ``lora_A`` / ``lora_B`` parameters keep requires_grad."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(("lora_A", "lora_B")))
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the original tensors.
+
+    Replacing modules in the copy leaves the original's modules alone at no memory cost; the
+    tensors themselves are shared, so only whole-module replacement is safe on the copy.
+    """
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)

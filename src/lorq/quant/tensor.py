@@ -129,27 +129,33 @@ class QuantizedTensor:
         return {**{k: v.contiguous() for k, v in self.tensors().items()}, META_KEY: raw}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedTensor:
-        """Inverse of :meth:`to_state_dict` (bit-exact)."""
-        if META_KEY not in state:
-            raise ValueError(f"not a QuantizedTensor state dict: no {META_KEY!r} entry")
-        meta = json.loads(bytes(state[META_KEY].tolist()).decode())
-        config = QuantConfig.from_dict(meta["config"])
-        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+    def from_tensors(
+        cls, config: QuantConfig, shape: tuple[int, int], tensors: dict[str, torch.Tensor]
+    ) -> QuantizedTensor:
+        """Inverse of :meth:`tensors`: rebuild from the named buffers, the config and the shape."""
         scales: torch.Tensor | QuantizedScales
         if config.double_quant:
             assert config.scale_bits is not None
             scales = QuantizedScales(
-                state["scales.codes"],
-                state["scales.super_scales"],
-                state["scales.offset"],
+                tensors["scales.codes"],
+                tensors["scales.super_scales"],
+                tensors["scales.offset"],
                 config.scale_bits,
                 config.scale_block_size,
                 shape[0] * shape[1] // config.block_size,
             )
         else:
-            scales = state["scales"]
-        return cls(config, shape, state["codes"], scales, state.get("zeros"))
+            scales = tensors["scales"]
+        return cls(config, shape, tensors["codes"], scales, tensors.get("zeros"))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedTensor:
+        """Inverse of :meth:`to_state_dict` (bit-exact)."""
+        if META_KEY not in state:
+            raise ValueError(f"not a QuantizedTensor state dict: no {META_KEY!r} entry")
+        meta = json.loads(bytes(state[META_KEY].tolist()).decode())
+        shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+        return cls.from_tensors(QuantConfig.from_dict(meta["config"]), shape, state)
 
 
 def check_weight(weight: torch.Tensor) -> None:

@@ -1,0 +1,226 @@
+"""lorq's native model directory.
+
+    DIR/model.safetensors   every tensor of the model: packed codes, scales, zeros, LoRA factors and
+                            all other parameters and buffers (tied tensors stored once)
+    DIR/lorq.json           format version, lorq version, source model, the HF config, the compress
+                            config, every replaced layer's quant config / shape / rank / scaling,
+                            tensor aliases, the budget plan
+    DIR/tokenizer files     when a tokenizer is given
+
+``load`` builds the architecture on the meta device and assigns the stored tensors (no access to
+the original weights); the round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorq import __version__
+from lorq.config import QuantConfig
+from lorq.io.atomic import atomic_directory
+from lorq.nn import QuantLoraLinear
+from lorq.surgery import set_module
+
+FORMAT = "lorq"
+FORMAT_VERSION = 1
+LORQ_FILE = "lorq.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_lorq_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / LORQ_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not) by qualified name, shared ones repeated."""
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for kind in (module._parameters, module._buffers):
+            for leaf, tensor in kind.items():
+                if tensor is not None:
+                    out[prefix + leaf] = tensor
+    return out
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = tensor.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def _layer_spec(layer: QuantLoraLinear) -> dict[str, Any]:
+    return {
+        "quant": layer.quant_config.to_dict(),
+        "shape": [layer.out_features, layer.in_features],
+        "rank": layer.rank,
+        "scaling": layer.scaling,
+        "bias": layer.bias is not None,
+    }
+
+
+def _hf_config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's HF config, minus what describes the source file rather than the model."""
+    if not hasattr(model, "config"):
+        return None
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path"):
+        config.pop(key, None)
+    return config
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (with QuantLoraLinear layers) to ``path`` atomically; returns the path."""
+    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    if not layers:
+        raise ValueError("the model has no QuantLoraLinear layers; compress it before saving")
+    tensors, aliases = _dedupe(_named_tensors(model))
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lorq_version": __version__,
+        "model_class": type(model).__name__,
+        "hf_config": _hf_config(model),
+        "layers": layers,
+        "aliases": aliases,
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        **(extra or {}),
+    }
+    with atomic_directory(path, overwrite, is_lorq_dir, "lorq model") as tmp:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / LORQ_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return Path(path)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """lorq.json of a saved model; ValueError / FileNotFoundError naming the file when unusable."""
+    file = Path(path) / LORQ_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found: {path} is not a lorq model directory")
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file} is corrupted ({err}); re-run lorq compress") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "layers" not in meta:
+        raise ValueError(f"{file} is not a lorq model description; re-run lorq compress")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found; the lorq model directory is incomplete")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(
+            f"{file} is corrupted or truncated ({err}); re-run lorq compress"
+        ) from None
+
+
+def _skeleton(meta: dict[str, Any]) -> nn.Module:
+    import transformers
+
+    config_dict = dict(meta["hf_config"] or {})
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("lorq.json has no Hugging Face config; cannot rebuild the architecture")
+    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    cls = getattr(transformers, meta["model_class"], None)
+    if cls is None:
+        raise ValueError(f"transformers has no model class {meta['model_class']!r}; upgrade it")
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def _quant_layer(
+    name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> QuantLoraLinear:
+    prefix = f"{name}."
+    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return QuantLoraLinear.from_buffers(
+        QuantConfig.from_dict(spec["quant"]),
+        (spec["shape"][0], spec["shape"][1]),
+        own,
+        own["lora_B"],
+        own["lora_A"],
+        spec["scaling"],
+        own["bias"] if spec["bias"] else None,
+    )
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor  # type: ignore[assignment]
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, trainable: bool) -> torch.Tensor:
+    """Put ``tensor`` at ``name`` (a Parameter where the skeleton has one); returns what was put."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    value = nn.Parameter(tensor, requires_grad=trainable) if leaf in module._parameters else tensor
+    _place(model, name, value)
+    return value
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model saved by :func:`save`; raises ValueError naming a corrupted file."""
+    path = Path(path)
+    meta = read_meta(path)
+    tensors = _read_tensors(path)
+    model = _skeleton(meta)
+    try:
+        for name, spec in meta["layers"].items():
+            set_module(model, name, _quant_layer(name, spec, tensors))
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match {LORQ_FILE} ({err})") from None
+    trainable = set(meta.get("trainable", []))
+    aliases = meta.get("aliases", {})
+    assigned: dict[str, torch.Tensor] = {}
+    for name, tensor in _named_tensors(model).items():
+        if not tensor.is_meta:
+            continue
+        source = aliases.get(name, name)
+        if source not in tensors:
+            raise ValueError(
+                f"{path / WEIGHTS_FILE} has no tensor {source!r}; the file is incomplete"
+            )
+        if source not in assigned:
+            assigned[source] = _assign(model, name, tensors[source], source in trainable)
+        else:
+            _place(model, name, assigned[source])
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(name in trainable)
+    return model.to(device).eval()

@@ -1,0 +1,134 @@
+"""Native save/load. Oracles: bit-identical tensors and logits after the round trip; bad files."""
+
+import json
+
+import pytest
+import torch
+
+from lorq.config import CompressConfig
+from lorq.io import load, save
+from lorq.io.native import LORQ_FILE, WEIGHTS_FILE
+from lorq.pipeline import compress
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        CompressConfig(method="lq", quant="nf3", rank=4),
+        CompressConfig(method="loftq", budget=3.0, rank=4, iters=2),
+        CompressConfig(method="nf", quant="int4-g32", rank=4),
+    ],
+)
+def test_round_trip_is_bit_exact(name, config, tmp_path, request):
+    model = tiny_bert() if name == "bert" else request.getfixturevalue(name)
+    compress(model, config)
+    save(model, tmp_path / "m")
+    back = load(tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(outputs(model, ids), outputs(back, ids))
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    compress(model, CompressConfig(quant="nf4", rank=2))
+    save(model, tmp_path / "m")
+    back = load(tmp_path / "m")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+
+
+@pytest.fixture
+def saved(llama, tmp_path):
+    compress(llama, CompressConfig(quant="nf4", rank=4))
+    return save(llama, tmp_path / "m")
+
+
+def test_refuses_foreign_and_existing_dirs(llama, saved, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a lorq model directory"):
+        save(llama, foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="exists; pass overwrite"):
+        save(llama, saved)
+    save(llama, saved, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failed_save_leaves_nothing(llama, tmp_path, monkeypatch):
+    compress(llama, CompressConfig(quant="nf4", rank=4))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("lorq.io.native.save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save(llama, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_weights(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} is corrupted or truncated"):
+        load(saved)
+
+
+@pytest.mark.parametrize("text", ["{broken", "[]", json.dumps({"format": "other"})])
+def test_corrupted_json(saved, text):
+    (saved / LORQ_FILE).write_text(text)
+    with pytest.raises(ValueError, match=LORQ_FILE):
+        load(saved)
+
+
+def test_missing_files(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a lorq model directory"):
+        load(tmp_path)
+    (saved / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
+        load(saved)
+
+
+def test_save_needs_a_compressed_model(gpt2, tmp_path):
+    with pytest.raises(ValueError, match="compress it before saving"):
+        save(gpt2, tmp_path / "m")
