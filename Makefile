@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/lorq quantize-report
+	$(BIN)/lorq compress --overwrite
 
 lint: install
 	$(BIN)/ruff check src tests bench
@@ -34,6 +34,8 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/quantize.py
+	$(BIN)/python bench/decompose.py
+	$(BIN)/python bench/budget.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

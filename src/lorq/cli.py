@@ -33,25 +33,42 @@ errors = Console(stderr=True)
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
 
 
+class Stages:
+    """Rich progress bars for library stages, started at the first (a failed call shows none)."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, total: int):
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=errors,
+            )
+            self.bar.start()
+        bar, task = self.bar, self.bar.add_task(stage, total=total)
+        return lambda n: bar.advance(task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user error into one line on stderr and exit code 2 (no traceback)."""
+def user_errors() -> Iterator[Stages]:
+    """Progress bars for the body; a user error becomes one line on stderr and exit code 2."""
+    stages = Stages()
     try:
-        yield
+        yield stages
     except (ValueError, FileNotFoundError) as err:
+        stages.close()
         errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-    )
+    finally:
+        stages.close()
 
 
 def load_quietly(model: str, with_tokenizer: bool = True):
@@ -78,15 +95,13 @@ def quantize_report(
     from lorq.evaluate import quantization_report
     from lorq.surgery import dense_weight, find_targets
 
-    with user_errors():
+    with user_errors() as stage:
         configs = [QuantConfig.preset(name) for name in preset or DEFAULT_REPORT_PRESETS]
         loaded = load_quietly(model, with_tokenizer=False)
         weights = {name: dense_weight(m) for name, m in find_targets(loaded.model).items()}
         if not weights:
             raise ValueError(f"model {model!r} has no linear layers to quantize")
-        with progress_bar() as bar:
-            task = bar.add_task("quantizing", total=len(weights) * len(configs))
-            rows = quantization_report(weights, configs, lambda n: bar.advance(task, n))
+        rows = quantization_report(weights, configs, stage)
     numel = rows[0].numel
     table = Table(title=f"{model}: {len(weights)} linear layers, {numel / 1e6:.1f} M parameters")
     for column in ("format", "bits/param (nominal)", "bits/param (stored)", "size MB", "‖W−Q‖/‖W‖"):
@@ -102,16 +117,14 @@ def quantize_report(
     console.print(table)
 
 
-def _fisher(loaded, targets, source: str, seq_len: int, max_blocks: int):
-    """Fisher of the target weights on calibration text, under a progress bar."""
+def _fisher(loaded, targets, source: str, seq_len: int, max_blocks: int, stage: Stages):
+    """Fisher of the target weights on calibration text."""
     from lorq.data import TextConfig, load_blocks
     from lorq.fisher import estimate_fisher
 
     config = TextConfig(source=source, seq_len=seq_len, max_blocks=max_blocks)
     blocks = load_blocks(loaded.tokenizer, config, "calibration")
-    with progress_bar() as bar:
-        task = bar.add_task("Fisher (calibration)", total=len(blocks))
-        return estimate_fisher(loaded.model, blocks, targets, lambda n: bar.advance(task, n))
+    return estimate_fisher(loaded.model, blocks, targets, stage)
 
 
 def _check_plan_target(path: Path) -> None:
@@ -184,25 +197,15 @@ def plan(
     from lorq.plots import plan_heatmap
     from lorq.surgery import dense_weight, find_targets
 
-    with user_errors():
+    with user_errors() as stage:
         _check_plan_target(out)
         loaded = load_quietly(model, with_tokenizer=fisher)
         targets = find_targets(loaded.model)
         if not targets:
             raise ValueError(f"model {model!r} has no linear layers to plan for")
         weights = {name: dense_weight(m) for name, m in targets.items()}
-        scores = _fisher(loaded, targets, calibration, seq_len, samples) if fisher else None
-        with progress_bar() as bar:
-            task = bar.add_task(f"cost table ({method}, r={rank})", total=len(weights))
-            result = plan_budget(
-                weights,
-                budget,
-                candidates,
-                method,
-                rank,
-                scores,
-                progress=lambda n: bar.advance(task, n),
-            )
+        scores = _fisher(loaded, targets, calibration, seq_len, samples, stage) if fisher else None
+        result = plan_budget(weights, budget, candidates, method, rank, scores, progress=stage)
         result.save(out)
         plan_heatmap(result, out.with_suffix(".png"))
     _print_plan(result)
@@ -218,20 +221,10 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
 
 
-def _pipeline_progress(bar: Progress):
-    def stage(name: str, total: int):
-        task = bar.add_task(name, total=total)
-        return lambda n: bar.advance(task, n)
-
-    return stage
-
-
-def _measure(model, blocks, reference, label: str):
+def _measure(model, blocks, reference, label: str, stage: Stages):
     from lorq.evaluate import evaluate_model
 
-    with progress_bar() as bar:
-        task = bar.add_task(f"evaluating {label}", total=len(blocks))
-        return evaluate_model(model, blocks, reference, progress=lambda n: bar.advance(task, n))
+    return evaluate_model(model, blocks, reference, progress=stage, label=f"evaluating {label}")
 
 
 def _model_megabytes(model) -> float:
@@ -256,16 +249,13 @@ def _linear_bits(model) -> tuple[float, float]:
 
 
 def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
-    table = Table(title=title)
-    for column in (
-        "model",
-        "bits/param (Q)",
-        "bits/param (Q+BA)",
-        "size MB",
-        "perplexity",
-        "KL to original",
-        "cosine to original",
-    ):
+    table = Table(
+        title=title,
+        caption="bits: per parameter of the replaced linears (Q alone; with B, A in bf16); MB: all "
+        "parameters and buffers; ppl: perplexity on the evaluation text; KL: mean KL divergence of "
+        "next-token distributions to the original; cos: embedding cosine to the original",
+    )
+    for column in ("model", "bits Q", "bits Q+BA", "MB", "ppl", "KL", "cos"):
         table.add_column(column, justify="left" if column == "model" else "right")
 
     def fmt(value, spec):
@@ -313,10 +303,10 @@ def compress(
     from lorq.pipeline import compress as run_compress
     from lorq.surgery import shared_copy
 
-    with user_errors():
+    with user_errors() as stage:
         config = CompressConfig(
             method=method,
-            quant=None if budget else (quant or "nf3"),
+            quant=quant,
             budget=budget,
             rank=rank,
             fisher=fisher,
@@ -335,7 +325,7 @@ def compress(
                 TextConfig(source=calibration, seq_len=128, max_blocks=64),
                 "calibration",
             )
-        rows = [("original", original, _measure(original, blocks, None, "original"))]
+        rows = [("original", original, _measure(original, blocks, None, "original", stage))]
         if baseline and method != "nf":
             plain = CompressConfig(
                 method="nf",
@@ -344,20 +334,18 @@ def compress(
                 rank=rank,
                 candidates=candidates,
             )
-            with progress_bar() as bar:
-                result = run_compress(shared_copy(original), plain, None, _pipeline_progress(bar))
+            result = run_compress(shared_copy(original), plain, None, stage)
             rows.append(
                 (
                     f"plain NF ({plain.quant or f'{budget} bits'})",
                     result.model,
-                    _measure(result.model, blocks, original, "plain NF"),
+                    _measure(result.model, blocks, original, "plain NF", stage),
                 )
             )
             del result
-        with progress_bar() as bar:
-            result = run_compress(shared_copy(original), config, calib, _pipeline_progress(bar))
+        result = run_compress(shared_copy(original), config, calib, stage)
         label = f"lorq {method} r={rank}" + (" +Fisher" if fisher else "")
-        measured = _measure(result.model, blocks, original, label)
+        measured = _measure(result.model, blocks, original, label, stage)
         rows.append((label, result.model, measured))
         extra = {
             "source": {
@@ -391,7 +379,7 @@ def eval_(
     from lorq.data import TextConfig, load_blocks
     from lorq.io.native import load, read_meta
 
-    with user_errors():
+    with user_errors() as stage:
         meta = read_meta(path)
         model = load(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -407,8 +395,8 @@ def eval_(
                 errors.print(f"source model not available, no KL: {err}")
         rows = []
         if original is not None:
-            rows.append(("original", original, _measure(original, blocks, None, "original")))
-        rows.append((str(path), model, _measure(model, blocks, original, str(path))))
+            rows.append(("original", original, _measure(original, blocks, None, "original", stage)))
+        rows.append((str(path), model, _measure(model, blocks, original, str(path), stage)))
     console.print(_results_table(f"{path}", rows))
 
 
@@ -439,7 +427,8 @@ def generate(
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
         with torch.no_grad():
             out = model.generate(
-                **ids,
+                input_ids=ids["input_ids"],
+                attention_mask=ids["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

@@ -6,15 +6,14 @@ bits / param   = 8 · Σ_i nbytes(Q_i) / Σ_i numel(W_i)      (every stored buff
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from lorq.config import QuantConfig
+from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
-
-Progress = Callable[[int], None]  # called with the number of steps just completed
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,11 @@ class QuantReportRow:
 def quantization_report(
     weights: Mapping[str, torch.Tensor],
     configs: Iterable[QuantConfig],
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> list[QuantReportRow]:
     """Quantize every weight with every config; one row per config, totals over the weights."""
+    configs = list(configs)
+    advance = progress("quantizing", len(weights) * len(configs))
     rows = []
     for config in configs:
         numel = nbytes = 0
@@ -50,8 +51,7 @@ def quantization_report(
             numel, nbytes = numel + w.numel(), nbytes + q.nbytes
             err += float(torch.sum((q.dequantize() - w) ** 2))
             norm += float(torch.sum(w**2))
-            if progress:
-                progress(1)
+            advance(1)
         rows.append(QuantReportRow(config, numel, nbytes, err, norm))
     return rows
 
@@ -81,7 +81,8 @@ def evaluate_model(
     blocks: torch.Tensor,
     reference: torch.nn.Module | None = None,
     batch_size: int = 4,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
+    label: str = "evaluating",
 ) -> EvalResult:
     """Measure ``model`` on token ``blocks`` (n × seq_len); compare with ``reference`` if given."""
     if blocks.dim() != 2 or blocks.shape[0] == 0:
@@ -89,6 +90,7 @@ def evaluate_model(
             f"evaluation blocks must be a non-empty (n × seq_len) tensor, got {tuple(blocks.shape)}"
         )
     device = next(model.parameters()).device
+    advance = progress(label, blocks.shape[0])
     nll = kl = cosine = 0.0
     tokens = positions = 0
     causal = True
@@ -111,8 +113,7 @@ def evaluate_model(
             a = out.last_hidden_state.float().mean(1)
             b = ref.last_hidden_state.float().to(device).mean(1)
             cosine += float(torch.nn.functional.cosine_similarity(a, b, dim=-1).sum())
-        if progress:
-            progress(ids.shape[0])
+        advance(ids.shape[0])
     n = blocks.shape[0]
     if not causal:
         return EvalResult(blocks.numel(), cosine=cosine / n if reference is not None else None)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from lorq.progress import Progress, no_progress
 from lorq.surgery import dense_weight, find_targets, is_conv1d
 
 
@@ -65,7 +66,7 @@ def estimate_fisher(
     model: nn.Module,
     batches: torch.Tensor,
     targets: Mapping[str, nn.Module] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> dict[str, torch.Tensor]:
     """F for every target weight, from token blocks ``batches`` (n × seq_len, LongTensor).
 
@@ -80,6 +81,7 @@ def estimate_fisher(
     targets = dict(targets if targets is not None else find_targets(model))
     if not targets:
         raise ValueError("the model has no target linear layers to estimate the Fisher of")
+    advance = progress("Fisher information", batches.shape[0])
     weights = [m.weight for m in targets.values()]
     device = weights[0].device
     fisher = {
@@ -97,8 +99,7 @@ def estimate_fisher(
                 if not torch.isfinite(loss):
                     raise ValueError(f"calibration loss is {loss.item()}; check the model and data")
                 loss.backward()
-                if progress:
-                    progress(1)
+                advance(1)
         finally:
             for handle in handles:
                 handle.remove()

@@ -8,7 +8,6 @@ replaced, so peak memory stays near the model's own size. Everything but the LoR
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from lorq.config import CompressConfig, QuantConfig
 from lorq.decompose import Decomposition, decompose
 from lorq.fisher import estimate_fisher
 from lorq.nn import QuantLoraLinear
+from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
 from lorq.surgery import (
     DEFAULT_EXCLUDE,
@@ -27,13 +27,6 @@ from lorq.surgery import (
     freeze_all_but_lora,
     set_module,
 )
-
-# progress(stage, total) returns a callback advanced by the number of steps done
-Progress = Callable[[str, int], Callable[[int], None]]
-
-
-def _no_progress(stage: str, total: int) -> Callable[[int], None]:
-    return lambda n: None
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,7 @@ def _plan(weights, config: CompressConfig, fisher, progress: Progress) -> Budget
         config.rank,
         fisher,
         iters=config.plan_iters,
-        progress=progress("planning the bit budget", len(weights)),
+        progress=progress,
     )
 
 
@@ -77,7 +70,7 @@ def compress(
     model: nn.Module,
     config: CompressConfig,
     calibration: torch.Tensor | None = None,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> CompressResult:
     """Replace the target linear layers of ``model`` (in place) by QuantLoraLinear layers.
 
@@ -94,7 +87,7 @@ def compress(
     if config.fisher:
         if calibration is None:
             raise ValueError("fisher=True needs calibration token blocks")
-        fisher = estimate_fisher(model, calibration, targets, progress("Fisher", len(calibration)))
+        fisher = estimate_fisher(model, calibration, targets, progress)
     plan = None
     if config.budget is not None:
         weights = {name: dense_weight(m) for name, m in targets.items()}

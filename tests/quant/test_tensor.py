@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorq import QuantConfig, QuantizedTensor, quantize
+from lorq.quant.tensor import storage_nbytes
 
 GRID = [
     QuantConfig(bits=b, block_size=bs, scale_bits=b0, scale_block_size=b1, super_scale_dtype=d)
@@ -28,6 +29,7 @@ def test_bits_per_param_matches_formula(config):
     w = torch.randn(256, 1024)
     q = quantize(w, config)
     assert q.nbytes == sum(t.numel() * t.element_size() for t in q.tensors().values())
+    assert q.nbytes == storage_nbytes(config, (256, 1024))
     # the only difference from the formula: the fp32 offset scalar of double quantization
     overhead = 32 / w.numel() if config.double_quant else 0.0
     assert q.bits_per_param == pytest.approx(config.nominal_bits + overhead, abs=1e-9)

@@ -12,7 +12,7 @@ matrix. ``iters > 1`` (or LoftQ) runs the full decomposition per candidate.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from lorq.config import DecomposeConfig, QuantConfig
 from lorq.decompose import decompose
 from lorq.decompose.common import LowRankStep, Weighting, check_rank
+from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
 from lorq.quant.tensor import check_weight
 
@@ -43,9 +44,13 @@ class CostTable:
         return int(self.numels.sum())
 
     def feasible_range(self) -> tuple[float, float]:
-        """The smallest and largest achievable average bits per parameter."""
-        total = self.total_params
-        return float(self.bits.min(1).sum() / total), float(self.bits.max(1).sum() / total)
+        return feasible_range(self.bits, self.numels)
+
+
+def feasible_range(bits: np.ndarray, numels: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest achievable average bits/param; bits: (n, c) totals per matrix."""
+    total = float(numels.sum())
+    return float(bits.min(1).sum() / total), float(bits.max(1).sum() / total)
 
 
 def _row_lq_shared(
@@ -95,7 +100,7 @@ def cost_table(
     method: str = "lq",
     config: DecomposeConfig | None = None,
     fisher: Mapping[str, torch.Tensor] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> CostTable:
     """Bits and squared error of every matrix (out × in) under every candidate config.
 
@@ -109,11 +114,11 @@ def cost_table(
     config = config or DecomposeConfig(iters=1)
     if method != "none":
         config = dataclasses.replace(config, method=method)
+    advance = progress(f"cost table ({method}, r={config.rank})", len(matrices))
     rows = []
     for name, weight in matrices.items():
         rows.append(_row(weight, candidates, method, config, (fisher or {}).get(name)))
-        if progress:
-            progress(1)
+        advance(1)
     return CostTable(
         names=tuple(matrices),
         numels=np.array([w.numel() for w in matrices.values()], dtype=np.int64),

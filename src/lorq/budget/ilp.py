@@ -20,7 +20,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-from lorq.budget.cost import CostTable
+from lorq.budget.cost import CostTable, feasible_range
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
-def check_budget(table: CostTable, budget: float) -> None:
-    low, high = table.feasible_range()
+def check_budget(bits: np.ndarray, numels: np.ndarray, budget: float) -> None:
+    """ValueError naming the feasible range unless ``budget`` lies in it; bits: (n, c) totals."""
+    low, high = feasible_range(bits, numels)
     if not low - 1e-12 <= budget <= high + 1e-12:
         raise ValueError(
             f"budget={budget} bits/param is outside the feasible range [{low:.4f}, {high:.4f}] "
@@ -69,7 +70,7 @@ def check_budget(table: CostTable, budget: float) -> None:
 
 def solve(table: CostTable, budget: float, time_limit: float = 60.0) -> Solution:
     """Choose one candidate per matrix minimising total cost under ``budget`` bits/param."""
-    check_budget(table, budget)
+    check_budget(table.bits, table.numels, budget)
     n, c = table.bits.shape
     keep = undominated(table.bits, table.cost).ravel()
     columns = np.flatnonzero(keep)

@@ -11,17 +11,20 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorq.budget.cost import cost_table
 from lorq.budget.grid import candidate_grid
-from lorq.budget.ilp import solve
+from lorq.budget.ilp import check_budget, solve
 from lorq.config import DecomposeConfig, QuantConfig
+from lorq.progress import Progress, no_progress
+from lorq.quant.tensor import storage_nbytes
 
 PLAN_VERSION = 1
 
@@ -135,13 +138,17 @@ def plan_budget(
     fisher: Mapping[str, torch.Tensor] | None = None,
     iters: int = 1,
     time_limit: float = 60.0,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> BudgetPlan:
     """Choose a quantization config per matrix minimising total error under ``budget_bits``.
 
     ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)} weighting.
     """
     grid = candidate_grid(candidates)
+    if matrices:  # the feasible range depends on shapes only: fail before the expensive table
+        shapes = [(w.shape[0], w.shape[1]) for w in matrices.values()]
+        bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes])
+        check_budget(bits, np.array([a * b for a, b in shapes]), budget_bits)
     start = time.perf_counter()
     config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
     table = cost_table(matrices, grid, method, config, fisher, progress)

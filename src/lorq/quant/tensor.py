@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorq.config import QuantConfig
+from lorq.config import FLOAT_BITS, QuantConfig
 from lorq.quant.codebook import nf_levels
 from lorq.quant.double_quant import TORCH_FLOAT, QuantizedScales
-from lorq.quant.packing import unpack, unpack_lookup
+from lorq.quant.packing import packed_nbytes, unpack, unpack_lookup
 
 CHUNK_VALUES = 1 << 18  # values decoded at once: cache-sized, bounds temporary memory
 META_KEY = "quant_meta"
@@ -156,6 +156,26 @@ class QuantizedTensor:
         meta = json.loads(bytes(state[META_KEY].tolist()).decode())
         shape = (int(meta["shape"][0]), int(meta["shape"][1]))
         return cls.from_tensors(QuantConfig.from_dict(meta["config"]), shape, state)
+
+
+def storage_nbytes(config: QuantConfig, shape: tuple[int, int]) -> int:
+    """Bytes a QuantizedTensor of ``config`` and ``shape`` stores, without quantizing anything."""
+    numel = shape[0] * shape[1]
+    blocks = numel // config.block_size
+    scale_bytes = FLOAT_BITS[config.scale_dtype or "fp32"] // 8
+    nbytes = packed_nbytes(numel, config.bits)
+    if config.double_quant:
+        assert config.scale_bits is not None
+        supers = -(-blocks // config.scale_block_size)
+        nbytes += packed_nbytes(blocks, config.scale_bits) + 4  # codes + fp32 offset
+        nbytes += supers * FLOAT_BITS[config.super_scale_dtype] // 8
+    else:
+        nbytes += blocks * scale_bytes
+    if config.format == "int":
+        nbytes += (
+            packed_nbytes(blocks, config.bits) if config.zero == "int" else blocks * scale_bytes
+        )
+    return nbytes
 
 
 def check_weight(weight: torch.Tensor) -> None:

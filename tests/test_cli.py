@@ -1,0 +1,123 @@
+"""The CLI. Oracles: exit codes, one-line errors, files written or not, library results."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lorq.cli import app
+from lorq.models import builtin_path
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random LLaMA saved as a Hugging Face folder with a real (MiniLM) tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(builtin_path("minilm"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, text):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and text in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_compress_eval_generate(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", "--model", tiny_dir, "--rank", "4", "--eval-blocks", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "plain NF" in result.output and "lorq lq r=4" in result.output
+    meta = json.loads((out / "lorq.json").read_text())
+    assert meta["compress"]["quant"] == "nf3" and meta["evaluation"]["kl"] > 0
+    result = run("eval", out, "--eval-blocks", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{meta['evaluation']['perplexity']:.3f}" in result.output  # same model, same text
+    result = run("generate", out, "--prompt", "hello", "--max-new-tokens", "4")
+    assert result.exit_code == 0, result.output
+
+
+def test_plan_writes_json_and_png(tiny_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    result = run("plan", "--model", tiny_dir, "--budget", "3", "--rank", "4", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.exists() and out.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(out.read_text())["budget"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["compress", "--model", "/no/such/model"], "not found"),
+        (["compress", "--quant", "nf5"], "unknown quantization preset 'nf5'"),
+        (["compress", "--quant", "nf4", "--budget", "3"], "exactly one of"),
+        (["compress", "--method", "qlora"], "method='qlora'"),
+        (["compress", "--rank", "0"], "rank=0"),
+        (["plan", "--budget", "1.0", "--model", "TINY"], "outside the feasible range"),
+        (["plan", "--budget", "3", "--candidates", "nf9", "--model", "TINY"], "nf9"),
+        (["eval", "/no/such/dir"], "not a lorq model directory"),
+        (["quantize-report", "--preset", "nf5"], "nf5"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, text, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(*[str(tiny_dir) if a == "TINY" else a for a in args])
+    one_line_error(result, text)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_refuses_foreign_out_dir(tiny_dir, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    one_line_error(run("compress", "--model", tiny_dir, "--out", foreign), "not a lorq model")
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
+
+
+def test_refuses_existing_lorq_dir_without_overwrite(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ("compress", "--model", tiny_dir, "--rank", "2", "--eval-blocks", "1", "--no-baseline")
+    assert run(*args, "--out", out).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    one_line_error(run(*args, "--out", out), "--overwrite")
+    assert (out / "model.safetensors").read_bytes() == before
+    assert run(*args, "--out", out, "--overwrite").exit_code == 0
+
+
+def test_corrupted_model_dir(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    run(
+        "compress",
+        "--model",
+        tiny_dir,
+        "--rank",
+        "2",
+        "--eval-blocks",
+        "1",
+        "--no-baseline",
+        "--out",
+        out,
+    )
+    (out / "lorq.json").write_text("{")
+    one_line_error(run("eval", out), "lorq.json is corrupted")
