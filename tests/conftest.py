@@ -40,6 +40,42 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+def tiny_causal(family: str, seed: int = 0):
+    """A tiny random causal LM of a transformers family (Mistral, Qwen2, OPT)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    if family == "opt":
+        config = transformers.OPTConfig(
+            **common, ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64
+        )
+        return transformers.OPTForCausalLM(config).eval()
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    config = config_cls(
+        **common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64
+    )
+    return model_cls(config).eval()
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -121,3 +121,12 @@ def test_corrupted_model_dir(tiny_dir, tmp_path):
     )
     (out / "lorq.json").write_text("{")
     one_line_error(run("eval", out), "lorq.json is corrupted")
+
+
+def test_hub_id_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.chdir(tmp_path)
+    result = run("compress", "--model", "someone/no-such-model")
+    one_line_error(result, "not found locally and the Hugging Face hub is unreachable")
+    assert not (tmp_path / "lorq-out").exists()

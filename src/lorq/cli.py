@@ -456,4 +456,5 @@ def version() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     sys.exit(app())

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -93,26 +96,58 @@ def _is_causal(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers (False at once when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(source: ModelSource, dtype: torch.dtype, with_tokenizer: bool, local: bool):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs["local_files_only"] = local
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
+    model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
+    return model, tokenizer
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load a model (and its tokenizer) with transformers; causal LM when the config says so."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    """Load a model (and its tokenizer) with transformers; causal LM when the config says so.
 
+    Local folders, files and the hub cache are tried first; the hub only when it answers.
+    """
     source = resolve(name_or_path)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        config = AutoConfig.from_pretrained(source.path, **kwargs)
-        auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
-        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
-    except OSError as err:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} was not found locally and could not be fetched from the "
-            f"Hugging Face hub ({str(err).splitlines()[0]}); pass a local folder or .gguf file, or "
-            f"one of the built-in models: {', '.join(BUILTIN_MODELS)}"
-        ) from None
+        model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, local=True)
+    except OSError as local_error:
+        builtin = f"built-in models: {', '.join(BUILTIN_MODELS)}"
+        if Path(source.path).exists():
+            reason = str(local_error).splitlines()[0]
+            raise FileNotFoundError(f"model {name_or_path!r} is unusable ({reason})") from None
+        if not hub_reachable():
+            raise FileNotFoundError(
+                f"model {name_or_path!r} was not found locally and the Hugging Face hub is "
+                f"unreachable; pass a local folder or .gguf file, or one of the {builtin}"
+            ) from None
+        try:
+            model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, local=False)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"model {name_or_path!r} could not be loaded from the Hugging Face hub "
+                f"({str(err).splitlines()[0]})"
+            ) from None
     model.eval()
     return LoadedModel(model, tokenizer, source)

@@ -4,26 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_causal
 
 from lorq.config import CompressConfig
 from lorq.io import load, save
 from lorq.io.native import LORQ_FILE, WEIGHTS_FILE
 from lorq.pipeline import compress
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    return BertModel(config).eval()
 
 
 def outputs(model, ids):
@@ -32,17 +18,22 @@ def outputs(model, ids):
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
-@pytest.mark.parametrize(
-    "config",
-    [
-        CompressConfig(method="lq", quant="nf3", rank=4),
-        CompressConfig(method="loftq", budget=3.0, rank=4, iters=2),
-        CompressConfig(method="nf", quant="int4-g32", rank=4),
-    ],
-)
+CONFIGS = [
+    CompressConfig(method="lq", quant="nf3", rank=4),
+    CompressConfig(method="loftq", budget=3.0, rank=4, iters=2),
+    CompressConfig(method="nf", quant="int4-g32", rank=4),
+]
+CASES = [("llama", c) for c in CONFIGS] + [
+    (name, CONFIGS[0]) for name in ("gpt2", "bert", "mistral", "qwen2", "opt")
+]
+
+
+@pytest.mark.parametrize(("name", "config"), CASES, ids=lambda x: getattr(x, "method", x))
 def test_round_trip_is_bit_exact(name, config, tmp_path, request):
-    model = tiny_bert() if name == "bert" else request.getfixturevalue(name)
+    if name in ("llama", "gpt2"):
+        model = request.getfixturevalue(name)
+    else:
+        model = tiny_bert() if name == "bert" else tiny_causal(name)
     compress(model, config)
     save(model, tmp_path / "m")
     back = load(tmp_path / "m")
