@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,7 @@ def load_quietly(model: str, with_tokenizer: bool = True):
     from lorq.models import load_model
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
     with console.status(f"loading {model}"):
         return load_model(model, with_tokenizer=with_tokenizer)
 
@@ -301,7 +303,7 @@ def compress(
     from lorq.data import TextConfig, load_blocks
     from lorq.io import save
     from lorq.pipeline import compress as run_compress
-    from lorq.surgery import shared_copy
+    from lorq.surgery import find_targets, shared_copy
 
     with user_errors() as stage:
         config = CompressConfig(
@@ -318,13 +320,8 @@ def compress(
         blocks = load_blocks(
             loaded.tokenizer, TextConfig(seq_len=256, max_blocks=eval_blocks), "evaluation"
         )
-        calib = None
-        if fisher:
-            calib = load_blocks(
-                loaded.tokenizer,
-                TextConfig(source=calibration, seq_len=128, max_blocks=64),
-                "calibration",
-            )
+        targets = find_targets(original)
+        scores = _fisher(loaded, targets, calibration, 128, 64, stage) if fisher else None
         rows = [("original", original, _measure(original, blocks, None, "original", stage))]
         if baseline and method != "nf":
             plain = CompressConfig(
@@ -333,17 +330,17 @@ def compress(
                 budget=config.budget,
                 rank=rank,
                 candidates=candidates,
+                fisher=fisher,
             )
-            result = run_compress(shared_copy(original), plain, None, stage)
-            rows.append(
-                (
-                    f"plain NF ({plain.quant or f'{budget} bits'})",
-                    result.model,
-                    _measure(result.model, blocks, original, "plain NF", stage),
-                )
+            result = run_compress(shared_copy(original), plain, None, stage, scores)
+            name = plain.quant or f"{budget} bits" + (", Fisher plan" if fisher else "")
+            model_and_result = (
+                result.model,
+                _measure(result.model, blocks, original, "plain", stage),
             )
+            rows.append((f"plain NF ({name})", *model_and_result))
             del result
-        result = run_compress(shared_copy(original), config, calib, stage)
+        result = run_compress(shared_copy(original), config, None, stage, scores)
         label = f"lorq {method} r={rank}" + (" +Fisher" if fisher else "")
         measured = _measure(result.model, blocks, original, label, stage)
         rows.append((label, result.model, measured))

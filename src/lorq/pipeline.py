@@ -8,6 +8,7 @@ replaced, so peak memory stays near the model's own size. Everything but the LoR
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,13 @@ def compress(
     config: CompressConfig,
     calibration: torch.Tensor | None = None,
     progress: Progress = no_progress,
+    fisher: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressResult:
     """Replace the target linear layers of ``model`` (in place) by QuantLoraLinear layers.
 
-    ``calibration``: token blocks (n × seq_len) for the Fisher; required when ``config.fisher``.
+    ``config.fisher`` needs either ``calibration`` token blocks (n × seq_len) to estimate the
+    Fisher from, or a precomputed ``fisher`` ({module name: F (out × in)}, e.g. from
+    :func:`lorq.fisher.estimate_fisher`, to share one estimate between several compressions).
     """
     exclude = DEFAULT_EXCLUDE if config.exclude is None else config.exclude
     targets = find_targets(model, config.include, exclude)
@@ -83,10 +87,13 @@ def compress(
             f"no linear layers matched the targets (include={config.include}, exclude={exclude}); "
             "check the patterns against the model's module names"
         )
-    fisher = None
-    if config.fisher:
-        if calibration is None:
-            raise ValueError("fisher=True needs calibration token blocks")
+    if not config.fisher:
+        fisher = None
+    elif fisher is not None:
+        fisher = dict(fisher)  # entries are dropped as layers are done; the caller's stays whole
+    elif calibration is None:
+        raise ValueError("fisher=True needs calibration token blocks (or a precomputed fisher)")
+    else:
         fisher = estimate_fisher(model, calibration, targets, progress)
     plan = None
     if config.budget is not None:

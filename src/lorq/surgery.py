@@ -14,7 +14,14 @@ from lorq.nn.dense import dense_weight, is_conv1d, is_linear
 
 __all__ = ["dense_weight", "find_targets", "is_conv1d", "is_linear"]
 
-DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"(^|\.)embed_out$", r"(^|\.)score$", r"(^|\.)classifier$")
+# heads and poolers sit outside the transformer blocks
+DEFAULT_EXCLUDE = (
+    r"(^|\.)lm_head$",
+    r"(^|\.)embed_out$",
+    r"(^|\.)score$",
+    r"(^|\.)classifier$",
+    r"(^|\.)pooler\.",
+)
 
 
 def find_targets(

@@ -1,0 +1,42 @@
+"""The built-in real models (slow: loading SmolLM2 takes ~20 s). Oracles: plain quantization
+error, transformers' own GGUF dequantization, and the published architecture."""
+
+import pytest
+import torch
+
+from lorq import DecomposeConfig, QuantConfig, decompose, quantize
+from lorq.models import load_model
+from lorq.surgery import dense_weight, find_targets
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", with_tokenizer=False).model
+
+
+def test_smollm2_architecture(smollm2):
+    targets = find_targets(smollm2)
+    assert len(targets) == 210  # 30 layers × 7 projections; the tied LM head stays dense
+    assert smollm2.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("preset", ["nf3", "nf2"])
+@pytest.mark.parametrize("method", ["loftq", "lq"])
+def test_decompositions_beat_plain_on_real_matrices(smollm2, method, preset):
+    targets = list(find_targets(smollm2).items())
+    for name, module in (targets[0], targets[100], targets[-1]):
+        weight = dense_weight(module).float()
+        config = DecomposeConfig(method=method, rank=16, quant=QuantConfig.preset(preset))
+        d = decompose(weight, config)
+        plain = float((quantize(weight, config.quant).dequantize() - weight).norm())
+        assert d.error < plain, name
+        assert d.error == min(d.errors)
+
+
+def test_minilm_loads_as_encoder():
+    model = load_model("minilm").model
+    assert len(find_targets(model)) == 36  # 6 layers × (q, k, v, attention out, intermediate, out)
+    out = model(input_ids=torch.tensor([[101, 7592, 102]]))
+    assert out.last_hidden_state.shape == (1, 3, 384)
