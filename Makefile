@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/quantize.py
 	$(BIN)/python bench/decompose.py
 	$(BIN)/python bench/budget.py
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
