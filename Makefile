@@ -26,8 +26,8 @@ demo: install
 	$(BIN)/lorq compress --overwrite
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 test: lint
 	$(BIN)/pytest -q
