@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorq.config import CompressConfig
-from lorq.evaluate import evaluate_model
+from lorq.evaluate import compressed_bits, evaluate_model, model_nbytes
 from lorq.nn import QuantLoraLinear
 from lorq.pipeline import compress
 from lorq.surgery import find_targets, shared_copy
@@ -26,11 +26,20 @@ def test_replaces_every_target_and_freezes_the_rest(llama):
 
 
 def test_stored_bytes_match_the_plan(llama):
+    dense_bytes = model_nbytes(llama)
     result = compress(llama, CompressConfig(budget=3.0, rank=4))
     layers = quant_layers(llama)
     numel = sum(m.in_features * m.out_features for m in layers)
     stored_bits = 8 * sum(m.quantized_nbytes() for m in layers) / numel
     assert stored_bits == pytest.approx(result.plan.achieved_bits, rel=1e-12)
+    quant_bits, with_factors = compressed_bits(llama)
+    assert quant_bits == pytest.approx(stored_bits, rel=1e-12)
+    assert with_factors - quant_bits == pytest.approx(
+        16 * sum(m.rank * (m.in_features + m.out_features) for m in layers) / numel, rel=1e-12
+    )
+    # the whole model shrank by exactly the dense linears minus their replacements
+    replaced = sum(m.quantized_nbytes() + m.lora_A.nbytes + m.lora_B.nbytes for m in layers)
+    assert model_nbytes(llama) == dense_bytes - 4 * numel + replaced
     assert result.plan.achieved_bits <= 3.0
     for name, entry in ((e.name, e) for e in result.plan.entries):
         assert llama.get_submodule(name).quant_config == entry.config

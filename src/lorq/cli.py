@@ -20,6 +20,7 @@ from rich.table import Table
 
 from lorq import __version__
 from lorq.config import QuantConfig
+from lorq.evaluate import compressed_bits, model_nbytes
 from lorq.models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -229,27 +230,6 @@ def _measure(model, blocks, reference, label: str, stage: Stages):
     return evaluate_model(model, blocks, reference, progress=stage, label=f"evaluating {label}")
 
 
-def _model_megabytes(model) -> float:
-    """Bytes of every parameter and buffer (shared tensors once), in MB."""
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total / 1e6
-
-
-def _linear_bits(model) -> tuple[float, float]:
-    """Bits/param of the replaced linears: quantized part, and with the LoRA factors (bf16)."""
-    from lorq.nn import QuantLoraLinear
-
-    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
-    numel = sum(m.in_features * m.out_features for m in layers)
-    quant = sum(8 * m.quantized_nbytes() for m in layers)
-    lora = sum(16 * m.rank * (m.in_features + m.out_features) for m in layers)
-    return quant / numel, (quant + lora) / numel
-
-
 def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
     table = Table(
         title=title,
@@ -264,12 +244,12 @@ def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
         return "-" if value is None else format(value, spec)
 
     for label, model, result in rows:
-        bits = _linear_bits(model) if label != "original" else (None, None)
+        bits = compressed_bits(model) if label != "original" else (None, None)
         table.add_row(
             label,
             fmt(bits[0], ".3f"),
             fmt(bits[1], ".3f"),
-            f"{_model_megabytes(model):.1f}",
+            f"{model_nbytes(model) / 1e6:.1f}",
             fmt(result.perplexity, ".3f"),
             fmt(result.kl, ".4f"),
             fmt(result.cosine, ".5f"),

@@ -56,6 +56,30 @@ def quantization_report(
     return rows
 
 
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model``, shared tensors counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def compressed_bits(model: torch.nn.Module, factor_bits: int = 16) -> tuple[float, float]:
+    """Bits/param of the QuantLoraLinear layers: Q alone, and with B, A at ``factor_bits``."""
+    from lorq.nn import QuantLoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    if not layers:
+        raise ValueError("the model has no QuantLoraLinear layers")
+    numel = sum(m.in_features * m.out_features for m in layers)
+    quant = sum(8 * m.quantized_nbytes() for m in layers)
+    lora = sum(factor_bits * m.rank * (m.in_features + m.out_features) for m in layers)
+    return quant / numel, (quant + lora) / numel
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Perplexity and KL to a reference (causal LMs), or embedding cosine to a reference (encoders).
