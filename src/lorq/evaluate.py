@@ -104,7 +104,7 @@ def evaluate_model(
     model: torch.nn.Module,
     blocks: torch.Tensor,
     reference: torch.nn.Module | None = None,
-    batch_size: int = 4,
+    batch_size: int = 1,
     progress: Progress = no_progress,
     label: str = "evaluating",
 ) -> EvalResult:

@@ -1,0 +1,341 @@
+"""Quality of the main job on SmolLM2: perplexity and KL to the original, per method and budget.
+
+Methods at every bit budget (bits/param of the quantized part, chosen per matrix by the ILP):
+plain NF, LoftQ (r=16), LQ-LoRA (r=16), LQ-LoRA + Fisher (r=16). References: bitsandbytes NF4
+(fp32 absmax, 4.5 bits) and NF4 with double quantization (QLoRA's 4.127 bits), applied by
+quantize_4bit / dequantize_4bit to every target weight of a copy of the model.
+
+    python bench/quality.py                       # the real run (budgets 3.25 2.75 4.127)
+    python bench/quality.py --quick               # a smoke test: 2 eval blocks, 4 Fisher blocks
+    python bench/quality.py --peak-only           # only the CLI peak-memory measurement
+
+Writes bench/results/quality.json (after every row, so partial runs keep their rows) and
+bench/results/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorq.config import CompressConfig
+from lorq.data import TextConfig, load_blocks
+from lorq.evaluate import evaluate_model
+from lorq.fisher import estimate_fisher
+from lorq.models import load_model
+from lorq.nn import QuantLoraLinear
+from lorq.pipeline import compress
+from lorq.surgery import find_targets, set_module, shared_copy
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+METHODS = {
+    "plain NF": dict(method="nf"),
+    "LoftQ": dict(method="loftq", rank=16),
+    "LQ-LoRA": dict(method="lq", rank=16),
+    "LQ-LoRA + Fisher": dict(method="lq", rank=16, fisher=True),
+}
+ORDER = ("LQ-LoRA + Fisher", "LQ-LoRA", "plain NF", "LoftQ")  # most important first
+
+
+def linear_bits(model: nn.Module) -> tuple[float, float]:
+    """Bits/param of the replaced linears: quantized part, and with B, A in bf16 (as the CLI)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    numel = sum(m.in_features * m.out_features for m in layers)
+    quant = sum(8 * m.quantized_nbytes() for m in layers)
+    lora = sum(16 * m.rank * (m.in_features + m.out_features) for m in layers)
+    return quant / numel, (quant + lora) / numel
+
+
+def bnb_copy(original: nn.Module, double_quant: bool) -> tuple[nn.Module, float]:
+    """A copy of ``original`` whose target weights went through bnb NF4 (blocksize 64)."""
+    import bitsandbytes.functional as bnbf
+
+    model = shared_copy(original)
+    nbytes = numel = 0
+    for name, module in find_targets(model).items():
+        weight = module.weight.detach().float()
+        packed, state = bnbf.quantize_4bit(
+            weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+        )
+        deq = bnbf.dequantize_4bit(packed, state)
+        size = packed.numel() * packed.element_size()
+        if state.nested:
+            size += state.absmax.numel() * state.absmax.element_size()  # uint8 codes
+            size += state.state2.absmax.numel() * state.state2.absmax.element_size()
+            size += 4  # the fp32 offset (code tables are shared, not counted)
+        else:
+            size += state.absmax.numel() * state.absmax.element_size()
+        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        new.weight = nn.Parameter(deq.reshape(weight.shape).to(module.weight.dtype), False)
+        if module.bias is not None:
+            new.bias = module.bias
+        set_module(model, name, new)
+        nbytes += size
+        numel += weight.numel()
+    return model, 8 * nbytes / numel
+
+
+def param_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in model.parameters():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory(original_bytes: int) -> dict:
+    """Run the CLI main job under /usr/bin/time -v; its maximum resident set size."""
+    lorq = Path(sys.executable).parent / "lorq"
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        str(lorq),
+        "compress",
+        "--no-baseline",
+        "--eval-blocks",
+        "4",
+        "--out",
+        "/tmp/bench-peak",
+        "--overwrite",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"peak run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    peak = int(match.group(1)) * 1024
+    return {
+        "command": " ".join(cmd[2:]).replace(str(lorq), ".venv/bin/lorq"),
+        "max_rss_bytes": peak,
+        "original_fp32_param_bytes": original_bytes,
+        "ratio": peak / original_bytes,
+        "target_ratio": 2.0,
+        "met": peak < 2 * original_bytes,
+        "seconds": seconds,
+    }
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = data["rows"]
+    for ax, key, label in ((axes[0], "kl", "mean KL to the original"), (axes[1], "ppl", "ppl")):
+        for method in METHODS:
+            pts = sorted((r["bits_q"], r[key]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        for r in rows:
+            if r["method"].startswith("bnb"):  # lorq's own nf4 rows equal these (see README)
+                ax.scatter(
+                    [r["bits_q"]],
+                    [r[key]],
+                    marker="*" if "bnb" in r["method"] else "x",
+                    color="black" if "double" in r["method"] else "gray",
+                    s=120,
+                    zorder=3,
+                    label=r["method"],
+                )
+        if key == "ppl":
+            ax.axhline(data["original_ppl"], color="gray", ls="--", lw=1, label="original")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits/param (quantized part)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2: quality vs bits (before fine-tuning, r=16 where low-rank)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(data: dict, out: Path, merge: list[Path]) -> None:
+    """Merge ``peak_memory`` / extra ``rows`` of other runs into ``out``, plot, print tables."""
+    data.update(json.loads(out.read_text()))
+    for path in merge:
+        other = json.loads(path.read_text())
+        if "peak_memory" in other:
+            data["peak_memory"] = other["peak_memory"]
+        known = {(r["method"], r["budget"]) for r in data["rows"]}
+        data["rows"] += [
+            r for r in other.get("rows", []) if (r["method"], r["budget"]) not in known
+        ]
+    out.write_text(json.dumps(data, indent=1))
+    plot(data, out.with_suffix(".png"))
+    ref = next((r for r in data["rows"] if r["method"] == "bnb NF4 double-quant"), None)
+    print(f"original ppl {data['original_ppl']:.3f}")
+    print("| method | budget | bits Q | bits Q+BA (bf16) | ppl | KL | KL / bnb NF4-DQ | time s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        ratio = f"{r['kl'] / ref['kl']:.3f}" if ref else "-"
+        budget = "-" if r["budget"] is None else r["budget"]
+        print(
+            f"| {r['method']} | {budget} | {r['bits_q']:.3f} | {r['bits_total']:.3f} | "
+            f"{r['ppl']:.3f} | {r['kl']:.4f} | {ratio} | {r['seconds']:.0f} |"
+        )
+    if "peak_memory" in data:
+        print(json.dumps(data["peak_memory"], indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[3.25, 2.75, 4.127])
+    parser.add_argument("--methods", nargs="+", default=list(ORDER), choices=list(METHODS))
+    parser.add_argument("--eval-blocks", type=int, default=8)
+    parser.add_argument("--fisher-blocks", type=int, default=64)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 2 eval/4 Fisher blocks, layer 0 only"
+    )
+    parser.add_argument("--no-peak", action="store_true", help="skip the CLI peak-memory run")
+    parser.add_argument("--peak-only", action="store_true")
+    parser.add_argument(
+        "--report", action="store_true", help="only re-plot and print tables from --out"
+    )
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], help="with --report: JSONs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.eval_blocks, args.fisher_blocks = 2, 4
+    include = (r"^model\.layers\.0\.",) if args.quick else ()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(args.out.read_text()) if args.peak_only and args.out.exists() else {}
+    if args.report:
+        data = {}
+
+    def save() -> None:
+        args.out.write_text(json.dumps(data, indent=1))
+
+    if args.report:
+        report(data, args.out, args.merge)
+        return
+
+    t0 = time.perf_counter()
+    loaded = load_model("smollm2")
+    original, tokenizer = loaded.model, loaded.tokenizer
+    original.eval()
+    original_bytes = param_bytes(original)
+    if args.peak_only:
+        data["peak_memory"] = peak_memory(original_bytes)
+        save()
+        print(json.dumps(data["peak_memory"], indent=1))
+        return
+
+    blocks = load_blocks(
+        tokenizer, TextConfig(seq_len=256, max_blocks=args.eval_blocks), "evaluation"
+    )
+    base = evaluate_model(original, blocks)
+    data.update(
+        model="smollm2",
+        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        eval_blocks=int(blocks.shape[0]),
+        eval_tokens=int(blocks.numel()),
+        original_ppl=base.perplexity,
+        original_fp32_param_bytes=original_bytes,
+        rows=[],
+    )
+    print(f"original ppl {base.perplexity:.3f} ({blocks.shape[0]} blocks of 256)", flush=True)
+
+    def record(method, budget, model, bits_q, bits_total, seconds, extra=None):
+        result = evaluate_model(model, blocks, original)
+        row = dict(
+            method=method,
+            budget=budget,
+            bits_q=bits_q,
+            bits_total=bits_total,
+            ppl=result.perplexity,
+            kl=result.kl,
+            seconds=seconds,
+            **(extra or {}),
+        )
+        data["rows"].append(row)
+        save()
+        print(
+            f"{method:18s} budget={budget!s:6s} bits Q={bits_q:.3f} Q+BA={bits_total:.3f} "
+            f"ppl={result.perplexity:.3f} KL={result.kl:.4f} ({seconds:.0f} s)",
+            flush=True,
+        )
+
+    for double_quant, name in ((True, "bnb NF4 double-quant"), (False, "bnb NF4 fp32 absmax")):
+        start = time.perf_counter()
+        model, bits = bnb_copy(original, double_quant)
+        record(name, None, model, bits, bits, time.perf_counter() - start)
+        del model
+
+    scores = None
+    if any(METHODS[m].get("fisher") for m in args.methods):
+        start = time.perf_counter()
+        calibration = load_blocks(
+            tokenizer, TextConfig(seq_len=128, max_blocks=args.fisher_blocks), "calibration"
+        )
+        scores = estimate_fisher(original, calibration, find_targets(original))
+        data["fisher"] = {
+            "blocks": int(calibration.shape[0]),
+            "seconds": time.perf_counter() - start,
+        }
+        print(
+            f"Fisher: {calibration.shape[0]} blocks, {data['fisher']['seconds']:.0f} s", flush=True
+        )
+
+    for budget in args.budgets:
+        for method in args.methods:
+            config = CompressConfig(budget=budget, include=include, **METHODS[method])
+            start = time.perf_counter()
+            result = compress(
+                shared_copy(original), config, fisher=scores if config.fisher else None
+            )
+            seconds = time.perf_counter() - start
+            bits_q, bits_total = linear_bits(result.model)
+            plan = result.plan
+            extra = dict(
+                plan_bits=plan.achieved_bits,
+                plan_relative_error=plan.relative_error,
+                plan_table_seconds=plan.table_seconds,
+                plan_configs={
+                    c: sum(e.config.name == c for e in plan.entries)
+                    for c in sorted({e.config.name for e in plan.entries})
+                },
+                mean_matrix_relative_error=sum(result.errors.values()) / len(result.errors),
+            )
+            record(method, budget, result.model, bits_q, bits_total, seconds, extra)
+            del result
+
+    # a lorq cross-check of the bnb reference: uniform nf4-fp32-scales and nf4 (4.127)
+    for preset in ("nf4-fp32-scales", "nf4"):
+        start = time.perf_counter()
+        result = compress(
+            shared_copy(original), CompressConfig(method="nf", quant=preset, include=include)
+        )
+        bits_q, bits_total = linear_bits(result.model)
+        record(
+            f"lorq plain {preset}", None, result.model, bits_q, bits_q, time.perf_counter() - start
+        )
+        del result
+
+    data["seconds"] = time.perf_counter() - t0
+    save()
+    plot(data, args.out.with_suffix(".png"))
+    if not args.no_peak:
+        del original, scores
+        data["peak_memory"] = peak_memory(original_bytes)
+        save()
+        print(json.dumps(data["peak_memory"], indent=1))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
