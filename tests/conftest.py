@@ -17,19 +17,7 @@ def heavy_tailed() -> torch.Tensor:
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_causal("llama", seed)
 
 
 def tiny_gpt2(seed: int = 0):
@@ -56,7 +44,7 @@ def tiny_bert(seed: int = 0):
 
 
 def tiny_causal(family: str, seed: int = 0):
-    """A tiny random causal LM of a transformers family (Mistral, Qwen2, OPT)."""
+    """A tiny random causal LM of a transformers family (LLaMA, Mistral, Qwen2, OPT)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -67,6 +55,7 @@ def tiny_causal(family: str, seed: int = 0):
         )
         return transformers.OPTForCausalLM(config).eval()
     config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
