@@ -29,8 +29,15 @@ Reported per (model, bits, rank, method): relative error sqrt(Σ‖W − Ŵ‖²
 matrices and total wall time (time.perf_counter around each call, summed), and the ratios
 lorq error / reference-T5 error (target ≤ 1) and reference-T5 time / lorq-LoftQ time (target ≥ 3).
 
-    python bench/decompose.py                                   # everything (~15 min, 2 cores)
+    python bench/decompose.py --max-matrices 40      # ~7 min of compute on a quiet 2-core CPU
+    python bench/decompose.py                        # all matrices (~25 min)
     python bench/decompose.py --models minilm --ranks 16 --bits 4 --max-matrices 6
+
+``--max-matrices N`` keeps about N matrices per model, spread evenly and stratified by shape.
+Timing hygiene: MKL's threaded LAPACK slows down enormously when another process competes for the
+cores, so after each matrix the CPU time used by other processes is measured (/proc/stat); above
+``--max-foreign`` CPU-s per second the matrix is timed again once the machine is quiet
+(``--retries``, ``--max-wait``), and the JSON records what was kept.
 
 Results: rich tables on stdout, JSON at ``--out`` (default ``bench/results/decompose.json``) and a
 PNG next to it (same stem). Run on the CPU, bitsandbytes prints a harmless warning about the
