@@ -64,14 +64,13 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar, before transformers
 
 import torch
+from common import cpu_name, model_weights
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 import lorq
 from lorq.config import DecomposeConfig, QuantConfig
-from lorq.models import load_model
-from lorq.surgery import dense_weight, find_targets
 
 try:
     import bitsandbytes
@@ -603,21 +602,6 @@ def plot(suites: dict[str, dict[str, Any]], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05 / len(suites), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def model_weights(name: str) -> list[torch.Tensor]:
-    model = load_model(name, with_tokenizer=False).model
-    return [dense_weight(module).float().contiguous() for module in find_targets(model).values()]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _ints(text: str) -> list[int]:

@@ -46,14 +46,13 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar, before transformers
 
 import torch
+from common import cpu_name, model_weights
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 import lorq
 from lorq.config import QuantConfig
-from lorq.models import load_model
-from lorq.surgery import dense_weight, find_targets
 
 try:
     import bitsandbytes
@@ -337,24 +336,9 @@ def ratio_table(suites: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-def model_weights(name: str) -> list[torch.Tensor]:
-    model = load_model(name, with_tokenizer=False).model
-    return [dense_weight(module).contiguous() for module in find_targets(model).values()]
-
-
 def synthetic_weight() -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(SYNTHETIC_SHAPE, generator=generator, dtype=torch.float32) * 0.02
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
