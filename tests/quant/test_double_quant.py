@@ -34,7 +34,23 @@ def test_scale_error_bounded_by_half_step(dtype, bits):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_round_up_never_below(dtype):
     x = torch.rand(10_000) * 100
-    assert torch.all(round_up_to_dtype(x, dtype).float() >= x)
+    assert torch.all(round_up_to_dtype(x, dtype, "scale_dtype").float() >= x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(bits=4, scale_bits=None, scale_dtype="fp16"),
+        QuantConfig(bits=4, super_scale_dtype="fp16"),
+        QuantConfig(format="int", bits=4, block_size=32),
+    ],
+)
+def test_fp16_overflow_is_a_clear_error(config):
+    weight = torch.randn(64, 128)
+    weight[0, 0] = 1e6  # scales beyond fp16's 65504
+    field = "super_scale_dtype" if config.double_quant else "scale_dtype"
+    with pytest.raises(ValueError, match=f"overflows {field}"):
+        quantize(weight, config)
 
 
 def test_more_scale_bits_less_error(heavy_tailed):

@@ -36,11 +36,7 @@ def affine_params(
     if zero == "int":
         low, high = low.clamp(max=0), high.clamp(min=0)
     dtype = storage_dtype(scale_dtype)
-    scale = round_up_to_dtype((high - low) / maxq, dtype).float()
-    if not torch.isfinite(scale).all():
-        raise ValueError(
-            f"weight range overflows {scale_dtype} scales; use scale_dtype='fp32' for this matrix"
-        )
+    scale = round_up_to_dtype((high - low) / maxq, dtype, "scale_dtype").float()
     if zero == "int":
         return scale, torch.round(-low * safe_reciprocal(scale)).clamp_(0, maxq)
     return scale, low.to(dtype).float()

@@ -54,9 +54,17 @@ class QuantizedScales:
         )
 
 
-def round_up_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` cast to ``dtype``, rounded towards +inf so that the stored value is ≥ ``x``."""
+def round_up_to_dtype(x: torch.Tensor, dtype: torch.dtype, field: str) -> torch.Tensor:
+    """``x`` cast to ``dtype``, rounded towards +inf so that the stored value is ≥ ``x``.
+
+    Raises ValueError naming ``field`` when a value overflows ``dtype`` (e.g. > 65504 in fp16).
+    """
     stored = x.to(dtype)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"weight range overflows {field}={dtype}: a scale exceeds its largest value; "
+            f"use {field}='fp32' for this matrix"
+        )
     low = stored.float() < x
     if low.any():
         stored = torch.where(
@@ -76,7 +84,7 @@ def quantize_scales(
     pad = (-n) % block_size
     padded = torch.cat([shifted, shifted.new_zeros(pad)]) if pad else shifted
     maxima = padded.view(-1, block_size).amax(1)
-    super_scales = round_up_to_dtype(maxima, TORCH_FLOAT[super_scale_dtype])
+    super_scales = round_up_to_dtype(maxima, TORCH_FLOAT[super_scale_dtype], "super_scale_dtype")
     levels = 2**bits - 1
     step = super_scales.float() / levels
     inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))

@@ -40,7 +40,7 @@ def quantize_nf(weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
         )
         used = scales.dequantize()
     else:
-        scales = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype))
+        scales = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype), "scale_dtype")
         used = scales.float()
     inverse = safe_reciprocal(used)
     grid = nf_grid(config.bits)
