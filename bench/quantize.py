@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats and --synthetic-repeats must be ≥ 1")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
-    console = Console(width=150)
+    console = Console(width=200)  # wide enough that no table cell wraps
     started = time.perf_counter()
     bnb_methods = [bnb_method(False), bnb_method(True)]
     presets = [*map(lorq_method, QuantConfig.PRESETS)]
@@ -421,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     total = time.perf_counter() - started
+    flags = sys.argv[1:] if argv is None else argv
     report = {
         "benchmark": "bench/quantize.py",
-        "command": "python bench/quantize.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python bench/quantize.py", *flags]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": {
             "python": platform.python_version(),
