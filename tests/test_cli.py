@@ -130,3 +130,61 @@ def test_hub_id_without_network(tmp_path, monkeypatch):
     result = run("compress", "--model", "someone/no-such-model")
     one_line_error(result, "not found locally and the Hugging Face hub is unreachable")
     assert not (tmp_path / "lorq-out").exists()
+
+
+@pytest.fixture(scope="module")
+def lorq_dir(tiny_dir, tmp_path_factory):
+    """The tiny LLaMA compressed by the CLI (LQ-LoRA, nf3, r=4)."""
+    out = tmp_path_factory.mktemp("lorq") / "model"
+    args = ("--rank", "4", "--eval-blocks", "1", "--no-baseline", "--out", out)
+    result = run("compress", "--model", tiny_dir, *args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_finetune_merge_export(lorq_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorq.io.native import load
+
+    ft = tmp_path / "ft"
+    args = ("--steps", "3", "--seq-len", "32", "--batch-size", "2", "--save-every", "2")
+    result = run("finetune", lorq_dir, *args, "--out", ft)
+    assert result.exit_code == 0, result.output
+    assert "evaluation perplexity" in result.output and not (tmp_path / "ft-checkpoints").exists()
+    meta = json.loads((ft / "lorq.json").read_text())
+    assert meta["finetune"]["result"]["steps"] == 3 and meta["compress"]["rank"] == 4
+    model = load(ft)
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert run("merge", ft, "--out", tmp_path / "merged").exit_code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert run("export", ft, "--format", "peft", "--out", tmp_path / "peft").exit_code == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
+    with torch.no_grad():
+        for other in (merged, adapted):
+            torch.testing.assert_close(other(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["finetune", "/no/such/dir", "--out", "o"], "not a lorq model directory"),
+        (["finetune", "LORQ", "--data", "none.jsonl", "--out", "o"], "not found"),
+        (["finetune", "LORQ", "--seq-len", "4096", "--out", "o"], "above the model's limit"),
+        (["finetune", "LORQ", "--steps", "0", "--out", "o"], "steps=0"),
+        (["merge", "LORQ", "--out", "o", "--dtype", "fp8"], "dtype='fp8'"),
+        (["merge", "/no/such/dir", "--out", "o"], "not a lorq model directory"),
+        (["export", "LORQ", "--out", "o", "--format", "onnx"], "'onnx' is not supported"),
+    ],
+)
+def test_adapt_bad_input_one_line_exit_2(args, text, lorq_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = {p.name: p.read_bytes() for p in lorq_dir.iterdir()}
+    result = run(*[str(lorq_dir) if a == "LORQ" else a for a in args])
+    one_line_error(result, text)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no checkpoint folder either
+    assert {p.name: p.read_bytes() for p in lorq_dir.iterdir()} == before  # input untouched

@@ -1,88 +1,28 @@
-"""The ``lorq`` command line: each verb is a thin typed map onto the library; only this file prints.
-
-User errors (ValueError, FileNotFoundError) become one line on stderr and exit code 2.
-"""
+"""Verbs that make and inspect compressed models: compress, eval, generate, plan, reports."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from lorq import __version__
+from lorq.cli.app import (
+    Stages,
+    app,
+    check_out_dir,
+    console,
+    errors,
+    load_quietly,
+    user_errors,
+)
 from lorq.config import QuantConfig
 from lorq.evaluate import compressed_bits, model_nbytes
 from lorq.models import DEFAULT_MODEL
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="lorq: quantized + low-rank compression and adaptation of language models.",
-)
-console = Console()
-errors = Console(stderr=True)
-
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
-
-
-class Stages:
-    """Rich progress bars for library stages, started at the first (a failed call shows none)."""
-
-    def __init__(self) -> None:
-        self.bar: Progress | None = None
-
-    def __call__(self, stage: str, total: int):
-        if self.bar is None:
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=errors,
-            )
-            self.bar.start()
-        bar, task = self.bar, self.bar.add_task(stage, total=total)
-        return lambda n: bar.advance(task, n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[Stages]:
-    """Progress bars for the body; a user error becomes one line on stderr and exit code 2."""
-    stages = Stages()
-    try:
-        yield stages
-    except (ValueError, FileNotFoundError) as err:
-        stages.close()
-        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    finally:
-        stages.close()
-
-
-def load_quietly(model: str, with_tokenizer: bool = True):
-    """Load a model under a spinner (transformers' own progress bars off)."""
-    from transformers.utils import logging as hf_logging
-
-    from lorq.models import load_model
-
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
-    with console.status(f"loading {model}"):
-        return load_model(model, with_tokenizer=with_tokenizer)
 
 
 @app.command("quantize-report")
@@ -215,15 +155,6 @@ def plan(
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    from lorq.io.native import is_lorq_dir
-
-    if out.exists() and not is_lorq_dir(out):
-        raise ValueError(f"{out} exists and is not a lorq model directory; choose another --out")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
-
-
 def _measure(model, blocks, reference, label: str, stage: Stages):
     from lorq.evaluate import evaluate_model
 
@@ -294,7 +225,7 @@ def compress(
             fisher=fisher,
             candidates=candidates,
         )
-        _check_out_dir(out, overwrite)
+        check_out_dir(out, overwrite)
         loaded = load_quietly(model)
         original = loaded.model
         blocks = load_blocks(
@@ -429,9 +360,3 @@ def presets() -> None:
 def version() -> None:
     """Print lorq's version."""
     console.print(__version__)
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    sys.exit(app())

@@ -1,0 +1,86 @@
+"""The shared pieces of the command line: the Typer app, consoles, progress bars, user errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="lorq: quantized + low-rank compression and adaptation of language models.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+class Stages:
+    """Rich progress bars for library stages, started at the first (a failed call shows none)."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def __call__(self, stage: str, total: int):
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=errors,
+            )
+            self.bar.start()
+        bar, task = self.bar, self.bar.add_task(stage, total=total)
+        return lambda n: bar.advance(task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[Stages]:
+    """Progress bars for the body; a user error becomes one line on stderr and exit code 2."""
+    stages = Stages()
+    try:
+        yield stages
+    except (ValueError, FileNotFoundError) as err:
+        stages.close()
+        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    finally:
+        stages.close()
+
+
+def load_quietly(model: str, with_tokenizer: bool = True):
+    """Load a model under a spinner (transformers' own progress bars off)."""
+    from transformers.utils import logging as hf_logging
+
+    from lorq.models import load_model
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
+    with console.status(f"loading {model}"):
+        return load_model(model, with_tokenizer=with_tokenizer)
+
+
+def check_out_dir(
+    out: Path,
+    overwrite: bool,
+    is_ours: Callable[[Path], bool] | None = None,
+    kind: str = "lorq model",
+) -> None:
+    """Refuse an output path that is not ours, or that exists without ``--overwrite``."""
+    if is_ours is None:
+        from lorq.io.native import is_lorq_dir as is_ours
+    if out.exists() and not is_ours(out):
+        raise ValueError(f"{out} exists and is not a {kind} directory; choose another --out")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")

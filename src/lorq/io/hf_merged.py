@@ -1,0 +1,128 @@
+"""A lorq model as a standard Hugging Face model directory (dense weights).
+
+    merged:  W = Q + s·B·A     (``lorq merge``: plain transformers reproduces lorq's logits)
+    base:    W = Q             (the base a PEFT adapter belongs on, as LoftQ's released checkpoints)
+
+Each QuantLoraLinear becomes the module kind the architecture has at that place: ``nn.Linear``
+(weight out × in) or GPT-2's ``Conv1D`` (weight in × out). The lorq model itself is never changed:
+the dense modules go into a structural copy whose other tensors are shared, and the dtype cast
+happens on the state dict that is written. ``lorq_export.json`` beside the files marks a directory
+lorq wrote, so that only such a directory is ever replaced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorq import __version__
+from lorq.io.atomic import atomic_directory
+from lorq.nn import QuantLoraLinear
+from lorq.surgery import set_module, shared_copy
+
+EXPORT_FILE = "lorq_export.json"
+EXPORT_FORMAT = "lorq-export"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def is_export_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / EXPORT_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def lora_layers(model: nn.Module) -> dict[str, QuantLoraLinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    if not layers:
+        raise ValueError("the model has no lorq layers; pass a model written by lorq compress")
+    return layers
+
+
+def _conv1d_names(model: nn.Module, names: list[str]) -> set[str]:
+    """Which of ``names`` are GPT-2 Conv1D modules in the model's own architecture."""
+    from transformers.pytorch_utils import Conv1D
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return set()
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config)
+    return {name for name in names if isinstance(skeleton.get_submodule(name), Conv1D)}
+
+
+def dense_layer(layer: QuantLoraLinear, conv1d: bool, with_delta: bool) -> nn.Module:
+    """A float32 nn.Linear / Conv1D with weight Q + s·B·A (``with_delta``) or Q."""
+    from transformers.pytorch_utils import Conv1D
+
+    weight = layer.merged_weight() if with_delta else layer.q.dequantize()
+    module: nn.Module
+    if conv1d:
+        module = Conv1D(layer.out_features, layer.in_features)
+        module.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+    else:
+        module = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+    if layer.bias is not None:
+        module.bias = nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+    return module.to(layer.lora_A.device)
+
+
+def dense_model(model: nn.Module, with_delta: bool = True) -> nn.Module:
+    """A copy of ``model`` with every lorq layer dense (see the module docstring)."""
+    layers = lora_layers(model)
+    conv1d = _conv1d_names(model, list(layers))
+    copy = shared_copy(model)
+    for name, layer in layers.items():
+        set_module(copy, name, dense_layer(layer, name in conv1d, with_delta))
+    return copy
+
+
+def write_hf_model(
+    model: nn.Module,
+    path: Path,
+    dtype: torch.dtype,
+    tokenizer: Any = None,
+    marker: dict[str, Any] | None = None,
+) -> None:
+    """``save_pretrained`` of a dense ``model`` into ``path``, every float tensor in ``dtype``."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.config.dtype = dtype
+    model.save_pretrained(path, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if marker is not None:
+        write_marker(path, marker)
+
+
+def write_marker(path: Path, marker: dict[str, Any]) -> None:
+    """``lorq_export.json``: what lorq exported into ``path`` (and that lorq may replace it)."""
+    info = {"format": EXPORT_FORMAT, "lorq_version": __version__, **marker}
+    (path / EXPORT_FILE).write_text(json.dumps(info, indent=1))
+
+
+def save_merged(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    source: str | None = None,
+) -> Path:
+    """Write W = Q + s·B·A as a standard Hugging Face model directory, atomically."""
+    target = torch_dtype(dtype)
+    merged = dense_model(model, with_delta=True)
+    kind = {"kind": "merged", "dtype": dtype, "source": source}
+    with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:
+        write_hf_model(merged, tmp, target, tokenizer, kind)
+    return Path(path)
