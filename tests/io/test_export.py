@@ -20,7 +20,7 @@ BUILDERS = {
 
 def compressed(build, rank=4):
     model = build()
-    lorq.compress(model, lorq.CompressConfig(method="lq", quant="nf3", rank=rank))
+    lorq.compress(model, lorq.CompressConfig(method="loftq", quant="nf3", rank=rank, iters=1))
     with torch.no_grad():  # trained-looking factors: B ≠ 0 everywhere
         for name, param in model.named_parameters():
             if name.endswith("lora_B"):

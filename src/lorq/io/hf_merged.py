@@ -97,8 +97,10 @@ def write_hf_model(
 ) -> None:
     """``save_pretrained`` of a dense ``model`` into ``path``, every float tensor in ``dtype``."""
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.config.dtype = dtype
     model.save_pretrained(path, state_dict=state)
+    config = json.loads((path / "config.json").read_text())  # the dtype of what was written,
+    config["dtype"] = str(dtype).removeprefix("torch.")  # not of the model in memory
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     if marker is not None:
