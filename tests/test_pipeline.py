@@ -1,13 +1,14 @@
 """compress(). Oracles: plan bits vs stored bytes, KL ordering against plain quantization,
-the untouched original (shared copy), and frozen parameters."""
+the untouched original (shared copy), frozen parameters; for QA-LoRA the RTN / GPTQ / given base
+recomputed here, GPTQ's proxy loss below RTN's, and merged vs unmerged logits."""
 
 import pytest
 import torch
 
-from lorq.config import CompressConfig
+from lorq.config import CompressConfig, QuantConfig
 from lorq.evaluate import compressed_bits, evaluate_model, model_nbytes
-from lorq.nn import QuantLoraLinear
-from lorq.pipeline import compress
+from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
+from lorq.pipeline import compress, merge_qa_lora
 from lorq.surgery import find_targets, shared_copy
 
 
@@ -102,3 +103,147 @@ def test_bad_compress_config():
         CompressConfig(quant="nf5")
     with pytest.raises(ValueError, match="method='qlora'"):
         CompressConfig(method="qlora")
+
+
+# --- QA-LoRA ---------------------------------------------------------------------------------
+
+
+def qa_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QALoraLinear)}
+
+
+def randomize_b(model, std: float = 0.05) -> None:
+    """Give every adapter's B seeded nonzero values, as if trained."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in qa_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+def test_qa_lora_starts_at_the_rtn_base(llama):
+    from lorq import quantize
+
+    weights = {n: m.weight.detach().clone() for n, m in find_targets(llama).items()}
+    result = compress(llama, CompressConfig(method="qa-lora", rank=4))
+    assert result.config.quant == "q4_1"
+    assert set(qa_layers(llama)) == set(weights)
+    trainable = {n for n, p in llama.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{x}" for n in weights for x in "AB"}
+    for name, weight in weights.items():
+        layer = llama.get_submodule(name)
+        q = quantize(weight, "q4_1").dequantize()
+        assert torch.all(layer.lora_B == 0) and layer.lora_A.shape == (4, weight.shape[1] // 32)
+        assert torch.equal(layer.q.dequantize(), q)
+        expected = float((weight - q).norm() / weight.norm())
+        assert result.errors[name] == pytest.approx(expected, rel=1e-6)
+
+
+def test_qa_lora_uses_a_given_base(llama):
+    from lorq import quantize
+
+    name = "model.layers.1.mlp.down_proj"
+    given = quantize(llama.get_submodule(name).weight.detach(), "int4-g32")
+    compress(llama, CompressConfig(method="qa-lora", rank=4), base={name: given})
+    layer = llama.get_submodule(name)
+    assert layer.quant_config.name == "int4-g32"
+    assert all(torch.equal(layer.q.tensors()[k], t) for k, t in given.tensors().items())
+    other = llama.get_submodule("model.layers.1.mlp.up_proj")
+    assert other.quant_config.name == "q4_1"
+
+
+def test_qa_lora_base_errors(llama):
+    from lorq import quantize
+
+    name = "model.layers.0.mlp.up_proj"
+    weight = llama.get_submodule(name).weight.detach()
+    config = CompressConfig(method="qa-lora", rank=4)
+    with pytest.raises(ValueError, match="not targets of this compression"):
+        compress(llama, config, base={"model.nothing": quantize(weight, "q4_1")})
+    with pytest.raises(ValueError, match="give a Q of the module's own shape"):
+        compress(llama, config, base={name: quantize(weight.T.contiguous(), "q4_1")})
+    with pytest.raises(ValueError, match="not supported by QA-LoRA"):
+        compress(llama, config, base={name: quantize(weight, "nf4")})
+    with pytest.raises(ValueError, match="only used by method='qa-lora'"):
+        compress(llama, CompressConfig(quant="nf4"), base={name: quantize(weight, "q4_1")})
+    assert not quant_layers(llama) and not qa_layers(llama)  # nothing replaced on error
+
+
+def test_qa_lora_gptq_needs_calibration(llama):
+    with pytest.raises(ValueError, match="gptq=True needs calibration"):
+        compress(llama, CompressConfig(method="qa-lora", gptq=True))
+
+
+def output_error(weight, q, hessian) -> float:
+    """GPTQ's proxy loss tr((W − Q) H (W − Q)ᵀ)."""
+    residual = weight - q.dequantize()
+    return float(torch.trace(residual @ hessian @ residual.T))
+
+
+def test_qa_lora_gptq_base(llama):
+    from lorq import quantize
+    from lorq.hessian import estimate_hessians
+    from lorq.quant.gptq import gptq_quantize
+
+    blocks = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    include = (r"layers\.0\.mlp\.",)
+    targets = find_targets(llama, include)
+    hessians = estimate_hessians(llama, blocks, targets)
+    weights = {n: m.weight.detach().clone() for n, m in targets.items()}
+    config = CompressConfig(method="qa-lora", quant="int3-g32", gptq=True, rank=4, include=include)
+    compress(llama, config, blocks)
+    quant = QuantConfig.preset("int3-g32")
+    assert len(weights) == 3
+    for name, weight in weights.items():
+        layer = llama.get_submodule(name)
+        expected = gptq_quantize(weight, hessians[name], quant)
+        assert all(torch.equal(layer.q.tensors()[k], t) for k, t in expected.tensors().items())
+        rtn = quantize(weight, quant)
+        assert output_error(weight, layer.q, hessians[name]) < output_error(
+            weight, rtn, hessians[name]
+        )
+
+
+@pytest.mark.parametrize("preset", ["q4_1", "int4-g32"])
+def test_merged_qa_lora_logits(llama, preset):
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    compress(llama, CompressConfig(method="qa-lora", quant=preset, rank=4))
+    with torch.no_grad():
+        base = llama(ids).logits
+        randomize_b(llama)
+        adapted = llama(ids).logits
+        errors = merge_qa_lora(llama)
+        merged = llama(ids).logits
+    assert not qa_layers(llama)
+    assert all(type(m) is QuantLinear for m in llama.modules() if isinstance(m, QuantLinear))
+    assert not any(p.requires_grad for p in llama.parameters())
+    effect = float((adapted - base).abs().max())
+    if preset == "q4_1":  # float mins: exact up to fp16 rounding of the mins
+        # each merged min is off by ≤ 2⁻¹¹·|min'|, and |min'| is a few times |Δ| here: ≲ 1 %
+        assert max(e.max_abs for e in errors.values()) < 1e-4
+        assert float((merged - adapted).abs().max()) < 1e-2 * effect
+    else:  # integer zeros: lossy, but most of the adapter survives and the loss is reported
+        assert min(e.delta_relative for e in errors.values()) > 0
+        assert float((merged - adapted).norm()) < 0.5 * float((base - adapted).norm())
+
+
+def test_merge_qa_lora_needs_qa_lora_layers(llama):
+    with pytest.raises(ValueError, match="no QALoraLinear layers"):
+        merge_qa_lora(llama)
+
+
+def test_qa_lora_config_validation():
+    assert CompressConfig(method="qa-lora").quant == "q4_1"
+    assert CompressConfig().quant == "nf3"
+    with pytest.raises(ValueError, match=r"quant='nf4' is not supported with method='qa-lora'"):
+        CompressConfig(method="qa-lora", quant="nf4")
+    with pytest.raises(ValueError, match=r"budget=3\.0 is not supported with method='qa-lora'"):
+        CompressConfig(method="qa-lora", budget=3.0)
+    with pytest.raises(ValueError, match=r"fisher=True is not supported with method='qa-lora'"):
+        CompressConfig(method="qa-lora", fisher=True)
+    with pytest.raises(ValueError, match=r"gptq=True is not supported with method='lq'"):
+        CompressConfig(method="lq", gptq=True)
+    config = CompressConfig(method="qa-lora", quant="q4_1", gptq=True)
+    assert CompressConfig.from_dict(config.to_dict()) == config
+    old = CompressConfig(quant="nf4").to_dict()
+    del old["gptq"]  # lorq.json written before QA-LoRA
+    assert CompressConfig.from_dict(old) == CompressConfig(quant="nf4")

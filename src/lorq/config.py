@@ -201,23 +201,30 @@ class DecomposeConfig(_Serializable):
         return "randomized" if 4 * (self.rank + 10) <= min(shape) else "exact"
 
 
-COMPRESS_METHODS = ("lq", "loftq", "nf")
+COMPRESS_METHODS = ("lq", "loftq", "nf", "qa-lora")
 DEFAULT_COMPRESS_QUANT = "nf3"
+# QA-LoRA's INT4, G = 32 with a real-valued offset per group (its β; GGUF Q4_1 layout, 5.0 bits):
+# the adapter then merges exactly up to fp16. Integer zeros (int4-g32, GPTQ layout, 4.625 bits)
+# round Δ / scale to whole steps: a typical trained adapter (|Δ| ≪ scale / 2) is lost in the merge.
+DEFAULT_QA_LORA_QUANT = "q4_1"
 
 
 @dataclass(frozen=True)
 class CompressConfig(_Serializable):
     """What ``lorq.compress`` does to a model.
 
-    ``method``: "lq" (LQ-LoRA), "loftq", or "nf" (plain quantization; the LoRA factors start as
-    B = 0 and a random A, QLoRA-style). Either a uniform ``quant`` preset for every target
-    (default nf3), or a ``budget`` in bits/param chosen per matrix by the ILP over ``candidates``
-    (costs from ``plan_iters`` decomposition steps, Fisher-weighted with ``fisher``).
+    ``method``: "lq" (LQ-LoRA), "loftq", "nf" (plain quantization; the LoRA factors start as
+    B = 0 and a random A, QLoRA-style), or "qa-lora" (an INT-k base and a group-pooled adapter,
+    B = 0, that merges into the zero points; ALGORITHMS.md §2.4). Either a uniform ``quant``
+    preset for every target (default nf3; q4_1 for qa-lora, which needs an INT preset), or a
+    ``budget`` in bits/param chosen per matrix by the ILP over ``candidates`` (costs from
+    ``plan_iters`` decomposition steps, Fisher-weighted with ``fisher``; not for qa-lora).
+    ``gptq`` (qa-lora only): round the base with GPTQ on calibration data instead of RTN.
     ``include`` / ``exclude`` are regexes on module names (default: every linear layer of the
     blocks, no LM head).
     """
 
-    method: Literal["lq", "loftq", "nf"] = "lq"
+    method: Literal["lq", "loftq", "nf", "qa-lora"] = "lq"
     quant: str | None = None
     budget: float | None = None
     candidates: str = "default"
@@ -230,11 +237,14 @@ class CompressConfig(_Serializable):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] | None = None
     seed: int = 0
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, COMPRESS_METHODS)
+        self._check_qa_lora()
         if self.quant is None and self.budget is None:
-            object.__setattr__(self, "quant", DEFAULT_COMPRESS_QUANT)
+            default = DEFAULT_QA_LORA_QUANT if self.method == "qa-lora" else DEFAULT_COMPRESS_QUANT
+            object.__setattr__(self, "quant", default)
         if self.quant is not None and self.budget is not None:
             raise ValueError(
                 f"give exactly one of quant={self.quant!r} (a uniform preset) and "
@@ -250,9 +260,36 @@ class CompressConfig(_Serializable):
                 object.__setattr__(self, name, tuple(value))
         self.decompose_config(QuantConfig())  # validates rank, iters, alpha, svd
 
+    def _check_qa_lora(self) -> None:
+        """gptq only with qa-lora; qa-lora only with a uniform affine INT preset."""
+        _check_choice("gptq", self.gptq, (False, True))
+        if self.gptq and self.method != "qa-lora":
+            raise ValueError(
+                f"gptq=True is not supported with method={self.method!r}; GPTQ rounds the base of "
+                "method='qa-lora' only"
+            )
+        if self.method != "qa-lora":
+            return
+        if self.budget is not None:
+            raise ValueError(
+                f"budget={self.budget!r} is not supported with method='qa-lora' (the base is one "
+                f"uniform INT format); pass quant=, e.g. quant={DEFAULT_QA_LORA_QUANT!r}"
+            )
+        if self.fisher:
+            raise ValueError(
+                "fisher=True is not supported with method='qa-lora' (its base is RTN or GPTQ); "
+                "pass gptq=True for data-aware rounding"
+            )
+        if self.quant is not None and QuantConfig.preset(self.quant).format != "int":
+            int_presets = [n for n, f in QuantConfig.PRESETS.items() if f["format"] == "int"]
+            raise ValueError(
+                f"quant={self.quant!r} is not supported with method='qa-lora' (NormalFloat has no "
+                f"zero point to merge the adapter into); allowed: {', '.join(int_presets)}"
+            )
+
     def decompose_config(self, quant: QuantConfig) -> DecomposeConfig:
         """The DecomposeConfig of one matrix quantized with ``quant``."""
-        method = "loftq" if self.method == "loftq" else "lq"
+        method: Literal["loftq", "lq"] = "loftq" if self.method == "loftq" else "lq"
         return DecomposeConfig(
             method=method,
             rank=self.rank,

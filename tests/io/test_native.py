@@ -1,4 +1,5 @@
-"""Native save/load. Oracles: bit-identical tensors and logits after the round trip; bad files."""
+"""Native save/load. Oracles: bit-identical tensors, layer classes and logits after the round trip
+(LoRA, QA-LoRA and merged QA-LoRA models); files from before layer kinds; bad files."""
 
 import json
 
@@ -9,7 +10,8 @@ from conftest import tiny_bert, tiny_causal
 from lorq.config import CompressConfig
 from lorq.io import load, save
 from lorq.io.native import LORQ_FILE, WEIGHTS_FILE
-from lorq.pipeline import compress
+from lorq.nn import QALoraLinear, QuantLinear
+from lorq.pipeline import compress, merge_qa_lora
 
 
 def outputs(model, ids):
@@ -123,3 +125,72 @@ def test_missing_files(saved, tmp_path):
 def test_save_needs_a_compressed_model(gpt2, tmp_path):
     with pytest.raises(ValueError, match="compress it before saving"):
         save(gpt2, tmp_path / "m")
+
+
+def assert_same_model(model, back, ids):
+    assert torch.equal(outputs(model, ids), outputs(back, ids))
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds == {n: type(m) for n, m in back.named_modules() if isinstance(m, QuantLinear)}
+
+
+def train_b(model) -> None:
+    """Seeded nonzero B in every QA-LoRA layer, so that A and B both reach the logits."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QALoraLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("preset", ["int4-g32", "q4_1"])
+def test_qa_lora_round_trip_is_bit_exact(name, preset, tmp_path, request):
+    model = request.getfixturevalue(name)
+    compress(model, CompressConfig(method="qa-lora", quant=preset, rank=4))
+    train_b(model)
+    save(model, tmp_path / "m")
+    back = load(tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_same_model(model, back, ids)
+    kinds = {
+        s["kind"] for s in json.loads((tmp_path / "m" / LORQ_FILE).read_text())["layers"].values()
+    }
+    assert kinds == {"qa-lora"}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_merged_qa_lora_round_trip_is_bit_exact(name, tmp_path, request):
+    model = request.getfixturevalue(name)
+    compress(model, CompressConfig(method="qa-lora", rank=4))
+    train_b(model)
+    merge_qa_lora(model)
+    save(model, tmp_path / "m")
+    back = load(tmp_path / "m")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_same_model(model, back, ids)
+    assert not any(p.requires_grad for p in back.parameters())
+
+
+def test_files_without_layer_kind_load_as_lora(saved, llama):
+    """lorq.json written before QA-LoRA has no "kind" per layer."""
+    meta = json.loads((saved / LORQ_FILE).read_text())
+    for spec in meta["layers"].values():
+        assert spec.pop("kind") == "lora"
+    (saved / LORQ_FILE).write_text(json.dumps(meta))
+    back = load(saved)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert_same_model(llama, back, ids)
+
+
+def test_unknown_layer_kind(saved):
+    meta = json.loads((saved / LORQ_FILE).read_text())
+    next(iter(meta["layers"].values()))["kind"] = "dora"
+    (saved / LORQ_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="kind 'dora'"):
+        load(saved)

@@ -3,8 +3,9 @@
     DIR/model.safetensors   every tensor of the model: packed codes, scales, zeros, LoRA factors and
                             all other parameters and buffers (tied tensors stored once)
     DIR/lorq.json           format version, lorq version, source model, the HF config, the compress
-                            config, every replaced layer's quant config / shape / rank / scaling,
-                            tensor aliases, the budget plan
+                            config, every replaced layer's kind ("lora" QuantLoraLinear, "qa-lora"
+                            QALoraLinear, "quant" QuantLinear; absent means "lora") / quant config
+                            / shape / rank / scaling, tensor aliases, the budget plan
     DIR/tokenizer files     when a tokenizer is given
 
 ``load`` builds the architecture on the meta device and assigns the stored tensors (no access to
@@ -25,7 +26,7 @@ from torch import nn
 from lorq import __version__
 from lorq.config import QuantConfig
 from lorq.io.atomic import atomic_directory
-from lorq.nn import QuantLoraLinear
+from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
 from lorq.surgery import set_module
 
 FORMAT = "lorq"
@@ -67,14 +68,16 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return unique, aliases
 
 
-def _layer_spec(layer: QuantLoraLinear) -> dict[str, Any]:
-    return {
+def _layer_spec(layer: QuantLinear) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "kind": layer.kind,
         "quant": layer.quant_config.to_dict(),
         "shape": [layer.out_features, layer.in_features],
-        "rank": layer.rank,
-        "scaling": layer.scaling,
         "bias": layer.bias is not None,
     }
+    if isinstance(layer, (QuantLoraLinear, QALoraLinear)):
+        spec.update(rank=layer.rank, scaling=layer.scaling)
+    return spec
 
 
 def _hf_config(model: nn.Module) -> dict[str, Any] | None:
@@ -94,10 +97,11 @@ def save(
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (with QuantLoraLinear layers) to ``path`` atomically; returns the path."""
-    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+    """Write ``model`` (with QuantLoraLinear, QALoraLinear or QuantLinear layers) to ``path``
+    atomically; returns the path."""
+    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
-        raise ValueError("the model has no QuantLoraLinear layers; compress it before saving")
+        raise ValueError("the model has no quantized layers; compress it before saving")
     tensors, aliases = _dedupe(_named_tensors(model))
     meta = {
         "format": FORMAT,
@@ -161,19 +165,23 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
         return cls._from_config(config)
 
 
-def _quant_layer(
-    name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> QuantLoraLinear:
+def _quant_layer(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantLinear:
     prefix = f"{name}."
     own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return QuantLoraLinear.from_buffers(
-        QuantConfig.from_dict(spec["quant"]),
-        (spec["shape"][0], spec["shape"][1]),
-        own,
-        own["lora_B"],
-        own["lora_A"],
-        spec["scaling"],
-        own["bias"] if spec["bias"] else None,
+    config = QuantConfig.from_dict(spec["quant"])
+    shape = (spec["shape"][0], spec["shape"][1])
+    bias = own["bias"] if spec["bias"] else None
+    kind = spec.get("kind", "lora")  # files written before QA-LoRA have no kind
+    if kind == "quant":
+        return QuantLinear.from_buffers(config, shape, own, bias)
+    classes: dict[str, type[QuantLoraLinear] | type[QALoraLinear]] = {
+        "lora": QuantLoraLinear,
+        "qa-lora": QALoraLinear,
+    }
+    if kind not in classes:
+        raise ValueError(f"layer {name!r} has kind {kind!r}; known: 'lora', 'qa-lora', 'quant'")
+    return classes[kind].from_buffers(
+        config, shape, own, own["lora_B"], own["lora_A"], spec["scaling"], bias
     )
 
 

@@ -1,5 +1,12 @@
-"""nn.Module layers: the only place with nn.Module subclasses."""
+"""nn.Module layers: the only place with nn.Module subclasses.
+
+Every quantized layer is a :class:`QuantLinear` (``isinstance`` finds them all); ``kind`` tells
+them apart ("quant", "lora", "qa-lora") and ``has_lora`` says whether it carries trainable
+factors ``lora_A``, ``lora_B`` and a ``scaling`` (False for a merged, quantized-only layer).
+"""
 
 from lorq.nn.lora_linear import QuantLoraLinear
+from lorq.nn.qa_lora_linear import MergeError, QALoraLinear
+from lorq.nn.quant_linear import AdapterLinear, QuantLinear
 
-__all__ = ["QuantLoraLinear"]
+__all__ = ["AdapterLinear", "MergeError", "QALoraLinear", "QuantLinear", "QuantLoraLinear"]

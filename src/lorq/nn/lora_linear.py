@@ -2,9 +2,8 @@
 
     y = x Qᵀ + s · (x Aᵀ) Bᵀ (+ bias)          x (…, in), Q (out × in), A (r × in), B (out × r)
 
-Q lives as packed buffers (codes, scales, zeros) — never as a dense copy between calls. The forward
-dequantizes Q into the input's dtype (one layer's dense weight, freed after the matmul). Only
-``lora_A`` and ``lora_B`` are trainable; ``bias`` is kept frozen.
+Q lives as packed buffers (codes, scales, zeros) shared with :class:`~lorq.nn.QuantLinear`, whose
+forward dequantizes Q per call. Only ``lora_A`` and ``lora_B`` are trainable; ``bias`` is frozen.
 
 ``from_linear`` (decompose an ``nn.Linear`` or GPT-2 ``Conv1D``) and ``merge`` (back to a dense
 ``nn.Linear`` with W = Q + s·B·A) are inverses up to the decomposition's error; merging is
@@ -13,78 +12,34 @@ idempotent because it does not change the layer.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorq.config import DecomposeConfig, QuantConfig
+from lorq.config import DecomposeConfig
 from lorq.decompose import Decomposition, decompose
 from lorq.nn.dense import dense_weight
-from lorq.quant.tensor import QuantizedTensor
+from lorq.nn.quant_linear import AdapterLinear, buffer_keys, buffer_name
+
+__all__ = ["QuantLoraLinear", "buffer_keys", "buffer_name", "kaiming_uniform"]
 
 
-def buffer_name(key: str) -> str:
-    """Module buffer name of a QuantizedTensor buffer: ``scales.codes`` → ``q_scales_codes``."""
-    return "q_" + key.replace(".", "_")
+def kaiming_uniform(rank: int, fan_in: int, seed: int) -> torch.Tensor:
+    """LoRA's init of A (rank × fan_in), float32: U(-1/√fan_in, 1/√fan_in), seeded, on the CPU.
+
+    Equals ``nn.init.kaiming_uniform_(a=√5)``'s bound √(6 / ((1 + 5)·fan_in)) = 1/√fan_in.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / fan_in**0.5
+    return (torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound
 
 
-def buffer_keys(config: QuantConfig) -> tuple[str, ...]:
-    """The buffers a QuantizedTensor of ``config`` stores."""
-    scales = ("scales.codes", "scales.super_scales", "scales.offset")
-    keys = ("codes", *(scales if config.double_quant else ("scales",)))
-    return (*keys, "zeros") if config.format == "int" else keys
-
-
-class QuantLoraLinear(nn.Module):
+class QuantLoraLinear(AdapterLinear):
     """Drop-in replacement of a linear layer: frozen quantized weight + trainable LoRA factors."""
 
-    def __init__(
-        self,
-        q: QuantizedTensor,
-        lora_B: torch.Tensor,
-        lora_A: torch.Tensor,
-        scaling: float,
-        bias: torch.Tensor | None = None,
-    ):
-        super().__init__()
-        self.quant_config: QuantConfig = q.config
-        self.out_features, self.in_features = q.shape
-        self.rank = lora_A.shape[0]
-        self.scaling = float(scaling)
-        self._keys = tuple(q.tensors())
-        for key, tensor in q.tensors().items():
-            self.register_buffer(buffer_name(key), tensor)
-        self.lora_A = nn.Parameter(lora_A.detach().clone())
-        self.lora_B = nn.Parameter(lora_B.detach().clone())
-        self.bias = (
-            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        )
-
-    @property
-    def q(self) -> QuantizedTensor:
-        """The quantized weight as a QuantizedTensor view of this module's buffers."""
-        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
-        return QuantizedTensor.from_tensors(self.quant_config, self.shape, buffers)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    @classmethod
-    def from_buffers(
-        cls,
-        config: QuantConfig,
-        shape: tuple[int, int],
-        buffers: dict[str, torch.Tensor],
-        lora_B: torch.Tensor,
-        lora_A: torch.Tensor,
-        scaling: float,
-        bias: torch.Tensor | None = None,
-    ) -> QuantLoraLinear:
-        """Rebuild from a state dict's tensors (``buffers`` keyed by :func:`buffer_name`)."""
-        keyed = {key: buffers[buffer_name(key)] for key in buffer_keys(config)}
-        q = QuantizedTensor.from_tensors(config, shape, keyed)
-        return cls(q, lora_B, lora_A, scaling, bias)
+    kind: ClassVar[str] = "lora"
 
     @classmethod
     def from_decomposition(
@@ -105,11 +60,8 @@ class QuantLoraLinear(nn.Module):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.q.dequantize(x.dtype)
-        y = F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
-        del weight
         lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + self.scaling * lora
+        return self.quantized_forward(x) + self.scaling * lora
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, float32 (out × in)."""
@@ -141,6 +93,3 @@ class QuantLoraLinear(nn.Module):
             f"quant={self.quant_config.name}, rank={self.rank}, scaling={self.scaling:g}, "
             f"bias={self.bias is not None}"
         )
-
-    def quantized_nbytes(self) -> int:
-        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)

@@ -1,0 +1,140 @@
+"""QuantLinear: a frozen bit-packed linear layer, and the base of every quantized layer.
+
+    y = x Qᵀ (+ bias)          x (…, in), Q (out × in)
+
+Q lives as packed buffers (codes, scales, zeros) named by :func:`buffer_name` — never as a dense
+copy between calls. The forward dequantizes Q into the input's dtype (one layer's dense weight,
+freed after the matmul) and the backward decodes it again (``lorq.nn.functional``), so training
+holds no dense copy of Q between forward and backward. Nothing is trainable.
+
+The adapter layers extend this class and share its buffers, ``q``, ``shape`` and
+``quantized_nbytes``: :class:`~lorq.nn.QuantLoraLinear` (kind "lora") and
+:class:`~lorq.nn.QALoraLinear` (kind "qa-lora"). A plain QuantLinear (kind "quant", ``has_lora``
+False) is what a merged QA-LoRA layer becomes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lorq.config import QuantConfig
+from lorq.nn.functional import quant_linear
+from lorq.quant.tensor import QuantizedTensor
+
+
+def buffer_name(key: str) -> str:
+    """Module buffer name of a QuantizedTensor buffer: ``scales.codes`` → ``q_scales_codes``."""
+    return "q_" + key.replace(".", "_")
+
+
+def buffer_keys(config: QuantConfig) -> tuple[str, ...]:
+    """The buffers a QuantizedTensor of ``config`` stores."""
+    scales = ("scales.codes", "scales.super_scales", "scales.offset")
+    keys = ("codes", *(scales if config.double_quant else ("scales",)))
+    return (*keys, "zeros") if config.format == "int" else keys
+
+
+def quantized_from_buffers(
+    config: QuantConfig, shape: tuple[int, int], buffers: dict[str, torch.Tensor]
+) -> QuantizedTensor:
+    """The QuantizedTensor held by a state dict's tensors (``buffers`` keyed by buffer_name)."""
+    keyed = {key: buffers[buffer_name(key)] for key in buffer_keys(config)}
+    return QuantizedTensor.from_tensors(config, shape, keyed)
+
+
+def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in replacement of a linear layer by its frozen quantized weight Q (no adapter)."""
+
+    kind: ClassVar[str] = "quant"
+    has_lora: ClassVar[bool] = False  # True for the adapter layers (lora_A, lora_B, scaling)
+
+    def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.quant_config: QuantConfig = q.config
+        self.out_features, self.in_features = q.shape
+        self._keys = tuple(q.tensors())
+        for key, tensor in q.tensors().items():
+            self.register_buffer(buffer_name(key), tensor)
+        self.bias = frozen_bias(bias)
+
+    @property
+    def q(self) -> QuantizedTensor:
+        """The quantized weight as a QuantizedTensor view of this module's buffers."""
+        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
+        return QuantizedTensor.from_tensors(self.quant_config, self.shape, buffers)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @classmethod
+    def from_buffers(
+        cls,
+        config: QuantConfig,
+        shape: tuple[int, int],
+        buffers: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Rebuild from a state dict's tensors (``buffers`` keyed by :func:`buffer_name`)."""
+        return cls(quantized_from_buffers(config, shape, buffers), bias)
+
+    def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x Qᵀ + bias in ``x.dtype``; Q is dequantized for this call (and again in backward)."""
+        return quant_linear(x, self.q.dequantize, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized_forward(x)
+
+    def quantized_nbytes(self) -> int:
+        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"quant={self.quant_config.name}, bias={self.bias is not None}"
+        )
+
+
+class AdapterLinear(QuantLinear):
+    """Frozen Q plus trainable factors ``lora_B`` (out × r), ``lora_A`` and a scaling s.
+
+    The subclasses define how the factors act (and the shape of ``lora_A``):
+    :class:`~lorq.nn.QuantLoraLinear` (r × in) and :class:`~lorq.nn.QALoraLinear` (r × in/G).
+    """
+
+    has_lora: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        q: QuantizedTensor,
+        lora_B: torch.Tensor,
+        lora_A: torch.Tensor,
+        scaling: float,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__(q, bias)
+        self.rank = lora_A.shape[0]
+        self.scaling = float(scaling)
+        self.lora_A = nn.Parameter(lora_A.detach().clone())
+        self.lora_B = nn.Parameter(lora_B.detach().clone())
+
+    @classmethod
+    def from_buffers(  # type: ignore[override]
+        cls,
+        config: QuantConfig,
+        shape: tuple[int, int],
+        buffers: dict[str, torch.Tensor],
+        lora_B: torch.Tensor,
+        lora_A: torch.Tensor,
+        scaling: float,
+        bias: torch.Tensor | None = None,
+    ):
+        """Rebuild from a state dict's tensors (``buffers`` keyed by :func:`buffer_name`)."""
+        return cls(quantized_from_buffers(config, shape, buffers), lora_B, lora_A, scaling, bias)
