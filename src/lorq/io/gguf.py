@@ -1,0 +1,432 @@
+"""GGUF import and export of Q4_1 weights, straight from the codes (no dequantize / requantize).
+
+A GGUF Q4_1 block (llama.cpp ``block_q4_1``) holds 32 consecutive weights of one row in 20 bytes:
+
+    bytes 0-1   d    fp16 scale            ŵ[i] = d · code[i] + m       i = 0 … 31
+    bytes 2-3   m    fp16 min              (lorq: scale and float min of one group, G = 32)
+    bytes 4-19  qs   qs[j] = code[j] | code[j + 16] << 4                j = 0 … 15
+
+A GGUF tensor of ggml shape ne = (in, out) stores ``out`` rows of ``in / 32`` blocks, the same
+row-major group order as a lorq ``QuantizedTensor`` of shape (out, in) with
+``QuantConfig.preset("q4_1")``; only the nibble order differs (lorq packs high nibble first,
+``lorq.quant.packing``), so conversion moves nibbles and copies the fp16 scales and mins.
+
+llama.cpp permutes the rows of attn_q / attn_k for its RoPE kernel (h < heads, d < head_dim / 2):
+
+    GGUF row (h, d, j)  =  transformers row (h, j, d)        j ∈ {0, 1}
+
+Groups run along the input dimension, so the permutation moves whole rows of blocks. Tensor names
+come from the ``gguf`` package's ``TensorNameMap`` applied to the parameter names of the
+transformers model, as transformers' GGUF loader does. Only the LLaMA architecture is supported.
+Export writes dense tensors as F32 (1-D: norms, biases) and F16 (2-D: embeddings, a dense LM head
+or any linear left unquantized); metadata and tokenizer come from a source GGUF when given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorq.config import QuantConfig
+from lorq.quant.packing import pack
+from lorq.quant.tensor import QuantizedTensor
+
+ARCHITECTURE = "llama"
+GROUP = 32  # weights per Q4_1 block (ggml QK4_1)
+BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
+MAGIC = b"GGUF"
+MAX_LISTED = 5  # names quoted in an error message
+# KV pairs that describe the source file itself, never copied to an exported one
+OWN_KEYS = (
+    "GGUF.",
+    "split.",
+    "general.architecture",
+    "general.alignment",
+    "general.file_type",
+    "general.quantization_version",
+)
+KV = dict[str, tuple[Any, Any, Any]]  # key -> (value, GGUFValueType, array element type or None)
+
+
+def _open(path: Path):
+    """A GGUFReader on ``path``; ValueError naming the file when it is not a readable GGUF."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    with path.open("rb") as file:
+        if file.read(4) != MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (no GGUF magic bytes); pass a .gguf file")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError) as err:
+        raise ValueError(f"{path} is a corrupted or truncated GGUF file ({err})") from None
+    if reader.byte_order != "I":
+        raise ValueError(
+            f"{path} is a big-endian GGUF file; only little-endian files are supported"
+        )
+    architecture = _field(reader, "general.architecture")
+    if architecture != ARCHITECTURE:
+        raise ValueError(
+            f"{path}: GGUF architecture {architecture!r} is not supported yet; "
+            f"supported: {ARCHITECTURE!r} (LLaMA-family models)"
+        )
+    return reader
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _int_field(reader, key: str, path: Path, default: int | None = None) -> int:
+    value = _field(reader, key, default)
+    if not isinstance(value, int):
+        raise ValueError(f"{path}: metadata {key!r} is {value!r}, not an integer; incomplete GGUF")
+    return value
+
+
+def _rope_rows(rows: int, heads: int) -> torch.Tensor:
+    """Index ``perm`` with ``gguf_rows = hf_rows[perm]`` for a q/k weight of ``heads`` heads."""
+    if rows % (2 * heads):
+        raise ValueError(f"{rows} rows do not split into {heads} heads of even size")
+    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def _rope_heads(gguf_name: str, heads: int, kv_heads: int) -> int | None:
+    """Heads of a tensor llama.cpp permutes for RoPE (attn_q / attn_k), else None."""
+    if ".attn_q." in gguf_name:
+        return heads
+    return kv_heads if ".attn_k." in gguf_name else None
+
+
+def _gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF name and shape of every parameter of the transformers model ``config`` describes.
+
+    The model is built on the meta device (nothing allocated); tied parameters are listed under
+    every name (``lm_head.weight`` too).
+    """
+    import transformers
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
+    name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    out = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is not None:
+            out[name] = (gguf_name, tuple(param.shape))
+    return out
+
+
+def _from_blocks(raw: torch.Tensor, cols: int) -> QuantizedTensor:
+    """QuantizedTensor (rows × cols, preset q4_1) of GGUF Q4_1 blocks ``raw`` (rows × bytes)."""
+    rows, groups = raw.shape[0], cols // GROUP
+    blocks = raw.view(rows, groups, BLOCK_BYTES)
+    halves = blocks[..., :4].contiguous().view(torch.float16)  # (rows, groups, 2): d, m
+    nibbles = blocks[..., 4:]
+    codes = torch.empty(rows, groups, 2, GROUP // 2, dtype=torch.uint8)
+    torch.bitwise_and(nibbles, 0x0F, out=codes[:, :, 0])  # code[j]
+    torch.bitwise_right_shift(nibbles, 4, out=codes[:, :, 1])  # code[j + 16]
+    config = QuantConfig.preset("q4_1")
+    scales, mins = halves[..., 0].flatten().clone(), halves[..., 1].flatten().clone()
+    return QuantizedTensor(config, (rows, cols), pack(codes.reshape(-1), 4), scales, mins)
+
+
+def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
+    """Every Q4_1 2-D tensor of a LLaMA GGUF file as a QuantizedTensor, by HF module name.
+
+    Keys are module names of the transformers model (``model.layers.0.self_attn.q_proj``); the
+    codes, scales and mins are the file's own, with attn_q / attn_k rows put back in transformers'
+    order. Tensors of any other type are skipped (load those densely).
+    """
+    from gguf import GGMLQuantizationType
+
+    path = Path(path)
+    reader = _open(path)
+    heads = _int_field(reader, "llama.attention.head_count", path)
+    kv_heads = _int_field(reader, "llama.attention.head_count_kv", path, heads)
+    names = _gguf_names({"num_hidden_layers": _int_field(reader, "llama.block_count", path)})
+    to_module = {gguf: hf.removesuffix(".weight") for hf, (gguf, _) in names.items()}
+    out: dict[str, QuantizedTensor] = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type != GGMLQuantizationType.Q4_1 or len(tensor.shape) != 2:
+            continue
+        module = to_module.get(tensor.name)
+        if module is None:
+            raise ValueError(f"{path}: tensor {tensor.name!r} has no transformers LLaMA name")
+        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+        rope = _rope_heads(tensor.name, heads, kv_heads)
+        if rope is not None:
+            raw = raw[torch.argsort(_rope_rows(raw.shape[0], rope))]
+        out[module] = _from_blocks(raw, int(tensor.shape[0]))
+    return out
+
+
+def _is_q4_1(config: QuantConfig) -> bool:
+    fields = (config.format, config.bits, config.block_size, config.zero, config.scale_dtype)
+    return fields == ("int", 4, GROUP, "float", "fp16")
+
+
+def _bytes(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """The two bytes of each fp16 value, shape (rows, groups, 2)."""
+    return values.detach().cpu().contiguous().view(torch.uint8).view(rows, groups, 2)
+
+
+def _to_blocks(q: QuantizedTensor) -> torch.Tensor:
+    """GGUF Q4_1 blocks (rows × in/32·20, uint8) of a q4_1 QuantizedTensor; see _from_blocks."""
+    assert isinstance(q.scales, torch.Tensor) and q.zeros is not None
+    rows, groups = q.shape[0], q.shape[1] // GROUP
+    codes = q.codes_unpacked().cpu().view(rows, groups, 2, GROUP // 2)
+    blocks = torch.empty(rows, groups, BLOCK_BYTES, dtype=torch.uint8)
+    blocks[..., 0:2] = _bytes(q.scales, rows, groups)
+    blocks[..., 2:4] = _bytes(q.zeros, rows, groups)
+    torch.bitwise_left_shift(codes[:, :, 1], 4, out=blocks[..., 4:])
+    blocks[..., 4:] |= codes[:, :, 0]  # qs[j] = code[j] | code[j + 16] << 4
+    return blocks.view(rows, groups * BLOCK_BYTES)
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """F32 for 1-D tensors (norms, biases), F16 for 2-D ones (embeddings, dense linears)."""
+    dtype = torch.float32 if tensor.dim() == 1 else torch.float16
+    return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(
+            f"GGUF export of rope_type={kind!r} is not supported yet; supported: plain RoPE "
+            "(rope_type 'default'); save with lorq.save instead"
+        )
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    model_type = config.get("model_type")
+    if model_type != ARCHITECTURE:
+        raise ValueError(
+            f"GGUF export of model_type={model_type!r} is not supported yet; supported: "
+            f"{ARCHITECTURE!r} (LLaMA); save other models with lorq.save"
+        )
+
+
+def _llama_kv(config: dict[str, Any]) -> KV:
+    """llama.* metadata of a transformers LlamaConfig dict (what transformers reads back)."""
+    from gguf import GGUFValueType, Keys
+
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    values = {
+        Keys.LLM.CONTEXT_LENGTH: (config["max_position_embeddings"], u32),
+        Keys.LLM.EMBEDDING_LENGTH: (config["hidden_size"], u32),
+        Keys.LLM.BLOCK_COUNT: (config["num_hidden_layers"], u32),
+        Keys.LLM.FEED_FORWARD_LENGTH: (config["intermediate_size"], u32),
+        Keys.LLM.VOCAB_SIZE: (config["vocab_size"], u32),
+        Keys.Attention.HEAD_COUNT: (heads, u32),
+        Keys.Attention.HEAD_COUNT_KV: (config.get("num_key_value_heads") or heads, u32),
+        Keys.Attention.LAYERNORM_RMS_EPS: (float(config["rms_norm_eps"]), f32),
+        Keys.Rope.DIMENSION_COUNT: (head_dim, u32),
+        Keys.Rope.FREQ_BASE: (_rope_theta(config), f32),
+    }
+    if head_dim * heads != config["hidden_size"]:
+        values[Keys.Attention.KEY_LENGTH] = (head_dim, u32)
+        values[Keys.Attention.VALUE_LENGTH] = (head_dim, u32)
+    return {k.format(arch=ARCHITECTURE): (v, t, None) for k, (v, t) in values.items()}
+
+
+def _byte_level_merges(tokenizer: Any) -> list[str]:
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state.get("model") or {}
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(state.get("pre_tokenizer")):
+        raise ValueError(
+            f"GGUF export without a source GGUF is not supported yet for a {model.get('type')!r} "
+            "tokenizer; supported: byte-level BPE fast tokenizers, or pass source_gguf"
+        )
+    return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+
+def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> KV:
+    """tokenizer.ggml.* metadata ("gpt2" byte-level BPE) of a transformers fast tokenizer.
+
+    Ids the tokenizer lacks up to ``vocab_size`` become ``[PAD<i>]`` tokens of type UNUSED;
+    ``tokenizer.ggml.pre`` is "default" (llama.cpp's GPT-2 split; a source GGUF keeps its own).
+    """
+    from gguf import GGUFValueType, Keys, TokenType
+
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise ValueError("GGUF export needs a fast (tokenizers-backed) tokenizer or source_gguf")
+    merges = _byte_level_merges(tokenizer)
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"tokenizer ids reach {max(vocab.values())} ≥ vocab_size={vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    kinds = [int(TokenType.UNUSED)] * vocab_size
+    for token, index in vocab.items():
+        tokens[index], kinds[index] = token, int(TokenType.NORMAL)
+    for index, added in tokenizer.added_tokens_decoder.items():
+        kinds[index] = int(TokenType.CONTROL if added.special else TokenType.USER_DEFINED)
+    s, arr, tk = GGUFValueType.STRING, GGUFValueType.ARRAY, Keys.Tokenizer
+    kv: KV = {tk.MODEL: ("gpt2", s, None), tk.PRE: ("default", s, None)}
+    kv[tk.LIST] = (tokens, arr, s)
+    kv[tk.TOKEN_TYPE] = (kinds, arr, GGUFValueType.INT32)
+    if merges:
+        kv[tk.MERGES] = (merges, arr, s)
+    ids = {tk.BOS_ID: "bos", tk.EOS_ID: "eos", tk.UNK_ID: "unk", tk.PAD_ID: "pad"}
+    for key, name in ids.items():
+        if getattr(tokenizer, f"{name}_token", None) is not None:
+            kv[key] = (int(getattr(tokenizer, f"{name}_token_id")), GGUFValueType.UINT32, None)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        kv[tk.CHAT_TEMPLATE] = (tokenizer.chat_template, s, None)
+    return kv
+
+
+def _source_kv(source: Path, expected: KV) -> KV:
+    """Every KV pair of ``source`` except those describing the file itself; checks the shapes."""
+    from gguf import GGUFValueType
+
+    reader = _open(source)
+    kv: KV = {}
+    for key, field in reader.fields.items():
+        if key.startswith(OWN_KEYS) or not field.types:
+            continue
+        value, kind = field.contents(), field.types[0]
+        if kind == GGUFValueType.ARRAY and len(field.types) != 2:
+            raise ValueError(f"{source}: metadata {key!r} is a nested array; not supported yet")
+        if kind == GGUFValueType.ARRAY and not value:
+            continue  # GGUF cannot store an empty array
+        kv[key] = (value, kind, field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    for key, (value, kind, _) in expected.items():
+        if kind == GGUFValueType.UINT32 and key in kv and kv[key][0] != value:
+            raise ValueError(
+                f"{source} has {key}={kv[key][0]} but the model has {value}; pass the GGUF the "
+                "model was loaded from, or no source_gguf"
+            )
+    return kv
+
+
+def _tensors(
+    layers: dict[str, QuantizedTensor], dense: dict[str, torch.Tensor], config: dict[str, Any]
+) -> list[tuple[str, torch.Tensor, bool]]:
+    """(GGUF name, data, is_q4_1) of every tensor to write, in the model's parameter order."""
+    names = _gguf_names(config)
+    given = {f"{name}.weight": q for name, q in layers.items()}
+    tied = bool(config.get("tie_word_embeddings"))
+    if tied and "lm_head.weight" in given:
+        raise ValueError("a quantized lm_head needs tie_word_embeddings=False; untie it first")
+    both = sorted(set(given) & set(dense))
+    unknown = sorted(set(given).union(dense) - set(names))
+    wanted = [n for n in names if not (tied and n == "lm_head.weight")]
+    missing = [n for n in wanted if n not in given and n not in dense]
+    for problem, bad in (("both quantized and dense", both), ("not LLaMA parameters", unknown)):
+        if bad:
+            raise ValueError(f"GGUF export: {bad[:MAX_LISTED]} are {problem}; pass each once")
+    if missing:
+        raise ValueError(f"GGUF export: missing tensors {missing[:MAX_LISTED]}; pass them in dense")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    out = []
+    for name in wanted:
+        gguf_name, shape = names[name]
+        item = given.get(name, dense.get(name))
+        if tuple(item.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(item.shape)}, the config says {shape}")
+        if isinstance(item, QuantizedTensor) and not _is_q4_1(item.config):
+            raise ValueError(
+                f"GGUF export of {name} quantized as {item.config.name!r} is not supported yet; "
+                "supported: the 'q4_1' preset (INT4, group 32, fp16 scale and min)"
+            )
+        data = _to_blocks(item) if isinstance(item, QuantizedTensor) else _dense(item)
+        rope = _rope_heads(gguf_name, heads, kv_heads)
+        data = data if rope is None else data[_rope_rows(data.shape[0], rope)]
+        out.append((gguf_name, data, isinstance(item, QuantizedTensor)))
+    return out
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the path of a .gguf file")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; it replaces ``path`` only when the block succeeds."""
+    _check_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, bool]]) -> None:
+    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
+    from gguf import LlamaFileType as FileType
+
+    writer = GGUFWriter(path, ARCHITECTURE)
+    any_q4_1 = any(is_q4_1 for _, _, is_q4_1 in tensors)
+    file_type = FileType.MOSTLY_Q4_1 if any_q4_1 else FileType.MOSTLY_F16
+    kv = {**kv, Keys.General.FILE_TYPE: (int(file_type), GGUFValueType.UINT32, None)}
+    kv[Keys.General.QUANTIZATION_VERSION] = (GGML_QUANT_VERSION, GGUFValueType.UINT32, None)
+    for key, (value, kind, sub_kind) in kv.items():
+        writer.add_key_value(key, value, kind, sub_kind)
+    for name, data, is_q4_1 in tensors:
+        raw = GGMLQuantizationType.Q4_1 if is_q4_1 else None
+        writer.add_tensor(name, data.numpy(), raw_dtype=raw)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def write_gguf(
+    out_file: str | Path,
+    layers: dict[str, QuantizedTensor],
+    dense: dict[str, torch.Tensor],
+    hf_config: dict[str, Any],
+    source_gguf: str | Path | None = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a LLaMA model as a GGUF file: q4_1 ``layers`` as Q4_1 blocks, the rest from ``dense``.
+
+    ``layers``: module name → QuantizedTensor (q4_1 preset), written bit-exactly. ``dense``: every
+    other parameter by name (``model.norm.weight``, ``model.embed_tokens.weight``, …), 1-D as F32,
+    2-D as F16; a tied ``lm_head.weight`` is dropped. ``hf_config``: ``model.config.to_dict()``.
+    Metadata and tokenizer are copied from ``source_gguf`` when given (``tokenizer`` is then
+    unused); otherwise built from ``hf_config`` and, if given, a byte-level BPE fast tokenizer.
+    The file appears atomically; an existing one is replaced only with ``overwrite``.
+    """
+    path = Path(out_file)
+    _check_target(path, overwrite)
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    _check_config(config)
+    kv = _llama_kv(config)
+    if source_gguf is not None:
+        kv = _source_kv(Path(source_gguf), kv)
+    elif tokenizer is not None:
+        kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
+    tensors = _tensors(layers, dense, config)
+    with _atomic_file(path, overwrite) as tmp:
+        _write(tmp, kv, tensors)
+    return path
