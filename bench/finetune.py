@@ -7,6 +7,7 @@ Every stage runs in its own process, so each peak RSS (``ru_maxrss``) is that st
     compress  load SmolLM2 → (Fisher) → lorq.compress at --budget bits → lorq.save
     train     lorq.load → lorq.train.finetune (--steps) → evaluation perplexity before / after
     full      the fp32 model, every parameter trained by AdamW: the same batches, a few steps
+              (activation checkpointing on in both, unless --no-checkpointing)
 
     python bench/finetune.py                  # the real run (budget 2.75, 40 steps)
     python bench/finetune.py --quick          # a smoke test (3 steps, 2 evaluation blocks)
@@ -80,6 +81,7 @@ def stage_train(args, work: Path, name: str) -> dict:
         seq_len=args.seq_len,
         eval_blocks=args.eval_blocks,
         save_every=10**6,
+        gradient_checkpointing=args.checkpointing,
     )
     result = finetune(model, tokenizer, config, work / f"{name}-checkpoints", resume=False)
     return {
@@ -96,6 +98,8 @@ def stage_full(args, work: Path, name: str) -> dict:
 
     loaded = load_model("smollm2")
     model = loaded.model.train()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     text = TextConfig(seq_len=args.seq_len, max_blocks=args.batch_size * args.full_steps)
     blocks = load_blocks(loaded.tokenizer, text, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -175,6 +179,12 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--fisher-blocks", type=int, default=64)
     parser.add_argument("--full-steps", type=int, default=3)
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="activation checkpointing in both lorq's and the full fine-tuning",
+    )
     parser.add_argument("--quick", action="store_true")
     for hidden in ("--stage", "--method", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)

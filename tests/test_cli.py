@@ -188,3 +188,53 @@ def test_adapt_bad_input_one_line_exit_2(args, text, lorq_dir, tmp_path, monkeyp
     one_line_error(result, text)
     assert list(tmp_path.iterdir()) == []  # nothing written, no checkpoint folder either
     assert {p.name: p.read_bytes() for p in lorq_dir.iterdir()} == before  # input untouched
+
+
+def test_qa_lora_compress_finetune_merge_export(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorq.io.native import load
+
+    qa, ft, merged = tmp_path / "qa", tmp_path / "ft", tmp_path / "merged"
+    args = ("--method", "qa-lora", "--quant", "q4_1", "--rank", "4", "--eval-blocks", "1")
+    result = run("compress", "--model", tiny_dir, *args, "--out", qa)
+    assert result.exit_code == 0, result.output
+    assert "qa-lora" in result.output and "plain NF" not in result.output
+    train = ("--steps", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2")
+    assert run("finetune", qa, *train, "--out", ft).exit_code == 0
+    result = run("merge", ft, "--out", merged)
+    assert result.exit_code == 0, result.output
+    assert "share of the adapter lost" in result.output
+    ids = torch.randint(0, 100, (1, 10))
+    with torch.no_grad():
+        expected, after_merge = load(ft)(input_ids=ids).logits, load(merged)(input_ids=ids).logits
+    torch.testing.assert_close(after_merge, expected, rtol=1e-2, atol=2e-3)  # fp16 mins
+    assert run("export", ft, "--format", "peft", "--out", tmp_path / "peft").exit_code == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    one_line_error(run("merge", merged, "--out", tmp_path / "again"), "already merged")
+    gguf = ("--format", "gguf", "--out", tmp_path / "m.gguf")
+    one_line_error(run("export", ft, *gguf), "needs a merged QA-LoRA model")
+    one_line_error(run("export", merged, *gguf), "'WordPiece' tokenizer")  # BERT's, not BPE
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "again").exists()
+
+
+def test_qa_lora_gptq_export(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    qa, merged = tmp_path / "qa", tmp_path / "merged"
+    args = ("--method", "qa-lora", "--quant", "int4-g32", "--gptq", "--rank", "4")
+    result = run("compress", "--model", tiny_dir, *args, "--eval-blocks", "1", "--out", qa)
+    assert result.exit_code == 0, result.output
+    assert "GPTQ" in result.output
+    assert run("merge", qa, "--out", merged).exit_code == 0
+    result = run("export", merged, "--format", "gptq", "--out", tmp_path / "gptq")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    assert config["quantization_config"]["bits"] == 4
+    names = load_file(tmp_path / "gptq" / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.qweight" in names

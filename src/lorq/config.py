@@ -91,6 +91,8 @@ class QuantConfig(_Serializable):
         "int3-g128": dict(format="int", bits=3, block_size=128),
         "int2-g32": dict(format="int", bits=2, block_size=32),
         "q4_1": dict(format="int", bits=4, block_size=32, zero="float"),
+        "int3-g32-fmin": dict(format="int", bits=3, block_size=32, zero="float"),
+        "int2-g32-fmin": dict(format="int", bits=2, block_size=32, zero="float"),
     }
 
     def __post_init__(self) -> None:

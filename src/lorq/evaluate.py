@@ -68,16 +68,16 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 
 def compressed_bits(model: torch.nn.Module, factor_bits: int = 16) -> tuple[float, float]:
-    """Bits/param of the QuantLoraLinear layers: Q alone, and with B, A at ``factor_bits``."""
-    from lorq.nn import QuantLoraLinear
+    """Bits/param of the quantized layers: Q alone, and with B, A at ``factor_bits``."""
+    from lorq.nn import QuantLinear
 
-    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if not layers:
-        raise ValueError("the model has no QuantLoraLinear layers")
+        raise ValueError("the model has no quantized layers")
     numel = sum(m.in_features * m.out_features for m in layers)
     quant = sum(8 * m.quantized_nbytes() for m in layers)
-    lora = sum(factor_bits * m.rank * (m.in_features + m.out_features) for m in layers)
-    return quant / numel, (quant + lora) / numel
+    factors = [m.lora_A.numel() + m.lora_B.numel() for m in layers if m.has_lora]
+    return quant / numel, (quant + factor_bits * sum(factors)) / numel
 
 
 @dataclass(frozen=True)

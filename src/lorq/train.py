@@ -204,6 +204,7 @@ def _arguments(config: FinetuneConfig, checkpoints: Path):
         num_train_epochs=config.epochs or 1.0,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=1,  # equal-length blocks: the mean of block means is exact
+        prediction_loss_only=True,  # never gather the evaluation logits (n × L × vocab)
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
         lr_scheduler_type=config.scheduler,

@@ -207,11 +207,14 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """The built-in SmolLM2 loaded once by transformers' GGUF loader (~20 s of CPU)."""
-    from lorq.models import load_model
+    """The built-in SmolLM2 loaded once by transformers' own GGUF loader (~20 s of CPU)."""
+    from transformers import AutoModelForCausalLM
 
-    loaded = load_model("smollm2")
-    return loaded, os.path.join(loaded.source.path, SMOLLM2_GGUF)
+    from lorq.models import builtin_path
+
+    folder = str(builtin_path("smollm2"))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()
+    return model, os.path.join(folder, SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +233,7 @@ def test_smollm2_codes_equal_transformers_weights(smollm2, smollm2_layers):
     types = Counter(t.tensor_type.name for t in GGUFReader(smollm2[1]).tensors)
     print(f"SmolLM2 tensor types: {dict(types)}")
     assert len(smollm2_layers) == types["Q4_1"] == 210
-    state = smollm2[0].model.state_dict()
+    state = smollm2[0].state_dict()
     for name, q in smollm2_layers.items():
         assert torch.equal(q.dequantize(), state[f"{name}.weight"]), name
 
@@ -240,7 +243,7 @@ def test_smollm2_reexport_is_byte_identical(smollm2, smollm2_layers, tmp_path):
     """Oracle: llama.cpp's own file: every Q4_1 block and every metadata value come back."""
     from gguf import GGUFReader
 
-    model = smollm2[0].model
+    model = smollm2[0]
     dense = dense_rest(model, smollm2_layers)
     out = write_gguf(
         tmp_path / "a.gguf", smollm2_layers, dense, model.config.to_dict(), source_gguf=smollm2[1]
@@ -261,7 +264,7 @@ def test_smollm2_tokenizer_without_source_gguf(smollm2, tmp_path):
     """Oracle: transformers rebuilds a tokenizer from our metadata that encodes identically."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = smollm2[0].tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(smollm2[1]), gguf_file=SMOLLM2_GGUF)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -282,3 +285,30 @@ def test_smollm2_tokenizer_without_source_gguf(smollm2, tmp_path):
     text = "<|im_start|>user\nHello,  world! 12345 déjà 日本語\n\n<|im_end|>" + __doc__
     assert back(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert back.chat_template == tokenizer.chat_template
+
+
+@pytest.mark.slow
+def test_streaming_loader_equals_transformers(smollm2):
+    """Oracle: transformers' GGUF loader; lorq's tensor-by-tensor loader gives the same model."""
+    from lorq.models import load_model
+
+    ours = load_model("smollm2", with_tokenizer=False).model
+    theirs = smollm2[0].state_dict()
+    state = ours.state_dict()
+    assert set(state) == set(theirs)
+    assert all(torch.equal(state[k], theirs[k]) for k in theirs)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # still tied
+
+
+def test_streaming_loader_on_a_written_file(tmp_path):
+    """Oracle: transformers' GGUF loader on a tiny file with Q4_1, F16 and F32 tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorq.io.gguf_model import load_gguf_model
+
+    _, path = export(tied_llama(), tmp_path / "t.gguf")
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    ours = load_gguf_model(path, config).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

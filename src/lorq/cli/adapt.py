@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import sys
@@ -71,9 +72,16 @@ class TrainingBar:
         self.bar.stop()
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a multi-process launch (torchrun / accelerate launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _checkpoint_dir(out: Path, config_dict: dict[str, Any], resume: bool) -> Path:
     """``OUT-checkpoints``: reused when resuming with the same settings, else started afresh."""
     folder = out.with_name(out.name + "-checkpoints")
+    if not is_main_process():
+        return folder
     marker = folder / CHECKPOINT_CONFIG
     if folder.exists() and not marker.exists():
         raise ValueError(
@@ -166,6 +174,8 @@ def finetune(
             raise
         finally:
             bar.close()
+        if not is_main_process():
+            return
         extra = {key: meta[key] for key in CARRIED_META if key in meta}
         extra["finetune"] = {
             "config": config.to_dict(),
@@ -179,38 +189,81 @@ def finetune(
     console.print(f"saved to {out}")
 
 
+def _merge_table(errors: dict) -> Table:
+    table = Table(title="QA-LoRA merge into the quantized base", show_header=False)
+    worst = max(errors.values(), key=lambda e: e.relative)
+    table.add_row("layers merged", str(len(errors)))
+    table.add_row("largest |Δ weight| error", f"{max(e.max_abs for e in errors.values()):.3g}")
+    table.add_row("worst relative error ‖W′−W‖/‖W‖", f"{worst.relative:.3g}")
+    lost = max(e.delta_relative for e in errors.values())
+    table.add_row("worst share of the adapter lost", f"{lost:.3g}")
+    return table
+
+
 @app.command()
 def merge(
     path: Annotated[Path, typer.Argument(help="a lorq model directory")],
     out: Annotated[Path, typer.Option(help="output directory")],
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense merge)")] = "fp32",
     overwrite: Annotated[bool, typer.Option(help="replace a directory lorq wrote")] = False,
 ) -> None:
-    """Merge W = Q + s·B·A into a standard Hugging Face model directory."""
+    """Merge s·B·A into the weights: a dense Hugging Face model, or for QA-LoRA a quantized one."""
     from lorq.io.hf_merged import is_export_dir, save_merged, torch_dtype
+    from lorq.io.native import read_meta, save
+    from lorq.pipeline import merge_qa_lora
 
     with user_errors():
         torch_dtype(dtype)
-        check_out_dir(out, overwrite, is_export_dir, "lorq export")
-        model, tokenizer, _ = load_lorq(path)
-        save_merged(model, out, tokenizer, dtype, overwrite, source=str(path))
-    console.print(f"merged model written to {out} (load it with transformers' from_pretrained)")
+        kinds = {spec.get("kind", "lora") for spec in read_meta(path)["layers"].values()}
+        if kinds == {"quant"}:
+            raise ValueError(f"{path} is already merged (no adapters left)")
+        qa_lora = "qa-lora" in kinds
+        check_out_dir(out, overwrite, None if qa_lora else is_export_dir, "lorq export")
+        model, tokenizer, meta = load_lorq(path)
+        if qa_lora:
+            errors = merge_qa_lora(model)
+            extra = {key: meta[key] for key in CARRIED_META if key in meta}
+            extra["merge"] = {"from": str(path), "errors": {n: vars(e) for n, e in errors.items()}}
+            save(model, out, tokenizer, extra, overwrite)
+        else:
+            save_merged(model, out, tokenizer, dtype, overwrite, source=str(path))
+    if qa_lora:
+        console.print(_merge_table(errors))
+        console.print(f"merged quantized model written to {out} (lorq export --format gguf|gptq)")
+    else:
+        console.print(f"merged model written to {out} (load it with transformers' from_pretrained)")
 
 
-EXPORT_FORMATS = ("peft",)
+EXPORT_FORMATS = ("peft", "gguf", "gptq")
+
+
+def _export(fmt: str, model, meta, out: Path, tokenizer, dtype: str, overwrite: bool, path: Path):
+    from lorq.io.peft import export_peft
+    from lorq.io.quantized_export import export_gguf, export_gptq
+
+    if fmt == "peft":
+        export_peft(model, out, tokenizer, dtype, overwrite, source=str(path))
+        return (
+            f"PEFT adapter in {out / 'adapter'}, its base model in {out / 'base'}: "
+            "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)"
+        )
+    if fmt == "gguf":
+        export_gguf(model, meta, out, tokenizer, overwrite)
+        return f"GGUF written to {out} (transformers: from_pretrained(dir, gguf_file=name))"
+    _, checkpoint_format = export_gptq(model, meta, out, tokenizer, overwrite)
+    return f"GPTQ checkpoint ({checkpoint_format}) written to {out}"
 
 
 @app.command()
 def export(
     path: Annotated[Path, typer.Argument(help="a lorq model directory")],
-    out: Annotated[Path, typer.Option(help="output directory")],
+    out: Annotated[Path, typer.Option(help="output directory (gguf: the .gguf file)")],
     format: Annotated[str, typer.Option(help=" | ".join(EXPORT_FORMATS))] = "peft",
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense tensors)")] = "fp32",
-    overwrite: Annotated[bool, typer.Option(help="replace a directory lorq wrote")] = False,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (PEFT's tensors)")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(help="replace what lorq wrote there")] = False,
 ) -> None:
-    """Export a lorq model: a PEFT adapter with its base model."""
+    """Export: a PEFT adapter with its base, or a merged QA-LoRA model as GGUF / GPTQ."""
     from lorq.io.hf_merged import is_export_dir, torch_dtype
-    from lorq.io.peft import export_peft
 
     with user_errors():
         if format not in EXPORT_FORMATS:
@@ -218,10 +271,8 @@ def export(
                 f"--format {format!r} is not supported; allowed: {', '.join(EXPORT_FORMATS)}"
             )
         torch_dtype(dtype)
-        check_out_dir(out, overwrite, is_export_dir, "lorq export")
-        model, tokenizer, _ = load_lorq(path)
-        export_peft(model, out, tokenizer, dtype, overwrite, source=str(path))
-    console.print(
-        f"PEFT adapter in {out / 'adapter'}, its base model in {out / 'base'}: "
-        "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)"
-    )
+        if format == "peft":
+            check_out_dir(out, overwrite, is_export_dir, "lorq export")
+        model, tokenizer, meta = load_lorq(path)
+        message = _export(format, model, meta, out, tokenizer, dtype, overwrite, path)
+    console.print(message)

@@ -70,6 +70,22 @@ def _fisher(loaded, targets, source: str, seq_len: int, max_blocks: int, stage: 
     return estimate_fisher(loaded.model, blocks, targets, stage)
 
 
+def _qa_lora_inputs(loaded, config, targets, calibration: str, gguf_codes: bool):
+    """GPTQ's calibration blocks, and a GGUF source's own Q4_1 codes as the QA-LoRA base."""
+    from lorq.data import TextConfig, load_blocks
+    from lorq.io.gguf import read_gguf_quantized
+
+    blocks = base = None
+    if config.gptq:
+        text = TextConfig(source=calibration, seq_len=128, max_blocks=64)
+        blocks = load_blocks(loaded.tokenizer, text, "calibration")
+    source = loaded.source
+    if config.method == "qa-lora" and config.quant == "q4_1" and gguf_codes and source.gguf_file:
+        codes = read_gguf_quantized(Path(source.path) / source.gguf_file)
+        base = {name: q for name, q in codes.items() if name in targets} or None
+    return blocks, base
+
+
 def _check_plan_target(path: Path) -> None:
     """Refuse to overwrite a file that is not a lorq plan."""
     from lorq.budget import BudgetPlan
@@ -194,7 +210,7 @@ def compress(
         str, typer.Option(help="built-in name, local folder, .gguf file or hub id")
     ] = (DEFAULT_MODEL),
     method: Annotated[
-        str, typer.Option(help="lq (LQ-LoRA) | loftq | nf (plain quantization)")
+        str, typer.Option(help="lq (LQ-LoRA) | loftq | nf (plain quantization) | qa-lora")
     ] = "lq",
     quant: Annotated[str | None, typer.Option(help="uniform preset (see `lorq presets`)")] = None,
     budget: Annotated[float | None, typer.Option(help="bits/param; mixed precision by ILP")] = None,
@@ -206,6 +222,10 @@ def compress(
     ),
     eval_blocks: Annotated[int, typer.Option(help="evaluation blocks of 256 tokens")] = 16,
     baseline: Annotated[bool, typer.Option(help="also measure plain NF at the same bits")] = True,
+    gptq: Annotated[bool, typer.Option(help="qa-lora: GPTQ rounding of the INT-k base")] = False,
+    gguf_codes: Annotated[
+        bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
+    ] = True,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
 ) -> None:
@@ -224,6 +244,7 @@ def compress(
             rank=rank,
             fisher=fisher,
             candidates=candidates,
+            gptq=gptq,
         )
         check_out_dir(out, overwrite)
         loaded = load_quietly(model)
@@ -234,7 +255,8 @@ def compress(
         targets = find_targets(original)
         scores = _fisher(loaded, targets, calibration, 128, 64, stage) if fisher else None
         rows = [("original", original, _measure(original, blocks, None, "original", stage))]
-        if baseline and method != "nf":
+        gptq_blocks, base = _qa_lora_inputs(loaded, config, targets, calibration, gguf_codes)
+        if baseline and method not in ("nf", "qa-lora"):
             plain = CompressConfig(
                 method="nf",
                 quant=config.quant,
@@ -251,8 +273,9 @@ def compress(
             )
             rows.append((f"plain NF ({name})", *model_and_result))
             del result
-        result = run_compress(shared_copy(original), config, None, stage, scores)
+        result = run_compress(shared_copy(original), config, gptq_blocks, stage, scores, base)
         label = f"lorq {method} r={rank}" + (" +Fisher" if fisher else "")
+        label += f" ({config.quant}{', GPTQ' if gptq else ''}{', GGUF codes' if base else ''})"
         measured = _measure(result.model, blocks, original, label, stage)
         rows.append((label, result.model, measured))
         extra = {

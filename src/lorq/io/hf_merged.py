@@ -1,9 +1,10 @@
 """A lorq model as a standard Hugging Face model directory (dense weights).
 
-    merged:  W = Q + s·B·A     (``lorq merge``: plain transformers reproduces lorq's logits)
+    merged:  W = Q + s·B·A     (``lorq merge``: plain transformers reproduces lorq's logits;
+                               QA-LoRA's pooled A counts as its expansion Ā over each group)
     base:    W = Q             (the base a PEFT adapter belongs on, as LoftQ's released checkpoints)
 
-Each QuantLoraLinear becomes the module kind the architecture has at that place: ``nn.Linear``
+Each quantized layer becomes the module kind the architecture has at that place: ``nn.Linear``
 (weight out × in) or GPT-2's ``Conv1D`` (weight in × out). The lorq model itself is never changed:
 the dense modules go into a structural copy whose other tensors are shared, and the dtype cast
 happens on the state dict that is written. ``lorq_export.json`` beside the files marks a directory
@@ -21,7 +22,7 @@ from torch import nn
 
 from lorq import __version__
 from lorq.io.atomic import atomic_directory
-from lorq.nn import QuantLoraLinear
+from lorq.nn import QuantLinear
 from lorq.surgery import set_module, shared_copy
 
 EXPORT_FILE = "lorq_export.json"
@@ -42,8 +43,8 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def lora_layers(model: nn.Module) -> dict[str, QuantLoraLinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLoraLinear)}
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no lorq layers; pass a model written by lorq compress")
     return layers
@@ -61,11 +62,11 @@ def _conv1d_names(model: nn.Module, names: list[str]) -> set[str]:
     return {name for name in names if isinstance(skeleton.get_submodule(name), Conv1D)}
 
 
-def dense_layer(layer: QuantLoraLinear, conv1d: bool, with_delta: bool) -> nn.Module:
+def dense_layer(layer: QuantLinear, conv1d: bool, with_delta: bool) -> nn.Module:
     """A float32 nn.Linear / Conv1D with weight Q + s·B·A (``with_delta``) or Q."""
     from transformers.pytorch_utils import Conv1D
 
-    weight = layer.merged_weight() if with_delta else layer.q.dequantize()
+    weight = layer.merged_weight() if with_delta and layer.has_lora else layer.q.dequantize()
     module: nn.Module
     if conv1d:
         module = Conv1D(layer.out_features, layer.in_features)
@@ -75,12 +76,12 @@ def dense_layer(layer: QuantLoraLinear, conv1d: bool, with_delta: bool) -> nn.Mo
         module.weight = nn.Parameter(weight, requires_grad=False)
     if layer.bias is not None:
         module.bias = nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
-    return module.to(layer.lora_A.device)
+    return module.to(layer.q.device)
 
 
 def dense_model(model: nn.Module, with_delta: bool = True) -> nn.Module:
     """A copy of ``model`` with every lorq layer dense (see the module docstring)."""
-    layers = lora_layers(model)
+    layers = quant_layers(model)
     conv1d = _conv1d_names(model, list(layers))
     copy = shared_copy(model)
     for name, layer in layers.items():

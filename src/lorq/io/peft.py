@@ -8,7 +8,8 @@
                    rank_pattern when layers differ)
 
 so that ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR/base), DIR/adapter)``
-computes x Qᵀ + s·(x Aᵀ) Bᵀ: lorq's own forward.
+computes x Qᵀ + s·(x Aᵀ) Bᵀ: lorq's own forward. A QA-LoRA adapter is exported as the equivalent
+plain LoRA: its pooled A (r × in/G) expanded to Ā (r × in), Ā[:, i] = A[:, i // G] / G.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from lorq.io.atomic import atomic_directory
 from lorq.io.hf_merged import (
     dense_model,
     is_export_dir,
-    lora_layers,
+    quant_layers,
     torch_dtype,
     write_hf_model,
     write_marker,
 )
-from lorq.nn import QuantLoraLinear
+from lorq.nn import AdapterLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,7 +50,24 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if matched == set(names) else sorted(names)
 
 
-def _scalings(layers: dict[str, QuantLoraLinear]) -> tuple[int, float, dict, dict]:
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The layers with LoRA factors; ValueError for a merged (adapter-free) model."""
+    layers = {n: m for n, m in quant_layers(model).items() if m.has_lora}
+    if not layers:
+        raise ValueError(
+            "the model has no LoRA factors (a merged model); export the model from before merging"
+        )
+    return layers  # type: ignore[return-value]
+
+
+def lora_A_of(layer: AdapterLinear) -> torch.Tensor:
+    """PEFT's lora_A (r × in): QA-LoRA's pooled A as its expansion Ā (each column A[:, g] / G)."""
+    if layer.kind == "qa-lora":
+        return layer.expanded_lora_A()  # type: ignore[attr-defined]
+    return layer.lora_A.detach()
+
+
+def _scalings(layers: dict[str, AdapterLinear]) -> tuple[int, float, dict, dict]:
     """r and lora_alpha for most layers, and per-module patterns for the others."""
     rank, alpha = Counter((m.rank, m.rank * m.scaling) for m in layers.values()).most_common(1)[0][
         0
@@ -63,7 +81,7 @@ def _scalings(layers: dict[str, QuantLoraLinear]) -> tuple[int, float, dict, dic
 
 def adapter_config(model: nn.Module, base_path: str, conv1d: bool) -> dict[str, Any]:
     """PEFT's adapter_config.json for the lorq layers of ``model``."""
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     rank, alpha, rank_pattern, alpha_pattern = _scalings(layers)
     causal = hasattr(model, "generate")
     return {
@@ -89,9 +107,9 @@ def adapter_config(model: nn.Module, base_path: str, conv1d: bool) -> dict[str, 
 def adapter_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """``base_model.model.<module>.lora_{A,B}.weight`` for every lorq layer, in ``dtype``."""
     tensors = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         key = f"{PEFT_PREFIX}{name}"
-        tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().to(dtype).contiguous().cpu()
+        tensors[f"{key}.lora_A.weight"] = lora_A_of(layer).to(dtype).contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().to(dtype).contiguous().cpu()
     return tensors
 

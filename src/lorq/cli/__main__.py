@@ -1,0 +1,5 @@
+"""``python -m lorq.cli …``: the entry point for launchers (``accelerate launch``, ``torchrun``)."""
+
+from lorq.cli import main
+
+main()
