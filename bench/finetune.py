@@ -116,6 +116,10 @@ STAGES = {"compress": stage_compress, "train": stage_train, "full": stage_full}
 
 
 def child(args) -> None:
+    from lorq.runtime import fixed_mmap_threshold
+
+    if args.low_memory:  # as lorq finetune --low-memory, in every stage (full fine-tuning too)
+        fixed_mmap_threshold()
     torch.manual_seed(0)
     result = STAGES[args.stage](args, Path(args.work), args.method)
     result["peak_rss_mb"] = peak_mb()
@@ -186,6 +190,7 @@ def parse(argv: list[str] | None = None):
         help="activation checkpointing in both lorq's and the full fine-tuning",
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--low-memory", action="store_true", help="pin glibc's mmap threshold")
     for hidden in ("--stage", "--method", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """QA-LoRA on SmolLM2: an INT-k base (RTN or GPTQ, G = 32, float mins), a short fine-tune of the
 pooled adapter on the built-in training text, the merge into the mins, and the GGUF round trip.
 
-For every base: perplexity and KL to the original on the evaluation text (16 blocks of 256
+For every base: perplexity and KL to the original on the evaluation text (8 blocks of 256
 tokens) after compression (B = 0), after fine-tuning, after the merge, and, for Q4_1, after
 writing the merged model as GGUF and loading it back with transformers' GGUF loader. The 4-bit
 rows include a base made of the GGUF file's own Q4_1 codes (no requantization).
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--calibration-blocks", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()

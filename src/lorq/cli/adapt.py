@@ -141,11 +141,18 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
     resume: Annotated[bool, typer.Option(help="continue from OUT-checkpoints if present")] = True,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep OUT-checkpoints at the end")] = False,
+    low_memory: Annotated[
+        bool, typer.Option(help="CPU: pin malloc's mmap threshold (less memory, slower steps)")
+    ] = False,
 ) -> None:
     """Fine-tune the low-rank factors of a compressed model (transformers.Trainer underneath)."""
     from lorq.io.native import save
+    from lorq.runtime import fixed_mmap_threshold
     from lorq.train import FinetuneConfig
     from lorq.train import finetune as run_finetune
+
+    if low_memory:
+        fixed_mmap_threshold()
 
     out = out or path.with_name(path.name + "-finetuned")
     bar = TrainingBar()

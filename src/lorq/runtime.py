@@ -1,0 +1,35 @@
+"""Process-level memory setting for CPU training (``lorq finetune --low-memory``).
+
+glibc's malloc raises its mmap threshold each time a large block is freed, after which blocks up
+to that size come from the heap and stay resident when freed. lorq decodes a dense weight per layer
+and call (a few MB, freed at once), so a training step leaves the heap fragmented. Pinning the
+threshold maps such blocks and returns them to the OS when freed: lower peak memory, paid for with
+page faults on every mapping. Measured on SmolLM2 (nf3, r = 16, 4 × 128 tokens, activation
+checkpointing, four AdamW steps, peak RSS of the process):
+
+    threshold         peak RSS    time per step
+    glibc's dynamic   1518 MB     4.1–6.1 s
+    4 MiB             1465 MB     3.8–4.8 s
+    1 MiB (default)   1086 MB     7.1–9.8 s
+    64 KiB            1030 MB     10.8–13.4 s
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+THRESHOLD_BYTES = 1 << 20
+
+
+def fixed_mmap_threshold(threshold: int = THRESHOLD_BYTES) -> bool:
+    """Pin glibc's mmap threshold; True when set (False off Linux / glibc: nothing to do)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
