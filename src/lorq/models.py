@@ -114,14 +114,8 @@ def _from_pretrained(source: ModelSource, dtype: torch.dtype, with_tokenizer: bo
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs["local_files_only"] = local
     config = AutoConfig.from_pretrained(source.path, **kwargs)
-    file = Path(source.path) / source.gguf_file if source.gguf_file else None
-    if file is not None and file.is_file() and config.model_type == "llama":
-        from lorq.io.gguf_model import load_gguf_model  # tensor by tensor: half the peak memory
-
-        model = load_gguf_model(file, config).to(dtype)
-    else:
-        auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
-        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+    auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
+    model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     return model, tokenizer
 

@@ -285,30 +285,3 @@ def test_smollm2_tokenizer_without_source_gguf(smollm2, tmp_path):
     text = "<|im_start|>user\nHello,  world! 12345 déjà 日本語\n\n<|im_end|>" + __doc__
     assert back(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert back.chat_template == tokenizer.chat_template
-
-
-@pytest.mark.slow
-def test_streaming_loader_equals_transformers(smollm2):
-    """Oracle: transformers' GGUF loader; lorq's tensor-by-tensor loader gives the same model."""
-    from lorq.models import load_model
-
-    ours = load_model("smollm2", with_tokenizer=False).model
-    theirs = smollm2[0].state_dict()
-    state = ours.state_dict()
-    assert set(state) == set(theirs)
-    assert all(torch.equal(state[k], theirs[k]) for k in theirs)
-    assert ours.lm_head.weight is ours.model.embed_tokens.weight  # still tied
-
-
-def test_streaming_loader_on_a_written_file(tmp_path):
-    """Oracle: transformers' GGUF loader on a tiny file with Q4_1, F16 and F32 tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorq.io.gguf_model import load_gguf_model
-
-    _, path = export(tied_llama(), tmp_path / "t.gguf")
-    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
-    ours = load_gguf_model(path, config).state_dict()
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).state_dict()
-    assert set(ours) == set(theirs)
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
