@@ -84,6 +84,11 @@ def run_base(label, quant, gptq, gguf_codes, loaded, blocks, args, work: Path) -
     )
     finetune(model, tokenizer, train, work / "checkpoints", resume=False)
     row["tuned"] = measure(model, blocks, original)
+    exact = shared_copy(model)  # merging replaces modules, never changes the tuned layers
+    errors = merge_qa_lora(exact, min_dtype="fp32")
+    row["merge_lost_fp32_mins"] = max(e.delta_relative for e in errors.values())
+    row["merged_fp32_mins"] = measure(exact, blocks, original)
+    del exact
     errors = merge_qa_lora(model)
     row["merge_lost"] = max(e.delta_relative for e in errors.values())
     row["merged"] = measure(model, blocks, original)
@@ -98,13 +103,15 @@ def fmt(row: dict, key: str) -> str:
 
 
 def table(rows: dict) -> str:
-    columns = ("base", "bits Q", "base ppl / KL", "tuned", "merged", "merge Δppl", "GGUF")
+    columns = ("base", "bits Q", "base ppl / KL", "tuned", "merged", "merge Δppl", "fp32 mins")
+    columns += ("GGUF",)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for label, row in rows.items():
         tuned, merged = row["tuned"]["perplexity"], row["merged"]["perplexity"]
         lines.append(
             f"| {label} | {row['bits']:.3f} | {fmt(row, 'base')} | {fmt(row, 'tuned')} | "
-            f"{fmt(row, 'merged')} | {100 * (merged - tuned) / tuned:+.4f} % | {fmt(row, 'gguf')} |"
+            f"{fmt(row, 'merged')} | {100 * (merged - tuned) / tuned:+.4f} % | "
+            f"{fmt(row, 'merged_fp32_mins')} | {fmt(row, 'gguf')} |"
         )
     return "\n".join(lines)
 
@@ -117,8 +124,10 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--calibration-blocks", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", action="append", help="run only this base (repeatable)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "qalora.json")
     args = parser.parse_args()
-    bases = BASES
+    bases = [b for b in BASES if not args.only or b[0] in args.only]
     if args.quick:
         args.steps, args.eval_blocks, args.calibration_blocks, bases = 2, 2, 4, BASES[:3]
     torch.manual_seed(0)
@@ -132,15 +141,15 @@ def main() -> None:
             rows[label] = run_base(label, quant, gptq, codes, loaded, blocks, args, Path(tmp))
     print(f"original: perplexity {original['perplexity']:.3f}")
     print(table(rows))
-    RESULTS.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "settings": vars(args),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": platform.platform(),
         "original": original,
         "rows": rows,
     }
-    (RESULTS / "qalora.json").write_text(json.dumps(record, indent=1))
-    print(f"wrote {RESULTS / 'qalora.json'}")
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

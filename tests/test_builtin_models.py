@@ -40,3 +40,13 @@ def test_minilm_loads_as_encoder():
     assert len(find_targets(model)) == 36  # 6 layers × (q, k, v, attention out, intermediate, out)
     out = model(input_ids=torch.tensor([[101, 7592, 102]]))
     assert out.last_hidden_state.shape == (1, 3, 384)
+
+
+def test_gguf_model_is_a_plain_float_model_that_trains(smollm2):
+    """Oracle: transformers.Trainer's own check for quantized models accepts the loaded model."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model = smollm2
+    assert not model.is_quantized and model.hf_quantizer is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    validate_quantization_for_training(model)  # raises for a GGUF-quantized base model

@@ -216,6 +216,13 @@ def test_qa_lora_compress_finetune_merge_export(tiny_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
     one_line_error(run("merge", merged, "--out", tmp_path / "again"), "already merged")
+    one_line_error(run("merge", ft, "--out", tmp_path / "again", "--mins", "fp8"), "'fp8'")
+    exact = tmp_path / "exact"
+    assert run("merge", ft, "--out", exact, "--mins", "fp32").exit_code == 0
+    with torch.no_grad():  # fp32 mins: the merge is exact to float32 rounding
+        torch.testing.assert_close(
+            load(exact)(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4
+        )
     gguf = ("--format", "gguf", "--out", tmp_path / "m.gguf")
     one_line_error(run("export", ft, *gguf), "needs a merged QA-LoRA model")
     one_line_error(run("export", merged, *gguf), "'WordPiece' tokenizer")  # BERT's, not BPE

@@ -116,6 +116,8 @@ def _from_pretrained(source: ModelSource, dtype: torch.dtype, with_tokenizer: bo
     config = AutoConfig.from_pretrained(source.path, **kwargs)
     auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
     model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+    if source.gguf_file:  # the GGUF weights were dequantized: a plain float model from here on
+        model.hf_quantizer, model.is_quantized = None, False
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     return model, tokenizer
 

@@ -238,19 +238,21 @@ def _compress_qa_lora(
     return CompressResult(model, config, None, errors)
 
 
-def merge_qa_lora(model: nn.Module) -> dict[str, MergeError]:
+def merge_qa_lora(model: nn.Module, min_dtype: str | None = None) -> dict[str, MergeError]:
     """Replace every QALoraLinear of ``model`` (in place) by its merged QuantLinear.
 
-    Returns the measured error of every merge: float mins (q4_1) merge exactly up to fp16;
-    integer zeros round Δ / scale to whole steps and lose the part of the adapter below half a
-    step (ALGORITHMS.md §2.4), which is logged as a warning when it exceeds half of ‖Δ‖.
+    Returns the measured error of every merge. Float mins (q4_1) merge exactly up to fp16, or up
+    to fp32 with ``min_dtype="fp32"`` (the merged layers then store fp32 scales and mins: 6 bits
+    per parameter at G = 32, no longer GGUF's Q4_1). Integer zeros round Δ / scale to whole steps
+    and lose the part of the adapter below half a step (ALGORITHMS.md §2.4), which is logged as a
+    warning when it exceeds half of ‖Δ‖.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QALoraLinear)]
     if not layers:
         raise ValueError("the model has no QALoraLinear layers; compress it with method='qa-lora'")
     errors = {}
     for name, layer in layers:
-        merged = layer.merge()
+        merged = layer.merge(min_dtype)
         errors[name] = layer.merge_error(merged)
         set_module(model, name, merged)
     lossy = [n for n, e in errors.items() if e.delta_relative > LOST_ADAPTER_WARNING]

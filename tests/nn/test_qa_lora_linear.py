@@ -238,3 +238,20 @@ def test_a_small_adapter_survives_float_mins_only(linear):
     assert torch.equal(int_layer.merge().q_zeros, int_layer.q_zeros)
     assert int_layer.merge_error().delta_relative == pytest.approx(1.0, rel=1e-5)
     assert float_layer.merge_error().delta_relative < 0.1
+
+
+def test_fp32_mins_keep_an_adapter_below_the_fp16_spacing(linear):
+    """Oracle: the dense Q + s·B·Ā. An adapter far below the fp16 spacing of the mins vanishes in
+    a q4_1 merge and survives with min_dtype="fp32"; codes untouched, scales widened exactly."""
+    layer = adapted(linear, "q4_1", std=1e-5)
+    spacing = 2.0**-11 * layer.q.block_zeros().abs()
+    assert torch.all(layer.group_delta().abs().flatten() < spacing / 2)
+    assert layer.merge_error().delta_relative > 0.9  # fp16 mins: the adapter is gone
+    merged = layer.merge(min_dtype="fp32")
+    assert merged.quant_config.scale_dtype == "fp32" and merged.q_zeros.dtype == torch.float32
+    assert torch.equal(merged.q_codes, layer.q_codes)
+    assert torch.equal(merged.q_scales, layer.q_scales.float())
+    assert layer.merge_error(merged).delta_relative < 1e-2
+    x = torch.randn(5, IN)
+    expected = x @ (layer.q.dequantize() + dense_delta(layer)).T + layer.bias
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-6)

@@ -212,6 +212,10 @@ def merge(
     path: Annotated[Path, typer.Argument(help="a lorq model directory")],
     out: Annotated[Path, typer.Option(help="output directory")],
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense merge)")] = "fp32",
+    mins: Annotated[
+        str | None,
+        typer.Option(help="QA-LoRA float mins: fp32 for an exact merge (6 bits, not GGUF)"),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a directory lorq wrote")] = False,
 ) -> None:
     """Merge s·B·A into the weights: a dense Hugging Face model, or for QA-LoRA a quantized one."""
@@ -221,6 +225,8 @@ def merge(
 
     with user_errors():
         torch_dtype(dtype)
+        if mins not in (None, "fp16", "fp32"):
+            raise ValueError(f"--mins {mins!r} is not supported; allowed: fp16, fp32")
         kinds = {spec.get("kind", "lora") for spec in read_meta(path)["layers"].values()}
         if kinds == {"quant"}:
             raise ValueError(f"{path} is already merged (no adapters left)")
@@ -228,7 +234,7 @@ def merge(
         check_out_dir(out, overwrite, None if qa_lora else is_export_dir, "lorq export")
         model, tokenizer, meta = load_lorq(path)
         if qa_lora:
-            errors = merge_qa_lora(model)
+            errors = merge_qa_lora(model, mins)
             extra = {key: meta[key] for key in CARRIED_META if key in meta}
             extra["merge"] = {"from": str(path), "errors": {n: vars(e) for n, e in errors.items()}}
             save(model, out, tokenizer, extra, overwrite)

@@ -20,6 +20,7 @@ plain-LoRA export of (B, Ā) computes the same function.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,7 +35,7 @@ from lorq.nn.quant_linear import AdapterLinear, QuantLinear
 from lorq.quant import quantize
 from lorq.quant.affine import pack_zeros
 from lorq.quant.normal_float import safe_reciprocal
-from lorq.quant.tensor import QuantizedTensor
+from lorq.quant.tensor import QuantizedTensor, storage_dtype
 
 
 def check_qa_base(
@@ -83,10 +84,21 @@ class MergeError:
     delta_relative: float
 
 
-def fold_delta(q: QuantizedTensor, delta: torch.Tensor) -> QuantizedTensor:
-    """Q' with Δ (out × in/G) added to every group of Q; codes and scales are Q's own tensors."""
+def fold_delta(
+    q: QuantizedTensor, delta: torch.Tensor, min_dtype: str | None = None
+) -> QuantizedTensor:
+    """Q' with Δ (out × in/G) added to every group of Q; codes and scales are Q's own values.
+
+    ``min_dtype`` (float mins only): store the merged mins, and the scales with them, in this
+    dtype instead of Q's ``scale_dtype`` — "fp32" keeps an adapter smaller than the fp16 spacing
+    of the mins (the scales widen exactly: every fp16 value is an fp32 value).
+    """
     config = q.config
     check_qa_base(config, q.shape)
+    scales = q.scales
+    if min_dtype is not None and config.zero == "float" and min_dtype != config.scale_dtype:
+        config = dataclasses.replace(config, scale_dtype=min_dtype)
+        scales = q.block_scales().to(storage_dtype(min_dtype))
     shift = delta.detach().float().to(q.device).reshape(-1)  # row-major blocks = (o, g)
     zeros = q.block_zeros()
     assert zeros is not None
@@ -101,7 +113,7 @@ def fold_delta(q: QuantizedTensor, delta: torch.Tensor) -> QuantizedTensor:
             f"a merged min overflows scale_dtype={config.scale_dtype}; the adapter is too large "
             "to merge into this format: export a dense model instead"
         )
-    return QuantizedTensor(config, q.shape, q.codes, q.scales, stored)
+    return QuantizedTensor(config, q.shape, q.codes, scales, stored)
 
 
 def measure_merge(
@@ -207,13 +219,13 @@ class QALoraLinear(AdapterLinear):
         """The dense W = Q + s·B·Ā (out × in), computed in float32 and cast to ``dtype``."""
         return (self.q.dequantize() + self.delta_weight()).to(dtype)
 
-    def merge(self) -> QuantLinear:
+    def merge(self, min_dtype: str | None = None) -> QuantLinear:
         """A QuantLinear with Δ folded into the zeros / mins; this layer is left unchanged.
 
-        Float mins: exact up to the rounding to scale_dtype. Integer zeros: rounded, lossy —
-        see :meth:`merge_error`.
+        Float mins: exact up to the rounding to scale_dtype (or to ``min_dtype``, e.g. "fp32",
+        when given). Integer zeros: rounded, lossy — see :meth:`merge_error`.
         """
-        return QuantLinear(fold_delta(self.q, self.group_delta()), self.bias)
+        return QuantLinear(fold_delta(self.q, self.group_delta(), min_dtype), self.bias)
 
     def merge_error(self, merged: QuantLinear | None = None) -> MergeError:
         """How far ``merged`` (default: ``self.merge()``) is from Q + s·B·Ā."""
