@@ -29,10 +29,9 @@ from torch import nn
 
 from lorq.config import CompressConfig
 from lorq.data import TextConfig, load_blocks
-from lorq.evaluate import evaluate_model
+from lorq.evaluate import compressed_bits, evaluate_model
 from lorq.fisher import estimate_fisher
 from lorq.models import load_model
-from lorq.nn import QuantLoraLinear
 from lorq.pipeline import compress
 from lorq.surgery import find_targets, set_module, shared_copy
 
@@ -45,15 +44,6 @@ METHODS = {
     "LQ-LoRA + Fisher": dict(method="lq", rank=16, fisher=True),
 }
 ORDER = ("LQ-LoRA + Fisher", "LQ-LoRA", "plain NF", "LoftQ")  # most important first
-
-
-def linear_bits(model: nn.Module) -> tuple[float, float]:
-    """Bits/param of the replaced linears: quantized part, and with B, A in bf16 (as the CLI)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
-    numel = sum(m.in_features * m.out_features for m in layers)
-    quant = sum(8 * m.quantized_nbytes() for m in layers)
-    lora = sum(16 * m.rank * (m.in_features + m.out_features) for m in layers)
-    return quant / numel, (quant + lora) / numel
 
 
 def bnb_copy(original: nn.Module, double_quant: bool) -> tuple[nn.Module, float]:
@@ -299,7 +289,7 @@ def main() -> None:
                 shared_copy(original), config, fisher=scores if config.fisher else None
             )
             seconds = time.perf_counter() - start
-            bits_q, bits_total = linear_bits(result.model)
+            bits_q, bits_total = compressed_bits(result.model)
             plan = result.plan
             extra = dict(
                 plan_bits=plan.achieved_bits,
@@ -320,7 +310,7 @@ def main() -> None:
         result = compress(
             shared_copy(original), CompressConfig(method="nf", quant=preset, include=include)
         )
-        bits_q, bits_total = linear_bits(result.model)
+        bits_q, bits_total = compressed_bits(result.model)
         record(
             f"lorq plain {preset}", None, result.model, bits_q, bits_q, time.perf_counter() - start
         )

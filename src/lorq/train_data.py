@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorq.data import load_text, token_blocks
+from lorq.data import SEPARATOR, load_text, token_blocks
 
 IGNORE = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
 KINDS = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ("messages",)}
@@ -134,10 +134,11 @@ def chat_example(
     return Example(ids[:seq_len], labels[:seq_len])
 
 
-def _jsonl_examples(tokenizer: Any, path: Path, seq_len: int) -> list[Example] | None:
+def _jsonl_examples(tokenizer: Any, path: Path, seq_len: int) -> list[Example] | str:
+    """The examples of a prompt/completion or chat JSONL; for ``text`` records, their text."""
     kind, records = read_records(path)
     if kind == "text":
-        return None
+        return SEPARATOR.join(r["text"] for _, r in records)
     if kind == "prompt":
         return [
             prompt_completion_example(tokenizer, r["prompt"], r["completion"], seq_len)
@@ -157,8 +158,8 @@ def training_examples(
     examples = None
     if path.suffix == ".jsonl" and path.is_file():
         examples = _jsonl_examples(tokenizer, path, seq_len)
-    if examples is None:
-        text = load_text(source, "train")
+    if not isinstance(examples, list):
+        text = load_text(source, "train") if examples is None else examples
         name = f"training data from {source!r}"
         blocks = token_blocks(tokenizer, text, seq_len, max_examples, name=name)
         examples = [Example(row.tolist(), row.tolist()) for row in blocks]

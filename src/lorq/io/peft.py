@@ -123,10 +123,12 @@ def export_peft(
     source: str | None = None,
 ) -> Path:
     """Write ``path/base`` and ``path/adapter`` (see the module docstring) atomically."""
+    from transformers.pytorch_utils import Conv1D
+
     target = torch_dtype(dtype)
     path = Path(path)
     base = dense_model(model, with_delta=False)
-    conv1d = any(type(m).__name__ == "Conv1D" for m in base.modules())
+    conv1d = any(isinstance(m, Conv1D) for m in base.modules())
     config = adapter_config(model, str((path / "base").resolve()), conv1d)
     marker = {"kind": "peft", "dtype": dtype, "source": source}
     with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:

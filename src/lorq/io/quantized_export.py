@@ -69,9 +69,8 @@ def export_gptq(
     """
     layers = merged_layers(model, "gptq")
     dense = other_tensors(model, layers)
-    zero_min = min(
-        float(q.block_zeros().min()) for q in layers.values() if q.block_zeros() is not None
-    )
+    zeros = [q.block_zeros() for q in layers.values()]
+    zero_min = min(float(z.min()) for z in zeros if z is not None)
     fmt = "gptq" if zero_min >= 1 else "gptq_v2"
     path = write_gptq_checkpoint(out, layers, dense, meta["hf_config"], tokenizer, overwrite, fmt)
     return path, fmt
