@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
-from lorq.budget import BudgetPlan, CostTable, candidate_grid, cost_table, plan_budget, solve
+from lorq.budget import (
+    BudgetPlan,
+    CostTable,
+    candidate_grid,
+    cost_table,
+    plan_budget,
+    plan_budgets,
+    solve,
+)
 
 PRESETS = ["nf2", "nf3", "nf4", "int4-g32", "nf8"]
 
@@ -139,3 +147,17 @@ def test_grids():
     assert len(default) == 16
     assert min(c.nominal_bits for c in default) == pytest.approx(2 + 8 / 128 + 32 / (128 * 256))
     assert all(c.format == "int" for c in candidate_grid("int"))
+
+
+def test_one_table_serves_many_budgets(matrices):
+    """Oracle: plan_budget at each budget on its own (a fresh table every time)."""
+    budgets = [2.5, 3.0, 3.5]
+    together = plan_budgets(matrices, budgets, ["nf2", "nf3", "nf4"], rank=4)
+    for budget, plan in zip(budgets, together, strict=True):
+        alone = plan_budget(matrices, budget, ["nf2", "nf3", "nf4"], rank=4)
+        assert plan.budget == budget and plan.entries == alone.entries
+
+
+def test_many_budgets_check_each_before_the_table(matrices):
+    with pytest.raises(ValueError, match="budget"):
+        plan_budgets(matrices, [3.0, 0.5], ["nf2", "nf3"], rank=4)

@@ -3,7 +3,7 @@
 from lorq.budget.cost import CostTable, cost_table
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import solve
-from lorq.budget.plan import BudgetPlan, PlanEntry, plan_budget
+from lorq.budget.plan import BudgetPlan, PlanEntry, plan_budget, plan_budgets
 
 __all__ = [
     "BudgetPlan",
@@ -12,5 +12,6 @@ __all__ = [
     "candidate_grid",
     "cost_table",
     "plan_budget",
+    "plan_budgets",
     "solve",
 ]

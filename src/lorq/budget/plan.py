@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.budget.cost import cost_table
+from lorq.budget.cost import CostTable, cost_table
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
 from lorq.config import DecomposeConfig, QuantConfig
@@ -123,6 +123,8 @@ class BudgetPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPlan:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"plan {path} not found; make one with `lorq plan`")
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -130,8 +132,16 @@ class BudgetPlan:
 
 
 def plan_budget(
+    matrices: Mapping[str, torch.Tensor], budget_bits: float, *args, **kwargs
+) -> BudgetPlan:
+    """:func:`plan_budgets` at one budget: a config per matrix minimising total error."""
+    (plan,) = plan_budgets(matrices, [budget_bits], *args, **kwargs)
+    return plan
+
+
+def plan_budgets(
     matrices: Mapping[str, torch.Tensor],
-    budget_bits: float,
+    budgets: Sequence[float],
     candidates: str | Sequence[str | QuantConfig] = "default",
     method: str = "lq",
     rank: int = 16,
@@ -139,26 +149,54 @@ def plan_budget(
     iters: int = 1,
     time_limit: float = 60.0,
     progress: Progress = no_progress,
-) -> BudgetPlan:
-    """Choose a quantization config per matrix minimising total error under ``budget_bits``.
+) -> list[BudgetPlan]:
+    """Choose a quantization config per matrix minimising total error under each budget.
 
     ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)} weighting.
+    One cost table serves every budget (the table is the expensive part; each solve is not).
     """
     grid = candidate_grid(candidates)
     if matrices:  # the feasible range depends on shapes only: fail before the expensive table
         shapes = [(w.shape[0], w.shape[1]) for w in matrices.values()]
         bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes])
-        check_budget(bits, np.array([a * b for a, b in shapes]), budget_bits)
+        for budget_bits in budgets:
+            check_budget(bits, np.array([a * b for a, b in shapes]), budget_bits)
     start = time.perf_counter()
     config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
     table = cost_table(matrices, grid, method, config, fisher, progress)
     table_seconds = time.perf_counter() - start
+    return [
+        _solve_plan(
+            matrices,
+            table,
+            budget_bits,
+            method,
+            rank,
+            time_limit,
+            table_seconds,
+            fisher is not None,
+        )
+        for budget_bits in budgets
+    ]
+
+
+def _solve_plan(
+    matrices: Mapping[str, torch.Tensor],
+    table: CostTable,
+    budget_bits: float,
+    method: str,
+    rank: int,
+    time_limit: float,
+    table_seconds: float,
+    weighted: bool,
+) -> BudgetPlan:
+    start = time.perf_counter()
     solution = solve(table, budget_bits, time_limit)
     entries = tuple(
         PlanEntry(
             name,
             tuple(matrices[name].shape),
-            grid[c],
+            table.candidates[c],
             float(table.bits[i, c]),
             float(table.cost[i, c]),
             float(table.norms[i]),
@@ -173,6 +211,6 @@ def plan_budget(
         solution.status,
         solution.gap,
         table_seconds,
-        time.perf_counter() - start - table_seconds,
-        fisher is not None,
+        time.perf_counter() - start,
+        weighted,
     )
