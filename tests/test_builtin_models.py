@@ -50,3 +50,17 @@ def test_gguf_model_is_a_plain_float_model_that_trains(smollm2):
     assert not model.is_quantized and model.hf_quantizer is None
     assert all(p.dtype == torch.float32 for p in model.parameters())
     validate_quantization_for_training(model)  # raises for a GGUF-quantized base model
+
+
+def test_smollm2_packed_equals_transformers_loader(smollm2):
+    """Oracle: transformers' GGUF loader (every tensor dequantized to float32) — same logits."""
+    from lorq.nn import QuantLinear
+
+    packed = load_model("smollm2", with_tokenizer=False, packed=True).model
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == len(find_targets(packed)) == 210
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=ids).logits, smollm2(input_ids=ids).logits)
+    dense_linears = sum(m.in_features * m.out_features * 4 for m in layers)
+    assert sum(m.quantized_nbytes() for m in layers) * 7 < dense_linears  # 4.5 of 32 bits

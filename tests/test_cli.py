@@ -66,6 +66,27 @@ def test_plan_writes_json_and_png(tiny_dir, tmp_path):
     assert json.loads(out.read_text())["budget"] == 3.0
 
 
+def test_compress_with_a_plan_file(tiny_dir, tmp_path):
+    """Oracle: compress --budget builds the same plan itself."""
+    plan = tmp_path / "plan.json"
+    assert (
+        run("plan", "--model", tiny_dir, "--budget", "3", "--rank", "2", "--out", plan).exit_code
+        == 0
+    )
+    common = ("compress", "--model", tiny_dir, "--rank", "2", "--eval-blocks", "1", "--no-baseline")
+    assert run(*common, "--plan", plan, "--out", tmp_path / "a").exit_code == 0
+    assert run(*common, "--budget", "3", "--out", tmp_path / "b").exit_code == 0
+    a, b = (json.loads((tmp_path / d / "lorq.json").read_text())["plan"] for d in "ab")
+    assert a["entries"] == b["entries"] and a["budget"] == 3.0
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in "ab"]
+    assert weights[0] == weights[1]
+    one_line_error(run(*common, "--rank", "4", "--plan", plan, "--out", tmp_path / "c"), "rank 2")
+    one_line_error(
+        run(*common, "--plan", tmp_path / "none.json", "--out", tmp_path / "c"), "not found"
+    )
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "text"),
     [

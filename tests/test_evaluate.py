@@ -21,3 +21,21 @@ def test_kl_to_itself_is_zero_and_positive_otherwise(llama):
     blocks = torch.randint(0, 128, (3, 16))
     assert abs(evaluate_model(llama, blocks, llama).kl) < 1e-6
     assert evaluate_model(tiny_llama(seed=1), blocks, llama).kl > 0.01
+
+
+def test_kl_equals_torch_kl_div_across_position_chunks(llama):
+    """Oracle: torch's kl_div over all positions at once; 150 positions span three chunks."""
+    from conftest import tiny_llama
+
+    other = tiny_llama(seed=1)
+    blocks = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
+    result = evaluate_model(other, blocks, llama)
+    with torch.no_grad():
+        logp = torch.log_softmax(other(blocks).logits, -1).reshape(-1, 128)
+        ref = torch.log_softmax(llama(blocks).logits, -1).reshape(-1, 128)
+    expected = torch.nn.functional.kl_div(logp, ref, reduction="sum", log_target=True) / 300
+    assert abs(result.kl - float(expected)) < 1e-5 * float(expected)
+    ce = torch.nn.functional.cross_entropy(
+        logp.view(2, 150, 128)[:, :-1].reshape(-1, 128), blocks[:, 1:].reshape(-1)
+    )
+    assert abs(result.perplexity - float(ce.exp())) < 1e-4 * result.perplexity

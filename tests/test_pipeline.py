@@ -8,7 +8,7 @@ import torch
 from lorq.config import CompressConfig, QuantConfig
 from lorq.evaluate import compressed_bits, evaluate_model, model_nbytes
 from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
-from lorq.pipeline import compress, merge_qa_lora
+from lorq.pipeline import compress, merge_qa_lora, plan_budgets_for
 from lorq.surgery import find_targets, shared_copy
 
 
@@ -44,6 +44,34 @@ def test_stored_bytes_match_the_plan(llama):
     assert result.plan.achieved_bits <= 3.0
     for name, entry in ((e.name, e) for e in result.plan.entries):
         assert llama.get_submodule(name).quant_config == entry.config
+
+
+def test_a_given_plan_gives_the_same_model(llama):
+    """Oracle: compress with the budget alone (its own cost table)."""
+    config = CompressConfig(budget=3.0, rank=4)
+    plans = plan_budgets_for(llama, config, [2.5, 3.0])
+    given = compress(shared_copy(llama), config, plan=plans[1])
+    alone = compress(shared_copy(llama), config)
+    assert given.plan is plans[1] and given.plan.entries == alone.plan.entries
+    a, b = given.model.state_dict(), alone.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (CompressConfig(budget=2.5, rank=4), "at 2.5"),
+        (CompressConfig(method="loftq", budget=3.0, rank=4), "'loftq' at 3.0"),
+        (CompressConfig(budget=3.0, rank=8), "rank 4, not 8"),
+        (CompressConfig(budget=3.0, rank=4, include=(r"\.0\.",)), "not this model's targets"),
+        (CompressConfig(method="qa-lora", quant="q4_1", rank=4), "takes no plan"),
+    ],
+)
+def test_a_plan_for_other_settings_is_refused(llama, config, match):
+    (plan,) = plan_budgets_for(llama, CompressConfig(budget=3.0, rank=4), [3.0])
+    with pytest.raises(ValueError, match=match):
+        compress(llama, config, plan=plan)
+    assert not quant_layers(llama)
 
 
 def kl(model, reference, blocks):

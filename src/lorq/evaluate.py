@@ -15,6 +15,8 @@ from lorq.config import QuantConfig
 from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
 
+POSITIONS = 64  # positions whose log-probabilities are taken at once
+
 
 @dataclass(frozen=True)
 class QuantReportRow:
@@ -99,6 +101,23 @@ def _is_causal(output) -> bool:
     return getattr(output, "logits", None) is not None
 
 
+def _token_sums(
+    logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None
+) -> tuple[float, float]:
+    """Σ −log p(x_t+1 | x_≤t) and Σ_t KL(p_ref ‖ p) over (batch × seq × vocab) logits, taken
+    ``POSITIONS`` positions at a time (each float32 copy is positions × vocab, not seq × vocab)."""
+    nll = kl = 0.0
+    for start in range(0, ids.shape[1], POSITIONS):
+        stop = min(start + POSITIONS, ids.shape[1])
+        logp = torch.log_softmax(logits[:, start:stop].float(), dim=-1)
+        targets = ids[:, start + 1 : stop + 1]  # the next tokens; the last position has none
+        nll -= float(logp[:, : targets.shape[1]].gather(-1, targets[..., None]).sum())
+        if ref_logits is not None:
+            ref_logp = torch.log_softmax(ref_logits[:, start:stop].float(), dim=-1)
+            kl += float(torch.sum(ref_logp.exp() * (ref_logp - logp)))
+    return nll, kl
+
+
 @torch.no_grad()
 def evaluate_model(
     model: torch.nn.Module,
@@ -126,13 +145,11 @@ def evaluate_model(
         )
         causal = _is_causal(out)
         if causal:
-            logp = torch.log_softmax(out.logits.float(), dim=-1)
-            nll -= float(logp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            ref_logits = None if ref is None else ref.logits.to(device)
+            block_nll, block_kl = _token_sums(out.logits, ids, ref_logits)
+            nll, kl = nll + block_nll, kl + block_kl
             tokens += ids[:, 1:].numel()
-            if ref is not None:
-                ref_logp = torch.log_softmax(ref.logits.float().to(device), dim=-1)
-                kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
-                positions += ids.numel()
+            positions += ids.numel() if ref is not None else 0
         elif ref is not None:
             a = out.last_hidden_state.float().mean(1)
             b = ref.last_hidden_state.float().to(device).mean(1)

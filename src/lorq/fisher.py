@@ -16,8 +16,9 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from lorq.nn.dense import is_packed_linear, weight_shape
 from lorq.progress import Progress, no_progress
-from lorq.surgery import dense_weight, find_targets, is_conv1d
+from lorq.surgery import find_targets, is_conv1d
 
 
 @contextlib.contextmanager
@@ -81,11 +82,18 @@ def estimate_fisher(
     targets = dict(targets if targets is not None else find_targets(model))
     if not targets:
         raise ValueError("the model has no target linear layers to estimate the Fisher of")
+    packed = [name for name, m in targets.items() if is_packed_linear(m)]
+    if packed:
+        raise ValueError(
+            f"the Fisher needs dense weights to differentiate, but {packed[0]!r} (and "
+            f"{len(packed) - 1} more) are packed QuantLinear layers; load the model with "
+            "packed=False"
+        )
     advance = progress("Fisher information", batches.shape[0])
     weights = [m.weight for m in targets.values()]
     device = weights[0].device
     fisher = {
-        name: torch.zeros(dense_weight(m).shape, dtype=torch.float32, device=device)
+        name: torch.zeros(weight_shape(m), dtype=torch.float32, device=device)
         for name, m in targets.items()
     }
     with _only_targets_require_grad(model, weights):

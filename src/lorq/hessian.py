@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorq.nn.dense import dense_weight, is_linear
+from lorq.nn.dense import device_of, is_linear, weight_shape
 from lorq.progress import Progress, no_progress
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -79,7 +79,7 @@ def target_groups(targets: Mapping[str, nn.Module], max_bytes: int) -> list[dict
     groups: list[dict[str, nn.Module]] = [{}]
     used = 0
     for name, module in targets.items():
-        size = dense_weight(module).shape[1] ** 2 * 4
+        size = weight_shape(module)[1] ** 2 * 4
         if groups[-1] and used + size > max_bytes:
             groups.append({})
             used = 0
@@ -106,7 +106,7 @@ def _collect(
 ) -> dict[str, torch.Tensor]:
     """Run every calibration block once with hooks on the targets of ``group``."""
     accumulators = {
-        name: _Accumulator(dense_weight(m).shape[1], m.weight.device) for name, m in group.items()
+        name: _Accumulator(weight_shape(m)[1], device_of(m)) for name, m in group.items()
     }
     device = next(model.parameters()).device
     handles = [

@@ -108,14 +108,32 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(source: ModelSource, dtype: torch.dtype, with_tokenizer: bool, local: bool):
+def _packed_gguf(source: ModelSource) -> Path | None:
+    """The local GGUF file of ``source`` when lorq can load it with Q4_1 layers kept packed."""
+    from lorq.io.gguf_model import can_load_packed
+
+    if source.gguf_file is None:
+        return None
+    path = Path(source.path) / source.gguf_file
+    return path if path.is_file() and can_load_packed(path) else None
+
+
+def _from_pretrained(
+    source: ModelSource, dtype: torch.dtype, with_tokenizer: bool, local: bool, packed: bool
+):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs["local_files_only"] = local
-    config = AutoConfig.from_pretrained(source.path, **kwargs)
-    auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
-    model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+    gguf = _packed_gguf(source) if packed else None
+    if gguf is not None:
+        from lorq.io.gguf_model import load_packed
+
+        model = load_packed(gguf, dtype)
+    else:
+        config = AutoConfig.from_pretrained(source.path, **kwargs)
+        auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
+        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
     if source.gguf_file:  # the GGUF weights were dequantized: a plain float model from here on
         model.hf_quantizer, model.is_quantized = None, False
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
@@ -126,14 +144,18 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     with_tokenizer: bool = True,
+    packed: bool = False,
 ) -> LoadedModel:
     """Load a model (and its tokenizer) with transformers; causal LM when the config says so.
 
     Local folders, files and the hub cache are tried first; the hub only when it answers.
+    ``packed``: a local LLaMA GGUF file keeps its Q4_1 linear layers as packed QuantLinear
+    layers (same logits, ~7× less memory for them; ``lorq.io.gguf_model``); other sources load
+    as usual.
     """
     source = resolve(name_or_path)
     try:
-        model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, local=True)
+        model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, True, packed)
     except OSError as local_error:
         builtin = f"built-in models: {', '.join(BUILTIN_MODELS)}"
         if Path(source.path).exists():
@@ -145,7 +167,7 @@ def load_model(
                 f"unreachable; pass a local folder or .gguf file, or one of the {builtin}"
             ) from None
         try:
-            model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, local=False)
+            model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, False, packed)
         except OSError as err:
             raise FileNotFoundError(
                 f"model {name_or_path!r} could not be loaded from the Hugging Face hub "

@@ -4,20 +4,23 @@
     qa-lora:   weights ─▶ (Hessians) ─▶ INT base Q (RTN, GPTQ or given) ─▶ QALoraLinear (B = 0)
 
 ``compress`` works in place, layer by layer: each dense weight is released as soon as its module is
-replaced, so peak memory stays near the model's own size. Everything but the LoRA factors is frozen.
+replaced, so peak memory stays near the model's own size. A source layer held packed (a plain
+QuantLinear, e.g. a GGUF's Q4_1 layer loaded by ``lorq.io.gguf_model``) is decoded to its dense W
+one at a time, when its turn comes. Everything but the LoRA factors is frozen.
 ``merge_qa_lora`` folds every QA-LoRA adapter into its Q (in place) and reports the merge errors.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lorq.budget import BudgetPlan, plan_budget
+from lorq.budget import BudgetPlan, plan_budgets
 from lorq.config import DEFAULT_QA_LORA_QUANT, CompressConfig, QuantConfig
 from lorq.decompose import Decomposition, decompose
 from lorq.fisher import estimate_fisher
@@ -26,15 +29,21 @@ from lorq.nn.lora_linear import kaiming_uniform
 from lorq.nn.qa_lora_linear import check_qa_base
 from lorq.progress import Progress, no_progress
 from lorq.quant import QuantizedTensor, quantize
+from lorq.runtime import release_free_memory
 from lorq.surgery import (
     DEFAULT_EXCLUDE,
+    DenseWeights,
     dense_weight,
+    device_of,
     find_targets,
     freeze_all_but_lora,
     set_module,
+    weight_shape,
 )
 
 log = logging.getLogger(__name__)
+MAX_LISTED = 5  # names quoted in an error message
+RELEASE_EVERY = 16  # layers between returns of freed heap memory to the OS
 LOST_ADAPTER_WARNING = 0.5  # merge_qa_lora warns when a merge loses this fraction of ‖Δ‖
 
 
@@ -64,16 +73,23 @@ def plain_decomposition(
     return Decomposition(q, lora_B, lora_A, dc.scaling, (error,), 0, dc)
 
 
-def _plan(weights, config: CompressConfig, fisher, progress: Progress) -> BudgetPlan:
-    assert config.budget is not None
-    method = "none" if config.method == "nf" else config.method
-    return plan_budget(
-        weights,
-        config.budget,
+def plan_budgets_for(
+    model: nn.Module,
+    config: CompressConfig,
+    budgets: list[float],
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    progress: Progress = no_progress,
+) -> list[BudgetPlan]:
+    """Plans of ``config``'s method, rank and targets at several budgets from one cost table;
+    pass each to :func:`compress` as ``plan=`` with ``config.budget`` set to its budget."""
+    targets = _targets(model, config)
+    return plan_budgets(
+        DenseWeights(targets),
+        budgets,
         config.candidates,
-        method,
+        "none" if config.method == "nf" else config.method,
         config.rank,
-        fisher,
+        fisher if config.fisher else None,
         iters=config.plan_iters,
         progress=progress,
     )
@@ -86,6 +102,7 @@ def compress(
     progress: Progress = no_progress,
     fisher: Mapping[str, torch.Tensor] | None = None,
     base: Mapping[str, QuantizedTensor] | None = None,
+    plan: BudgetPlan | None = None,
 ) -> CompressResult:
     """Replace the target linear layers of ``model`` (in place) by QuantLoraLinear layers, or by
     QALoraLinear layers for ``method="qa-lora"``.
@@ -96,21 +113,25 @@ def compress(
     ``config.gptq`` (qa-lora) needs ``calibration`` for the Hessians. ``base`` (qa-lora only):
     {module name: a precomputed INT QuantizedTensor (out × in)}, e.g. Q4_1 codes read from a GGUF
     file, used as Q as they are (with their own QuantConfig) instead of quantizing W.
+    ``plan``: a precomputed budget plan (from :func:`lorq.budget.plan_budgets`, or ``lorq plan``)
+    for ``config.budget``, instead of building its cost table again.
     """
     targets = _targets(model, config)
     if config.method == "qa-lora":
+        if plan is not None:
+            raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
         return _compress_qa_lora(model, config, targets, calibration, progress, base)
     if base is not None:
         raise ValueError(
             f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
         )
     fisher = _fisher(model, config, targets, calibration, progress, fisher)
-    plan = None
-    if config.budget is not None:
-        weights = {name: dense_weight(m) for name, m in targets.items()}
-        plan = _plan(weights, config, fisher, progress)
+    if plan is not None:
+        check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
+    elif config.budget is not None:
+        (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress)
     errors = {}
-    advance = progress(f"decomposing ({config.method}, r={config.rank})", len(targets))
+    advance = _per_layer(progress, f"decomposing ({config.method}, r={config.rank})", len(targets))
     for name, module in targets.items():
         quant = plan.config_of(name) if plan else QuantConfig.preset(config.quant or "nf4")
         weight = dense_weight(module).float()
@@ -121,14 +142,52 @@ def compress(
                 weight, config.decompose_config(quant), fisher.get(name) if fisher else None
             )
         layer = QuantLoraLinear.from_decomposition(d, getattr(module, "bias", None))
-        set_module(model, name, layer.to(module.weight.device))
+        set_module(model, name, layer.to(device_of(module)))
         errors[name] = relative_error(weight, d.reconstruct())
         del weight, module
         if fisher:
             fisher.pop(name, None)
-        advance(1)
+        advance()
     freeze_all_but_lora(model)
     return CompressResult(model, config, plan, errors)
+
+
+def check_plan(
+    plan: BudgetPlan, config: CompressConfig, shapes: Mapping[str, tuple] | None = None
+) -> None:
+    """A given plan must be for this budget, method, rank and (when given, {name: (out, in)})
+    these target matrices."""
+    method = "none" if config.method == "nf" else config.method
+    if config.budget != plan.budget or method != plan.method:
+        raise ValueError(
+            f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "
+            f"{method!r} at {config.budget}; make a plan with these settings (lorq plan)"
+        )
+    if method != "none" and plan.rank != config.rank:
+        raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
+    if shapes is None:
+        return
+    planned = {e.name: e.shape for e in plan.entries}
+    if planned != {name: tuple(shape) for name, shape in shapes.items()}:
+        missing = sorted(set(shapes) ^ set(planned))[:MAX_LISTED]
+        raise ValueError(
+            "the plan's matrices are not this model's targets "
+            f"(e.g. {missing or 'a shape differs'}); make the plan for this model and targets"
+        )
+
+
+def _per_layer(progress: Progress, label: str, total: int) -> Callable[[], None]:
+    """A per-layer step: advances ``progress`` and, every RELEASE_EVERY layers, hands the heap
+    memory the finished layers freed back to the OS (their temporaries fragment the heap)."""
+    advance = progress(label, total)
+    done = itertools.count(1)
+
+    def step() -> None:
+        advance(1)
+        if next(done) % RELEASE_EVERY == 0:
+            release_free_memory()
+
+    return step
 
 
 def _targets(model: nn.Module, config: CompressConfig) -> dict[str, nn.Module]:
@@ -167,7 +226,7 @@ def _check_base(base: Mapping[str, QuantizedTensor], targets: dict[str, nn.Modul
             "give one entry per target module name (see include / exclude)"
         )
     for name, q in base.items():
-        shape = tuple(dense_weight(targets[name]).shape)
+        shape = weight_shape(targets[name])
         if q.shape != shape:
             raise ValueError(
                 f"base[{name!r}] has shape {q.shape} but the module's weight is {shape} "
@@ -218,11 +277,11 @@ def _compress_qa_lora(
     quant = QuantConfig.preset(config.quant or DEFAULT_QA_LORA_QUANT)
     rest = {name: m for name, m in targets.items() if name not in base}
     for module in rest.values():
-        out_features, in_features = dense_weight(module).shape
+        out_features, in_features = weight_shape(module)
         check_qa_base(quant, (out_features, in_features))
     hessians = _hessians(model, config, rest, calibration, progress)
     errors = {}
-    advance = progress(f"QA-LoRA ({quant.name}, r={config.rank})", len(targets))
+    advance = _per_layer(progress, f"QA-LoRA ({quant.name}, r={config.rank})", len(targets))
     for name, module in targets.items():
         weight = dense_weight(module).float()
         given = base.pop(name, None)
@@ -233,7 +292,7 @@ def _compress_qa_lora(
         set_module(model, name, layer)
         errors[name] = relative_error(weight, q.dequantize().to(weight.device))
         del weight, module
-        advance(1)
+        advance()
     freeze_all_but_lora(model)
     return CompressResult(model, config, None, errors)
 

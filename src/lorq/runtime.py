@@ -1,4 +1,5 @@
-"""Process-level memory setting for CPU training (``lorq finetune --low-memory``).
+"""Process-level memory settings: glibc's mmap threshold for CPU training (``lorq finetune
+--low-memory``), and handing freed heap memory back to the OS between the CLI's stages.
 
 glibc's malloc raises its mmap threshold each time a large block is freed, after which blocks up
 to that size come from the heap and stay resident when freed. lorq decodes a dense weight per layer
@@ -24,12 +25,25 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 THRESHOLD_BYTES = 1 << 20
 
 
-def fixed_mmap_threshold(threshold: int = THRESHOLD_BYTES) -> bool:
-    """Pin glibc's mmap threshold; True when set (False off Linux / glibc: nothing to do)."""
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def fixed_mmap_threshold(threshold: int = THRESHOLD_BYTES) -> bool:
+    """Pin glibc's mmap threshold; True when set (False off Linux / glibc: nothing to do)."""
+    libc = _glibc()
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def release_free_memory() -> bool:
+    """Return the free pages of glibc's heap to the OS (``malloc_trim(0)``): what a finished
+    stage freed stops counting as resident. True when memory was released (False off glibc)."""
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))

@@ -7,12 +7,22 @@ embeddings and the LM head stay dense unless asked for.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 
+import torch
 from torch import nn
 
-from lorq.nn.dense import dense_weight, is_conv1d, is_linear
+from lorq.nn.dense import dense_weight, device_of, is_conv1d, is_linear, weight_shape
 
-__all__ = ["dense_weight", "find_targets", "is_conv1d", "is_linear"]
+__all__ = [
+    "DenseWeights",
+    "dense_weight",
+    "device_of",
+    "find_targets",
+    "is_conv1d",
+    "is_linear",
+    "weight_shape",
+]
 
 # heads and poolers sit outside the transformer blocks
 DEFAULT_EXCLUDE = (
@@ -44,6 +54,23 @@ def find_targets(
             continue
         targets[name] = module
     return targets
+
+
+class DenseWeights(Mapping[str, torch.Tensor]):
+    """{name: W (out × in)} of linear modules, read on access: a packed layer's W is decoded
+    each time, so going through the mapping holds one decoded matrix at a time."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self._modules = dict(modules)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return dense_weight(self._modules[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -59,16 +59,23 @@ def user_errors() -> Iterator[Stages]:
         stages.close()
 
 
-def load_quietly(model: str, with_tokenizer: bool = True):
-    """Load a model under a spinner (transformers' own progress bars off)."""
+def load_quietly(model: str, with_tokenizer: bool = True, packed: bool = True):
+    """Load a model under a spinner (transformers' own progress bars off).
+
+    ``packed`` (default): a LLaMA GGUF's Q4_1 linears stay packed (see lorq.io.gguf_model);
+    False where dense weights are needed (the Fisher differentiates them).
+    """
     from transformers.utils import logging as hf_logging
 
     from lorq.models import load_model
+    from lorq.runtime import release_free_memory
 
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
     with console.status(f"loading {model}"):
-        return load_model(model, with_tokenizer=with_tokenizer)
+        loaded = load_model(model, with_tokenizer=with_tokenizer, packed=packed)
+    release_free_memory()  # the loaders' transient copies
+    return loaded
 
 
 def check_out_dir(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,7 @@ from lorq.cli.app import (
     user_errors,
 )
 from lorq.config import QuantConfig
-from lorq.evaluate import compressed_bits, model_nbytes
+from lorq.evaluate import EvalResult, compressed_bits, model_nbytes
 from lorq.models import DEFAULT_MODEL
 
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
@@ -36,12 +37,12 @@ def quantize_report(
 ) -> None:
     """Bits/param actually stored and relative error ‖W−Q‖/‖W‖ over a model's linear layers."""
     from lorq.evaluate import quantization_report
-    from lorq.surgery import dense_weight, find_targets
+    from lorq.surgery import DenseWeights, find_targets
 
     with user_errors() as stage:
         configs = [QuantConfig.preset(name) for name in preset or DEFAULT_REPORT_PRESETS]
         loaded = load_quietly(model, with_tokenizer=False)
-        weights = {name: dense_weight(m) for name, m in find_targets(loaded.model).items()}
+        weights = DenseWeights(find_targets(loaded.model))
         if not weights:
             raise ValueError(f"model {model!r} has no linear layers to quantize")
         rows = quantization_report(weights, configs, stage)
@@ -81,7 +82,9 @@ def _qa_lora_inputs(loaded, config, targets, calibration: str, gguf_codes: bool)
         blocks = load_blocks(loaded.tokenizer, text, "calibration")
     source = loaded.source
     if config.method == "qa-lora" and config.quant == "q4_1" and gguf_codes and source.gguf_file:
-        codes = read_gguf_quantized(Path(source.path) / source.gguf_file)
+        q4_1 = QuantConfig.preset("q4_1")
+        packed = {n: m.q for n, m in targets.items() if getattr(m, "quant_config", None) == q4_1}
+        codes = packed or read_gguf_quantized(Path(source.path) / source.gguf_file)
         base = {name: q for name, q in codes.items() if name in targets} or None
     return blocks, base
 
@@ -154,15 +157,15 @@ def plan(
     """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
     from lorq.budget import plan_budget
     from lorq.plots import plan_heatmap
-    from lorq.surgery import dense_weight, find_targets
+    from lorq.surgery import DenseWeights, find_targets
 
     with user_errors() as stage:
         _check_plan_target(out)
-        loaded = load_quietly(model, with_tokenizer=fisher)
+        loaded = load_quietly(model, with_tokenizer=fisher, packed=not fisher)
         targets = find_targets(loaded.model)
         if not targets:
             raise ValueError(f"model {model!r} has no linear layers to plan for")
-        weights = {name: dense_weight(m) for name, m in targets.items()}
+        weights = DenseWeights(targets)
         scores = _fisher(loaded, targets, calibration, seq_len, samples, stage) if fisher else None
         result = plan_budget(weights, budget, candidates, method, rank, scores, progress=stage)
         result.save(out)
@@ -171,18 +174,33 @@ def plan(
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def _measure(model, blocks, reference, label: str, stage: Stages):
+@dataclass(frozen=True)
+class Measured:
+    """One row of the results table; the model itself can be freed once measured."""
+
+    label: str
+    bits: tuple[float | None, float | None]  # Q alone, with B, A in bf16 (None: not quantized)
+    megabytes: float
+    result: EvalResult
+
+
+def _measure(model, blocks, reference, label: str, stage: Stages, quantized: bool = True):
     from lorq.evaluate import evaluate_model
+    from lorq.runtime import release_free_memory
 
-    return evaluate_model(model, blocks, reference, progress=stage, label=f"evaluating {label}")
+    result = evaluate_model(model, blocks, reference, progress=stage, label=f"evaluating {label}")
+    release_free_memory()
+    bits = compressed_bits(model) if quantized else (None, None)
+    return Measured(label, bits, model_nbytes(model) / 1e6, result)
 
 
-def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
+def _results_table(title: str, rows: list[Measured]) -> Table:
     table = Table(
         title=title,
         caption="bits: per parameter of the replaced linears (Q alone; with B, A in bf16); MB: all "
-        "parameters and buffers; ppl: perplexity on the evaluation text; KL: mean KL divergence of "
-        "next-token distributions to the original; cos: embedding cosine to the original",
+        "parameters and buffers in memory (a GGUF's Q4_1 layers stay packed); ppl: perplexity on "
+        "the evaluation text; KL: mean KL divergence of next-token distributions to the original; "
+        "cos: embedding cosine to the original",
     )
     for column in ("model", "bits Q", "bits Q+BA", "MB", "ppl", "KL", "cos"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -190,13 +208,13 @@ def _results_table(title: str, rows: list[tuple[str, object, object]]) -> Table:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    for label, model, result in rows:
-        bits = compressed_bits(model) if label != "original" else (None, None)
+    for row in rows:
+        result = row.result
         table.add_row(
-            label,
-            fmt(bits[0], ".3f"),
-            fmt(bits[1], ".3f"),
-            f"{model_nbytes(model) / 1e6:.1f}",
+            row.label,
+            fmt(row.bits[0], ".3f"),
+            fmt(row.bits[1], ".3f"),
+            f"{row.megabytes:.1f}",
             fmt(result.perplexity, ".3f"),
             fmt(result.kl, ".4f"),
             fmt(result.cosine, ".5f"),
@@ -214,6 +232,9 @@ def compress(
     ] = "lq",
     quant: Annotated[str | None, typer.Option(help="uniform preset (see `lorq presets`)")] = None,
     budget: Annotated[float | None, typer.Option(help="bits/param; mixed precision by ILP")] = None,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="a plan from `lorq plan` (its budget, no new ILP)")
+    ] = None,
     rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
     fisher: Annotated[bool, typer.Option(help="Fisher-weighted decomposition and plan")] = False,
     candidates: Annotated[str, typer.Option(help="ILP grid: default | full | presets")] = "default",
@@ -230,13 +251,19 @@ def compress(
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
+    from lorq.budget import BudgetPlan
     from lorq.config import CompressConfig
     from lorq.data import TextConfig, load_blocks
     from lorq.io import save
+    from lorq.pipeline import check_plan
     from lorq.pipeline import compress as run_compress
-    from lorq.surgery import find_targets, shared_copy
+    from lorq.runtime import release_free_memory
+    from lorq.surgery import find_targets, shared_copy, weight_shape
 
     with user_errors() as stage:
+        given_plan = BudgetPlan.load(plan_file) if plan_file else None
+        if given_plan and budget is None and quant is None:
+            budget = given_plan.budget
         config = CompressConfig(
             method=method,
             quant=quant,
@@ -246,15 +273,19 @@ def compress(
             candidates=candidates,
             gptq=gptq,
         )
+        if given_plan:
+            check_plan(given_plan, config)
         check_out_dir(out, overwrite)
-        loaded = load_quietly(model)
+        loaded = load_quietly(model, packed=not fisher)
         original = loaded.model
         blocks = load_blocks(
             loaded.tokenizer, TextConfig(seq_len=256, max_blocks=eval_blocks), "evaluation"
         )
         targets = find_targets(original)
+        if given_plan:
+            check_plan(given_plan, config, {name: weight_shape(m) for name, m in targets.items()})
         scores = _fisher(loaded, targets, calibration, 128, 64, stage) if fisher else None
-        rows = [("original", original, _measure(original, blocks, None, "original", stage))]
+        rows = [_measure(original, blocks, None, "original", stage, quantized=False)]
         gptq_blocks, base = _qa_lora_inputs(loaded, config, targets, calibration, gguf_codes)
         if baseline and method not in ("nf", "qa-lora"):
             plain = CompressConfig(
@@ -266,18 +297,18 @@ def compress(
                 fisher=fisher,
             )
             result = run_compress(shared_copy(original), plain, None, stage, scores)
+            release_free_memory()
             name = plain.quant or f"{budget} bits" + (", Fisher plan" if fisher else "")
-            model_and_result = (
-                result.model,
-                _measure(result.model, blocks, original, "plain", stage),
-            )
-            rows.append((f"plain NF ({name})", *model_and_result))
+            rows.append(_measure(result.model, blocks, original, f"plain NF ({name})", stage))
             del result
-        result = run_compress(shared_copy(original), config, gptq_blocks, stage, scores, base)
+        result = run_compress(
+            shared_copy(original), config, gptq_blocks, stage, scores, base, given_plan
+        )
+        release_free_memory()
         label = f"lorq {method} r={rank}" + (" +Fisher" if fisher else "")
         label += f" ({config.quant}{', GPTQ' if gptq else ''}{', GGUF codes' if base else ''})"
-        measured = _measure(result.model, blocks, original, label, stage)
-        rows.append((label, result.model, measured))
+        rows.append(_measure(result.model, blocks, original, label, stage))
+        measured = rows[-1].result
         extra = {
             "source": {
                 "model": model,
@@ -287,7 +318,7 @@ def compress(
             "compress": config.to_dict(),
             "plan": result.plan.to_dict() if result.plan else None,
             "evaluation": {
-                "original_perplexity": rows[0][2].perplexity,
+                "original_perplexity": rows[0].result.perplexity,
                 "perplexity": measured.perplexity,
                 "kl": measured.kl,
                 "cosine": measured.cosine,
@@ -326,8 +357,8 @@ def eval_(
                 errors.print(f"source model not available, no KL: {err}")
         rows = []
         if original is not None:
-            rows.append(("original", original, _measure(original, blocks, None, "original", stage)))
-        rows.append((str(path), model, _measure(model, blocks, original, str(path), stage)))
+            rows.append(_measure(original, blocks, None, "original", stage, quantized=False))
+        rows.append(_measure(model, blocks, original, str(path), stage))
     console.print(_results_table(f"{path}", rows))
 
 

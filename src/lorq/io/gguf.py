@@ -29,6 +29,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,13 @@ import numpy as np
 import torch
 
 from lorq.config import QuantConfig
-from lorq.quant.packing import pack
 from lorq.quant.tensor import QuantizedTensor
 
 ARCHITECTURE = "llama"
 GROUP = 32  # weights per Q4_1 block (ggml QK4_1)
 BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
 MAGIC = b"GGUF"
+DENSE_ROWS = 4096  # rows of a dense tensor dequantized at once
 MAX_LISTED = 5  # names quoted in an error message
 # KV pairs that describe the source file itself, never copied to an exported one
 OWN_KEYS = (
@@ -80,6 +81,16 @@ def _open(path: Path):
             f"supported: {ARCHITECTURE!r} (LLaMA-family models)"
         )
     return reader
+
+
+def gguf_architecture(path: Path) -> str | None:
+    """``general.architecture`` of a GGUF file; None when it is not a readable GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        return _field(GGUFReader(path), "general.architecture")
+    except (ValueError, IndexError, OSError):
+        return None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -138,9 +149,65 @@ def _from_blocks(raw: torch.Tensor, cols: int) -> QuantizedTensor:
     codes = torch.empty(rows, groups, 2, GROUP // 2, dtype=torch.uint8)
     torch.bitwise_and(nibbles, 0x0F, out=codes[:, :, 0])  # code[j]
     torch.bitwise_right_shift(nibbles, 4, out=codes[:, :, 1])  # code[j + 16]
+    pairs = codes.view(-1, 2)  # lorq's 4-bit packing in uint8 (lorq.quant.packing.pack's bytes)
+    packed = torch.bitwise_left_shift(pairs[:, 0], 4).bitwise_or_(pairs[:, 1])
     config = QuantConfig.preset("q4_1")
-    scales, mins = halves[..., 0].flatten().clone(), halves[..., 1].flatten().clone()
-    return QuantizedTensor(config, (rows, cols), pack(codes.reshape(-1), 4), scales, mins)
+    scales, mins = halves[..., 0].flatten().contiguous(), halves[..., 1].flatten().contiguous()
+    return QuantizedTensor(config, (rows, cols), packed, scales, mins)
+
+
+@dataclass(frozen=True)
+class LlamaTensor:
+    """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none)."""
+
+    param: str | None  # e.g. ``model.layers.0.self_attn.q_proj.weight``
+    tensor: Any  # the gguf ReaderTensor (its ``data`` is a view of the memory-mapped file)
+    rope_heads: int | None  # heads of an attn_q / attn_k tensor llama.cpp permuted, else None
+
+    @property
+    def is_q4_1_matrix(self) -> bool:
+        from gguf import GGMLQuantizationType
+
+        return self.tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(self.tensor.shape) == 2
+
+    def rows_in_hf_order(self, rows: torch.Tensor) -> torch.Tensor:
+        """Undo llama.cpp's RoPE row permutation (a no-op for the other tensors)."""
+        if self.rope_heads is None:
+            return rows
+        return rows[torch.argsort(_rope_rows(rows.shape[0], self.rope_heads))]
+
+    def quantized(self) -> QuantizedTensor:
+        """A Q4_1 matrix as a q4_1 QuantizedTensor (out × in): the file's own codes."""
+        raw = torch.from_numpy(np.array(self.tensor.data, dtype=np.uint8))
+        return _from_blocks(self.rows_in_hf_order(raw), int(self.tensor.shape[0]))
+
+    def dense(self) -> torch.Tensor:
+        """The tensor dequantized to float32 in transformers' shape and row order (decoded
+        ``DENSE_ROWS`` rows at a time: gguf's dequantize holds a few copies of its input)."""
+        from gguf.quants import dequantize
+
+        shape = tuple(int(n) for n in reversed(self.tensor.shape))
+        rows = self.tensor.data.reshape(shape[0], -1)  # the file's bytes (or values) per row
+        out = torch.empty(shape, dtype=torch.float32)
+        for start in range(0, shape[0], DENSE_ROWS):
+            chunk = out[start : start + DENSE_ROWS]
+            values = dequantize(rows[start : start + DENSE_ROWS], self.tensor.tensor_type)
+            chunk.copy_(torch.from_numpy(values.astype(np.float32).reshape(chunk.shape)))
+        return self.rows_in_hf_order(out)
+
+
+def llama_tensors(path: str | Path) -> list[LlamaTensor]:
+    """Every tensor of a LLaMA GGUF file with its transformers parameter name."""
+    path = Path(path)
+    reader = _open(path)
+    heads = _int_field(reader, "llama.attention.head_count", path)
+    kv_heads = _int_field(reader, "llama.attention.head_count_kv", path, heads)
+    names = _gguf_names({"num_hidden_layers": _int_field(reader, "llama.block_count", path)})
+    to_param = {gguf: hf for hf, (gguf, _) in names.items()}
+    return [
+        LlamaTensor(to_param.get(t.name), t, _rope_heads(t.name, heads, kv_heads))
+        for t in reader.tensors
+    ]
 
 
 def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
@@ -150,26 +217,13 @@ def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
     codes, scales and mins are the file's own, with attn_q / attn_k rows put back in transformers'
     order. Tensors of any other type are skipped (load those densely).
     """
-    from gguf import GGMLQuantizationType
-
-    path = Path(path)
-    reader = _open(path)
-    heads = _int_field(reader, "llama.attention.head_count", path)
-    kv_heads = _int_field(reader, "llama.attention.head_count_kv", path, heads)
-    names = _gguf_names({"num_hidden_layers": _int_field(reader, "llama.block_count", path)})
-    to_module = {gguf: hf.removesuffix(".weight") for hf, (gguf, _) in names.items()}
     out: dict[str, QuantizedTensor] = {}
-    for tensor in reader.tensors:
-        if tensor.tensor_type != GGMLQuantizationType.Q4_1 or len(tensor.shape) != 2:
+    for t in llama_tensors(path):
+        if not t.is_q4_1_matrix:
             continue
-        module = to_module.get(tensor.name)
-        if module is None:
-            raise ValueError(f"{path}: tensor {tensor.name!r} has no transformers LLaMA name")
-        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
-        rope = _rope_heads(tensor.name, heads, kv_heads)
-        if rope is not None:
-            raw = raw[torch.argsort(_rope_rows(raw.shape[0], rope))]
-        out[module] = _from_blocks(raw, int(tensor.shape[0]))
+        if t.param is None:
+            raise ValueError(f"{path}: tensor {t.tensor.name!r} has no transformers LLaMA name")
+        out[t.param.removesuffix(".weight")] = t.quantized()
     return out
 
 

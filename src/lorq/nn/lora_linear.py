@@ -20,7 +20,7 @@ from torch import nn
 
 from lorq.config import DecomposeConfig
 from lorq.decompose import Decomposition, decompose
-from lorq.nn.dense import dense_weight
+from lorq.nn.dense import dense_weight, device_of
 from lorq.nn.quant_linear import AdapterLinear, buffer_keys, buffer_name
 
 __all__ = ["QuantLoraLinear", "buffer_keys", "buffer_name", "kaiming_uniform"]
@@ -54,10 +54,10 @@ class QuantLoraLinear(AdapterLinear):
         config: DecomposeConfig,
         fisher: torch.Tensor | None = None,
     ) -> QuantLoraLinear:
-        """Decompose ``linear.weight`` (nn.Linear or Conv1D) and wrap the result."""
+        """Decompose the weight of ``linear`` (nn.Linear, Conv1D, packed QuantLinear); wrap it."""
         decomposition = decompose(dense_weight(linear).float(), config, fisher)
         layer = cls.from_decomposition(decomposition, getattr(linear, "bias", None))
-        return layer.to(linear.weight.device)
+        return layer.to(device_of(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))

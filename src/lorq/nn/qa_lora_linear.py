@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorq.config import QuantConfig
-from lorq.nn.dense import dense_weight
+from lorq.nn.dense import dense_weight, device_of
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.nn.quant_linear import AdapterLinear, QuantLinear
 from lorq.quant import quantize
@@ -195,7 +195,7 @@ class QALoraLinear(AdapterLinear):
         lora_A = kaiming_uniform(rank, shape[1] // quant.block_size, seed)
         lora_B = torch.zeros(shape[0], rank)
         layer = cls(q, lora_B, lora_A, lora_alpha / rank, getattr(linear, "bias", None))
-        return layer.to(linear.weight.device)
+        return layer.to(device_of(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = pool(x, self.group_size)

@@ -1,0 +1,112 @@
+"""A LLaMA GGUF loaded with its Q4_1 linears packed (lorq.io.gguf_model).
+
+Oracles: transformers' own GGUF loader (dense float32) gives bit-identical logits; compressing the
+packed model gives bit-identical layers to compressing the dense one (same W, decoded on demand);
+an incomplete file is refused by name.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import tiny_llama
+from test_gguf import export, tied_llama
+from torch import nn
+
+from lorq.config import CompressConfig
+from lorq.io.gguf_model import can_load_packed, load_packed
+from lorq.models import load_model
+from lorq.nn import QuantLinear
+from lorq.pipeline import compress
+from lorq.surgery import find_targets, shared_copy
+
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def transformers_model(path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tied_llama], ids=["untied", "tied"])
+def test_packed_logits_equal_transformers_loader(make, tmp_path):
+    model = make()
+    layers, path = export(model, tmp_path / "m.gguf")
+    packed = load_packed(path)
+    quantized = {n for n, m in packed.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == set(layers) - {"lm_head"}  # the output layer stays dense
+    tied = packed.lm_head.weight is packed.model.embed_tokens.weight
+    assert tied == model.config.tie_word_embeddings
+    with torch.no_grad():
+        expected = transformers_model(path)(input_ids=IDS).logits
+        assert torch.equal(packed(input_ids=IDS).logits, expected)
+    dense_bytes = sum(p.numel() * 4 for n, p in packed.named_parameters())
+    packed_bytes = sum(m.quantized_nbytes() for m in packed.modules() if isinstance(m, QuantLinear))
+    linear_bytes = sum(layers[n].numel * 4 for n in quantized)
+    assert packed_bytes < linear_bytes / 6 and dense_bytes > 0  # 4.5 of 32 bits per weight
+
+
+def test_load_model_packed_flag(tmp_path):
+    _, path = export(tiny_llama(), tmp_path / "m.gguf")
+    packed = load_model(str(path), with_tokenizer=False, packed=True).model
+    dense = load_model(str(path), with_tokenizer=False).model
+    assert isinstance(packed.model.layers[0].mlp.up_proj, QuantLinear)
+    assert type(dense.model.layers[0].mlp.up_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(packed(input_ids=IDS).logits, dense(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CompressConfig(method="lq", quant="nf3", rank=4),
+        CompressConfig(method="loftq", budget=3.0, rank=4),
+        CompressConfig(method="nf", budget=2.75, rank=4),
+        CompressConfig(method="qa-lora", quant="int3-g32-fmin", rank=4),
+    ],
+    ids=["lq-nf3", "loftq-budget", "nf-budget", "qa-lora"],
+)
+def test_compressing_packed_equals_compressing_dense(config, tmp_path):
+    _, path = export(tied_llama(), tmp_path / "m.gguf")
+    packed, dense = load_packed(path), transformers_model(path)
+    a = compress(shared_copy(packed), config)
+    b = compress(shared_copy(dense), config)
+    assert a.errors == b.errors
+    if config.budget is not None:
+        assert a.plan.entries == b.plan.entries
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    assert all(isinstance(m, QuantLinear) for m in find_targets(packed).values())  # untouched
+
+
+def test_fisher_refuses_packed_layers(tmp_path):
+    from lorq.fisher import estimate_fisher
+
+    _, path = export(tied_llama(), tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="packed=False"):
+        estimate_fisher(load_packed(path), IDS)
+
+
+def test_incomplete_file_is_refused(tmp_path, monkeypatch):
+    import lorq.io.gguf as gguf_io
+
+    every_tensor = gguf_io._tensors
+
+    def without_final_norm(*args):
+        return [t for t in every_tensor(*args) if t[0] != "output_norm.weight"]
+
+    monkeypatch.setattr(gguf_io, "_tensors", without_final_norm)
+    _, path = export(tied_llama(), tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"no tensor for \['model\.norm\.weight'\]"):
+        load_packed(path)
+
+
+def test_can_load_packed(tmp_path):
+    _, path = export(tiny_llama(), tmp_path / "m.gguf")
+    assert can_load_packed(path)
+    (tmp_path / "x.gguf").write_text("hello")
+    assert not can_load_packed(tmp_path / "x.gguf")
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf", "x.gguf"]
