@@ -1,16 +1,19 @@
-"""Quality of the main job on SmolLM2: perplexity and KL to the original, per method and budget.
+"""Quality of the main job: perplexity and KL (SmolLM2) or embedding cosine (MiniLM) to the
+original, per method and bit budget, beside bitsandbytes NF4, in one run.
 
 Methods at every bit budget (bits/param of the quantized part, chosen per matrix by the ILP):
-plain NF, LoftQ (r=16), LQ-LoRA (r=16), LQ-LoRA + Fisher (r=16). References: bitsandbytes NF4
-(fp32 absmax, 4.5 bits) and NF4 with double quantization (QLoRA's 4.127 bits), applied by
-quantize_4bit / dequantize_4bit to every target weight of a copy of the model.
+plain NF, LoftQ (r=16), LQ-LoRA (r=16), LQ-LoRA + Fisher (r=16; causal LMs only, the Fisher needs
+a next-token loss). One cost table per method serves every budget (``plan_budgets_for``).
+References: bitsandbytes NF4 (fp32 absmax, 4.5 bits) and NF4 with double quantization (QLoRA's
+4.127 bits), applied by quantize_4bit / dequantize_4bit to every target weight of a copy.
 
-    python bench/quality.py                       # the real run (budgets 3.25 2.75 4.127)
+    python bench/quality.py                       # SmolLM2, budgets 2.5 … 4.127, + CLI peak memory
+    python bench/quality.py --model minilm        # MiniLM (cosine) → results/quality-minilm.json
+    python bench/quality.py --resume              # keep the rows already in --out, run the rest
     python bench/quality.py --quick               # a smoke test: 2 eval blocks, 4 Fisher blocks
     python bench/quality.py --peak-only           # only the CLI peak-memory measurement
 
-Writes bench/results/quality.json (after every row, so partial runs keep their rows) and
-bench/results/quality.png.
+Writes the JSON after every row (partial runs keep their rows) and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from lorq.data import TextConfig, load_blocks
 from lorq.evaluate import compressed_bits, evaluate_model
 from lorq.fisher import estimate_fisher
 from lorq.models import load_model
-from lorq.pipeline import compress
+from lorq.pipeline import compress, plan_budgets_for
 from lorq.surgery import find_targets, set_module, shared_copy
 
 ROOT = Path(__file__).resolve().parent
@@ -44,6 +47,7 @@ METHODS = {
     "LQ-LoRA + Fisher": dict(method="lq", rank=16, fisher=True),
 }
 ORDER = ("LQ-LoRA + Fisher", "LQ-LoRA", "plain NF", "LoftQ")  # most important first
+BUDGETS = [2.5, 2.75, 3.0, 3.25, 3.5, 4.127]
 
 
 def bnb_copy(original: nn.Module, double_quant: bool) -> tuple[nn.Module, float]:
@@ -85,20 +89,9 @@ def param_bytes(model: nn.Module) -> int:
 
 
 def peak_memory(original_bytes: int) -> dict:
-    """Run the CLI main job under /usr/bin/time -v; its maximum resident set size."""
+    """Run the README's main job (``lorq compress``, defaults) under /usr/bin/time -v."""
     lorq = Path(sys.executable).parent / "lorq"
-    cmd = [
-        "/usr/bin/time",
-        "-v",
-        str(lorq),
-        "compress",
-        "--no-baseline",
-        "--eval-blocks",
-        "4",
-        "--out",
-        "/tmp/bench-peak",
-        "--overwrite",
-    ]
+    cmd = ["/usr/bin/time", "-v", str(lorq), "compress", "--out", "/tmp/bench-peak", "--overwrite"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -117,38 +110,47 @@ def peak_memory(original_bytes: int) -> dict:
     }
 
 
+def metric(rows: list[dict]) -> tuple[str, str]:
+    """The quality key of these rows and its label: KL (causal LMs) or 1 − cosine (encoders)."""
+    if rows and rows[0].get("kl") is None:
+        return "one_minus_cos", "1 − embedding cosine to the original"
+    return "kl", "mean KL to the original"
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     rows = data["rows"]
-    for ax, key, label in ((axes[0], "kl", "mean KL to the original"), (axes[1], "ppl", "ppl")):
+    key, label = metric(rows)
+    panels = [(key, label)] + ([("ppl", "ppl")] if key == "kl" else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (column, ylabel) in zip(axes[0], panels, strict=True):
         for method in METHODS:
-            pts = sorted((r["bits_q"], r[key]) for r in rows if r["method"] == method)
+            pts = sorted((r["bits_q"], r[column]) for r in rows if r["method"] == method)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         for r in rows:
             if r["method"].startswith("bnb"):  # lorq's own nf4 rows equal these (see README)
                 ax.scatter(
                     [r["bits_q"]],
-                    [r[key]],
-                    marker="*" if "bnb" in r["method"] else "x",
+                    [r[column]],
+                    marker="*",
                     color="black" if "double" in r["method"] else "gray",
                     s=120,
                     zorder=3,
                     label=r["method"],
                 )
-        if key == "ppl":
+        if column == "ppl":
             ax.axhline(data["original_ppl"], color="gray", ls="--", lw=1, label="original")
         ax.set_yscale("log")
         ax.set_xlabel("bits/param (quantized part)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2: quality vs bits (before fine-tuning, r=16 where low-rank)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{data['model']}: quality vs bits (before fine-tuning, r=16 where low-rank)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -167,57 +169,72 @@ def report(data: dict, out: Path, merge: list[Path]) -> None:
         ]
     out.write_text(json.dumps(data, indent=1))
     plot(data, out.with_suffix(".png"))
+    key, _ = metric(data["rows"])
     ref = next((r for r in data["rows"] if r["method"] == "bnb NF4 double-quant"), None)
-    print(f"original ppl {data['original_ppl']:.3f}")
-    print("| method | budget | bits Q | bits Q+BA (bf16) | ppl | KL | KL / bnb NF4-DQ | time s |")
+    if data.get("original_ppl") is not None:
+        print(f"original ppl {data['original_ppl']:.3f}")
+    name = "KL" if key == "kl" else "1 − cos"
+    print(f"| method | budget | bits Q | bits Q+BA (bf16) | ppl | {name} | / bnb NF4-DQ | time s |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in data["rows"]:
-        ratio = f"{r['kl'] / ref['kl']:.3f}" if ref else "-"
+    rows = sorted(data["rows"], key=lambda r: (r["budget"] is not None, r["method"], r["budget"]))
+    for r in rows:
+        ratio = f"{r[key] / ref[key]:.3f}" if ref else "-"
         budget = "-" if r["budget"] is None else r["budget"]
+        ppl = "-" if r.get("ppl") is None else f"{r['ppl']:.3f}"
         print(
             f"| {r['method']} | {budget} | {r['bits_q']:.3f} | {r['bits_total']:.3f} | "
-            f"{r['ppl']:.3f} | {r['kl']:.4f} | {ratio} | {r['seconds']:.0f} |"
+            f"{ppl} | {r[key]:.4g} | {ratio} | {r['seconds']:.0f} |"
         )
     if "peak_memory" in data:
         print(json.dumps(data["peak_memory"], indent=1))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[3.25, 2.75, 4.127])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     parser.add_argument("--methods", nargs="+", default=list(ORDER), choices=list(METHODS))
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--fisher-blocks", type=int, default=64)
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 eval/4 Fisher blocks, layer 0 only"
     )
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out")
     parser.add_argument("--no-peak", action="store_true", help="skip the CLI peak-memory run")
     parser.add_argument("--peak-only", action="store_true")
     parser.add_argument(
         "--report", action="store_true", help="only re-plot and print tables from --out"
     )
     parser.add_argument("--merge", type=Path, nargs="*", default=[], help="with --report: JSONs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = "" if args.model == "smollm2" else f"-{args.model}"
+    args.out = args.out or RESULTS / f"quality{suffix}.json"
     if args.quick:
         args.eval_blocks, args.fisher_blocks = 2, 4
-    include = (r"^model\.layers\.0\.",) if args.quick else ()
+    if args.model != "smollm2":  # an encoder: no next-token loss for the Fisher, no CLI job
+        args.methods = [m for m in args.methods if not METHODS[m].get("fisher")]
+        args.no_peak = True
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    include = (r"^(model\.layers|encoder\.layer)\.0\.",) if args.quick else ()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(args.out.read_text()) if args.peak_only and args.out.exists() else {}
-    if args.report:
-        data = {}
+    keep = (args.peak_only or args.resume) and args.out.exists()
+    data = json.loads(args.out.read_text()) if keep else {}
 
     def save() -> None:
         args.out.write_text(json.dumps(data, indent=1))
 
     if args.report:
-        report(data, args.out, args.merge)
+        report({}, args.out, args.merge)
         return
 
     t0 = time.perf_counter()
-    loaded = load_model("smollm2")
+    loaded = load_model(args.model)
     original, tokenizer = loaded.model, loaded.tokenizer
-    original.eval()
     original_bytes = param_bytes(original)
     if args.peak_only:
         data["peak_memory"] = peak_memory(original_bytes)
@@ -229,16 +246,18 @@ def main() -> None:
         tokenizer, TextConfig(seq_len=256, max_blocks=args.eval_blocks), "evaluation"
     )
     base = evaluate_model(original, blocks)
+    rows = data.get("rows", [])
     data.update(
-        model="smollm2",
+        model=args.model,
         machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         eval_blocks=int(blocks.shape[0]),
         eval_tokens=int(blocks.numel()),
         original_ppl=base.perplexity,
         original_fp32_param_bytes=original_bytes,
-        rows=[],
+        rows=rows,
     )
-    print(f"original ppl {base.perplexity:.3f} ({blocks.shape[0]} blocks of 256)", flush=True)
+    done = {(r["method"], r["budget"]) for r in rows}
+    print(f"{args.model}: {blocks.shape[0]} blocks of 256, original ppl {base.perplexity}")
 
     def record(method, budget, model, bits_q, bits_total, seconds, extra=None):
         result = evaluate_model(model, blocks, original)
@@ -249,25 +268,30 @@ def main() -> None:
             bits_total=bits_total,
             ppl=result.perplexity,
             kl=result.kl,
+            one_minus_cos=None if result.cosine is None else 1.0 - result.cosine,
             seconds=seconds,
             **(extra or {}),
         )
-        data["rows"].append(row)
+        rows.append(row)
+        done.add((method, budget))
         save()
+        key, _ = metric(rows)
         print(
             f"{method:18s} budget={budget!s:6s} bits Q={bits_q:.3f} Q+BA={bits_total:.3f} "
-            f"ppl={result.perplexity:.3f} KL={result.kl:.4f} ({seconds:.0f} s)",
+            f"ppl={row['ppl']} {key}={row[key]:.5g} ({seconds:.0f} s)",
             flush=True,
         )
 
     for double_quant, name in ((True, "bnb NF4 double-quant"), (False, "bnb NF4 fp32 absmax")):
-        start = time.perf_counter()
-        model, bits = bnb_copy(original, double_quant)
-        record(name, None, model, bits, bits, time.perf_counter() - start)
-        del model
+        if (name, None) not in done:
+            start = time.perf_counter()
+            model, bits = bnb_copy(original, double_quant)
+            record(name, None, model, bits, bits, time.perf_counter() - start)
+            del model
 
     scores = None
-    if any(METHODS[m].get("fisher") for m in args.methods):
+    todo = {m: [b for b in args.budgets if (m, b) not in done] for m in args.methods}
+    if any(METHODS[m].get("fisher") and todo[m] for m in args.methods):
         start = time.perf_counter()
         calibration = load_blocks(
             tokenizer, TextConfig(seq_len=128, max_blocks=args.fisher_blocks), "calibration"
@@ -281,16 +305,23 @@ def main() -> None:
             f"Fisher: {calibration.shape[0]} blocks, {data['fisher']['seconds']:.0f} s", flush=True
         )
 
-    for budget in args.budgets:
-        for method in args.methods:
+    for method in args.methods:
+        if not todo[method]:
+            continue
+        config = CompressConfig(budget=todo[method][0], include=include, **METHODS[method])
+        plans = plan_budgets_for(original, config, todo[method], scores)
+        print(f"{method}: cost table {plans[0].table_seconds:.0f} s", flush=True)
+        for budget, plan in zip(todo[method], plans, strict=True):
             config = CompressConfig(budget=budget, include=include, **METHODS[method])
             start = time.perf_counter()
             result = compress(
-                shared_copy(original), config, fisher=scores if config.fisher else None
+                shared_copy(original),
+                config,
+                fisher=scores if config.fisher else None,
+                plan=plan,
             )
             seconds = time.perf_counter() - start
             bits_q, bits_total = compressed_bits(result.model)
-            plan = result.plan
             extra = dict(
                 plan_bits=plan.achieved_bits,
                 plan_relative_error=plan.relative_error,
@@ -306,6 +337,8 @@ def main() -> None:
 
     # a lorq cross-check of the bnb reference: uniform nf4-fp32-scales and nf4 (4.127)
     for preset in ("nf4-fp32-scales", "nf4"):
+        if (f"lorq plain {preset}", None) in done:
+            continue
         start = time.perf_counter()
         result = compress(
             shared_copy(original), CompressConfig(method="nf", quant=preset, include=include)
