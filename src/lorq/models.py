@@ -150,7 +150,7 @@ def load_model(
 
     Local folders, files and the hub cache are tried first; the hub only when it answers.
     ``packed``: a local LLaMA GGUF file keeps its Q4_1 linear layers as packed QuantLinear
-    layers (same logits, ~7× less memory for them; ``lorq.io.gguf_model``); other sources load
+    layers (same logits, 6.4× less memory for them; ``lorq.io.gguf_model``); other sources load
     as usual.
     """
     source = resolve(name_or_path)

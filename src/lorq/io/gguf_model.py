@@ -3,9 +3,9 @@
     W = d_g · code + m_g      per 32-value group g (fp16 d, m; float32 result)
 
 transformers' GGUF loader dequantizes every tensor of the file to a dense float tensor at once:
-for a Q4_1 file that is ~7× the file's size in float32, all resident before anything else runs.
+for a Q4_1 file that is 6.4× the size of its Q4_1 tensors, all resident before anything else runs.
 Here the model's parameters start on the meta device; every Q4_1 linear weight becomes a frozen
-:class:`~lorq.nn.QuantLinear` over the file's own codes, scales and mins (4.5 bits/param, not
+:class:`~lorq.nn.QuantLinear` over the file's own codes, scales and mins (5 bits/param, not
 32), and only the remaining tensors (embeddings, norms, linears of other types) are dequantized,
 one at a time. A QuantLinear dequantizes exactly the float32 values transformers would hold, so
 the model computes the same logits; lorq's pipeline treats a plain QuantLinear as a frozen
