@@ -39,3 +39,14 @@ def test_kl_equals_torch_kl_div_across_position_chunks(llama):
         logp.view(2, 150, 128)[:, :-1].reshape(-1, 128), blocks[:, 1:].reshape(-1)
     )
     assert abs(result.perplexity - float(ce.exp())) < 1e-4 * result.perplexity
+
+
+def test_output_layer_is_restored(llama):
+    head = llama.get_output_embeddings()
+    blocks = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        before = llama(blocks).logits
+    evaluate_model(llama, blocks, llama)
+    assert llama.get_output_embeddings() is head
+    with torch.no_grad():
+        assert torch.equal(llama(blocks).logits, before)

@@ -6,16 +6,20 @@ bits / param   = 8 · Σ_i nbytes(Q_i) / Σ_i numel(W_i)      (every stored buff
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lorq.config import QuantConfig
 from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
 
-POSITIONS = 64  # positions whose log-probabilities are taken at once
+POSITIONS = 64  # positions whose logits and log-probabilities exist at once
+# config fields of causal LMs that transform logits after the output layer (full logits kept)
+LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass(frozen=True)
@@ -101,19 +105,50 @@ def _is_causal(output) -> bool:
     return getattr(output, "logits", None) is not None
 
 
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def _deferred_head(model: nn.Module) -> Iterator[Head]:
+    """While active, ``model(...).logits`` are the final hidden states and the yielded head
+    turns them into logits, so that only ``POSITIONS`` positions × vocab exist at once. A model
+    whose output layer is not a plain nn.Linear, or that rescales logits after it, yields the
+    identity and keeps its full logits."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, nn.Linear) or any(getattr(config, k, None) for k in LOGIT_RESCALING):
+        yield _identity
+        return
+    model.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        model.set_output_embeddings(head)
+
+
 def _token_sums(
-    logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor | None
+    outputs: torch.Tensor,
+    head: Head,
+    ids: torch.Tensor,
+    ref_outputs: torch.Tensor | None,
+    ref_head: Head,
 ) -> tuple[float, float]:
-    """Σ −log p(x_t+1 | x_≤t) and Σ_t KL(p_ref ‖ p) over (batch × seq × vocab) logits, taken
-    ``POSITIONS`` positions at a time (each float32 copy is positions × vocab, not seq × vocab)."""
+    """Σ −log p(x_t+1 | x_≤t) and Σ_t KL(p_ref ‖ p) of one batch, ``POSITIONS`` positions at a
+    time: logits = head(outputs[:, chunk]) (outputs: logits, or hidden states with the head)."""
     nll = kl = 0.0
     for start in range(0, ids.shape[1], POSITIONS):
         stop = min(start + POSITIONS, ids.shape[1])
-        logp = torch.log_softmax(logits[:, start:stop].float(), dim=-1)
+        logp = torch.log_softmax(head(outputs[:, start:stop]).float(), dim=-1)
         targets = ids[:, start + 1 : stop + 1]  # the next tokens; the last position has none
         nll -= float(logp[:, : targets.shape[1]].gather(-1, targets[..., None]).sum())
-        if ref_logits is not None:
-            ref_logp = torch.log_softmax(ref_logits[:, start:stop].float(), dim=-1)
+        if ref_outputs is not None:
+            ref_logits = ref_head(ref_outputs[:, start:stop]).float().to(logp.device)
+            ref_logp = torch.log_softmax(ref_logits, dim=-1)
             kl += float(torch.sum(ref_logp.exp() * (ref_logp - logp)))
     return nll, kl
 
@@ -132,6 +167,15 @@ def evaluate_model(
         raise ValueError(
             f"evaluation blocks must be a non-empty (n × seq_len) tensor, got {tuple(blocks.shape)}"
         )
+    with contextlib.ExitStack() as stack:
+        head = stack.enter_context(_deferred_head(model))
+        ref_head = head
+        if reference is not None and reference is not model:
+            ref_head = stack.enter_context(_deferred_head(reference))
+        return _evaluate(model, blocks, reference, batch_size, progress, label, head, ref_head)
+
+
+def _evaluate(model, blocks, reference, batch_size, progress, label, head, ref_head) -> EvalResult:
     device = next(model.parameters()).device
     advance = progress(label, blocks.shape[0])
     nll = kl = cosine = 0.0
@@ -145,8 +189,8 @@ def evaluate_model(
         )
         causal = _is_causal(out)
         if causal:
-            ref_logits = None if ref is None else ref.logits.to(device)
-            block_nll, block_kl = _token_sums(out.logits, ids, ref_logits)
+            ref_logits = None if ref is None else ref.logits
+            block_nll, block_kl = _token_sums(out.logits, head, ids, ref_logits, ref_head)
             nll, kl = nll + block_nll, kl + block_kl
             tokens += ids[:, 1:].numel()
             positions += ids.numel() if ref is not None else 0
