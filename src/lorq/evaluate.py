@@ -124,7 +124,11 @@ def _deferred_head(model: nn.Module) -> Iterator[Head]:
     if not isinstance(head, nn.Linear) or any(getattr(config, k, None) for k in LOGIT_RESCALING):
         yield _identity
         return
-    model.set_output_embeddings(nn.Identity())
+    try:
+        model.set_output_embeddings(nn.Identity())
+    except (AttributeError, NotImplementedError):  # no setter: keep the full logits
+        yield _identity
+        return
     try:
         yield head
     finally:
