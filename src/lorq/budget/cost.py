@@ -115,13 +115,14 @@ def cost_table(
     if method != "none":
         config = dataclasses.replace(config, method=method)
     advance = progress(f"cost table ({method}, r={config.rank})", len(matrices))
-    rows = []
-    for name, weight in matrices.items():
+    rows, numels = [], []
+    for name, weight in matrices.items():  # each weight read once (it may be decoded on access)
         rows.append(_row(weight, candidates, method, config, (fisher or {}).get(name)))
+        numels.append(weight.numel())
         advance(1)
     return CostTable(
         names=tuple(matrices),
-        numels=np.array([w.numel() for w in matrices.values()], dtype=np.int64),
+        numels=np.array(numels, dtype=np.int64),
         candidates=tuple(candidates),
         bits=np.array([r[0] for r in rows], dtype=np.float64),
         cost=np.array([r[1] for r in rows], dtype=np.float64),

@@ -156,18 +156,19 @@ def plan_budgets(
     One cost table serves every budget (the table is the expensive part; each solve is not).
     """
     grid = candidate_grid(candidates)
-    if matrices:  # the feasible range depends on shapes only: fail before the expensive table
-        shapes = [(w.shape[0], w.shape[1]) for w in matrices.values()]
-        bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes])
+    # read once: a mapping may decode each matrix on access (lorq.surgery.DenseWeights)
+    shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
+    if shapes:  # the feasible range depends on shapes only: fail before the expensive table
+        bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes.values()])
         for budget_bits in budgets:
-            check_budget(bits, np.array([a * b for a, b in shapes]), budget_bits)
+            check_budget(bits, np.array([a * b for a, b in shapes.values()]), budget_bits)
     start = time.perf_counter()
     config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
     table = cost_table(matrices, grid, method, config, fisher, progress)
     table_seconds = time.perf_counter() - start
     return [
         _solve_plan(
-            matrices,
+            shapes,
             table,
             budget_bits,
             method,
@@ -181,7 +182,7 @@ def plan_budgets(
 
 
 def _solve_plan(
-    matrices: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
     table: CostTable,
     budget_bits: float,
     method: str,
@@ -195,7 +196,7 @@ def _solve_plan(
     entries = tuple(
         PlanEntry(
             name,
-            tuple(matrices[name].shape),
+            shapes[name],
             table.candidates[c],
             float(table.bits[i, c]),
             float(table.cost[i, c]),
