@@ -14,6 +14,7 @@ from test_gguf import export, tied_llama
 from torch import nn
 
 from lorq.config import CompressConfig
+from lorq.io.gguf import llama_tensors
 from lorq.io.gguf_model import can_load_packed, load_packed
 from lorq.models import load_model
 from lorq.nn import QuantLinear
@@ -102,6 +103,26 @@ def test_incomplete_file_is_refused(tmp_path, monkeypatch):
     _, path = export(tied_llama(), tmp_path / "m.gguf")
     with pytest.raises(ValueError, match=r"no tensor for \['model\.norm\.weight'\]"):
         load_packed(path)
+
+
+def test_listed_tensors_read_the_files_bytes(tmp_path):
+    """The listing keeps offsets, not the reader: each tensor's bytes equal the gguf reader's view
+    of them, and a file cut short after listing is refused by name rather than read short."""
+    from gguf import GGUFReader
+
+    _, path = export(tiny_llama(), tmp_path / "m.gguf")
+    tensors = llama_tensors(path)
+    by_name = {t.name: t for t in GGUFReader(path).tensors}
+    assert sorted(by_name) == sorted(t.name for t in tensors)
+    for t in tensors:
+        expected = by_name[t.name].data.reshape(t.rows, -1).view("uint8")
+        assert (t.read_rows() == expected).all()
+        assert (t.read_rows(1, 2) == expected[1:3]).all()
+    last = max(tensors, key=lambda t: t.offset)
+    with open(path, "r+b") as file:
+        file.truncate(last.offset + last.nbytes - 1)
+    with pytest.raises(ValueError, match=f"truncated: tensor '{last.name}'"):
+        last.dense()
 
 
 def test_can_load_packed(tmp_path):

@@ -158,17 +158,42 @@ def _from_blocks(raw: torch.Tensor, cols: int) -> QuantizedTensor:
 
 @dataclass(frozen=True)
 class LlamaTensor:
-    """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none)."""
+    """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none).
+
+    It keeps where the bytes are, not the file's reader: the reader's parsed metadata (the
+    vocabulary alone is ~100 MB of Python objects for SmolLM2) and its memory map are released
+    once the listing is made, and each tensor's bytes are read when asked for.
+    """
 
     param: str | None  # e.g. ``model.layers.0.self_attn.q_proj.weight``
-    tensor: Any  # the gguf ReaderTensor (its ``data`` is a view of the memory-mapped file)
+    name: str  # the GGUF tensor name, e.g. ``blk.0.attn_q.weight``
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # ggml order: ne0 (the input / row length) first
+    path: Path
+    offset: int  # of the first byte in the file
+    nbytes: int
     rope_heads: int | None  # heads of an attn_q / attn_k tensor llama.cpp permuted, else None
 
     @property
     def is_q4_1_matrix(self) -> bool:
         from gguf import GGMLQuantizationType
 
-        return self.tensor.tensor_type == GGMLQuantizationType.Q4_1 and len(self.tensor.shape) == 2
+        return self.tensor_type == GGMLQuantizationType.Q4_1 and len(self.shape) == 2
+
+    @property
+    def rows(self) -> int:
+        """Rows in transformers' order of dimensions (the outermost ggml dimension)."""
+        return self.shape[-1]
+
+    def read_rows(self, start: int = 0, count: int | None = None) -> np.ndarray:
+        """The file's bytes of rows ``start … start + count``, shape (count, bytes per row)."""
+        row_bytes = self.nbytes // self.rows
+        count = self.rows - start if count is None else min(count, self.rows - start)
+        size = count * row_bytes
+        data = np.fromfile(self.path, np.uint8, size, offset=self.offset + start * row_bytes)
+        if data.size != size:
+            raise ValueError(f"{self.path} is truncated: tensor {self.name!r} ends past the file")
+        return data.reshape(count, row_bytes)
 
     def rows_in_hf_order(self, rows: torch.Tensor) -> torch.Tensor:
         """Undo llama.cpp's RoPE row permutation (a no-op for the other tensors)."""
@@ -178,20 +203,18 @@ class LlamaTensor:
 
     def quantized(self) -> QuantizedTensor:
         """A Q4_1 matrix as a q4_1 QuantizedTensor (out × in): the file's own codes."""
-        raw = torch.from_numpy(np.array(self.tensor.data, dtype=np.uint8))
-        return _from_blocks(self.rows_in_hf_order(raw), int(self.tensor.shape[0]))
+        raw = torch.from_numpy(self.read_rows())
+        return _from_blocks(self.rows_in_hf_order(raw), self.shape[0])
 
     def dense(self) -> torch.Tensor:
         """The tensor dequantized to float32 in transformers' shape and row order (decoded
         ``DENSE_ROWS`` rows at a time: gguf's dequantize holds a few copies of its input)."""
         from gguf.quants import dequantize
 
-        shape = tuple(int(n) for n in reversed(self.tensor.shape))
-        rows = self.tensor.data.reshape(shape[0], -1)  # the file's bytes (or values) per row
-        out = torch.empty(shape, dtype=torch.float32)
-        for start in range(0, shape[0], DENSE_ROWS):
+        out = torch.empty(tuple(reversed(self.shape)), dtype=torch.float32)
+        for start in range(0, self.rows, DENSE_ROWS):
             chunk = out[start : start + DENSE_ROWS]
-            values = dequantize(rows[start : start + DENSE_ROWS], self.tensor.tensor_type)
+            values = dequantize(self.read_rows(start, DENSE_ROWS), self.tensor_type)
             chunk.copy_(torch.from_numpy(values.astype(np.float32).reshape(chunk.shape)))
         return self.rows_in_hf_order(out)
 
@@ -205,7 +228,16 @@ def llama_tensors(path: str | Path) -> list[LlamaTensor]:
     names = _gguf_names({"num_hidden_layers": _int_field(reader, "llama.block_count", path)})
     to_param = {gguf: hf for hf, (gguf, _) in names.items()}
     return [
-        LlamaTensor(to_param.get(t.name), t, _rope_heads(t.name, heads, kv_heads))
+        LlamaTensor(
+            param=to_param.get(t.name),
+            name=t.name,
+            tensor_type=t.tensor_type,
+            shape=tuple(int(n) for n in t.shape),
+            path=path,
+            offset=int(t.data_offset),
+            nbytes=int(t.n_bytes),
+            rope_heads=_rope_heads(t.name, heads, kv_heads),
+        )
         for t in reader.tensors
     ]
 
@@ -222,7 +254,7 @@ def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
         if not t.is_q4_1_matrix:
             continue
         if t.param is None:
-            raise ValueError(f"{path}: tensor {t.tensor.name!r} has no transformers LLaMA name")
+            raise ValueError(f"{path}: tensor {t.name!r} has no transformers LLaMA name")
         out[t.param.removesuffix(".weight")] = t.quantized()
     return out
 
