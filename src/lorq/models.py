@@ -125,6 +125,9 @@ def _from_pretrained(
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs["local_files_only"] = local
+    # The tokenizer first: reading it from a GGUF file parses the whole vocabulary into Python
+    # objects (~250 MB for SmolLM2's), transient, and better spent before the weights exist.
+    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     gguf = _packed_gguf(source) if packed else None
     if gguf is not None:
         from lorq.io.gguf_model import load_packed
@@ -136,7 +139,6 @@ def _from_pretrained(
         model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
     if source.gguf_file:  # the GGUF weights were dequantized: a plain float model from here on
         model.hf_quantizer, model.is_quantized = None, False
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     return model, tokenizer
 
 
