@@ -1,7 +1,9 @@
 """evaluate_model. Oracles: a direct cross-entropy computation and KL identities."""
 
+import pytest
 import torch
 
+import lorq.logits
 from lorq.evaluate import evaluate_model
 
 
@@ -23,10 +25,13 @@ def test_kl_to_itself_is_zero_and_positive_otherwise(llama):
     assert evaluate_model(tiny_llama(seed=1), blocks, llama).kl > 0.01
 
 
-def test_kl_equals_torch_kl_div_across_position_chunks(llama):
-    """Oracle: torch's kl_div over all positions at once; 150 positions span three chunks."""
+@pytest.mark.parametrize("chunk", [48, 4096], ids=["three-vocab-slices", "one-slice"])
+def test_kl_equals_torch_kl_div_across_vocabulary_slices(llama, chunk, monkeypatch):
+    """Oracle: torch's log_softmax, kl_div and cross_entropy over the whole vocabulary at once;
+    with 48 columns per slice the 128-token vocabulary takes two whole slices and a partial one."""
     from conftest import tiny_llama
 
+    monkeypatch.setattr(lorq.logits, "VOCAB_CHUNK", chunk)
     other = tiny_llama(seed=1)
     blocks = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
     result = evaluate_model(other, blocks, llama)
@@ -50,3 +55,15 @@ def test_output_layer_is_restored(llama):
     assert llama.get_output_embeddings() is head
     with torch.no_grad():
         assert torch.equal(llama(blocks).logits, before)
+
+
+def test_forward_keeps_no_key_value_cache(llama):
+    """Oracle: the model's own call; evaluation runs each block once and needs no cache."""
+    from lorq.evaluate import _forward
+
+    blocks = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        out = _forward(llama, blocks)
+        assert out.past_key_values is None
+        assert llama(blocks).past_key_values is not None  # what the cache-free call avoids
+        assert torch.equal(out.logits, llama(blocks).logits)

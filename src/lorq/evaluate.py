@@ -7,17 +7,17 @@ bits / param   = 8 · Σ_i nbytes(Q_i) / Σ_i numel(W_i)      (every stored buff
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorq.config import QuantConfig
+from lorq.logits import Head, token_sums
 from lorq.progress import Progress, no_progress
 from lorq.quant import quantize
 
-POSITIONS = 64  # positions whose logits and log-probabilities exist at once
 # config fields of causal LMs that transform logits after the output layer (full logits kept)
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -105,56 +105,35 @@ def _is_causal(output) -> bool:
     return getattr(output, "logits", None) is not None
 
 
-Head = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 @contextlib.contextmanager
 def _deferred_head(model: nn.Module) -> Iterator[Head]:
     """While active, ``model(...).logits`` are the final hidden states and the yielded head
-    turns them into logits, so that only ``POSITIONS`` positions × vocab exist at once. A model
-    whose output layer is not a plain nn.Linear, or that rescales logits after it, yields the
-    identity and keeps its full logits."""
+    turns them into logits a slice of the vocabulary at a time (``lorq.logits``). A model whose
+    output layer is not a plain nn.Linear, or that rescales logits after it, keeps its full
+    logits and yields ``Head()``."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or any(getattr(config, k, None) for k in LOGIT_RESCALING):
-        yield _identity
+        yield Head()
         return
     try:
         model.set_output_embeddings(nn.Identity())
     except (AttributeError, NotImplementedError):  # no setter: keep the full logits
-        yield _identity
+        yield Head()
         return
     try:
-        yield head
+        yield Head(head)
     finally:
         model.set_output_embeddings(head)
 
 
-def _token_sums(
-    outputs: torch.Tensor,
-    head: Head,
-    ids: torch.Tensor,
-    ref_outputs: torch.Tensor | None,
-    ref_head: Head,
-) -> tuple[float, float]:
-    """Σ −log p(x_t+1 | x_≤t) and Σ_t KL(p_ref ‖ p) of one batch, ``POSITIONS`` positions at a
-    time: logits = head(outputs[:, chunk]) (outputs: logits, or hidden states with the head)."""
-    nll = kl = 0.0
-    for start in range(0, ids.shape[1], POSITIONS):
-        stop = min(start + POSITIONS, ids.shape[1])
-        logp = torch.log_softmax(head(outputs[:, start:stop]).float(), dim=-1)
-        targets = ids[:, start + 1 : stop + 1]  # the next tokens; the last position has none
-        nll -= float(logp[:, : targets.shape[1]].gather(-1, targets[..., None]).sum())
-        if ref_outputs is not None:
-            ref_logits = ref_head(ref_outputs[:, start:stop]).float().to(logp.device)
-            ref_logp = torch.log_softmax(ref_logits, dim=-1)
-            kl += float(torch.sum(ref_logp.exp() * (ref_logp - logp)))
-    return nll, kl
+def _forward(model: nn.Module, ids: torch.Tensor):
+    """``model(input_ids=ids)`` without a key/value cache where the model has one: one pass
+    over the whole block needs none, and the cache would hold every layer's keys and values."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return model(input_ids=ids)
+    return model(input_ids=ids, use_cache=False)
 
 
 @torch.no_grad()
@@ -187,14 +166,14 @@ def _evaluate(model, blocks, reference, batch_size, progress, label, head, ref_h
     causal = True
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start : start + batch_size].to(device)
-        out = model(input_ids=ids)
-        ref = (
-            reference(input_ids=ids.to(next(reference.parameters()).device)) if reference else None
-        )
+        out = _forward(model, ids)
+        ref = None
+        if reference is not None:
+            ref = _forward(reference, ids.to(next(reference.parameters()).device))
         causal = _is_causal(out)
         if causal:
             ref_logits = None if ref is None else ref.logits
-            block_nll, block_kl = _token_sums(out.logits, head, ids, ref_logits, ref_head)
+            block_nll, block_kl = token_sums(out.logits, head, ids, ref_logits, ref_head)
             nll, kl = nll + block_nll, kl + block_kl
             tokens += ids[:, 1:].numel()
             positions += ids.numel() if ref is not None else 0
