@@ -1,7 +1,9 @@
-"""Measurements: reconstruction error of quantized weights (more metrics join as stages land).
+"""Measurements: reconstruction error and size of quantized weights, and a model's perplexity,
+KL divergence to a reference and embedding cosine on token blocks.
 
 relative error = sqrt(Σ_i ‖W_i − Q_i‖²_F / Σ_i ‖W_i‖²_F)   over the matrices of a model
 bits / param   = 8 · Σ_i nbytes(Q_i) / Σ_i numel(W_i)      (every stored buffer counted)
+perplexity, KL: see EvalResult; the sums over the vocabulary are lorq.logits'
 """
 
 from __future__ import annotations
