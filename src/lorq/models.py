@@ -126,7 +126,7 @@ def _from_pretrained(
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs["local_files_only"] = local
     # The tokenizer first: reading it from a GGUF file parses the whole vocabulary into Python
-    # objects (~250 MB for SmolLM2's), transient, and better spent before the weights exist.
+    # objects (+170 MB of RSS for SmolLM2's), transient, and better spent before the weights exist.
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     gguf = _packed_gguf(source) if packed else None
     if gguf is not None:
