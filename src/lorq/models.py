@@ -108,14 +108,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _packed_gguf(source: ModelSource) -> Path | None:
-    """The local GGUF file of ``source`` when lorq can load it with Q4_1 layers kept packed."""
-    from lorq.io.gguf_model import can_load_packed
+def _packed_gguf(source: ModelSource, config) -> Path | None:
+    """The local GGUF file of ``source`` when lorq can load it with Q4_1 layers kept packed
+    (``config``: transformers' reading of its metadata, so the file is not parsed again)."""
+    from lorq.io.gguf import ARCHITECTURE
 
-    if source.gguf_file is None:
+    if source.gguf_file is None or getattr(config, "model_type", None) != ARCHITECTURE:
         return None
     path = Path(source.path) / source.gguf_file
-    return path if path.is_file() and can_load_packed(path) else None
+    return path if path.is_file() else None
 
 
 def _from_pretrained(
@@ -128,13 +129,13 @@ def _from_pretrained(
     # The tokenizer first: reading it from a GGUF file parses the whole vocabulary into Python
     # objects (+170 MB of RSS for SmolLM2's), transient, and better spent before the weights exist.
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
-    gguf = _packed_gguf(source) if packed else None
+    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    gguf = _packed_gguf(source, config) if packed else None
     if gguf is not None:
         from lorq.io.gguf_model import load_packed
 
-        model = load_packed(gguf, dtype)
+        model = load_packed(gguf, dtype, config)
     else:
-        config = AutoConfig.from_pretrained(source.path, **kwargs)
         auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
         model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
     if source.gguf_file:  # the GGUF weights were dequantized: a plain float model from here on

@@ -5,8 +5,6 @@ packed model gives bit-identical layers to compressing the dense one (same W, de
 an incomplete file is refused by name.
 """
 
-import os
-
 import pytest
 import torch
 from conftest import tiny_llama
@@ -15,7 +13,7 @@ from torch import nn
 
 from lorq.config import CompressConfig
 from lorq.io.gguf import llama_tensors
-from lorq.io.gguf_model import can_load_packed, load_packed
+from lorq.io.gguf_model import load_packed
 from lorq.models import load_model
 from lorq.nn import QuantLinear
 from lorq.pipeline import compress
@@ -125,9 +123,11 @@ def test_listed_tensors_read_the_files_bytes(tmp_path):
         last.dense()
 
 
-def test_can_load_packed(tmp_path):
-    _, path = export(tiny_llama(), tmp_path / "m.gguf")
-    assert can_load_packed(path)
-    (tmp_path / "x.gguf").write_text("hello")
-    assert not can_load_packed(tmp_path / "x.gguf")
-    assert sorted(os.listdir(tmp_path)) == ["m.gguf", "x.gguf"]
+def test_packed_flag_loads_other_sources_densely(tmp_path):
+    """A transformers folder has no Q4_1 codes to keep: packed=True loads it as saved."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "hf")
+    loaded = load_model(str(tmp_path / "hf"), with_tokenizer=False, packed=True).model
+    assert not any(isinstance(m, QuantLinear) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)

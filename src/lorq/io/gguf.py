@@ -83,16 +83,6 @@ def _open(path: Path):
     return reader
 
 
-def gguf_architecture(path: Path) -> str | None:
-    """``general.architecture`` of a GGUF file; None when it is not a readable GGUF file."""
-    from gguf import GGUFReader
-
-    try:
-        return _field(GGUFReader(path), "general.architecture")
-    except (ValueError, IndexError, OSError):
-        return None
-
-
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     return default if field is None else field.contents()

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lorq.io.gguf import ARCHITECTURE, MAX_LISTED, LlamaTensor, gguf_architecture, llama_tensors
+from lorq.io.gguf import MAX_LISTED, LlamaTensor, llama_tensors
 from lorq.nn import QuantLinear
 from lorq.surgery import set_module
 
-
-def can_load_packed(path: str | Path) -> bool:
-    """Whether ``path`` is a GGUF file of the one architecture :func:`load_packed` reads."""
-    return gguf_architecture(Path(path)) == ARCHITECTURE
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -57,13 +56,19 @@ def _pack_linear(model: nn.Module, tensor: LlamaTensor) -> bool:
     return True
 
 
-def load_packed(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The causal LM of a LLaMA GGUF file, Q4_1 linears as QuantLinear, the rest in ``dtype``."""
+def load_packed(
+    path: str | Path, dtype: torch.dtype = torch.float32, config: PretrainedConfig | None = None
+) -> nn.Module:
+    """The causal LM of a LLaMA GGUF file, Q4_1 linears as QuantLinear, the rest in ``dtype``.
+
+    ``config``: transformers' config of the file when the caller has read it already.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if config is None:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = [t for t in llama_tensors(path) if t.param is not None]
