@@ -289,6 +289,11 @@ class CompressConfig(_Serializable):
                 f"zero point to merge the adapter into); allowed: {', '.join(int_presets)}"
             )
 
+    @property
+    def plan_method(self) -> str:
+        """The budget planner's name for this method (plain quantization is ``"none"``)."""
+        return "none" if self.method == "nf" else self.method
+
     def decompose_config(self, quant: QuantConfig) -> DecomposeConfig:
         """The DecomposeConfig of one matrix quantized with ``quant``."""
         method: Literal["loftq", "lq"] = "loftq" if self.method == "loftq" else "lq"

@@ -86,13 +86,10 @@ def token_sums(
         cols = slice(start, min(start + VOCAB_CHUNK, vocab))
         z = head.logits(outputs, cols)
         target += _picked(z[:, :-1], ids[:, 1:], cols)
-        ref_z = None
-        if ref_outputs is not None:
+        if ref_outputs is not None:  # weights z_ref − z, taken before lse.add overwrites z
             ref_z = (ref_head or head).logits(ref_outputs, cols).to(z.device)
-        log_ratio = None if ref_z is None else z.neg().add_(ref_z)  # z_ref − z
+            ref_lse.add(ref_z, z.neg().add_(ref_z))
         lse.add(z)
-        if ref_z is not None:
-            ref_lse.add(ref_z, log_ratio)
     log_total = lse.log_total()
     nll = float((log_total[:, :-1] - target).sum())
     if ref_outputs is None:

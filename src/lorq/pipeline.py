@@ -87,7 +87,7 @@ def plan_budgets_for(
         DenseWeights(targets),
         budgets,
         config.candidates,
-        "none" if config.method == "nf" else config.method,
+        config.plan_method,
         config.rank,
         fisher if config.fisher else None,
         iters=config.plan_iters,
@@ -157,7 +157,7 @@ def check_plan(
 ) -> None:
     """A given plan must be for this budget, method, rank and (when given, {name: (out, in)})
     these target matrices."""
-    method = "none" if config.method == "nf" else config.method
+    method = config.plan_method
     if config.budget != plan.budget or method != plan.method:
         raise ValueError(
             f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "

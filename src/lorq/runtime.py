@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
 THRESHOLD_BYTES = 1 << 20
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc on Linux (mallopt, malloc_trim), else None."""
     if not sys.platform.startswith("linux"):

@@ -160,8 +160,9 @@ def plan_budgets(
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
     if shapes:  # the feasible range depends on shapes only: fail before the expensive table
         bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes.values()])
+        numels = np.array([a * b for a, b in shapes.values()])
         for budget_bits in budgets:
-            check_budget(bits, np.array([a * b for a, b in shapes.values()]), budget_bits)
+            check_budget(bits, numels, budget_bits)
     start = time.perf_counter()
     config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
     table = cost_table(matrices, grid, method, config, fisher, progress)

@@ -42,11 +42,11 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
 
 
-def _pack_linear(model: nn.Module, tensor: LlamaTensor) -> bool:
-    """Replace the nn.Linear holding ``tensor`` by a QuantLinear over its codes; False if none."""
+def _pack_linear(model: nn.Module, tensor: LlamaTensor, output: nn.Module | None) -> bool:
+    """Replace the nn.Linear holding ``tensor`` by a QuantLinear over its codes; False if none
+    (or if it is ``output``, the output layer, which stays dense)."""
     module_name = (tensor.param or "").removesuffix(".weight")
     module = model.get_submodule(module_name) if tensor.param else None
-    output = model.get_output_embeddings()
     if not isinstance(module, nn.Linear) or module is output or not tensor.is_q4_1_matrix:
         return False
     layer = QuantLinear(tensor.quantized())
@@ -72,7 +72,8 @@ def load_packed(
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = [t for t in llama_tensors(path) if t.param is not None]
-    dense = [t for t in tensors if not _pack_linear(model, t)]
+    output = model.get_output_embeddings()
+    dense = [t for t in tensors if not _pack_linear(model, t, output)]
     for tensor in dense:
         _assign(model, tensor.param, tensor.dense())
     if getattr(model.config, "tie_word_embeddings", False):
