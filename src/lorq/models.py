@@ -127,7 +127,7 @@ def _from_pretrained(
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     kwargs["local_files_only"] = local
     # The tokenizer first: reading it from a GGUF file parses the whole vocabulary into Python
-    # objects (+170 MB of RSS for SmolLM2's), transient, and better spent before the weights exist.
+    # objects, a large transient better spent before the weights exist.
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
     config = AutoConfig.from_pretrained(source.path, **kwargs)
     gguf = _packed_gguf(source, config) if packed else None

@@ -151,8 +151,8 @@ class LlamaTensor:
     """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none).
 
     It keeps where the bytes are, not the file's reader: the reader's parsed metadata (the
-    vocabulary alone keeps ~75 MB of Python objects for SmolLM2) and its memory map are released
-    once the listing is made, and each tensor's bytes are read when asked for.
+    vocabulary as Python objects) and its memory map are released once the listing is made, and
+    each tensor's bytes are read when asked for.
     """
 
     param: str | None  # e.g. ``model.layers.0.self_attn.q_proj.weight``
