@@ -70,7 +70,8 @@ from rich.console import Console
 from rich.table import Table
 
 import lorq
-from lorq.config import DecomposeConfig, QuantConfig
+from lorq.config import DecomposeConfig
+from lorq.quant import NFConfig, QuantConfig
 
 try:
     import bitsandbytes
@@ -86,7 +87,7 @@ REF_BLOCK = 64  # bitsandbytes' NF4 blocksize, used by PEFT's loftq_init
 PRESET = {4: QuantConfig.preset("nf4"), 3: QuantConfig.preset("nf3")}
 MATCHED = {
     4: QuantConfig.preset("nf4-fp32-scales"),
-    3: QuantConfig(format="nf", bits=3, block_size=REF_BLOCK, scale_bits=None),
+    3: NFConfig(bits=3, block_size=REF_BLOCK, scale_bits=None),
 }
 LOFTQ_ITERS = 5
 REF_ITERS = (1, 5)

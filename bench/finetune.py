@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 METHODS = {
-    "plain NF": dict(method="nf"),
+    "plain NF": dict(method="plain"),
     "LoftQ": dict(method="loftq"),
     "LQ-LoRA + Fisher": dict(method="lq", fisher=True),
 }

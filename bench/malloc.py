@@ -57,7 +57,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="lorq-bench-malloc-") as tmp:
         loaded = load_model("smollm2")
-        result = lorq.compress(loaded.model, lorq.CompressConfig(method="nf", quant="nf3"))
+        result = lorq.compress(loaded.model, lorq.CompressConfig(method="plain", quant="nf3"))
         lorq.save(result.model, Path(tmp) / "m", loaded.tokenizer)
         del loaded, result
         print("| mmap threshold | peak RSS | time per step |\n|---|---|---|")

@@ -1,9 +1,10 @@
 """Peak memory of each phase of ``lorq compress``: loading, each evaluation, each compression,
 saving (Linux: the process's VmHWM, reset through /proc/self/clear_refs when a phase starts).
 
-The CLI runs in this process exactly as ``lorq compress ARGS`` would, with its loading,
-compression, evaluation and save functions wrapped to record RSS at their start, their peak and
-their end (anonymous and file-backed RSS at the end, from /proc/self/status).
+The CLI runs in this process exactly as ``lorq compress ARGS`` would, with the library's loading,
+compression, evaluation and save functions (what ``lorq.compress_model`` and ``lorq.save`` call)
+wrapped to record RSS at their start, their peak and their end (anonymous and file-backed RSS at
+the end, from /proc/self/status).
 
     python bench/phases.py                      # the default job, into /tmp/bench-phases
     python bench/phases.py -- --eval-blocks 4   # extra arguments go to lorq compress
@@ -69,17 +70,17 @@ def main() -> None:
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("bench/phases.py needs Linux (/proc/self/clear_refs)")
 
-    import lorq.cli.verbs as verbs
+    import lorq.compress
     import lorq.evaluate
     import lorq.io
-    import lorq.pipeline
+    import lorq.models
     from lorq.cli import app
 
     after_imports = status()
     phases: list[dict] = []
     for module, name in (
-        (verbs, "load_quietly"),
-        (lorq.pipeline, "compress"),
+        (lorq.models, "load_model"),
+        (lorq.compress, "compress"),
         (lorq.evaluate, "evaluate_model"),
         (lorq.io, "save"),
     ):

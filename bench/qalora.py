@@ -26,10 +26,11 @@ import torch
 import lorq
 from lorq.data import TextConfig, load_blocks
 from lorq.evaluate import compressed_bits, evaluate_model
+from lorq.export.gguf import export_gguf
 from lorq.io.gguf import read_gguf_quantized
-from lorq.io.quantized_export import export_gguf
+from lorq.io.native import model_meta, set_model_meta
 from lorq.models import load_model
-from lorq.pipeline import merge_qa_lora
+from lorq.qa_lora import merge_qa_lora
 from lorq.surgery import find_targets, shared_copy
 from lorq.train import FinetuneConfig, finetune
 
@@ -53,11 +54,9 @@ def measure(model, blocks, original) -> dict:
 def gguf_round_trip(model, loaded, blocks, original, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    meta = {
-        "hf_config": original.config.to_dict(),
-        "source": {"path": loaded.source.path, "gguf_file": loaded.source.gguf_file},
-    }
-    export_gguf(model, meta, work / "merged.gguf", None, True)
+    source = {"path": loaded.source.path, "gguf_file": loaded.source.gguf_file}
+    set_model_meta(model, {**model_meta(model), "source": source})
+    export_gguf(model, work / "merged.gguf", overwrite=True)
     back = AutoModelForCausalLM.from_pretrained(work, gguf_file="merged.gguf").eval()
     with torch.no_grad():
         diff = (back(input_ids=blocks[:1]).logits - model(input_ids=blocks[:1]).logits).abs()

@@ -30,18 +30,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorq.compress import compress, plan_budgets_for
 from lorq.config import CompressConfig
 from lorq.data import TextConfig, load_blocks
 from lorq.evaluate import compressed_bits, evaluate_model
 from lorq.fisher import estimate_fisher
 from lorq.models import load_model
-from lorq.pipeline import compress, plan_budgets_for
 from lorq.surgery import find_targets, set_module, shared_copy
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 METHODS = {
-    "plain NF": dict(method="nf"),
+    "plain NF": dict(method="plain"),
     "LoftQ": dict(method="loftq", rank=16),
     "LQ-LoRA": dict(method="lq", rank=16),
     "LQ-LoRA + Fisher": dict(method="lq", rank=16, fisher=True),
@@ -341,7 +341,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         result = compress(
-            shared_copy(original), CompressConfig(method="nf", quant=preset, include=include)
+            shared_copy(original), CompressConfig(method="plain", quant=preset, include=include)
         )
         bits_q, bits_total = compressed_bits(result.model)
         record(

@@ -10,7 +10,7 @@ For every target linear weight (``lorq.surgery.find_targets``) of the built-in m
                          calls per matrix (time.perf_counter; the machine is shared and noisy);
 * dequantize throughput  the same for decoding back to a dense fp32 tensor.
 
-Quantizers: every lorq preset (``QuantConfig.PRESETS``; a preset whose block_size does not divide
+Quantizers: every lorq preset (``lorq.presets()``; a preset whose block_size does not divide
 a matrix is skipped for that model, and the table says why), and bitsandbytes NF4 (blocksize 64)
 without and with double quantization (``compress_statistics``), run on the CPU in the same
 process, on the same matrices, interleaved matrix by matrix and round by round (each compared
@@ -52,7 +52,8 @@ from rich.console import Console
 from rich.table import Table
 
 import lorq
-from lorq.config import QuantConfig
+from lorq.quant import QuantConfig
+from lorq.quant import presets as lorq_presets
 
 try:
     import bitsandbytes
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=200)  # wide enough that no table cell wraps
     started = time.perf_counter()
     bnb_methods = [bnb_method(False), bnb_method(True)]
-    presets = [*map(lorq_method, QuantConfig.PRESETS)]
+    presets = [*map(lorq_method, lorq_presets())]
     plans: list[tuple[str, Callable[[], list[torch.Tensor]], list[Method], int]] = [
         (name, lambda name=name: model_weights(name), presets, args.repeats) for name in models
     ]

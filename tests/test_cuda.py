@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
+from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.nn import QuantLoraLinear
-from lorq.pipeline import compress
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -31,7 +31,8 @@ def meta_q(shape: tuple[int, int]) -> QuantizedTensor:
         empty(packed_nbytes(numel, 4), torch.uint8),
         empty(packed_nbytes(blocks, 4), torch.uint8),
     )
-    return QuantizedTensor(QUANT, shape, codes, empty(blocks, torch.float16), zeros)
+    buffers = {"codes": codes, "scales": empty(blocks, torch.float16), "zeros": zeros}
+    return QuantizedTensor(QUANT, shape, buffers)
 
 
 def qa_lora_layer(module: torch.nn.Module) -> QALoraLinear:

@@ -5,10 +5,11 @@ recomputed here, GPTQ's proxy loss below RTN's, and merged vs unmerged logits.""
 import pytest
 import torch
 
+from lorq.compress import compress, plan_budgets_for
 from lorq.config import CompressConfig, QuantConfig
 from lorq.evaluate import compressed_bits, evaluate_model, model_nbytes
 from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
-from lorq.pipeline import compress, merge_qa_lora, plan_budgets_for
+from lorq.qa_lora import merge_qa_lora
 from lorq.surgery import find_targets, shared_copy
 
 
@@ -81,7 +82,7 @@ def kl(model, reference, blocks):
 @pytest.mark.parametrize("setting", [{"quant": "nf3"}, {"quant": "nf2"}, {"budget": 2.5}])
 def test_lq_lora_closer_to_original_than_plain(llama, setting):
     blocks = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    plain = compress(shared_copy(llama), CompressConfig(method="nf", rank=8, **setting)).model
+    plain = compress(shared_copy(llama), CompressConfig(method="plain", rank=8, **setting)).model
     lq = compress(shared_copy(llama), CompressConfig(method="lq", rank=8, **setting)).model
     assert kl(lq, llama, blocks) < kl(plain, llama, blocks)
 
@@ -102,7 +103,7 @@ def test_nf_method_starts_at_plain_quantization(llama):
 
     target = "model.layers.0.mlp.up_proj"
     weight = llama.get_submodule(target).weight.detach().clone()
-    compress(llama, CompressConfig(method="nf", quant="nf4", rank=4))
+    compress(llama, CompressConfig(method="plain", quant="nf4", rank=4))
     layer = llama.get_submodule(target)
     assert torch.all(layer.lora_B == 0)
     assert torch.equal(layer.q.dequantize(), quantize(weight, "nf4").dequantize())

@@ -1,18 +1,22 @@
 """lorq: quantized + low-rank adaptation and compression of large language models.
 
 W ≈ Q + s·B·A: a frozen, bit-packed quantized part Q and a small trainable low-rank part B·A.
+Every job is one call: ``compress_model``, ``finetune``, ``merge``, ``export``; ``save`` / ``load``
+read and write lorq's own directory.
 """
 
-__version__ = "0.1.0"
-
+from lorq._version import __version__
 from lorq.budget import BudgetPlan, plan_budget
-from lorq.config import CompressConfig, DecomposeConfig, QuantConfig
+from lorq.compress import CompressResult, compress, compress_model
+from lorq.config import CompressConfig, DecomposeConfig
 from lorq.decompose import Decomposition, decompose
+from lorq.export import export, export_targets
+from lorq.finetune import finetune_model as finetune
 from lorq.fisher import estimate_fisher
 from lorq.io import load, save
-from lorq.pipeline import CompressResult, compress
-from lorq.quant import quantize
-from lorq.quant.tensor import QuantizedTensor
+from lorq.merge import MergeResult, merge
+from lorq.quant import QuantConfig, QuantizedTensor, formats, presets, quantize
+from lorq.train import FinetuneConfig
 
 __all__ = [
     "BudgetPlan",
@@ -20,14 +24,23 @@ __all__ = [
     "CompressResult",
     "DecomposeConfig",
     "Decomposition",
+    "FinetuneConfig",
+    "MergeResult",
     "QuantConfig",
     "QuantizedTensor",
     "__version__",
     "compress",
+    "compress_model",
     "decompose",
     "estimate_fisher",
+    "export",
+    "export_targets",
+    "finetune",
+    "formats",
     "load",
+    "merge",
     "plan_budget",
+    "presets",
     "quantize",
     "save",
 ]

@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorq.config import QuantConfig
 from lorq.logits import Head, token_sums
 from lorq.progress import Progress, no_progress
-from lorq.quant import quantize
+from lorq.quant import QuantConfig, quantize
 
+EVAL_SEQ_LEN = 256  # tokens per evaluation block of the jobs (lorq compress, lorq eval)
 # config fields of causal LMs that transform logits after the output layer (full logits kept)
 LOGIT_RESCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -192,3 +193,77 @@ def _evaluate(model, blocks, reference, batch_size, progress, label, head, ref_h
         perplexity=float(torch.exp(torch.tensor(nll / tokens))),
         kl=kl / positions if reference is not None else None,
     )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One row of a results table; the model itself can be freed once measured."""
+
+    label: str
+    bits: tuple[float | None, float | None]  # Q alone, with B, A in bf16 (None: not quantized)
+    megabytes: float  # every parameter and buffer in memory
+    result: EvalResult
+
+
+def measure(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    reference: nn.Module | None,
+    label: str,
+    progress: Progress = no_progress,
+    quantized: bool = True,
+) -> Measurement:
+    """Evaluate ``model`` (KL / cosine to ``reference`` when given), its bits and its size."""
+    from lorq.runtime import release_free_memory
+
+    result = evaluate_model(
+        model, blocks, reference, progress=progress, label=f"evaluating {label}"
+    )
+    release_free_memory()
+    bits = compressed_bits(model) if quantized else (None, None)
+    return Measurement(label, bits, model_nbytes(model) / 1e6, result)
+
+
+def evaluation_summary(rows: list[Measurement]) -> dict[str, float | None] | None:
+    """What lorq.json records of a job's rows: the original's and the result's numbers."""
+    if not rows:
+        return None
+    first, last = rows[0].result, rows[-1].result
+    return {
+        "original_perplexity": first.perplexity,
+        "perplexity": last.perplexity,
+        "kl": last.kl,
+        "cosine": last.cosine,
+    }
+
+
+def evaluate_saved(
+    path: str | Path,
+    eval_blocks: int = 16,
+    reference: bool = True,
+    progress: Progress = no_progress,
+) -> tuple[list[Measurement], str | None]:
+    """The ``lorq eval`` job: rows for a saved lorq model (and its source, for KL / cosine).
+
+    Returns the rows and, when the source was wanted but could not be loaded, why not.
+    """
+    from lorq.data import TextConfig, load_blocks
+    from lorq.io import load_with_tokenizer
+    from lorq.io.native import model_meta
+    from lorq.models import load_model
+
+    model, tokenizer = load_with_tokenizer(path)
+    config = TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=eval_blocks)
+    blocks = load_blocks(tokenizer, config, "evaluation")
+    source = (model_meta(model).get("source") or {}).get("model")
+    original, missing = None, None
+    if reference and source:
+        try:
+            original = load_model(source, with_tokenizer=False).model
+        except (FileNotFoundError, ValueError) as err:
+            missing = str(err)
+    rows = []
+    if original is not None:
+        rows.append(measure(original, blocks, None, "original", progress, quantized=False))
+    rows.append(measure(model, blocks, original, str(path), progress))
+    return rows, missing

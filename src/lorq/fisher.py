@@ -1,4 +1,5 @@
-"""Empirical diagonal Fisher information of the target weights (LQ-LoRA §3.2, ALGORITHMS.md §2.3).
+"""Empirical diagonal Fisher information of the target weights (LQ-LoRA §3.2;
+docs/algorithms.md §2.4).
 
     F_W = Σ_{samples b} (∂ℓ_b / ∂W)²        ℓ_b: next-token loss of calibration sequence b
     shape of F_W = shape of W in lorq's (out × in) layout (GPT-2 Conv1D gradients are transposed)

@@ -1,4 +1,4 @@
-"""Layer-input Hessians for GPTQ rounding (ALGORITHMS.md §1.3).
+"""Layer-input Hessians for GPTQ rounding (docs/algorithms.md §1.7).
 
 For a linear layer y = x Wᵀ (+ b) with W (out × in), the proxy loss ‖X Wᵀ − X Qᵀ‖²_F / N has the
 Hessian (with respect to each row of W)

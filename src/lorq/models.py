@@ -92,6 +92,20 @@ def resolve(name_or_path: str) -> ModelSource:
     return ModelSource(name_or_path, name_or_path)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def source_nbytes(source: ModelSource) -> int | None:
+    """Bytes of a source's weight files on disk (a GGUF: the file), None when not local."""
+    path = Path(source.path)
+    if source.gguf_file:
+        file = path / source.gguf_file
+        return file.stat().st_size if file.is_file() else None
+    if not path.is_dir():
+        return None
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+
+
 def _is_causal(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
 

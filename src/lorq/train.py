@@ -76,8 +76,10 @@ class FinetuneConfig(_Serializable):
             raise ValueError(f"warmup={self.warmup!r} is not supported; allowed: a ratio in [0, 1)")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every!r} is not supported; allowed: ≥ 0")
-        if isinstance(self.trainable, list):
-            object.__setattr__(self, "trainable", tuple(self.trainable))
+        object.__setattr__(self, "trainable", tuple(self.trainable or ()))
+
+
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from lorq.budget import (
     plan_budgets,
     solve,
 )
+from lorq.quant import IntConfig
 
 PRESETS = ["nf2", "nf3", "nf4", "int4-g32", "nf8"]
 
@@ -91,7 +92,7 @@ def test_cost_table_matches_decompose(matrices):
             d = decompose(weight, DecomposeConfig(rank=4, iters=1, quant=quant))
             assert table.cost[i, c] == pytest.approx(d.error**2, rel=1e-5)
             assert table.bits[i, c] == 8 * d.q.nbytes
-    plain = cost_table(matrices, grid, "none")
+    plain = cost_table(matrices, grid, "plain")
     w = next(iter(matrices.values()))
     assert plain.cost[0, 0] == pytest.approx(
         float((quantize(w, grid[0]).dequantize() - w).norm() ** 2)
@@ -99,7 +100,7 @@ def test_cost_table_matches_decompose(matrices):
     assert np.all(table.cost < plain.cost)  # the low-rank part always helps
 
 
-@pytest.mark.parametrize("method", ["lq", "loftq", "none"])
+@pytest.mark.parametrize("method", ["lq", "loftq", "plain"])
 def test_plan_respects_budget_and_beats_uniform(matrices, method):
     grid = ["nf2", "nf3", "nf4"]
     uniform = cost_table(matrices, candidate_grid(grid), method, DecomposeConfig(rank=4, iters=1))
@@ -146,7 +147,7 @@ def test_grids():
     default = candidate_grid("default")
     assert len(default) == 16
     assert min(c.nominal_bits for c in default) == pytest.approx(2 + 8 / 128 + 32 / (128 * 256))
-    assert all(c.format == "int" for c in candidate_grid("int"))
+    assert all(isinstance(c, IntConfig) for c in candidate_grid("int"))
 
 
 def test_one_table_serves_many_budgets(matrices):

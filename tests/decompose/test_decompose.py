@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
+from lorq.quant import NFConfig
 from lorq.quant.codebook import nf_levels
 
-NF4 = QuantConfig(bits=4, block_size=64, scale_bits=None)
+NF4 = NFConfig(bits=4, block_size=64, scale_bits=None)
 
 
 def spread(out, rank, generator):

@@ -11,12 +11,12 @@ from conftest import tiny_llama
 from test_gguf import export, tied_llama
 from torch import nn
 
+from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.io.gguf import llama_tensors
 from lorq.io.gguf_model import load_packed
 from lorq.models import load_model
 from lorq.nn import QuantLinear
-from lorq.pipeline import compress
 from lorq.surgery import find_targets, shared_copy
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_load_model_packed_flag(tmp_path):
     [
         CompressConfig(method="lq", quant="nf3", rank=4),
         CompressConfig(method="loftq", budget=3.0, rank=4),
-        CompressConfig(method="nf", budget=2.75, rank=4),
+        CompressConfig(method="plain", budget=2.75, rank=4),
         CompressConfig(method="qa-lora", quant="int3-g32-fmin", rank=4),
     ],
     ids=["lq-nf3", "loftq-budget", "nf-budget", "qa-lora"],

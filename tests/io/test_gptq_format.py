@@ -18,6 +18,7 @@ from lorq.io.gptq import (
     to_gptq,
     write_gptq_checkpoint,
 )
+from lorq.quant import IntConfig
 from lorq.surgery import dense_weight, find_targets
 
 INT_PRESETS = ["int2-g32", "int3-g32", "int4-g32", "int8-g128"]
@@ -118,8 +119,8 @@ def test_zero_point_zero_needs_v2():
     ("config", "match"),
     [
         (QuantConfig.preset("q4_1"), "integer zero.*int4-g32"),
-        (QuantConfig.preset("nf4"), "format='nf'"),
-        (QuantConfig(format="int", bits=4, block_size=32, scale_dtype="bf16"), "fp16"),
+        (QuantConfig.preset("nf4"), "nf4 cannot be written as GPTQ"),
+        (IntConfig(bits=4, block_size=32, scale_dtype="bf16"), "fp16"),
     ],
 )
 def test_unsupported_configs_are_value_errors(config, match):
@@ -214,7 +215,7 @@ def test_checkpoint_refuses_to_overwrite_and_mixed_configs(tmp_path):
         (QuantConfig.preset("int4-g32"), "gptq"),
         (QuantConfig.preset("int3-g32"), "gptq"),
         (QuantConfig.preset("int2-g32"), "gptq_v2"),
-        (QuantConfig(format="int", bits=8, block_size=32), "gptq"),
+        (IntConfig(bits=8, block_size=32), "gptq"),
     ],
 )
 def test_transformers_loads_the_checkpoint(tmp_path, config, checkpoint_format):

@@ -1,6 +1,6 @@
 """QALoraLinear and QuantLinear. Oracles: F.linear on the dequantized weight, an independent dense
 x(Q + s·B·Ā)ᵀ with Ā built column by column, the fp16 rounding bound of the merged mins, the
-zero-point formula of ALGORITHMS.md §2.4 recomputed here, and the untouched source layer."""
+zero-point formula of docs/algorithms.md §2.5 recomputed here, and the untouched source layer."""
 
 import pytest
 import torch
@@ -8,8 +8,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorq import QuantConfig, quantize
-from lorq.nn import MergeError, QALoraLinear, QuantLinear, QuantLoraLinear
+from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
 from lorq.quant.packing import unpack
+from lorq.quant.tensor import MergeError
 
 IN, OUT, RANK = 128, 96, 8
 
@@ -184,8 +185,8 @@ def test_errors(linear):
         QALoraLinear.from_linear(linear, _q("nf4"), RANK)
     with pytest.raises(ValueError, match="in_features=48 is not a multiple of"):
         QALoraLinear.from_linear(nn.Linear(48, 16), _q("int4-g32"), RANK)
-    with pytest.raises(ValueError, match="group_size=64 differs from the quantization group"):
-        QALoraLinear.from_linear(linear, _q("int4-g32"), RANK, group_size=64)
+    with pytest.raises(ValueError, match="block_size=64 differs from the quantization group"):
+        QALoraLinear.from_linear(linear, _q("int4-g32"), RANK, block_size=64)
     q = quantize(linear.weight.detach(), "int4-g32")
     with pytest.raises(ValueError, match=r"lora_A .* do not fit"):
         QALoraLinear(q, torch.zeros(OUT, RANK), torch.zeros(RANK, IN), 1.0)

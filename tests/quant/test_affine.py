@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorq import QuantConfig, quantize
+from lorq import quantize
+from lorq.quant import FloatMinConfig, IntConfig
+
+AFFINE = {"int": IntConfig, "float": FloatMinConfig}
 
 
 def representable(bits, group, zero, rows=8, cols=128, seed=0):
@@ -28,7 +31,7 @@ def representable(bits, group, zero, rows=8, cols=128, seed=0):
 @pytest.mark.parametrize("zero", ["int", "float"])
 def test_representable_matrix_is_reproduced(bits, zero):
     w = representable(bits, 32, zero, seed=bits)
-    q = quantize(w, QuantConfig(format="int", bits=bits, block_size=32, zero=zero))
+    q = quantize(w, AFFINE[zero](bits=bits, block_size=32))
     torch.testing.assert_close(q.dequantize(), w, rtol=0, atol=2e-3 * w.abs().max().item())
 
 
@@ -40,7 +43,7 @@ def numpy_decode(q):
     codes = raw[: n * bits].reshape(n, bits) @ (1 << np.arange(bits - 1, -1, -1))
     codes = codes.reshape(-1, group).astype(np.float64)
     scale = q.scales.float().numpy().astype(np.float64)[:, None]
-    if q.config.zero == "int":
+    if isinstance(q.config, IntConfig):
         zraw = np.unpackbits(q.zeros.numpy())[: q.num_blocks * bits].reshape(-1, bits)
         zero = (zraw @ (1 << np.arange(bits - 1, -1, -1)))[:, None]
         out = scale * (codes - zero)
@@ -70,7 +73,7 @@ def test_error_falls_with_bits_and_group(matrix, zero, request):
     w = request.getfixturevalue(matrix)
 
     def err(bits, group):
-        q = quantize(w, QuantConfig(format="int", bits=bits, block_size=group, zero=zero))
+        q = quantize(w, AFFINE[zero](bits=bits, block_size=group))
         return float((q.dequantize() - w).norm())
 
     assert [err(b, 32) for b in (2, 3, 4, 8)] == sorted([err(b, 32) for b in (2, 3, 4, 8)])[::-1]

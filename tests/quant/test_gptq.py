@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lorq import QuantConfig, quantize
+from lorq.quant import IntConfig
 from lorq.quant.affine import affine_codes
 from lorq.quant.gptq import gptq_quantize, inverse_cholesky
 
@@ -53,7 +54,7 @@ def test_stored_layout_decodes_by_hand(preset):
     q = gptq_quantize(w, 2 / x.shape[0] * x.T @ x, QuantConfig.preset(preset))
     codes = q.codes_unpacked().float().view(-1, q.config.block_size)
     scales, zeros = q.scales.float()[:, None], q.block_zeros()[:, None]
-    int_zero = q.config.zero == "int"
+    int_zero = isinstance(q.config, IntConfig)
     expected = scales * (codes - zeros) if int_zero else scales * codes + zeros
     torch.testing.assert_close(q.dequantize(), expected.view(q.shape), rtol=0, atol=1e-6)
     assert q.nbytes == quantize(w, preset).nbytes
@@ -87,7 +88,7 @@ def test_block_columns_only_change_float_rounding():
 def test_group_larger_than_block_columns():
     """G = 256 > block_columns = 128: blocks are widened to whole groups (same result)."""
     x, w = correlated_inputs(size=512), weight(size=512)
-    h, config = 2 / x.shape[0] * x.T @ x, QuantConfig(format="int", bits=4, block_size=256)
+    h, config = 2 / x.shape[0] * x.T @ x, IntConfig(bits=4, block_size=256)
     q = gptq_quantize(w, h, config)
     assert output_error(x, w, q) < output_error(x, w, quantize(w, config))
 
@@ -113,7 +114,7 @@ def test_hopeless_hessian_is_a_clear_error():
 @pytest.mark.parametrize(
     ("w", "h", "preset", "match"),
     [
-        (weight(8, 64), torch.eye(64), "nf4", "format='nf'"),
+        (weight(8, 64), torch.eye(64), "nf4", "GPTQ rounds affine INT-k codes; nf4"),
         (weight(8, 64), torch.eye(32), "int4-g32", r"\(64, 64\)"),
         (weight(8, 48), torch.eye(48), "int4-g32", "does not divide"),
         (weight(8, 64), torch.full((64, 64), float("nan")), "int4-g32", "NaN"),

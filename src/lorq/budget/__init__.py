@@ -1,4 +1,5 @@
-"""Mixed precision under a bit budget: cost table + multiple-choice knapsack (ALGORITHMS.md §3)."""
+"""Mixed precision under a bit budget: cost table + multiple-choice knapsack
+(docs/algorithms.md §3)."""
 
 from lorq.budget.cost import CostTable, cost_table
 from lorq.budget.grid import candidate_grid

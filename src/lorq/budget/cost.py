@@ -3,7 +3,7 @@
     bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
     cost[i, c] = ‖√F_i ⊙ (W_i − Q_i − s·B_i·A_i)‖²_F         the decomposition under config c
 
-Methods: "none" (plain quantization, no low-rank part), "lq" and "loftq" (ALGORITHMS.md §2).
+Methods: "plain" (plain quantization, no low-rank part), "lq" and "loftq" (docs/algorithms.md §2).
 With ``iters=1`` LQ-LoRA's first step, svd_r(W), does not depend on the config: it is computed once
 per matrix and reused for every candidate, so the table costs one SVD and C quantizations per
 matrix. ``iters > 1`` (or LoftQ) runs the full decomposition per candidate.
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorq.config import DecomposeConfig, QuantConfig
+from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.decompose import decompose
 from lorq.decompose.common import LowRankStep, Weighting, check_rank
 from lorq.progress import Progress, no_progress
-from lorq.quant import quantize
-from lorq.quant.tensor import check_weight
+from lorq.quant import QuantConfig, quantize
+from lorq.quant.base import check_weight
 
-METHODS = ("none", "lq", "loftq")
+METHODS = ("plain", "lq", "loftq")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _row(
         return (*_row_lq_shared(weight, candidates, config, weighting), norm)
     bits, cost = [], []
     for candidate in candidates:
-        if method == "none":
+        if method == "plain":
             check_weight(weight)
             q = quantize(weight, candidate)
             err = weighting.error(weight - q.dequantize())
@@ -107,12 +107,13 @@ def cost_table(
     ``config`` gives rank, iterations, SVD and seed of the decomposition (its ``quant`` is
     replaced by each candidate); ``fisher``: {matrix name: F} (a missing name: unweighted).
     """
+    method = LEGACY_METHODS.get(method, method)
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     if not matrices:
         raise ValueError("no matrices to plan for (the model has no target linear layers)")
     config = config or DecomposeConfig(iters=1)
-    if method != "none":
+    if method != "plain":
         config = dataclasses.replace(config, method=method)
     advance = progress(f"cost table ({method}, r={config.rank})", len(matrices))
     rows, numels = [], []

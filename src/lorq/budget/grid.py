@@ -1,4 +1,4 @@
-"""Candidate quantization configs for the bit budget (ALGORITHMS.md §3).
+"""Candidate quantization configs for the bit budget (docs/algorithms.md §3).
 
 default  b ∈ {2, 3, 4, 8} × B0 ∈ {16, 32, 64, 128}, second level (b0 = 8, B1 = 256, fp32):
          16 NF configs from 2.06 to 8.51 bits/param, practical on a CPU
@@ -13,20 +13,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from lorq.config import QuantConfig
+from lorq.quant import IntConfig, NFConfig, QuantConfig, as_config
 
 BITS = (2, 3, 4, 8)
 
 
 def default_grid() -> tuple[QuantConfig, ...]:
-    return tuple(QuantConfig(bits=b, block_size=bs) for b in BITS for bs in (16, 32, 64, 128))
+    return tuple(NFConfig(bits=b, block_size=bs) for b in BITS for bs in (16, 32, 64, 128))
 
 
 def full_grid() -> tuple[QuantConfig, ...]:
     return tuple(
-        QuantConfig(
-            bits=b, block_size=bs, scale_bits=b0, scale_block_size=b1, super_scale_dtype=dtype
-        )
+        NFConfig(bits=b, block_size=bs, scale_bits=b0, scale_block_size=b1, super_scale_dtype=dtype)
         for b, b0, dtype, bs, b1 in itertools.product(
             BITS, BITS, ("fp16", "bf16", "fp32"), (16, 32, 64), (16, 64, 256)
         )
@@ -34,9 +32,7 @@ def full_grid() -> tuple[QuantConfig, ...]:
 
 
 def int_grid() -> tuple[QuantConfig, ...]:
-    return tuple(
-        QuantConfig(format="int", bits=b, block_size=g) for b in BITS for g in (32, 64, 128)
-    )
+    return tuple(IntConfig(bits=b, block_size=g) for b in BITS for g in (32, 64, 128))
 
 
 GRIDS = {"default": default_grid, "full": full_grid, "int": int_grid}
@@ -48,7 +44,7 @@ def candidate_grid(candidates: str | Sequence[str | QuantConfig]) -> tuple[Quant
         if candidates in GRIDS:
             return GRIDS[candidates]()
         candidates = [c.strip() for c in candidates.split(",") if c.strip()]
-    configs = [QuantConfig.preset(c) if isinstance(c, str) else c for c in candidates]
+    configs = [as_config(c) for c in candidates]
     if not configs:
         raise ValueError(
             f"no candidate configs given; pass a grid name ({', '.join(GRIDS)}) or preset names"

@@ -1,4 +1,5 @@
-"""The bit budget as a multiple-choice knapsack, solved by scipy's MILP (HiGHS) — ALGORITHMS.md §3.
+"""The bit budget as a multiple-choice knapsack, solved by scipy's MILP (HiGHS);
+docs/algorithms.md §3.
 
     minimise    Σ_i Σ_c cost[i, c] · x[i, c]
     subject to  Σ_i Σ_c bits[i, c] · x[i, c] ≤ budget · Σ_i numel_i

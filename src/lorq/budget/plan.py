@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorq.atomic import atomic_file
 from lorq.budget.cost import CostTable, cost_table
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
-from lorq.config import DecomposeConfig, QuantConfig
+from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.progress import Progress, no_progress
+from lorq.quant import QuantConfig
 from lorq.quant.tensor import storage_nbytes
 
 PLAN_VERSION = 1
@@ -78,7 +78,7 @@ class BudgetPlan:
 
     def bits_with_low_rank(self, factor_bits: int = 16) -> float:
         """Average bits/param counting B and A (r·(out + in) values each) at ``factor_bits``."""
-        if self.method == "none":
+        if self.method == "plain":
             return self.achieved_bits
         extra = sum(self.rank * (e.shape[0] + e.shape[1]) * factor_bits for e in self.entries)
         return self.achieved_bits + extra / self.total_params
@@ -107,19 +107,13 @@ class BudgetPlan:
             for e in data["entries"]
         )
         fields = {k: v for k, v in data.items() if k not in ("version", "entries")}
+        fields["method"] = LEGACY_METHODS.get(fields["method"], fields["method"])
         return cls(entries=entries, **fields)
 
     def save(self, path: str | Path) -> None:
         """Write JSON atomically (temp file + rename): never a half-written plan."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> BudgetPlan:
@@ -155,6 +149,7 @@ def plan_budgets(
     ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)} weighting.
     One cost table serves every budget (the table is the expensive part; each solve is not).
     """
+    method = LEGACY_METHODS.get(method, method)
     grid = candidate_grid(candidates)
     # read once: a mapping may decode each matrix on access (lorq.surgery.DenseWeights)
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}

@@ -6,6 +6,7 @@ User errors (ValueError, FileNotFoundError) become one line on stderr and exit c
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from lorq.cli import verbs  # noqa: F401  (registers the verbs on ``app``, in --help order)
@@ -18,6 +19,10 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # the CLI draws its own bars
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
     sys.exit(app())

@@ -1,11 +1,11 @@
-"""Verbs that adapt and hand on a compressed model: finetune, merge, export."""
+"""Verbs that adapt and hand on a compressed model: finetune, merge, export.
+
+Each verb maps its options onto one library call and prints what it returns.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,27 +14,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorq.cli.app import app, check_out_dir, console, errors, user_errors
+from lorq.cli.app import app, console, errors, user_errors
+from lorq.export import export_targets
 
-CHECKPOINT_CONFIG = "lorq_finetune.json"
-CARRIED_META = ("source", "compress", "plan", "evaluation")
-
-
-def load_lorq(path: Path, with_tokenizer: bool = True):
-    """(model, tokenizer or None, lorq.json) of a lorq model directory."""
-    from lorq.io.native import load, read_meta
-
-    meta = read_meta(path)
-    model = load(path)
-    tokenizer = None
-    if with_tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            raise ValueError(f"{path} has no tokenizer files; re-run lorq compress") from None
-    return model, tokenizer, meta
+PathArgument = Annotated[Path, typer.Argument(help="a lorq model directory")]
+OverwriteOption = Annotated[bool, typer.Option(help="replace what lorq wrote there")]
 
 
 class TrainingBar:
@@ -70,33 +54,6 @@ class TrainingBar:
 
     def close(self) -> None:
         self.bar.stop()
-
-
-def is_main_process() -> bool:
-    """False in the non-zero ranks of a multi-process launch (torchrun / accelerate launch)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _checkpoint_dir(out: Path, config_dict: dict[str, Any], resume: bool) -> Path:
-    """``OUT-checkpoints``: reused when resuming with the same settings, else started afresh."""
-    folder = out.with_name(out.name + "-checkpoints")
-    if not is_main_process():
-        return folder
-    marker = folder / CHECKPOINT_CONFIG
-    if folder.exists() and not marker.exists():
-        raise ValueError(
-            f"{folder} exists and is not a lorq checkpoint folder; choose another --out"
-        )
-    if folder.exists() and resume and json.loads(marker.read_text()) != config_dict:
-        raise ValueError(
-            f"the checkpoints in {folder} were made with other settings; pass the same settings, "
-            "or --no-resume to start again"
-        )
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(config_dict, indent=1))
-    return folder
 
 
 def _peak_memory_mb() -> float:
@@ -135,9 +92,9 @@ def finetune(
     trainable: Annotated[
         list[str] | None, typer.Option(help="extra parameter-name regex to train (repeatable)")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory (default: PATH-finetuned)")] = (
-        None
-    ),
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: PATH-finetuned)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
     resume: Annotated[bool, typer.Option(help="continue from OUT-checkpoints if present")] = True,
     keep_checkpoints: Annotated[bool, typer.Option(help="keep OUT-checkpoints at the end")] = False,
@@ -146,54 +103,28 @@ def finetune(
     ] = False,
 ) -> None:
     """Fine-tune the low-rank factors of a compressed model (transformers.Trainer underneath)."""
-    from lorq.io.native import save
+    from lorq.finetune import check_finetune_out, finetune_model, is_main_process
+    from lorq.io import load_with_tokenizer
     from lorq.runtime import fixed_mmap_threshold
-    from lorq.train import FinetuneConfig
-    from lorq.train import finetune as run_finetune
+    from lorq.train import CONFIG_FIELDS, FinetuneConfig
 
     if low_memory:
         fixed_mmap_threshold()
-
     out = out or path.with_name(path.name + "-finetuned")
     bar = TrainingBar()
     with user_errors():
-        config = FinetuneConfig(
-            data=data,
-            steps=steps,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            seq_len=seq_len,
-            gradient_checkpointing=gradient_checkpointing,
-            eval_every=eval_every,
-            save_every=save_every,
-            trainable=tuple(trainable or ()),
-        )
-        check_out_dir(out, overwrite)
-        model, tokenizer, meta = load_lorq(path)
-        checkpoints = _checkpoint_dir(out, config.to_dict(), resume)
+        config = FinetuneConfig(**{k: v for k, v in locals().items() if k in CONFIG_FIELDS})
+        check_finetune_out(out, overwrite)
+        model, tokenizer = load_with_tokenizer(path)
+        options = dict(resume=resume, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
+        options["source"] = str(path)
         try:
-            result = run_finetune(model, tokenizer, config, checkpoints, resume, bar)
-        except BaseException:
-            if not any(checkpoints.glob("checkpoint-*")):  # nothing to resume from: no trace
-                shutil.rmtree(checkpoints, ignore_errors=True)
-            raise
+            result = finetune_model(model, tokenizer, config, out, monitor=bar, **options)
         finally:
             bar.close()
-        if not is_main_process():
-            return
-        extra = {key: meta[key] for key in CARRIED_META if key in meta}
-        extra["finetune"] = {
-            "config": config.to_dict(),
-            "result": result.to_dict(),
-            "from": str(path),
-        }
-        save(model, out, tokenizer, extra, overwrite)
-        if not keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
-    console.print(_finetune_table(result, out))
-    console.print(f"saved to {out}")
+    if is_main_process():
+        console.print(_finetune_table(result, out))
+        console.print(f"saved to {out}")
 
 
 def _merge_table(errors: dict) -> Table:
@@ -209,83 +140,53 @@ def _merge_table(errors: dict) -> Table:
 
 @app.command()
 def merge(
-    path: Annotated[Path, typer.Argument(help="a lorq model directory")],
+    path: PathArgument,
     out: Annotated[Path, typer.Option(help="output directory")],
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense merge)")] = "fp32",
     mins: Annotated[
         str | None,
         typer.Option(help="QA-LoRA float mins: fp32 for an exact merge (6 bits, not GGUF)"),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="replace a directory lorq wrote")] = False,
+    dequantize: Annotated[bool, typer.Option(help="always merge into dense weights")] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Merge s·B·A into the weights: a dense Hugging Face model, or for QA-LoRA a quantized one."""
-    from lorq.io.hf_merged import is_export_dir, save_merged, torch_dtype
-    from lorq.io.native import read_meta, save
-    from lorq.pipeline import merge_qa_lora
+    from lorq.export.hf import torch_dtype
+    from lorq.io import load_with_tokenizer
+    from lorq.merge import check_merge_out, merges_quantized
+    from lorq.merge import merge as merge_model
 
     with user_errors():
         torch_dtype(dtype)
-        if mins not in (None, "fp16", "fp32"):
-            raise ValueError(f"--mins {mins!r} is not supported; allowed: fp16, fp32")
-        kinds = {spec.get("kind", "lora") for spec in read_meta(path)["layers"].values()}
-        if kinds == {"quant"}:
-            raise ValueError(f"{path} is already merged (no adapters left)")
-        qa_lora = "qa-lora" in kinds
-        check_out_dir(out, overwrite, None if qa_lora else is_export_dir, "lorq export")
-        model, tokenizer, meta = load_lorq(path)
-        if qa_lora:
-            errors = merge_qa_lora(model, mins)
-            extra = {key: meta[key] for key in CARRIED_META if key in meta}
-            extra["merge"] = {"from": str(path), "errors": {n: vars(e) for n, e in errors.items()}}
-            save(model, out, tokenizer, extra, overwrite)
-        else:
-            save_merged(model, out, tokenizer, dtype, overwrite, source=str(path))
-    if qa_lora:
-        console.print(_merge_table(errors))
+        model, tokenizer = load_with_tokenizer(path)
+        check_merge_out(out, merges_quantized(model, dequantize), overwrite)
+        result = merge_model(model, dequantize=dequantize, min_dtype=mins, tokenizer=tokenizer)
+        result.save(out, dtype, overwrite)
+    if result.quantized:
+        console.print(_merge_table(result.errors))
         console.print(f"merged quantized model written to {out} (lorq export --format gguf|gptq)")
     else:
         console.print(f"merged model written to {out} (load it with transformers' from_pretrained)")
 
 
-EXPORT_FORMATS = ("peft", "gguf", "gptq")
-
-
-def _export(fmt: str, model, meta, out: Path, tokenizer, dtype: str, overwrite: bool, path: Path):
-    from lorq.io.peft import export_peft
-    from lorq.io.quantized_export import export_gguf, export_gptq
-
-    if fmt == "peft":
-        export_peft(model, out, tokenizer, dtype, overwrite, source=str(path))
-        return (
-            f"PEFT adapter in {out / 'adapter'}, its base model in {out / 'base'}: "
-            "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)"
-        )
-    if fmt == "gguf":
-        export_gguf(model, meta, out, tokenizer, overwrite)
-        return f"GGUF written to {out} (transformers: from_pretrained(dir, gguf_file=name))"
-    _, checkpoint_format = export_gptq(model, meta, out, tokenizer, overwrite)
-    return f"GPTQ checkpoint ({checkpoint_format}) written to {out}"
-
-
 @app.command()
 def export(
-    path: Annotated[Path, typer.Argument(help="a lorq model directory")],
+    path: PathArgument,
     out: Annotated[Path, typer.Option(help="output directory (gguf: the .gguf file)")],
-    format: Annotated[str, typer.Option(help=" | ".join(EXPORT_FORMATS))] = "peft",
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (PEFT's tensors)")] = "fp32",
-    overwrite: Annotated[bool, typer.Option(help="replace what lorq wrote there")] = False,
+    format: Annotated[str, typer.Option(help=" | ".join(export_targets()))] = "peft",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense tensors)")] = "fp32",
+    overwrite: OverwriteOption = False,
 ) -> None:
-    """Export: a PEFT adapter with its base, or a merged QA-LoRA model as GGUF / GPTQ."""
-    from lorq.io.hf_merged import is_export_dir, torch_dtype
+    """Export: a PEFT adapter with its base, a merged HF model, or a merged QA-LoRA model as GGUF
+    / GPTQ."""
+    from lorq.export import check_export
+    from lorq.export import export as export_model
+    from lorq.io import load_with_tokenizer
 
     with user_errors():
-        if format not in EXPORT_FORMATS:
-            raise ValueError(
-                f"--format {format!r} is not supported; allowed: {', '.join(EXPORT_FORMATS)}"
-            )
-        torch_dtype(dtype)
-        if format == "peft":
-            check_out_dir(out, overwrite, is_export_dir, "lorq export")
-        model, tokenizer, meta = load_lorq(path)
-        message = _export(format, model, meta, out, tokenizer, dtype, overwrite, path)
-    console.print(message)
+        check_export(out, format, dtype=dtype, overwrite=overwrite)
+        model, tokenizer = load_with_tokenizer(path)
+        exported = export_model(
+            model, out, format, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
+        )
+    console.print(exported.summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -78,16 +78,9 @@ def load_quietly(model: str, with_tokenizer: bool = True, packed: bool = True):
     return loaded
 
 
-def check_out_dir(
-    out: Path,
-    overwrite: bool,
-    is_ours: Callable[[Path], bool] | None = None,
-    kind: str = "lorq model",
-) -> None:
-    """Refuse an output path that is not ours, or that exists without ``--overwrite``."""
-    if is_ours is None:
-        from lorq.io.native import is_lorq_dir as is_ours
-    if out.exists() and not is_ours(out):
-        raise ValueError(f"{out} exists and is not a {kind} directory; choose another --out")
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is not a lorq directory, or that exists without --overwrite."""
+    from lorq.atomic import check_output
+    from lorq.io.native import is_lorq_dir
+
+    check_output(out, overwrite, is_lorq_dir, "lorq model")

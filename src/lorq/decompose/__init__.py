@@ -1,4 +1,4 @@
-"""Decompositions W ≈ Q + s·B·A on plain tensors (ALGORITHMS.md §2.1–2.3)."""
+"""Decompositions W ≈ Q + s·B·A on plain tensors (docs/algorithms.md §2.1–2.4)."""
 
 from __future__ import annotations
 

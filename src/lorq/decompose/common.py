@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from lorq.config import DecomposeConfig
-from lorq.decompose.svd import LowRank, split_factors, truncated_svd, weighted_svd
-from lorq.quant import QuantizedTensor, quantize
-from lorq.quant.tensor import check_weight
+from lorq.decompose.svd import LowRank, truncated_svd, weighted_svd
+from lorq.quant import QuantizedTensor
+from lorq.quant.base import check_weight
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,11 +122,3 @@ def finish(config: DecomposeConfig, best: Iterate, errors: list[float]) -> Decom
     return Decomposition(
         best.q, best.lora_B, best.lora_A, config.scaling, tuple(errors), best_iter, config
     )
-
-
-def quantize_and_split(
-    target: torch.Tensor, low: LowRank, config: DecomposeConfig
-) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
-    """Q = quant(target) and the LoRA factors of ``low``."""
-    lora_B, lora_A = split_factors(low, config.scaling)
-    return quantize(target, config.quant), lora_B, lora_A

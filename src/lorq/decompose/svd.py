@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-OVERSAMPLING = 10  # ALGORITHMS.md §2.2
+OVERSAMPLING = 10  # docs/algorithms.md §2.1
 POWER_ITERS = 2
 
 
@@ -100,6 +100,6 @@ def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
 
 
 def split_factors(low: LowRank, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lora_B, lora_A) with s·B·A = U Σ Vh: the √Σ split divided by √s (ALGORITHMS.md §0)."""
+    """(lora_B, lora_A) with s·B·A = U Σ Vh: the √Σ split divided by √s (docs/algorithms.md §0)."""
     root = torch.sqrt(low.S / scaling)
     return (low.U * root[None, :]).contiguous(), (root[:, None] * low.Vh).contiguous()

@@ -1,15 +1,10 @@
-"""GGUF import and export of Q4_1 weights, straight from the codes (no dequantize / requantize).
+"""GGUF import and export of packed weights, straight from the codes (no dequantize / requantize).
 
-A GGUF Q4_1 block (llama.cpp ``block_q4_1``) holds 32 consecutive weights of one row in 20 bytes:
-
-    bytes 0-1   d    fp16 scale            ŵ[i] = d · code[i] + m       i = 0 … 31
-    bytes 2-3   m    fp16 min              (lorq: scale and float min of one group, G = 32)
-    bytes 4-19  qs   qs[j] = code[j] | code[j + 16] << 4                j = 0 … 15
-
-A GGUF tensor of ggml shape ne = (in, out) stores ``out`` rows of ``in / 32`` blocks, the same
-row-major group order as a lorq ``QuantizedTensor`` of shape (out, in) with
-``QuantConfig.preset("q4_1")``; only the nibble order differs (lorq packs high nibble first,
-``lorq.quant.packing``), so conversion moves nibbles and copies the fp16 scales and mins.
+A matrix whose GGML type is the GGUF identity of a lorq format (``QuantFormat.gguf_type``; today
+Q4_1 ↔ preset ``q4_1``, docs/algorithms.md §1.4) is read and written as that format's codes:
+``QuantFormat.from_gguf`` / ``to_gguf`` convert its blocks. A GGUF tensor of ggml shape
+ne = (in, out) stores ``out`` rows of blocks along the input dimension, the row-major block order
+of a lorq ``QuantizedTensor`` of shape (out, in).
 
 llama.cpp permutes the rows of attn_q / attn_k for its RoPE kernel (h < heads, d < head_dim / 2):
 
@@ -24,11 +19,8 @@ or any linear left unquantized); metadata and tokenizer come from a source GGUF 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.config import QuantConfig
-from lorq.quant.tensor import QuantizedTensor
+from lorq.atomic import atomic_file, check_output
+from lorq.quant import QuantFormat, QuantizedTensor, format_of, gguf_format
 
 ARCHITECTURE = "llama"
-GROUP = 32  # weights per Q4_1 block (ggml QK4_1)
-BLOCK_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles
 MAGIC = b"GGUF"
 DENSE_ROWS = 4096  # rows of a dense tensor dequantized at once
 MAX_LISTED = 5  # names quoted in an error message
@@ -130,22 +120,6 @@ def _gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]
     return out
 
 
-def _from_blocks(raw: torch.Tensor, cols: int) -> QuantizedTensor:
-    """QuantizedTensor (rows × cols, preset q4_1) of GGUF Q4_1 blocks ``raw`` (rows × bytes)."""
-    rows, groups = raw.shape[0], cols // GROUP
-    blocks = raw.view(rows, groups, BLOCK_BYTES)
-    halves = blocks[..., :4].contiguous().view(torch.float16)  # (rows, groups, 2): d, m
-    nibbles = blocks[..., 4:]
-    codes = torch.empty(rows, groups, 2, GROUP // 2, dtype=torch.uint8)
-    torch.bitwise_and(nibbles, 0x0F, out=codes[:, :, 0])  # code[j]
-    torch.bitwise_right_shift(nibbles, 4, out=codes[:, :, 1])  # code[j + 16]
-    pairs = codes.view(-1, 2)  # lorq's 4-bit packing in uint8 (lorq.quant.packing.pack's bytes)
-    packed = torch.bitwise_left_shift(pairs[:, 0], 4).bitwise_or_(pairs[:, 1])
-    config = QuantConfig.preset("q4_1")
-    scales, mins = halves[..., 0].flatten().contiguous(), halves[..., 1].flatten().contiguous()
-    return QuantizedTensor(config, (rows, cols), packed, scales, mins)
-
-
 @dataclass(frozen=True)
 class LlamaTensor:
     """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none).
@@ -165,10 +139,9 @@ class LlamaTensor:
     rope_heads: int | None  # heads of an attn_q / attn_k tensor llama.cpp permuted, else None
 
     @property
-    def is_q4_1_matrix(self) -> bool:
-        from gguf import GGMLQuantizationType
-
-        return self.tensor_type == GGMLQuantizationType.Q4_1 and len(self.shape) == 2
+    def packed_format(self) -> QuantFormat | None:
+        """The lorq format that holds this matrix's codes as they are (None: decode densely)."""
+        return gguf_format(self.tensor_type) if len(self.shape) == 2 else None
 
     @property
     def rows(self) -> int:
@@ -192,9 +165,13 @@ class LlamaTensor:
         return rows[torch.argsort(_rope_rows(rows.shape[0], self.rope_heads))]
 
     def quantized(self) -> QuantizedTensor:
-        """A Q4_1 matrix as a q4_1 QuantizedTensor (out × in): the file's own codes."""
+        """A matrix of a lorq format (e.g. Q4_1 → q4_1) as a QuantizedTensor (out × in): the
+        file's own codes, rows in transformers' order."""
+        fmt = self.packed_format
+        if fmt is None:
+            raise ValueError(f"{self.name} ({self.tensor_type!r}) has no lorq format; decode it")
         raw = torch.from_numpy(self.read_rows())
-        return _from_blocks(self.rows_in_hf_order(raw), self.shape[0])
+        return fmt.from_gguf(self.rows_in_hf_order(raw), (self.rows, self.shape[0]))
 
     def dense(self) -> torch.Tensor:
         """The tensor dequantized to float32 in transformers' shape and row order (decoded
@@ -233,7 +210,8 @@ def llama_tensors(path: str | Path) -> list[LlamaTensor]:
 
 
 def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
-    """Every Q4_1 2-D tensor of a LLaMA GGUF file as a QuantizedTensor, by HF module name.
+    """Every 2-D tensor of a lorq format (Q4_1) in a LLaMA GGUF file as a QuantizedTensor, by HF
+    module name.
 
     Keys are module names of the transformers model (``model.layers.0.self_attn.q_proj``); the
     codes, scales and mins are the file's own, with attn_q / attn_k rows put back in transformers'
@@ -241,35 +219,12 @@ def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
     """
     out: dict[str, QuantizedTensor] = {}
     for t in llama_tensors(path):
-        if not t.is_q4_1_matrix:
+        if t.packed_format is None:
             continue
         if t.param is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no transformers LLaMA name")
         out[t.param.removesuffix(".weight")] = t.quantized()
     return out
-
-
-def _is_q4_1(config: QuantConfig) -> bool:
-    fields = (config.format, config.bits, config.block_size, config.zero, config.scale_dtype)
-    return fields == ("int", 4, GROUP, "float", "fp16")
-
-
-def _bytes(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
-    """The two bytes of each fp16 value, shape (rows, groups, 2)."""
-    return values.detach().cpu().contiguous().view(torch.uint8).view(rows, groups, 2)
-
-
-def _to_blocks(q: QuantizedTensor) -> torch.Tensor:
-    """GGUF Q4_1 blocks (rows × in/32·20, uint8) of a q4_1 QuantizedTensor; see _from_blocks."""
-    assert isinstance(q.scales, torch.Tensor) and q.zeros is not None
-    rows, groups = q.shape[0], q.shape[1] // GROUP
-    codes = q.codes_unpacked().cpu().view(rows, groups, 2, GROUP // 2)
-    blocks = torch.empty(rows, groups, BLOCK_BYTES, dtype=torch.uint8)
-    blocks[..., 0:2] = _bytes(q.scales, rows, groups)
-    blocks[..., 2:4] = _bytes(q.zeros, rows, groups)
-    torch.bitwise_left_shift(codes[:, :, 1], 4, out=blocks[..., 4:])
-    blocks[..., 4:] |= codes[:, :, 0]  # qs[j] = code[j] | code[j + 16] << 4
-    return blocks.view(rows, groups * BLOCK_BYTES)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
@@ -396,7 +351,8 @@ def _source_kv(source: Path, expected: KV) -> KV:
 def _tensors(
     layers: dict[str, QuantizedTensor], dense: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> list[tuple[str, torch.Tensor, bool]]:
-    """(GGUF name, data, is_q4_1) of every tensor to write, in the model's parameter order."""
+    """(GGUF name, data, GGML type or None for dense) of every tensor to write, in the model's
+    parameter order."""
     names = _gguf_names(config)
     given = {f"{name}.weight": q for name, q in layers.items()}
     tied = bool(config.get("tie_word_embeddings"))
@@ -419,54 +375,47 @@ def _tensors(
         item = given.get(name, dense.get(name))
         if tuple(item.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(item.shape)}, the config says {shape}")
-        if isinstance(item, QuantizedTensor) and not _is_q4_1(item.config):
-            raise ValueError(
-                f"GGUF export of {name} quantized as {item.config.name!r} is not supported yet; "
-                "supported: the 'q4_1' preset (INT4, group 32, fp16 scale and min)"
-            )
-        data = _to_blocks(item) if isinstance(item, QuantizedTensor) else _dense(item)
+        ggml_type = None
+        if isinstance(item, QuantizedTensor):
+            fmt = format_of(item.config)
+            ggml_type = fmt.gguf_type(item.config)
+            if ggml_type is None:
+                raise ValueError(
+                    f"GGUF export of {name} quantized as {item.config.name!r} is not supported "
+                    "yet; supported: the 'q4_1' preset (INT4, group 32, fp16 scale and min)"
+                )
+            data = fmt.to_gguf(item)
+        else:
+            data = _dense(item)
         rope = _rope_heads(gguf_name, heads, kv_heads)
         data = data if rope is None else data[_rope_rows(data.shape[0], rope)]
-        out.append((gguf_name, data, isinstance(item, QuantizedTensor)))
+        out.append((gguf_name, data, ggml_type))
     return out
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass the path of a .gguf file")
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists; pass overwrite (--overwrite) to replace it")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; it replaces ``path`` only when the block succeeds."""
-    _check_target(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(handle)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, bool]]) -> None:
-    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter, Keys
+def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:
+    """general.file_type: the most common quantized type's ``MOSTLY_*``, else F16."""
+    from gguf import GGMLQuantizationType
     from gguf import LlamaFileType as FileType
 
+    counts = Counter(t for _, _, t in tensors if t is not None)
+    if not counts:
+        return int(FileType.MOSTLY_F16)
+    name = GGMLQuantizationType(counts.most_common(1)[0][0]).name
+    return int(getattr(FileType, f"MOSTLY_{name}", FileType.GUESSED))
+
+
+def _write(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None]]) -> None:
+    from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, Keys
+
     writer = GGUFWriter(path, ARCHITECTURE)
-    any_q4_1 = any(is_q4_1 for _, _, is_q4_1 in tensors)
-    file_type = FileType.MOSTLY_Q4_1 if any_q4_1 else FileType.MOSTLY_F16
+    file_type = _file_type(tensors)
     kv = {**kv, Keys.General.FILE_TYPE: (int(file_type), GGUFValueType.UINT32, None)}
     kv[Keys.General.QUANTIZATION_VERSION] = (GGML_QUANT_VERSION, GGUFValueType.UINT32, None)
     for key, (value, kind, sub_kind) in kv.items():
         writer.add_key_value(key, value, kind, sub_kind)
-    for name, data, is_q4_1 in tensors:
-        raw = GGMLQuantizationType.Q4_1 if is_q4_1 else None
-        writer.add_tensor(name, data.numpy(), raw_dtype=raw)
+    for name, data, ggml_type in tensors:
+        writer.add_tensor(name, data.numpy(), raw_dtype=ggml_type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -494,7 +443,7 @@ def write_gguf(
     The file appears atomically; an existing one is replaced only with ``overwrite``.
     """
     path = Path(out_file)
-    _check_target(path, overwrite)
+    check_output(path, overwrite)
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     _check_config(config)
     kv = _llama_kv(config)
@@ -503,6 +452,6 @@ def write_gguf(
     elif tokenizer is not None:
         kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
     tensors = _tensors(layers, dense, config)
-    with _atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite) as tmp:
         _write(tmp, kv, tensors)
     return path

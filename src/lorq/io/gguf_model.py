@@ -47,7 +47,7 @@ def _pack_linear(model: nn.Module, tensor: LlamaTensor, output: nn.Module | None
     (or if it is ``output``, the output layer, which stays dense)."""
     module_name = (tensor.param or "").removesuffix(".weight")
     module = model.get_submodule(module_name) if tensor.param else None
-    if not isinstance(module, nn.Linear) or module is output or not tensor.is_q4_1_matrix:
+    if not isinstance(module, nn.Linear) or module is output or tensor.packed_format is None:
         return False
     layer = QuantLinear(tensor.quantized())
     if module.bias is not None:  # filled from the file's own bias tensor in the dense pass

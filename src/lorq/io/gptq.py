@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lorq import __version__
-from lorq.config import QuantConfig
-from lorq.io.atomic import atomic_directory
+from lorq._version import __version__
+from lorq.atomic import atomic_directory
+from lorq.quant import IntConfig, QuantConfig, QuantizedTensor, format_of
+from lorq.quant.affine import block_scales, block_zeros, unpacked_codes
 from lorq.quant.packing import pack
-from lorq.quant.tensor import QuantizedTensor
 
 PACK_VALUES = 32  # values per k int32 words
 GPTQ_BITS = (2, 3, 4, 8)
@@ -57,23 +57,9 @@ def _check_format(checkpoint_format: str) -> int:
 
 def check_gptq_config(config: QuantConfig) -> None:
     """ValueError unless ``config`` maps onto the GPTQ layout (INT-k, integer zeros, fp16)."""
-    if config.format != "int":
-        raise ValueError(
-            f"GPTQ stores affine INT-k codes; format={config.format!r} ({config.name}) cannot be "
-            "written: quantize with an integer-zero preset such as int4-g32"
-        )
-    if config.zero != "int":
-        raise ValueError(
-            f"GPTQ stores integer zero points; {config.name} has zero={config.zero!r} (float "
-            "mins): quantize with an integer-zero preset such as int4-g32"
-        )
+    format_of(config).check_gptq_layout(config)
     if config.bits not in GPTQ_BITS:
         raise ValueError(f"bits={config.bits!r} is not supported by GPTQ; allowed: 2, 3, 4, 8")
-    if config.scale_dtype != "fp16":
-        raise ValueError(
-            f"GPTQ stores fp16 scales; {config.name} has scale_dtype={config.scale_dtype!r}: "
-            "quantize with scale_dtype='fp16' (the default of the int presets)"
-        )
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -123,18 +109,16 @@ def to_gptq(q: QuantizedTensor, checkpoint_format: str = "gptq") -> dict[str, to
     _check_shape(q.shape)
     (out_features, in_features), bits = q.shape, q.config.bits
     groups = in_features // q.config.block_size
-    zeros = q.block_zeros()
-    assert zeros is not None
-    zeros = zeros.to(torch.int64).reshape(out_features, groups)
+    zeros = block_zeros(q).to(torch.int64).reshape(out_features, groups)
     if offset and bool((zeros < offset).any()):
         raise ValueError(
             f"{int((zeros < offset).sum())} group(s) have zero point 0, which the v1 GPTQ layout "
             "(it stores zero − 1) cannot hold; write checkpoint_format='gptq_v2' instead"
         )
     return {
-        "qweight": pack_int32(q.codes_unpacked().T, bits),
+        "qweight": pack_int32(unpacked_codes(q).T, bits),
         "qzeros": pack_int32(zeros - offset, bits).T.contiguous(),
-        "scales": q.block_scales().reshape(out_features, groups).T.contiguous().half(),
+        "scales": block_scales(q).reshape(out_features, groups).T.contiguous().half(),
         "g_idx": torch.arange(in_features, dtype=torch.int32) // q.config.block_size,
     }
 
@@ -169,7 +153,7 @@ def from_gptq(
     offset = _check_format(checkpoint_format)
     if bits not in GPTQ_BITS:
         raise ValueError(f"bits={bits!r} is not supported by GPTQ; allowed: 2, 3, 4, 8")
-    config = QuantConfig(format="int", bits=bits, block_size=group_size, scale_dtype="fp16")
+    config = IntConfig(bits=bits, block_size=group_size, scale_dtype="fp16")
     out_features, in_features = _layer_shape(tensors, bits, group_size)
     _check_shape((out_features, in_features))
     g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
@@ -185,13 +169,12 @@ def from_gptq(
             f"the checkpoint has zero point {2**bits} (stored {2**bits - 1} in v1), which a "
             f"{bits}-bit lorq zero cannot hold"
         )
-    return QuantizedTensor(
-        config,
-        (out_features, in_features),
-        pack(codes.reshape(-1).to(torch.uint8), bits),
-        tensors["scales"].T.contiguous().reshape(-1),
-        pack(zeros.reshape(-1).to(torch.uint8), bits),
-    )
+    buffers = {
+        "codes": pack(codes.reshape(-1).to(torch.uint8), bits),
+        "scales": tensors["scales"].T.contiguous().reshape(-1),
+        "zeros": pack(zeros.reshape(-1).to(torch.uint8), bits),
+    }
+    return QuantizedTensor(config, (out_features, in_features), buffers)
 
 
 def gptq_quantization_config(config: QuantConfig, checkpoint_format: str = "gptq") -> dict:

@@ -4,7 +4,7 @@
                             all other parameters and buffers (tied tensors stored once)
     DIR/lorq.json           format version, lorq version, source model, the HF config, the compress
                             config, every replaced layer's kind ("lora" QuantLoraLinear, "qa-lora"
-                            QALoraLinear, "quant" QuantLinear; absent means "lora") / quant config
+                            QALoraLinear, "quant" QuantLinear) / quant config
                             / shape / rank / scaling, tensor aliases, the budget plan
     DIR/tokenizer files     when a tokenizer is given
 
@@ -23,16 +23,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorq import __version__
-from lorq.config import QuantConfig
-from lorq.io.atomic import atomic_directory
+from lorq._version import __version__
+from lorq.atomic import atomic_directory
 from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
+from lorq.quant import QuantConfig
 from lorq.surgery import set_module
 
 FORMAT = "lorq"
 FORMAT_VERSION = 1
 LORQ_FILE = "lorq.json"
 WEIGHTS_FILE = "model.safetensors"
+META_ATTR = "lorq_meta"  # the model attribute that carries its lorq.json provenance
+# what a saved model's lorq.json carries over to a model made from it (finetune, merge)
+CARRIED_META = ("source", "compress", "plan", "evaluation", "finetune", "merge")
+
+
+def model_meta(model: nn.Module) -> dict[str, Any]:
+    """The provenance a model carries (source, compress config, plan, evaluation, …)."""
+    return dict(getattr(model, META_ATTR, None) or {})
+
+
+def set_model_meta(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Attach ``meta`` to ``model`` (a plain attribute; saved by :func:`save` into lorq.json)."""
+    model.__dict__[META_ATTR] = {k: v for k, v in meta.items() if k in CARRIED_META}
 
 
 def is_lorq_dir(path: Path) -> bool:
@@ -80,7 +93,7 @@ def _layer_spec(layer: QuantLinear) -> dict[str, Any]:
     return spec
 
 
-def _hf_config(model: nn.Module) -> dict[str, Any] | None:
+def hf_config(model: nn.Module) -> dict[str, Any] | None:
     """The model's HF config, minus what describes the source file rather than the model."""
     if not hasattr(model, "config"):
         return None
@@ -91,14 +104,22 @@ def _hf_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 def save(
-    model: nn.Module,
+    model: Any,
     path: str | Path,
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (with QuantLoraLinear, QALoraLinear or QuantLinear layers) to ``path``
-    atomically; returns the path."""
+    """Write a model with QuantLoraLinear, QALoraLinear or QuantLinear layers to ``path``
+    atomically; returns the path.
+
+    ``model``: the model, or a result that holds one (``lorq.compress_model``'s, ``lorq.merge``'s:
+    its ``model`` and ``tokenizer`` are used). ``lorq.json`` records the model's own provenance
+    (:func:`model_meta`) updated with ``extra``.
+    """
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        model = model.model
     layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers; compress it before saving")
@@ -108,10 +129,11 @@ def save(
         "format_version": FORMAT_VERSION,
         "lorq_version": __version__,
         "model_class": type(model).__name__,
-        "hf_config": _hf_config(model),
+        "hf_config": hf_config(model),
         "layers": layers,
         "aliases": aliases,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        **model_meta(model),
         **(extra or {}),
     }
     with atomic_directory(path, overwrite, is_lorq_dir, "lorq model") as tmp:
@@ -171,7 +193,7 @@ def _quant_layer(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tenso
     config = QuantConfig.from_dict(spec["quant"])
     shape = (spec["shape"][0], spec["shape"][1])
     bias = own["bias"] if spec["bias"] else None
-    kind = spec.get("kind", "lora")  # files written before QA-LoRA have no kind
+    kind = spec["kind"]
     if kind == "quant":
         return QuantLinear.from_buffers(config, shape, own, bias)
     classes: dict[str, type[QuantLoraLinear] | type[QALoraLinear]] = {
@@ -231,4 +253,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             _place(model, name, assigned[source])
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
+    set_model_meta(model, meta)
     return model.to(device).eval()
+
+
+def load_with_tokenizer(path: str | Path) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a lorq model directory; ValueError when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    model = load(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        raise ValueError(f"{path} has no tokenizer files; re-run lorq compress") from None
+    return model, tokenizer

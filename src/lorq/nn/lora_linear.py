@@ -21,9 +21,9 @@ from torch import nn
 from lorq.config import DecomposeConfig
 from lorq.decompose import Decomposition, decompose
 from lorq.nn.dense import dense_weight, device_of
-from lorq.nn.quant_linear import AdapterLinear, buffer_keys, buffer_name
+from lorq.nn.quant_linear import AdapterLinear
 
-__all__ = ["QuantLoraLinear", "buffer_keys", "buffer_name", "kaiming_uniform"]
+__all__ = ["QuantLoraLinear", "kaiming_uniform"]
 
 
 def kaiming_uniform(rank: int, fan_in: int, seed: int) -> torch.Tensor:

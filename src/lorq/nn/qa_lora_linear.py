@@ -1,6 +1,6 @@
 """QALoraLinear: an INT-k group-wise Q plus a group-pooled adapter that merges into Q.
 
-    y = x Qᵀ + s · pool(x) Aᵀ Bᵀ (+ bias)                         (QA-LoRA, ALGORITHMS.md §2.4)
+    y = x Qᵀ + s · pool(x) Aᵀ Bᵀ (+ bias)                         (QA-LoRA, docs/algorithms.md §2.5)
     pool(x)_g = mean_{i ∈ g} x_i                                  x (…, in) → pool(x) (…, in/G)
     Q (out × in) INT-k, groups of G = q.config.block_size inputs;  A (r × in/G), B (out × r)
 
@@ -20,39 +20,31 @@ plain-LoRA export of (B, Ā) computes the same function.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorq.config import QuantConfig
 from lorq.nn.dense import dense_weight, device_of
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.nn.quant_linear import AdapterLinear, QuantLinear
-from lorq.quant import quantize
-from lorq.quant.affine import pack_zeros
-from lorq.quant.normal_float import safe_reciprocal
-from lorq.quant.tensor import QuantizedTensor, storage_dtype
+from lorq.quant import QuantConfig, QuantizedTensor, format_of, quantize
+from lorq.quant.tensor import MergeError, measure_merge
 
 
 def check_qa_base(
-    config: QuantConfig, shape: tuple[int, int], group_size: int | None = None
+    config: QuantConfig, shape: tuple[int, int], block_size: int | None = None
 ) -> None:
     """Raise ValueError unless a Q of ``config`` and ``shape`` can carry a QA-LoRA adapter."""
-    if config.format != "int":
-        raise ValueError(
-            f"quant={config.name!r} is not supported by QA-LoRA: NormalFloat codes have no zero "
-            "point to merge the adapter into; use an affine INT preset (int4-g32, q4_1, …)"
-        )
+    fmt = format_of(config)
+    fmt.check_zero_shift(config)
     block = config.block_size
-    if group_size is not None and group_size != block:
+    if block_size is not None and block_size != block:
         raise ValueError(
-            f"group_size={group_size} differs from the quantization group block_size={block}; "
-            f"QA-LoRA pools over the quantization groups: pass group_size={block} or quantize "
-            f"with block_size={group_size}"
+            f"block_size={block_size} differs from the quantization group block_size={block}; "
+            f"QA-LoRA pools over the quantization groups: pass block_size={block} or quantize "
+            f"with block_size={block_size}"
         )
     if shape[1] % block:
         raise ValueError(
@@ -61,27 +53,14 @@ def check_qa_base(
         )
 
 
-def pool(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Mean of ``x`` (…, in) over consecutive groups of ``group_size`` features: (…, in/G)."""
-    return x.unflatten(-1, (-1, group_size)).mean(-1)
+def pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of ``x`` (…, in) over consecutive groups of ``block_size`` features: (…, in/G)."""
+    return x.unflatten(-1, (-1, block_size)).mean(-1)
 
 
-def expand_groups(lora_A: torch.Tensor, group_size: int) -> torch.Tensor:
+def expand_groups(lora_A: torch.Tensor, block_size: int) -> torch.Tensor:
     """Ā (r × in) with pool(x) Aᵀ = x Āᵀ: Ā[:, j] = A[:, j // G] / G."""
-    return lora_A.repeat_interleave(group_size, dim=-1) / group_size
-
-
-@dataclass(frozen=True)
-class MergeError:
-    """How far the merged Q' is from Q + s·B·Ā (both float32, out × in).
-
-    ``max_abs`` = max |Q' − (Q + Δ)|; ``relative`` = ‖Q' − (Q + Δ)‖_F / ‖Q + Δ‖_F;
-    ``delta_relative`` = ‖Q' − (Q + Δ)‖_F / ‖Δ‖_F (the fraction of the adapter lost; 0 when Δ = 0).
-    """
-
-    max_abs: float
-    relative: float
-    delta_relative: float
+    return lora_A.repeat_interleave(block_size, dim=-1) / block_size
 
 
 def fold_delta(
@@ -91,54 +70,20 @@ def fold_delta(
 
     ``min_dtype`` (float mins only): store the merged mins, and the scales with them, in this
     dtype instead of Q's ``scale_dtype`` — "fp32" keeps an adapter smaller than the fp16 spacing
-    of the mins (the scales widen exactly: every fp16 value is an fp32 value).
+    of the mins.
     """
-    config = q.config
-    check_qa_base(config, q.shape)
-    scales = q.scales
-    if min_dtype is not None and config.zero == "float" and min_dtype != config.scale_dtype:
-        config = dataclasses.replace(config, scale_dtype=min_dtype)
-        scales = q.block_scales().to(storage_dtype(min_dtype))
-    shift = delta.detach().float().to(q.device).reshape(-1)  # row-major blocks = (o, g)
-    zeros = q.block_zeros()
-    assert zeros is not None
-    if config.zero == "float":
-        new = zeros + shift
-    else:
-        inverse = safe_reciprocal(q.block_scales())
-        new = torch.round(zeros - shift * inverse).clamp_(0, 2**config.bits - 1)
-    stored = pack_zeros(new, config)
-    if not torch.isfinite(stored.float()).all():
-        raise ValueError(
-            f"a merged min overflows scale_dtype={config.scale_dtype}; the adapter is too large "
-            "to merge into this format: export a dense model instead"
-        )
-    return QuantizedTensor(config, q.shape, q.codes, scales, stored)
-
-
-def measure_merge(
-    q: QuantizedTensor, delta_weight: torch.Tensor, merged: QuantizedTensor
-) -> MergeError:
-    """MergeError of ``merged`` against Q + ``delta_weight`` (out × in)."""
-    target = q.dequantize() + delta_weight.float().to(q.device)
-    diff = merged.dequantize() - target
-    error = torch.linalg.vector_norm(diff)
-    delta_norm = torch.linalg.vector_norm(delta_weight.float())
-    return MergeError(
-        max_abs=float(diff.abs().max()),
-        relative=float(error / torch.linalg.vector_norm(target).clamp_min(1e-30)),
-        delta_relative=0.0 if float(error) == 0 else float(error / delta_norm.clamp_min(1e-30)),
-    )
+    check_qa_base(q.config, q.shape)
+    return format_of(q.config).shift_zeros(q, delta, min_dtype)
 
 
 def check_factors(
-    shape: tuple[int, int], group_size: int, lora_B: torch.Tensor, lora_A: torch.Tensor
+    shape: tuple[int, int], block_size: int, lora_B: torch.Tensor, lora_A: torch.Tensor
 ) -> None:
-    rank, groups = lora_A.shape[0], shape[1] // group_size
+    rank, groups = lora_A.shape[0], shape[1] // block_size
     if tuple(lora_A.shape) != (rank, groups) or tuple(lora_B.shape) != (shape[0], rank):
         raise ValueError(
             f"lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} do not fit a QA-LoRA "
-            f"layer of shape {shape} with G={group_size}: need lora_B (out, r) = "
+            f"layer of shape {shape} with G={block_size}: need lora_B (out, r) = "
             f"({shape[0]}, r) and lora_A (r, in/G) = (r, {groups})"
         )
 
@@ -161,7 +106,7 @@ class QALoraLinear(AdapterLinear):
         super().__init__(q, lora_B, lora_A, scaling, bias)
 
     @property
-    def group_size(self) -> int:
+    def block_size(self) -> int:
         """G: the pooling group, which is the quantization group."""
         return self.quant_config.block_size
 
@@ -174,17 +119,17 @@ class QALoraLinear(AdapterLinear):
         lora_alpha: float = 16.0,
         seed: int = 0,
         q: QuantizedTensor | None = None,
-        group_size: int | None = None,
+        block_size: int | None = None,
     ) -> QALoraLinear:
         """Wrap ``linear`` (nn.Linear or Conv1D): B = 0, A Kaiming-uniform (seeded), s = α / r.
 
         ``q``: a precomputed base (GPTQ, or codes read from a GGUF file) of config ``quant``;
-        without it Q = RTN ``quantize(W, quant)``. ``group_size``, when given, must equal
+        without it Q = RTN ``quantize(W, quant)``. ``block_size``, when given, must equal
         ``quant.block_size``.
         """
         weight = dense_weight(linear)
         shape = (weight.shape[0], weight.shape[1])
-        check_qa_base(quant, shape, group_size)
+        check_qa_base(quant, shape, block_size)
         if q is None:
             q = quantize(weight.float(), quant)
         elif q.config != quant or q.shape != shape:
@@ -198,18 +143,18 @@ class QALoraLinear(AdapterLinear):
         return layer.to(device_of(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = pool(x, self.group_size)
+        pooled = pool(x, self.block_size)
         lora = F.linear(F.linear(pooled, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.quantized_forward(x) + self.scaling * lora
 
     def expanded_lora_A(self) -> torch.Tensor:
         """Ā (r × in), float32: the plain-LoRA A computing the same function as pooled A."""
-        return expand_groups(self.lora_A.detach().float(), self.group_size)
+        return expand_groups(self.lora_A.detach().float(), self.block_size)
 
     def group_delta(self) -> torch.Tensor:
         """Δ = s·(B A)/G (out × in/G), float32: what merging adds to every weight of a group."""
         low_rank = self.lora_B.detach().float() @ self.lora_A.detach().float()
-        return self.scaling * low_rank / self.group_size
+        return self.scaling * low_rank / self.block_size
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·Ā, float32 (out × in): Δ repeated over the G columns of each group."""
@@ -235,6 +180,6 @@ class QALoraLinear(AdapterLinear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"quant={self.quant_config.name}, rank={self.rank}, group_size={self.group_size}, "
+            f"quant={self.quant_config.name}, rank={self.rank}, block_size={self.block_size}, "
             f"scaling={self.scaling:g}, bias={self.bias is not None}"
         )

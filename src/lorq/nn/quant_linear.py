@@ -20,9 +20,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lorq.config import QuantConfig
 from lorq.nn.functional import quant_linear
-from lorq.quant.tensor import QuantizedTensor
+from lorq.quant import QuantConfig, QuantizedTensor, format_of
 
 
 def buffer_name(key: str) -> str:
@@ -30,19 +29,15 @@ def buffer_name(key: str) -> str:
     return "q_" + key.replace(".", "_")
 
 
-def buffer_keys(config: QuantConfig) -> tuple[str, ...]:
-    """The buffers a QuantizedTensor of ``config`` stores."""
-    scales = ("scales.codes", "scales.super_scales", "scales.offset")
-    keys = ("codes", *(scales if config.double_quant else ("scales",)))
-    return (*keys, "zeros") if config.format == "int" else keys
-
-
 def quantized_from_buffers(
     config: QuantConfig, shape: tuple[int, int], buffers: dict[str, torch.Tensor]
 ) -> QuantizedTensor:
     """The QuantizedTensor held by a state dict's tensors (``buffers`` keyed by buffer_name)."""
-    keyed = {key: buffers[buffer_name(key)] for key in buffer_keys(config)}
-    return QuantizedTensor.from_tensors(config, shape, keyed)
+    keys = format_of(config).buffer_keys(config)
+    missing = [buffer_name(k) for k in keys if buffer_name(k) not in buffers]
+    if missing:
+        raise ValueError(f"{config.name} needs buffers {missing}, which are missing")
+    return QuantizedTensor(config, shape, {key: buffers[buffer_name(key)] for key in keys})
 
 
 def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:

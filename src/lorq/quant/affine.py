@@ -1,26 +1,80 @@
-"""Affine INT-k group-wise quantization, round to nearest (ALGORITHMS.md §1.3).
+"""Affine INT-k, group-wise, round to nearest: integer zeros (GPTQ layout) and float mins (GGUF
+Q4_1 layout) — docs/algorithms.md §1.3, §1.4.
 
 Per output row, groups of G consecutive input features (G = ``block_size``, in % G == 0):
 
     scale = (max - min) / (2^k - 1)                       stored in scale_dtype (fp16 default)
-    int zero (GPTQ):    min ≤ 0 ≤ max enforced, zero = round(-min / scale) ∈ [0, 2^k - 1]
-                        code = clamp(round(w / scale) + zero),   ŵ = scale · (code - zero)
-    float min (Q4_1):   m = min stored in scale_dtype
-                        code = clamp(round((w - m) / scale)),    ŵ = scale · code + m
+    IntConfig  (integer zero):  min ≤ 0 ≤ max enforced, zero = round(-min / scale) ∈ [0, 2^k - 1]
+                                code = clamp(round(w / scale) + zero),   ŵ = scale · (code - zero)
+    FloatMinConfig (float min): m = min stored in scale_dtype
+                                code = clamp(round((w - m) / scale)),    ŵ = scale · code + m
 
-Codes are computed from the *stored* (rounded) scale and min, so they are optimal for what is
-decoded. ``affine_params`` / ``affine_codes`` are shared with GPTQ rounding.
+Buffers (nb = out·in / G): ``codes`` (packed k-bit), ``scales`` (nb,) scale_dtype, ``zeros``:
+packed k-bit integers or (nb,) scale_dtype mins. Codes are computed from the *stored* (rounded)
+scale and min, so they are optimal for what is decoded. ``affine_params`` / ``affine_codes`` are
+shared with GPTQ rounding. Both formats take a per-group shift Δ into their zeros / mins
+(QA-LoRA's merge, §2.5): exact up to rounding for float mins, rounded to whole steps for integer
+zeros. The float-min preset ``q4_1`` is GGUF's Q4_1 (its codes convert to GGUF blocks as they are).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from lorq.config import QuantConfig
-from lorq.quant.double_quant import round_up_to_dtype
-from lorq.quant.normal_float import safe_reciprocal
-from lorq.quant.packing import pack, pack_blocks
-from lorq.quant.tensor import QuantizedTensor, block_range, check_weight, storage_dtype
+from lorq.quant.base import (
+    FLOAT_BITS,
+    SUPPORTED_BITS,
+    QuantConfig,
+    QuantFormat,
+    block_range,
+    check_choice,
+    check_power_of_two,
+    check_weight,
+    register_format,
+    round_up_to_dtype,
+    safe_reciprocal,
+    storage_dtype,
+)
+from lorq.quant.packing import decode_packed, pack, pack_blocks, packed_nbytes, unpack
+from lorq.quant.tensor import QuantizedTensor
+
+BLOCK_RANGE = (16, 1024)
+BUFFERS = ("codes", "scales", "zeros")
+
+
+@dataclass(frozen=True)
+class AffineConfig(QuantConfig):
+    """Affine INT-``bits`` over groups of ``block_size`` (G) inputs, ``scale_dtype`` scales."""
+
+    ZERO: ClassVar[str] = ""  # "int": integer zero points, "float": float mins
+
+    block_size: int = 32
+    scale_dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_power_of_two("block_size", self.block_size, *BLOCK_RANGE)
+        check_choice("scale_dtype", self.scale_dtype, tuple(FLOAT_BITS))
+
+
+@dataclass(frozen=True)
+class IntConfig(AffineConfig):
+    """INT-k with k-bit integer zero points (GPTQ's layout)."""
+
+    FORMAT: ClassVar[str] = "int"
+    ZERO: ClassVar[str] = "int"
+
+
+@dataclass(frozen=True)
+class FloatMinConfig(AffineConfig):
+    """INT-k with float mins in ``scale_dtype`` (HQQ / GGUF Q4_1 layout)."""
+
+    FORMAT: ClassVar[str] = "fmin"
+    ZERO: ClassVar[str] = "float"
 
 
 def affine_params(
@@ -54,40 +108,253 @@ def affine_codes(
     return codes.clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
-def check_groups(weight: torch.Tensor, group_size: int) -> None:
-    if weight.shape[1] % group_size:
-        raise ValueError(
-            f"block_size={group_size} does not divide in_features={weight.shape[1]} of the matrix "
-            f"of shape {tuple(weight.shape)}; choose a group size that divides in_features"
-        )
+def affine_values(
+    codes: torch.Tensor, scale: torch.Tensor, zero_or_min: torch.Tensor, zero: str
+) -> torch.Tensor:
+    """ŵ of ``codes`` (float32) for broadcastable per-group ``scale`` / ``zero_or_min``."""
+    if zero == "int":
+        return scale * (codes.float() - zero_or_min)
+    return scale * codes.float() + zero_or_min
 
 
-def pack_zeros(zero_or_min: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+def pack_zeros(zero_or_min: torch.Tensor, config: AffineConfig) -> torch.Tensor:
     """Stored form of zeros: k-bit packed integers, or mins in ``scale_dtype``."""
-    if config.zero == "int":
+    if config.ZERO == "int":
         return pack(zero_or_min.to(torch.uint8), config.bits)
     return zero_or_min.to(storage_dtype(config.scale_dtype))
 
 
-def quantize_int(weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Round-to-nearest group-wise INT-``config.bits`` quantization of a 2-D float ``weight``."""
-    check_weight(weight)
-    check_groups(weight, config.block_size)
-    groups = weight.detach().reshape(-1, config.block_size)
-    scale, zero_or_min = affine_params(
-        groups, config.bits, config.zero, config.scale_dtype or "fp16"
-    )
+def block_zeros(q: QuantizedTensor) -> torch.Tensor:
+    """Integer zeros or float mins of every group as float32, shape (num_blocks,)."""
+    config = q.config
+    assert isinstance(config, AffineConfig)
+    if config.ZERO == "int":
+        return unpack(q.buffers["zeros"], config.bits, q.num_blocks).float()
+    return q.buffers["zeros"].float()
 
-    def encode(values: torch.Tensor, rows: slice) -> torch.Tensor:
-        return affine_codes(
-            values, scale[rows, None], zero_or_min[rows, None], config.bits, config.zero
-        )
 
-    codes = pack_blocks(groups, config.bits, encode)
-    return QuantizedTensor(
-        config,
-        (weight.shape[0], weight.shape[1]),
-        codes,
-        scale.to(storage_dtype(config.scale_dtype)),
-        pack_zeros(zero_or_min, config),
-    )
+def block_scales(q: QuantizedTensor) -> torch.Tensor:
+    """The scale of every group as float32, shape (num_blocks,)."""
+    return q.buffers["scales"].float()
+
+
+def unpacked_codes(q: QuantizedTensor) -> torch.Tensor:
+    """The k-bit codes as uint8, shape (out, in)."""
+    return unpack(q.codes, q.config.bits, q.numel).view(q.shape)
+
+
+def affine_tensor(
+    config: AffineConfig,
+    shape: tuple[int, int],
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_or_min: torch.Tensor,
+) -> QuantizedTensor:
+    """A QuantizedTensor from packed codes and float32 per-group scales and zeros / mins."""
+    stored = scale.to(storage_dtype(config.scale_dtype))
+    zeros = pack_zeros(zero_or_min, config)
+    return QuantizedTensor(config, shape, {"codes": codes, "scales": stored, "zeros": zeros})
+
+
+class Affine(QuantFormat):
+    """The operations both affine layouts share; ``config_type`` picks zeros or mins."""
+
+    def check_shape(self, config: QuantConfig, shape: tuple[int, int]) -> None:
+        if shape[1] % config.block_size:
+            raise ValueError(
+                f"block_size={config.block_size} does not divide in_features={shape[1]} of the "
+                f"matrix of shape {shape}; choose a group size that divides in_features"
+            )
+
+    def buffer_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        return BUFFERS
+
+    def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
+        return block_scales(q)
+
+    def block_zeros(self, q: QuantizedTensor) -> torch.Tensor | None:
+        return block_zeros(q)
+
+    def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+        assert isinstance(config, AffineConfig)
+        check_weight(weight)
+        shape = (weight.shape[0], weight.shape[1])
+        self.check_shape(config, shape)
+        groups = weight.detach().reshape(-1, config.block_size)
+        scale, zero_or_min = affine_params(groups, config.bits, config.ZERO, config.scale_dtype)
+
+        def encode(values: torch.Tensor, rows: slice) -> torch.Tensor:
+            s, z = scale[rows, None], zero_or_min[rows, None]
+            return affine_codes(values, s, z, config.bits, config.ZERO)
+
+        codes = pack_blocks(groups, config.bits, encode)
+        return affine_tensor(config, shape, codes, scale, zero_or_min)
+
+    def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        config = q.config
+        assert isinstance(config, AffineConfig)
+        scales, zeros = block_scales(q), block_zeros(q)
+
+        def scale(values: torch.Tensor, blocks: slice, out: torch.Tensor) -> None:
+            s, z = scales[blocks, None], zeros[blocks, None]
+            if config.ZERO == "int":
+                torch.mul(values.sub_(z), s, out=out)
+            else:
+                torch.addcmul(z, values, s, out=out)
+
+        table = torch.arange(2**config.bits, dtype=torch.float32, device=q.device)
+        return decode_packed(q.codes, config.bits, q.shape, config.block_size, table, scale, dtype)
+
+    def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
+        assert isinstance(config, AffineConfig)
+        numel = shape[0] * shape[1]
+        blocks = numel // config.block_size
+        scale_bytes = FLOAT_BITS[config.scale_dtype] // 8
+        zeros = packed_nbytes(blocks, config.bits) if config.ZERO == "int" else blocks * scale_bytes
+        return packed_nbytes(numel, config.bits) + blocks * scale_bytes + zeros
+
+    def nominal_bits(self, config: QuantConfig) -> float:
+        assert isinstance(config, AffineConfig)
+        scale_bits = FLOAT_BITS[config.scale_dtype]
+        zero_bits = config.bits if config.ZERO == "int" else scale_bits
+        return config.bits + (scale_bits + zero_bits) / config.block_size
+
+    def check_zero_shift(self, config: QuantConfig) -> None:
+        return None
+
+    def shift_zeros(
+        self, q: QuantizedTensor, delta: torch.Tensor, dtype: str | None
+    ) -> QuantizedTensor:
+        """Q' with Δ (out × in/G) added to every group: mins + Δ, or zeros − Δ/scale rounded.
+
+        ``dtype`` (float mins only): store the shifted mins, and the scales with them, in this
+        dtype instead of ``scale_dtype`` (the scales widen exactly: fp16 ⊂ fp32).
+        """
+        config = q.config
+        assert isinstance(config, AffineConfig)
+        if dtype is not None and config.ZERO == "float" and dtype != config.scale_dtype:
+            config = dataclasses.replace(config, scale_dtype=dtype)
+        shift = delta.detach().float().to(q.device).reshape(-1)  # row-major blocks = (o, g)
+        scales, zeros = block_scales(q), block_zeros(q)
+        if config.ZERO == "float":
+            new = zeros + shift
+        else:
+            new = torch.round(zeros - shift * safe_reciprocal(scales)).clamp_(0, 2**config.bits - 1)
+        shifted = affine_tensor(config, q.shape, q.codes, scales, new)
+        if not torch.isfinite(shifted.buffers["zeros"].float()).all():
+            raise ValueError(
+                f"a merged min overflows scale_dtype={config.scale_dtype}; the adapter is too "
+                "large to merge into this format: export a dense model instead"
+            )
+        return shifted
+
+
+class IntZeros(Affine):
+    name = "int"
+    config_type = IntConfig
+    description = "affine INT-k, integer zero points (GPTQ layout)"
+
+    def presets(self) -> dict[str, QuantConfig]:
+        groups = {8: (128,), 4: (32, 64, 128), 3: (32, 128), 2: (32,)}
+        return {
+            f"int{b}-g{g}": IntConfig(bits=b, block_size=g) for b in (8, 4, 3, 2) for g in groups[b]
+        }
+
+    def label(self, config: QuantConfig) -> str:
+        return f"int{config.bits}-g{config.block_size}"
+
+    def check_gptq_layout(self, config: QuantConfig) -> None:
+        assert isinstance(config, IntConfig)
+        if config.scale_dtype != "fp16":
+            raise ValueError(
+                f"GPTQ stores fp16 scales; {config.name} has scale_dtype={config.scale_dtype!r}: "
+                "quantize with scale_dtype='fp16' (the default of the int presets)"
+            )
+
+
+INT_ZEROS = register_format(IntZeros())
+
+Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles per block of 32 (ggml block_q4_1)
+
+
+class FloatMins(Affine):
+    """Float mins; the preset ``q4_1`` (4 bits, G = 32, fp16) is GGUF's Q4_1 block:
+
+        bytes 0-1 d (fp16 scale), 2-3 m (fp16 min), 4-19 qs[j] = code[j] | code[j + 16] << 4
+
+    the same row-major groups as lorq's codes; only the nibble order differs (lorq packs the
+    high nibble first), so conversion moves nibbles and copies the fp16 scales and mins.
+    """
+
+    name = "fmin"
+    config_type = FloatMinConfig
+    description = "affine INT-k, float mins (GGUF Q4_1 layout)"
+
+    def presets(self) -> dict[str, QuantConfig]:
+        return {
+            "q4_1": FloatMinConfig(bits=4, block_size=32),
+            "int3-g32-fmin": FloatMinConfig(bits=3, block_size=32),
+            "int2-g32-fmin": FloatMinConfig(bits=2, block_size=32),
+        }
+
+    def label(self, config: QuantConfig) -> str:
+        return f"int{config.bits}-g{config.block_size}-fmin"
+
+    def gguf_config(self) -> QuantConfig:
+        return FloatMinConfig(bits=4, block_size=32)
+
+    def gguf_type(self, config: QuantConfig) -> int | None:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType.Q4_1 if config == self.gguf_config() else None
+
+    def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
+        if self.gguf_type(q.config) is None:
+            raise ValueError(f"{q.config.name} is not GGUF's Q4_1 (that is preset q4_1)")
+        group = q.config.block_size
+        rows, groups = q.shape[0], q.shape[1] // group
+        codes = unpacked_codes(q).cpu().view(rows, groups, 2, group // 2)
+        out = torch.empty(rows, groups, Q4_1_BYTES, dtype=torch.uint8)
+        out[..., 0:2] = _fp16_bytes(q.buffers["scales"], rows, groups)
+        out[..., 2:4] = _fp16_bytes(q.buffers["zeros"], rows, groups)
+        nibbles = torch.bitwise_left_shift(codes[:, :, 1], 4).bitwise_or_(codes[:, :, 0])
+        out[..., 4:] = nibbles
+        return out.view(rows, groups * Q4_1_BYTES)
+
+    def from_gguf(self, raw: torch.Tensor, shape: tuple[int, int]) -> QuantizedTensor:
+        config = self.gguf_config()
+        group = config.block_size
+        rows, groups = shape[0], shape[1] // group
+        blocks = raw.reshape(rows, groups, Q4_1_BYTES)
+        halves = blocks[..., :4].contiguous().view(torch.float16)  # (rows, groups, 2): d, m
+        nibbles = blocks[..., 4:]
+        codes = torch.empty(rows, groups, 2, group // 2, dtype=torch.uint8)
+        torch.bitwise_and(nibbles, 0x0F, out=codes[:, :, 0])  # code[j]
+        torch.bitwise_right_shift(nibbles, 4, out=codes[:, :, 1])  # code[j + 16]
+        pairs = codes.view(-1, 2)  # lorq's 4-bit packing (lorq.quant.packing.pack's bytes)
+        packed = torch.bitwise_left_shift(pairs[:, 0], 4).bitwise_or_(pairs[:, 1])
+        scales = halves[..., 0].flatten().contiguous()
+        mins = halves[..., 1].flatten().contiguous()
+        return QuantizedTensor(config, shape, {"codes": packed, "scales": scales, "zeros": mins})
+
+
+def _fp16_bytes(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
+    """The two bytes of each fp16 value, shape (rows, groups, 2)."""
+    return values.detach().cpu().contiguous().view(torch.uint8).view(rows, groups, 2)
+
+
+FLOAT_MINS = register_format(FloatMins())
+
+__all__ = [
+    "FLOAT_MINS",
+    "INT_ZEROS",
+    "AffineConfig",
+    "FloatMinConfig",
+    "IntConfig",
+    "affine_codes",
+    "affine_params",
+    "affine_values",
+    "block_scales",
+    "block_zeros",
+    "unpacked_codes",
+]

@@ -1,4 +1,4 @@
-"""Codebooks: NormalFloat NF-k levels (ALGORITHMS.md §1.1) and nearest-level search.
+"""Codebooks: NormalFloat NF-k levels (docs/algorithms.md §1.1) and nearest-level search.
 
     δ   = 1 - (1/30 + 1/32) / 2 = 0.9677083
     pos = Φ⁻¹(linspace(δ, 0.5, 2^(k-1) + 1)[:-1])     2^(k-1) positive levels

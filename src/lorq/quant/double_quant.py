@@ -1,4 +1,4 @@
-"""Second-level quantization of the NF block scales (LQ-LoRA, ALGORITHMS.md §1.2).
+"""Second-level quantization of the NF block scales (LQ-LoRA, docs/algorithms.md §1.2).
 
     offset = min(s1)                                   one fp32 scalar per matrix
     s2     = s1 - offset                               ≥ 0, shape (n_scales,)
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from lorq.quant.base import TORCH_FLOAT, round_up_to_dtype
 from lorq.quant.packing import pack, unpack
 
-TORCH_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KEYS = ("codes", "super_scales", "offset")
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,31 +47,6 @@ class QuantizedScales:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "super_scales": self.super_scales, "offset": self.offset}
-
-    def to(self, device: torch.device | str) -> QuantizedScales:
-        moved = {k: v.to(device) for k, v in self.tensors().items()}
-        return QuantizedScales(
-            **moved, bits=self.bits, block_size=self.block_size, numel=self.numel
-        )
-
-
-def round_up_to_dtype(x: torch.Tensor, dtype: torch.dtype, field: str) -> torch.Tensor:
-    """``x`` cast to ``dtype``, rounded towards +inf so that the stored value is ≥ ``x``.
-
-    Raises ValueError naming ``field`` when a value overflows ``dtype`` (e.g. > 65504 in fp16).
-    """
-    stored = x.to(dtype)
-    if not torch.isfinite(stored).all():
-        raise ValueError(
-            f"weight range overflows {field}={dtype}: a scale exceeds its largest value; "
-            f"use {field}='fp32' for this matrix"
-        )
-    low = stored.float() < x
-    if low.any():
-        stored = torch.where(
-            low, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored
-        )
-    return stored
 
 
 def quantize_scales(

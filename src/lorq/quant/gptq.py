@@ -1,4 +1,5 @@
-"""GPTQ: data-aware group-wise INT-k rounding (Frantar et al. 2023; ALGORITHMS.md §1.3).
+"""GPTQ: data-aware group-wise INT-k rounding (Frantar et al. 2023, arXiv 2210.17323;
+docs/algorithms.md §1.7).
 
 Minimises the layer output error on calibration inputs X (N × in) instead of the weight error:
 
@@ -8,10 +9,11 @@ Minimises the layer output error on calibration inputs X (N × in) instead of th
         e_j  = (w_j − q_j) / U[j, j]
         w_k −= e_j · U[j, k]   for every k > j              (error feedback to later columns)
 
-Shapes: weight W (out × in) float, hessian H (in × in) float32; the result is a QuantizedTensor with
-exactly the layout of ``quantize_int`` (same packing; stored scales are what codes come from).
+Shapes: weight W (out × in) float, hessian H (in × in) float32; the result is a QuantizedTensor
+with exactly the layout of the affine formats' round to nearest (same packing; stored scales are
+what codes come from).
 
-Details (as the reference GPTQ code, act-order off so groups stay contiguous, §2.4):
+Details (as the reference GPTQ code, act-order off so groups stay contiguous, §2.5):
 - columns go in blocks of ``block_columns`` (rounded to a multiple of G, so no group straddles a
   block): the feedback inside a block is applied column by column, to later blocks once per block
   (the "lazy batch" update: same result up to float rounding, far fewer memory passes);
@@ -26,23 +28,29 @@ from __future__ import annotations
 
 import torch
 
-from lorq.config import QuantConfig
-from lorq.quant.affine import affine_codes, affine_params, check_groups, pack_zeros
+from lorq.quant.affine import (
+    AffineConfig,
+    affine_codes,
+    affine_params,
+    affine_tensor,
+    affine_values,
+)
+from lorq.quant.base import QuantConfig, check_weight, format_of
 from lorq.quant.packing import pack
-from lorq.quant.tensor import QuantizedTensor, check_weight, storage_dtype
+from lorq.quant.tensor import QuantizedTensor
 
-DAMP = 0.01  # λ of ALGORITHMS.md §1.3 (the GPTQ paper's "percdamp")
+DAMP = 0.01  # λ of docs/algorithms.md §1.7 (the GPTQ paper's "percdamp")
 DAMP_RETRIES = 3  # extra tries with λ ×10 each when H + λ·mean(diag H)·I is not positive definite
 
 
 def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> None:
     check_weight(weight)
-    if config.format != "int":
+    if not isinstance(config, AffineConfig):
         raise ValueError(
-            f"GPTQ rounds affine INT-k codes; format={config.format!r} is not supported: "
+            f"GPTQ rounds affine INT-k codes; {config.name} is not supported: "
             "use an int preset (e.g. int4-g32, int3-g32, q4_1)"
         )
-    check_groups(weight, config.block_size)
+    format_of(config).check_shape(config, (weight.shape[0], weight.shape[1]))
     size = weight.shape[1]
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (size, size):
         shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian)
@@ -78,36 +86,28 @@ def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     )
 
 
-def _dequantize_column(
-    codes: torch.Tensor, scale: torch.Tensor, zero_or_min: torch.Tensor, zero: str
-) -> torch.Tensor:
-    if zero == "int":
-        return scale * (codes.float() - zero_or_min)
-    return scale * codes.float() + zero_or_min
-
-
 def _quantize_block(
-    block: torch.Tensor, upper: torch.Tensor, config: QuantConfig
+    block: torch.Tensor, upper: torch.Tensor, config: AffineConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ on one block of columns (out × b, updated in place; b a multiple of G).
 
     Returns (codes (out × b) uint8, errors e (out × b), scales and zeros-or-mins (out × b/G)).
     """
-    group, bits, zero = config.block_size, config.bits, config.zero
+    group, bits, zero = config.block_size, config.bits, config.ZERO
     codes = torch.empty(block.shape, dtype=torch.uint8, device=block.device)
     errors = torch.empty_like(block)
     scales, zeros = [], []
     for j in range(block.shape[1]):
         if j % group == 0:
             scale, zero_or_min = affine_params(
-                block[:, j : j + group], bits, zero, config.scale_dtype or "fp16"
+                block[:, j : j + group], bits, zero, config.scale_dtype
             )
             scales.append(scale)
             zeros.append(zero_or_min)
         column = block[:, j]
         code = affine_codes(column[:, None], scale[:, None], zero_or_min[:, None], bits, zero)
         codes[:, j] = code[:, 0]
-        rounded = _dequantize_column(code[:, 0], scale, zero_or_min, zero)
+        rounded = affine_values(code[:, 0], scale, zero_or_min, zero)
         errors[:, j] = (column - rounded) / upper[j, j]
         block[:, j + 1 :] -= errors[:, j, None] * upper[j, None, j + 1 :]
     return codes, errors, torch.stack(scales, 1), torch.stack(zeros, 1)
@@ -126,6 +126,7 @@ def gptq_quantize(
     Both integer-zero (GPTQ) and float-min (Q4_1) layouts; act-order off.
     """
     _check_inputs(weight, hessian, config)
+    assert isinstance(config, AffineConfig)
     if not damp > 0:
         raise ValueError(f"damp={damp!r} is not supported; allowed: a positive float (0.01)")
     if not isinstance(block_columns, int) or block_columns <= 0:
@@ -145,10 +146,5 @@ def gptq_quantize(
         scales.append(block_scales)
         zeros.append(block_zeros)
     scale, zero_or_min = torch.cat(scales, 1).reshape(-1), torch.cat(zeros, 1).reshape(-1)
-    return QuantizedTensor(
-        config,
-        (weight.shape[0], weight.shape[1]),
-        pack(torch.cat(codes, 1).reshape(-1), config.bits),
-        scale.to(storage_dtype(config.scale_dtype)),
-        pack_zeros(zero_or_min, config),
-    )
+    packed = pack(torch.cat(codes, 1).reshape(-1), config.bits)
+    return affine_tensor(config, (weight.shape[0], weight.shape[1]), packed, scale, zero_or_min)

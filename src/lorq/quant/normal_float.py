@@ -1,52 +1,171 @@
-"""Blockwise absmax NormalFloat NF-k quantization (ALGORITHMS.md §1.1, §1.2).
+"""NormalFloat NF-k with absmax block scales, optionally double-quantized (docs/algorithms.md §1.1,
+§1.2; QLoRA arXiv 2305.14314, LQ-LoRA arXiv 2311.12023).
 
     W (out × in) → row-major blocks of B0 values;  s1_b = max |w| over block b
     code = nearest NF level of w / s1'_b,          ŵ = level[code] · s1'_b
 
-``s1'`` are the stored scales: s1 itself (``scale_bits=None``) or its double-quantized form.
+``s1'`` are the stored scales: s1 itself in ``scale_dtype`` (``scale_bits=None``) or its
+double-quantized form (``lorq.quant.double_quant``). Buffers (n = out·in, nb = n / B0):
+
+    codes                                  uint8, packed_nbytes(n, bits)
+    scales                                 (nb,) scale_dtype                  scale_bits=None
+    scales.codes / .super_scales / .offset packed b0-bit, (⌈nb/B1⌉,) b1, (1,) fp32   otherwise
+
+    bits/param = k + b0/B0 + bits(b1)/(B0·B1)     (+ 32 bits per matrix for the offset)
+    bits/param = k + bits(scale_dtype)/B0         without the second level
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from lorq.config import QuantConfig
-from lorq.quant.codebook import nf_grid
-from lorq.quant.double_quant import quantize_scales, round_up_to_dtype
-from lorq.quant.packing import pack_blocks
-from lorq.quant.tensor import QuantizedTensor, block_range, check_weight, storage_dtype
+from lorq.quant.base import (
+    FLOAT_BITS,
+    SUPPORTED_BITS,
+    QuantConfig,
+    QuantFormat,
+    block_range,
+    check_choice,
+    check_power_of_two,
+    check_weight,
+    register_format,
+    round_up_to_dtype,
+    safe_reciprocal,
+    storage_dtype,
+)
+from lorq.quant.codebook import nf_grid, nf_levels
+from lorq.quant.double_quant import QuantizedScales, quantize_scales
+from lorq.quant.packing import decode_packed, pack_blocks, packed_nbytes
+from lorq.quant.tensor import QuantizedTensor
+
+BLOCK_RANGE = (16, 4096)
+SCALE_KEYS = ("scales.codes", "scales.super_scales", "scales.offset")
 
 
-def safe_reciprocal(x: torch.Tensor) -> torch.Tensor:
-    """1 / x, with 0 where x == 0 (an all-zero block quantizes to code 0 / level 0)."""
-    return torch.where(x != 0, 1.0 / x, torch.zeros_like(x))
+@dataclass(frozen=True)
+class NFConfig(QuantConfig):
+    """NF-``bits`` with blocks of ``block_size`` (B0) values; second level (``scale_bits`` b0 per
+    scale, super-blocks of ``scale_block_size`` B1 scales whose max is ``super_scale_dtype`` b1)
+    or, with ``scale_bits=None``, scales stored as ``scale_dtype`` floats."""
+
+    FORMAT: ClassVar[str] = "nf"
+
+    scale_bits: int | None = 8
+    scale_block_size: int = 256
+    super_scale_dtype: str = "fp32"
+    scale_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, SUPPORTED_BITS)
+        check_power_of_two("block_size", self.block_size, *BLOCK_RANGE)
+        check_choice("scale_bits", self.scale_bits, (None, *SUPPORTED_BITS))
+        check_power_of_two("scale_block_size", self.scale_block_size, 2, 4096)
+        check_choice("super_scale_dtype", self.super_scale_dtype, tuple(FLOAT_BITS))
+        check_choice("scale_dtype", self.scale_dtype, tuple(FLOAT_BITS))
+
+    @property
+    def double_quant(self) -> bool:
+        """True when the scales are themselves quantized (LQ-LoRA's second level)."""
+        return self.scale_bits is not None
 
 
-def quantize_nf(weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
-    """Quantize a 2-D float ``weight`` to NF-``config.bits``; ``numel`` must be a multiple of B0."""
-    check_weight(weight)
-    if weight.numel() % config.block_size:
-        raise ValueError(
-            f"block_size={config.block_size} does not divide the matrix of shape "
-            f"{tuple(weight.shape)} ({weight.numel()} values); choose a block_size that divides it"
+def nf_scales(q: QuantizedTensor) -> torch.Tensor:
+    """s1' of every block as float32, shape (num_blocks,)."""
+    config = q.config
+    assert isinstance(config, NFConfig)
+    if config.scale_bits is None:
+        return q.buffers["scales"].float()
+    codes, supers, offset = (q.buffers[k] for k in SCALE_KEYS)
+    blocks = q.num_blocks
+    return QuantizedScales(
+        codes, supers, offset, config.scale_bits, config.scale_block_size, blocks
+    ).dequantize()
+
+
+class NormalFloat(QuantFormat):
+    name = "nf"
+    config_type = NFConfig
+    description = "NormalFloat, absmax block scales (LQ-LoRA double quantization)"
+
+    def presets(self) -> dict[str, QuantConfig]:
+        nf = {f"nf{b}": NFConfig(bits=b, block_size=64) for b in (4, 3, 2, 8)}
+        return {**nf, "nf4-fp32-scales": NFConfig(bits=4, block_size=64, scale_bits=None)}
+
+    def buffer_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        assert isinstance(config, NFConfig)
+        return ("codes", *(SCALE_KEYS if config.double_quant else ("scales",)))
+
+    def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+        assert isinstance(config, NFConfig)
+        check_weight(weight)
+        self.check_shape(config, (weight.shape[0], weight.shape[1]))
+        blocks = weight.detach().reshape(-1, config.block_size)
+        low, high = block_range(blocks)
+        absmax = torch.maximum(-low, high)
+        buffers: dict[str, torch.Tensor]
+        if config.scale_bits is not None:
+            scales = quantize_scales(
+                absmax, config.scale_bits, config.scale_block_size, config.super_scale_dtype
+            )
+            used = scales.dequantize()
+            buffers = {f"scales.{k}": v for k, v in scales.tensors().items()}
+        else:
+            stored = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype), "scale_dtype")
+            used, buffers = stored.float(), {"scales": stored}
+        inverse = safe_reciprocal(used)
+        grid = nf_grid(config.bits)
+
+        def encode(values: torch.Tensor, rows: slice) -> torch.Tensor:
+            return grid.codes(values * inverse[rows, None])
+
+        codes = pack_blocks(blocks, config.bits, encode)
+        shape = (weight.shape[0], weight.shape[1])
+        return QuantizedTensor(config, shape, {"codes": codes, **buffers})
+
+    def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
+        return nf_scales(q)
+
+    def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        scales = nf_scales(q)
+
+        def scale(values: torch.Tensor, blocks: slice, out: torch.Tensor) -> None:
+            torch.mul(values, scales[blocks, None], out=out)
+
+        table = nf_levels(q.config.bits).to(q.device)
+        cfg = q.config
+        return decode_packed(q.codes, cfg.bits, q.shape, cfg.block_size, table, scale, dtype)
+
+    def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
+        assert isinstance(config, NFConfig)
+        numel = shape[0] * shape[1]
+        blocks = numel // config.block_size
+        nbytes = packed_nbytes(numel, config.bits)
+        if config.scale_bits is None:
+            return nbytes + blocks * FLOAT_BITS[config.scale_dtype] // 8
+        supers = -(-blocks // config.scale_block_size)
+        nbytes += packed_nbytes(blocks, config.scale_bits) + 4  # codes + fp32 offset
+        return nbytes + supers * FLOAT_BITS[config.super_scale_dtype] // 8
+
+    def nominal_bits(self, config: QuantConfig) -> float:
+        assert isinstance(config, NFConfig)
+        if config.scale_bits is None:
+            return config.bits + FLOAT_BITS[config.scale_dtype] / config.block_size
+        supers = FLOAT_BITS[config.super_scale_dtype] / (
+            config.block_size * config.scale_block_size
         )
-    blocks = weight.detach().reshape(-1, config.block_size)
-    low, high = block_range(blocks)
-    absmax = torch.maximum(-low, high)
-    if config.double_quant:
-        assert config.scale_bits is not None
-        scales = quantize_scales(
-            absmax, config.scale_bits, config.scale_block_size, config.super_scale_dtype
+        return config.bits + config.scale_bits / config.block_size + supers
+
+    def label(self, config: QuantConfig) -> str:
+        assert isinstance(config, NFConfig)
+        if config.scale_bits is None:
+            return f"nf{config.bits}-b{config.block_size}-{config.scale_dtype}"
+        return (
+            f"nf{config.bits}-b{config.block_size}-s{config.scale_bits}"
+            f"x{config.scale_block_size}-{config.super_scale_dtype}"
         )
-        used = scales.dequantize()
-    else:
-        scales = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype), "scale_dtype")
-        used = scales.float()
-    inverse = safe_reciprocal(used)
-    grid = nf_grid(config.bits)
 
-    def encode(values: torch.Tensor, rows: slice) -> torch.Tensor:
-        return grid.codes(values * inverse[rows, None])
 
-    codes = pack_blocks(blocks, config.bits, encode)
-    return QuantizedTensor(config, (weight.shape[0], weight.shape[1]), codes, scales)
+NORMAL_FLOAT = register_format(NormalFloat())

@@ -1,13 +1,13 @@
 """Bit packing of k-bit codes, k ∈ {2, 3, 4, 8}, into uint8 storage.
 
-A *group* of ``CODES_PER_GROUP[k]`` codes fills ``BYTES_PER_GROUP[k]`` bytes exactly, first code in
+A *word* of ``CODES_PER_WORD[k]`` codes fills ``BYTES_PER_WORD[k]`` bytes exactly, first code in
 the most significant bits (4-bit: high nibble first, as bitsandbytes; 3-bit: 8 codes in 3 bytes):
 
     k = 8: 1 code → 1 byte     k = 4: 2 codes → 1 byte
     k = 2: 4 codes → 1 byte    k = 3: 8 codes → 3 bytes (big-endian 24-bit word)
 
-A length that is not a multiple of the group is padded with zero codes; ``unpack`` trims it, so
-``packed_nbytes(n, k) = ceil(n / codes_per_group) · bytes_per_group``.
+A length that is not a multiple of the word is padded with zero codes; ``unpack`` trims it, so
+``packed_nbytes(n, k) = ceil(n / codes_per_word) · bytes_per_word``.
 """
 
 from __future__ import annotations
@@ -16,29 +16,29 @@ from collections.abc import Callable
 
 import torch
 
-CODES_PER_GROUP = {2: 4, 3: 8, 4: 2, 8: 1}
-BYTES_PER_GROUP = {2: 1, 3: 3, 4: 1, 8: 1}
+CODES_PER_WORD = {2: 4, 3: 8, 4: 2, 8: 1}
+BYTES_PER_WORD = {2: 1, 3: 3, 4: 1, 8: 1}
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes that ``numel`` codes of width ``bits`` occupy once packed."""
-    groups = -(-numel // CODES_PER_GROUP[bits])
-    return groups * BYTES_PER_GROUP[bits]
+    words = -(-numel // CODES_PER_WORD[bits])
+    return words * BYTES_PER_WORD[bits]
 
 
 def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    per = CODES_PER_GROUP[bits]
+    per = CODES_PER_WORD[bits]
     return torch.arange(per - 1, -1, -1, device=device, dtype=torch.int32) * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 1-D uint8 tensor of codes (< 2^bits) into a 1-D uint8 tensor."""
-    if bits not in CODES_PER_GROUP:
+    if bits not in CODES_PER_WORD:
         raise ValueError(f"bits={bits!r} is not supported for packing; allowed: 2, 3, 4, 8")
     codes = codes.reshape(-1)
     if bits == 8:
         return codes.to(torch.uint8).clone()
-    per, nbytes = CODES_PER_GROUP[bits], BYTES_PER_GROUP[bits]
+    per, nbytes = CODES_PER_WORD[bits], BYTES_PER_WORD[bits]
     pad = (-codes.numel()) % per
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
@@ -52,8 +52,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _words(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The packed groups as int32 words, shape (groups,)."""
-    nbytes = BYTES_PER_GROUP[bits]
+    """The packed words as int32, shape (words,)."""
+    nbytes = BYTES_PER_WORD[bits]
     if nbytes == 1:
         return packed.to(torch.int32)
     byte_shifts = torch.arange(nbytes - 1, -1, -1, device=packed.device, dtype=torch.int32) * 8
@@ -112,3 +112,33 @@ def pack_blocks(
         rows = slice(start, min(start + step, num_blocks))
         parts.append(pack(encode(blocks[rows].float(), rows).reshape(-1), bits))
     return torch.cat(parts)
+
+
+CHUNK_VALUES = 1 << 18  # values decoded at once: cache-sized, bounds temporary memory
+
+
+def decode_packed(
+    codes: torch.Tensor,
+    bits: int,
+    shape: tuple[int, int],
+    block_size: int,
+    table: torch.Tensor,
+    scale: Callable[[torch.Tensor, slice, torch.Tensor], None],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Decode packed codes of a scalar grid into a dense (out × in) tensor, chunk by chunk.
+
+    ``table[code]`` gives each code's grid value; ``scale(values, blocks, out)`` writes the
+    decoded values of the blocks ``blocks`` (values and out: (len(blocks) × block_size)) into
+    ``out`` — the format's per-block scale (and zero or min).
+    """
+    numel = shape[0] * shape[1]
+    num_blocks = numel // block_size
+    out = torch.empty(shape, dtype=dtype, device=codes.device).view(-1, block_size)
+    step = max(1, CHUNK_VALUES // block_size)
+    for start in range(0, num_blocks, step):
+        stop = min(start + step, num_blocks)
+        lo, hi = start * block_size * bits // 8, -(-stop * block_size * bits // 8)
+        values = unpack_lookup(codes[lo:hi], bits, (stop - start) * block_size, table)
+        scale(values.view(-1, block_size), slice(start, stop), out[start:stop])
+    return out.view(shape)

@@ -1,19 +1,12 @@
-"""QuantizedTensor: the frozen, bit-packed Q of W ≈ Q + s·B·A.
+"""QuantizedTensor: the frozen, bit-packed Q of W ≈ Q + s·B·A, in any registered format.
 
-Shapes for a weight of shape (out, in) with n = out·in values and blocks of ``block_size`` values
-(row-major; for INT-k a block is a group of G input features of one row):
+    QuantizedTensor(config, shape=(out, in), buffers={name: tensor})
 
-    codes   uint8, packed_nbytes(n, bits)        k-bit codes, bit-packed
-    scales  (n / block_size,) scale_dtype        or QuantizedScales (NF double quantization)
-    zeros   INT-k only: packed k-bit integer zeros (``zero="int"``) or
-            (n / block_size,) scale_dtype mins (``zero="float"``)
-
-    NF:              ŵ = level[code] · scale
-    INT, int zero:   ŵ = scale · (code - zero)
-    INT, float min:  ŵ = scale · code + min
-
-``nbytes`` counts every stored buffer, so ``bits_per_param = 8 · nbytes / n`` is what memory and
-disk really hold.
+The buffers and their names are the format's (``format_of(config).buffer_keys(config)``; e.g. NF:
+``codes``, ``scales`` or ``scales.codes`` / ``scales.super_scales`` / ``scales.offset``; affine:
+``codes``, ``scales``, ``zeros``). ``nbytes`` counts every stored buffer, so
+``bits_per_param = 8 · nbytes / (out · in)`` is what memory and disk really hold; ``dequantize``
+asks the format to decode.
 """
 
 from __future__ import annotations
@@ -23,24 +16,29 @@ from dataclasses import dataclass
 
 import torch
 
-from lorq.config import FLOAT_BITS, QuantConfig
-from lorq.quant.codebook import nf_levels
-from lorq.quant.double_quant import TORCH_FLOAT, QuantizedScales
-from lorq.quant.packing import packed_nbytes, unpack, unpack_lookup
+from lorq.quant.base import QuantConfig, format_of
+from lorq.quant.packing import unpack
 
-CHUNK_VALUES = 1 << 18  # values decoded at once: cache-sized, bounds temporary memory
 META_KEY = "quant_meta"
 
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """A quantized 2-D weight; see the module docstring for the layout."""
+    """A quantized 2-D weight: its config, its (out, in) shape and the format's buffers."""
 
     config: QuantConfig
     shape: tuple[int, int]
-    codes: torch.Tensor
-    scales: torch.Tensor | QuantizedScales
-    zeros: torch.Tensor | None = None
+    buffers: dict[str, torch.Tensor]
+
+    def __post_init__(self) -> None:
+        expected = format_of(self.config).buffer_keys(self.config)
+        if tuple(self.buffers) != expected:
+            if set(self.buffers) != set(expected):
+                raise ValueError(
+                    f"{self.config.name} stores buffers {list(expected)}, "
+                    f"got {sorted(self.buffers)}"
+                )
+            object.__setattr__(self, "buffers", {k: self.buffers[k] for k in expected})
 
     @property
     def numel(self) -> int:
@@ -54,99 +52,70 @@ class QuantizedTensor:
     def device(self) -> torch.device:
         return self.codes.device
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every stored buffer by name (nested scale buffers as ``scales.<name>``)."""
-        out = {"codes": self.codes}
-        if isinstance(self.scales, QuantizedScales):
-            out.update({f"scales.{k}": v for k, v in self.scales.tensors().items()})
-        else:
-            out["scales"] = self.scales
-        if self.zeros is not None:
-            out["zeros"] = self.zeros
-        return out
+    @property
+    def codes(self) -> torch.Tensor:
+        """The packed codes (uint8, 1-D)."""
+        return self.buffers["codes"]
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of every stored buffer (codes, scales and their second level, zeros / mins)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+    def scales(self) -> torch.Tensor | None:
+        """The stored ``scales`` buffer, when the format has one under that name."""
+        return self.buffers.get("scales")
 
     @property
-    def bits_per_param(self) -> float:
-        return 8.0 * self.nbytes / self.numel
-
-    def block_scales(self) -> torch.Tensor:
-        """The scale of every block as float32, shape (num_blocks,)."""
-        if isinstance(self.scales, QuantizedScales):
-            return self.scales.dequantize()
-        return self.scales.float()
-
-    def block_zeros(self) -> torch.Tensor | None:
-        """INT-k: integer zeros or float mins as float32, shape (num_blocks,); NF: None."""
-        if self.zeros is None:
-            return None
-        if self.config.zero == "int":
-            return unpack(self.zeros, self.config.bits, self.num_blocks).float()
-        return self.zeros.float()
-
-    def _table(self) -> torch.Tensor:
-        if self.config.format == "nf":
-            return nf_levels(self.config.bits).to(self.device)
-        return torch.arange(2**self.config.bits, dtype=torch.float32, device=self.device)
+    def zeros(self) -> torch.Tensor | None:
+        """The stored ``zeros`` buffer (integer zeros or float mins), when the format has one."""
+        return self.buffers.get("zeros")
 
     def codes_unpacked(self) -> torch.Tensor:
         """The k-bit codes as uint8, shape (out, in)."""
         return unpack(self.codes, self.config.bits, self.numel).view(self.shape)
 
+    def block_scales(self) -> torch.Tensor:
+        """The scale of every block as float32, shape (num_blocks,)."""
+        return format_of(self.config).block_scales(self)
+
+    def block_zeros(self) -> torch.Tensor | None:
+        """Integer zeros or float mins of every block as float32 (num_blocks,); None: none."""
+        return format_of(self.config).block_zeros(self)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every stored buffer by name."""
+        return dict(self.buffers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every stored buffer."""
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense tensor Q, shape (out, in), decoded chunk by chunk."""
-        cfg, block = self.config, self.config.block_size
-        out = torch.empty(self.shape, dtype=dtype, device=self.device).view(-1, block)
-        scales, zeros, table = self.block_scales(), self.block_zeros(), self._table()
-        step = max(1, CHUNK_VALUES // block)
-        for start in range(0, self.num_blocks, step):
-            stop = min(start + step, self.num_blocks)
-            lo, hi = start * block * cfg.bits // 8, -(-stop * block * cfg.bits // 8)
-            values = unpack_lookup(self.codes[lo:hi], cfg.bits, (stop - start) * block, table)
-            values = values.view(-1, block)
-            s, dst = scales[start:stop, None], out[start:stop]
-            if zeros is None:
-                torch.mul(values, s, out=dst)
-            elif cfg.zero == "int":
-                torch.mul(values.sub_(zeros[start:stop, None]), s, out=dst)
-            else:
-                torch.addcmul(zeros[start:stop, None], values, s, out=dst)
-        return out.view(self.shape)
+        """The dense tensor Q, shape (out, in)."""
+        return format_of(self.config).decode(self, dtype)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
-        scales = self.scales.to(device)
-        zeros = None if self.zeros is None else self.zeros.to(device)
-        return QuantizedTensor(self.config, self.shape, self.codes.to(device), scales, zeros)
+        moved = {k: v.to(device) for k, v in self.buffers.items()}
+        return QuantizedTensor(self.config, self.shape, moved)
 
     def to_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-safe); the config and shape travel as a uint8 JSON tensor."""
         meta = {"config": self.config.to_dict(), "shape": list(self.shape)}
         raw = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-        return {**{k: v.contiguous() for k, v in self.tensors().items()}, META_KEY: raw}
+        return {**{k: v.contiguous() for k, v in self.buffers.items()}, META_KEY: raw}
 
     @classmethod
     def from_tensors(
         cls, config: QuantConfig, shape: tuple[int, int], tensors: dict[str, torch.Tensor]
     ) -> QuantizedTensor:
-        """Inverse of :meth:`tensors`: rebuild from the named buffers, the config and the shape."""
-        scales: torch.Tensor | QuantizedScales
-        if config.double_quant:
-            assert config.scale_bits is not None
-            scales = QuantizedScales(
-                tensors["scales.codes"],
-                tensors["scales.super_scales"],
-                tensors["scales.offset"],
-                config.scale_bits,
-                config.scale_block_size,
-                shape[0] * shape[1] // config.block_size,
-            )
-        else:
-            scales = tensors["scales"]
-        return cls(config, shape, tensors["codes"], scales, tensors.get("zeros"))
+        """Rebuild from the named buffers (extra entries ignored), the config and the shape."""
+        keys = format_of(config).buffer_keys(config)
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise ValueError(f"{config.name} needs buffers {missing}, which are missing")
+        return cls(config, shape, {k: tensors[k] for k in keys})
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> QuantizedTensor:
@@ -160,51 +129,32 @@ class QuantizedTensor:
 
 def storage_nbytes(config: QuantConfig, shape: tuple[int, int]) -> int:
     """Bytes a QuantizedTensor of ``config`` and ``shape`` stores, without quantizing anything."""
-    numel = shape[0] * shape[1]
-    blocks = numel // config.block_size
-    scale_bytes = FLOAT_BITS[config.scale_dtype or "fp32"] // 8
-    nbytes = packed_nbytes(numel, config.bits)
-    if config.double_quant:
-        assert config.scale_bits is not None
-        supers = -(-blocks // config.scale_block_size)
-        nbytes += packed_nbytes(blocks, config.scale_bits) + 4  # codes + fp32 offset
-        nbytes += supers * FLOAT_BITS[config.super_scale_dtype] // 8
-    else:
-        nbytes += blocks * scale_bytes
-    if config.format == "int":
-        nbytes += (
-            packed_nbytes(blocks, config.bits) if config.zero == "int" else blocks * scale_bytes
-        )
-    return nbytes
+    return format_of(config).nbytes(config, shape)
 
 
-def check_weight(weight: torch.Tensor) -> None:
-    """Raise ValueError unless ``weight`` is a non-empty 2-D floating tensor."""
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2:
-        raise ValueError(
-            f"weight must be 2-D (out_features × in_features), got shape {tuple(weight.shape)}"
-        )
-    if not weight.is_floating_point():
-        raise ValueError(
-            f"weight dtype {weight.dtype} is not supported; pass a float16/bfloat16/float32 tensor"
-        )
-    if weight.numel() == 0:
-        raise ValueError(f"weight is empty (shape {tuple(weight.shape)})")
+@dataclass(frozen=True)
+class MergeError:
+    """How far a merged Q' is from Q + Δ (both float32, out × in).
 
-
-def block_range(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block (min, max) as float32, shape (num_blocks,); raises on NaN / Inf in ``blocks``.
-
-    NaN and ±Inf propagate into the block extremes, so checking those is a full finiteness check
-    of the weight at no extra pass over it.
+    ``max_abs`` = max |Q' − (Q + Δ)|; ``relative`` = ‖Q' − (Q + Δ)‖_F / ‖Q + Δ‖_F;
+    ``delta_relative`` = ‖Q' − (Q + Δ)‖_F / ‖Δ‖_F (the fraction of Δ lost; 0 when nothing is).
     """
-    low, high = torch.aminmax(blocks, dim=1)
-    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
-        raise ValueError("weight contains NaN or Inf values; quantize only finite weights")
-    return low.float(), high.float()
+
+    max_abs: float
+    relative: float
+    delta_relative: float
 
 
-def storage_dtype(name: str | None) -> torch.dtype:
-    return TORCH_FLOAT[name or "fp32"]
+def measure_merge(
+    q: QuantizedTensor, delta_weight: torch.Tensor, merged: QuantizedTensor
+) -> MergeError:
+    """MergeError of ``merged`` against Q + ``delta_weight`` (out × in)."""
+    target = q.dequantize() + delta_weight.float().to(q.device)
+    diff = merged.dequantize() - target
+    error = torch.linalg.vector_norm(diff)
+    delta_norm = torch.linalg.vector_norm(delta_weight.float())
+    return MergeError(
+        max_abs=float(diff.abs().max()),
+        relative=float(error / torch.linalg.vector_norm(target).clamp_min(1e-30)),
+        delta_relative=0.0 if float(error) == 0 else float(error / delta_norm.clamp_min(1e-30)),
+    )

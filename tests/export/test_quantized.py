@@ -7,10 +7,11 @@ import torch
 from conftest import tiny_llama
 
 import lorq
+from lorq.export.gguf import export_gguf
+from lorq.export.gptq import export_gptq
 from lorq.io.gguf import read_gguf_quantized
 from lorq.io.gptq import from_gptq
-from lorq.io.quantized_export import export_gguf, export_gptq
-from lorq.pipeline import merge_qa_lora
+from lorq.qa_lora import merge_qa_lora
 
 
 def merged_qa_lora(quant: str):
@@ -24,15 +25,11 @@ def merged_qa_lora(quant: str):
     return model
 
 
-def meta(model):
-    return {"hf_config": model.config.to_dict(), "source": None}
-
-
 def test_gguf_export_keeps_the_merged_codes_and_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = merged_qa_lora("q4_1")
-    path = export_gguf(model, meta(model), tmp_path / "m.gguf", None, False)
+    path = export_gguf(model, tmp_path / "m.gguf")
     read = read_gguf_quantized(path)
     layers = {n: m.q for n, m in model.named_modules() if hasattr(m, "q")}
     assert set(read) == set(layers)
@@ -50,7 +47,7 @@ def test_gptq_export_decodes_to_the_merged_weights(tmp_path):
     from safetensors.torch import load_file
 
     model = merged_qa_lora("int4-g32")
-    path, fmt = export_gptq(model, meta(model), tmp_path / "g", None, False)
+    path, fmt = export_gptq(model, tmp_path / "g")
     tensors = load_file(path / "model.safetensors")
     layer = model.model.layers[1].mlp.down_proj
     own = {
@@ -68,12 +65,26 @@ def test_unmerged_models_are_refused(export, tmp_path):
     model = tiny_llama()
     lorq.compress(model, lorq.CompressConfig(method="qa-lora", quant="q4_1", rank=4))
     with pytest.raises(ValueError, match="needs a merged QA-LoRA model"):
-        export(model, meta(model), tmp_path / "x", None, False)
+        export(model, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_gguf_export_refuses_int_zero_layers(tmp_path):
     model = merged_qa_lora("int4-g32")
     with pytest.raises(ValueError, match="not supported yet"):
-        export_gguf(model, meta(model), tmp_path / "m.gguf", None, False)
+        export_gguf(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "gptq"])
+def test_registry_export_writes_the_same_files(fmt, tmp_path):
+    """lorq.export dispatches to the target: the same bytes as the target's own writer."""
+    model = merged_qa_lora("q4_1" if fmt == "gguf" else "int4-g32")
+    direct = {"gguf": export_gguf, "gptq": export_gptq}[fmt]
+    direct(model, tmp_path / "a")
+    exported = lorq.export(model, tmp_path / "b", fmt)
+    assert exported.path == tmp_path / "b" and fmt.upper() in exported.summary
+    files = {"gguf": [""], "gptq": ["model.safetensors", "config.json"]}[fmt]
+    for name in files:
+        a, b = (tmp_path / d / name if name else tmp_path / d for d in "ab")
+        assert a.read_bytes() == b.read_bytes()

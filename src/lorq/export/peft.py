@@ -23,8 +23,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorq.io.atomic import atomic_directory
-from lorq.io.hf_merged import (
+from lorq.atomic import atomic_directory
+from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
+from lorq.export.hf import (
+    check_export_dir,
     dense_model,
     is_export_dir,
     quant_layers,
@@ -32,6 +34,7 @@ from lorq.io.hf_merged import (
     write_hf_model,
     write_marker,
 )
+from lorq.io.native import model_meta
 from lorq.nn import AdapterLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,7 +123,6 @@ def export_peft(
     tokenizer: Any = None,
     dtype: str = "fp32",
     overwrite: bool = False,
-    source: str | None = None,
 ) -> Path:
     """Write ``path/base`` and ``path/adapter`` (see the module docstring) atomically."""
     from transformers.pytorch_utils import Conv1D
@@ -130,7 +132,7 @@ def export_peft(
     base = dense_model(model, with_delta=False)
     conv1d = any(isinstance(m, Conv1D) for m in base.modules())
     config = adapter_config(model, str((path / "base").resolve()), conv1d)
-    marker = {"kind": "peft", "dtype": dtype, "source": source}
+    marker = {"kind": "peft", "dtype": dtype, "source": model_meta(model).get("source")}
     with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:
         write_hf_model(base, tmp / "base", target, tokenizer)
         (tmp / "adapter").mkdir()
@@ -140,3 +142,22 @@ def export_peft(
             tokenizer.save_pretrained(tmp / "adapter")
         write_marker(tmp, marker)
     return path
+
+
+class PeftAdapter(ExportTarget):
+    name = "peft"
+    description = "a PEFT LoRA adapter (adapter/) and its dequantized base model (base/)"
+
+    def check(self, out: Path, options: ExportOptions) -> None:
+        check_export_dir(out, options.overwrite)
+
+    def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
+        export_peft(model, out, options.tokenizer, options.dtype, options.overwrite)
+        return Exported(
+            out,
+            f"PEFT adapter in {out / 'adapter'}, its base model in {out / 'base'}: "
+            "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)",
+        )
+
+
+register_export(PeftAdapter())

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_bert, tiny_causal, tiny_gpt2
 
 import lorq
-from lorq.io.hf_merged import save_merged
-from lorq.io.peft import export_peft
+from lorq.export.hf import save_merged
+from lorq.export.peft import export_peft
 
 BUILDERS = {
     "llama": lambda: tiny_causal("llama"),

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorq import __version__
-from lorq.io.atomic import atomic_directory
+from lorq._version import __version__
+from lorq.atomic import atomic_directory, check_output
+from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
+from lorq.io.native import model_meta
 from lorq.nn import QuantLinear
 from lorq.surgery import set_module, shared_copy
 
@@ -120,12 +122,43 @@ def save_merged(
     tokenizer: Any = None,
     dtype: str = "fp32",
     overwrite: bool = False,
-    source: str | None = None,
 ) -> Path:
     """Write W = Q + s·B·A as a standard Hugging Face model directory, atomically."""
-    target = torch_dtype(dtype)
+    torch_dtype(dtype)
     merged = dense_model(model, with_delta=True)
-    kind = {"kind": "merged", "dtype": dtype, "source": source}
+    return save_hf(merged, path, tokenizer, dtype, overwrite)
+
+
+def save_hf(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+) -> Path:
+    """Write a dense ``model`` as a standard Hugging Face model directory, atomically."""
+    target = torch_dtype(dtype)
+    kind = {"kind": "merged", "dtype": dtype, "source": model_meta(model).get("source")}
     with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:
-        write_hf_model(merged, tmp, target, tokenizer, kind)
+        write_hf_model(model, tmp, target, tokenizer, kind)
     return Path(path)
+
+
+def check_export_dir(out: Path, overwrite: bool) -> None:
+    """``out`` must be new, or a directory lorq exported (replaced only with ``overwrite``)."""
+    check_output(out, overwrite, is_export_dir, "lorq export")
+
+
+class MergedHF(ExportTarget):
+    name = "hf"
+    description = "a standard Hugging Face model with W = Q + s·B·A (dense)"
+
+    def check(self, out: Path, options: ExportOptions) -> None:
+        check_export_dir(out, options.overwrite)
+
+    def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
+        save_merged(model, out, options.tokenizer, options.dtype, options.overwrite)
+        return Exported(out, f"merged model in {out} (transformers' from_pretrained loads it)")
+
+
+register_export(MergedHF())

@@ -1,0 +1,5 @@
+"""``python -m lorq …``: the command line."""
+
+from lorq.cli import main
+
+main()

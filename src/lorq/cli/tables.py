@@ -1,0 +1,118 @@
+"""The tables the command line prints (rich), one function per kind of result."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from lorq.budget import BudgetPlan
+from lorq.evaluate import Measurement
+from lorq.models import ModelSource, source_nbytes
+
+RESULTS_CAPTION = (
+    "bits: per parameter of the replaced linears (Q alone; with B, A in bf16); MB: all "
+    "parameters and buffers in memory (a GGUF's Q4_1 layers stay packed); ppl: perplexity on "
+    "the evaluation text; KL: mean KL divergence of next-token distributions to the original; "
+    "cos: embedding cosine to the original"
+)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def directory_nbytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (a file: its size)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def results_table(
+    title: str,
+    rows: Sequence[Measurement],
+    source: ModelSource | None = None,
+    out: Path | None = None,
+) -> Table:
+    """One row per measured model; with ``source`` / ``out``, their sizes on disk below."""
+    caption = RESULTS_CAPTION
+    if source is not None and out is not None:
+        size = source_nbytes(source)
+        before = "unknown" if size is None else f"{size / 1e6:.1f} MB"
+        caption += f". On disk: source {before}, output {directory_nbytes(out) / 1e6:.1f} MB"
+    table = Table(title=title, caption=caption)
+    for column in ("model", "bits Q", "bits Q+BA", "MB", "ppl", "KL", "cos"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        result = row.result
+        table.add_row(
+            row.label,
+            _fmt(row.bits[0], ".3f"),
+            _fmt(row.bits[1], ".3f"),
+            f"{row.megabytes:.1f}",
+            _fmt(result.perplexity, ".3f"),
+            _fmt(result.kl, ".4f"),
+            _fmt(result.cosine, ".5f"),
+        )
+    return table
+
+
+def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
+    """The plan's bits per layer and module, and its summary."""
+    from lorq.budget.layout import bits_grid
+
+    layers, kinds, cells = bits_grid({e.name: e.bits_per_param for e in plan.entries})
+    grid = Table(title="bits/param per layer and module", show_lines=False)
+    grid.add_column("layer", justify="right")
+    for kind in kinds:
+        grid.add_column(kind.split(".")[-1], justify="right")
+    for layer in layers:
+        row = [cells.get((layer, kind)) for kind in kinds]
+        grid.add_row(
+            "-" if layer is None else str(layer), *("" if b is None else f"{b:.2f}" for b in row)
+        )
+    with_factors = plan.bits_with_low_rank(16)
+    summary = Table(show_header=False)
+    summary.add_row("budget (bits/param)", f"{plan.budget:.4f}")
+    summary.add_row("achieved, quantized part", f"{plan.achieved_bits:.4f}")
+    summary.add_row("achieved, with low-rank factors (bf16)", f"{with_factors:.4f}")
+    summary.add_row("quantized linears (MB)", f"{sum(e.bits for e in plan.entries) / 8e6:.2f}")
+    lora_mb = (with_factors - plan.achieved_bits) * plan.total_params / 8e6
+    summary.add_row("low-rank factors, bf16 (MB)", f"{lora_mb:.2f}")
+    weighting = " (Fisher-weighted)" if plan.weighted else ""
+    summary.add_row("total squared error" + weighting, f"{plan.total_error:.6g}")
+    summary.add_row("solver", f"{plan.status}, gap {plan.gap:.2e}, {plan.solve_seconds:.2f} s")
+    summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
+    return grid, summary
+
+
+def quantize_report_table(model: str, layers: int, rows) -> Table:
+    """Bits/param nominal and stored, size and relative error of each format."""
+    numel = rows[0].numel
+    table = Table(title=f"{model}: {layers} linear layers, {numel / 1e6:.1f} M parameters")
+    for column in ("format", "bits/param (nominal)", "bits/param (stored)", "size MB", "‖W−Q‖/‖W‖"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for row in rows:
+        table.add_row(
+            row.config.name,
+            f"{row.config.nominal_bits:.3f}",
+            f"{row.bits_per_param:.3f}",
+            f"{row.nbytes / 1e6:.2f}",
+            f"{row.relative_error:.4f}",
+        )
+    return table
+
+
+def presets_table() -> Table:
+    """Every registered format's presets with their bits per parameter."""
+    from lorq.quant import format_of, presets
+
+    table = Table("preset", "format", "bits", "block", "bits/param")
+    for name, config in presets().items():
+        fmt = format_of(config).name
+        table.add_row(
+            name, fmt, str(config.bits), str(config.block_size), f"{config.nominal_bits:.3f}"
+        )
+    return table

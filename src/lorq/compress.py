@@ -1,0 +1,388 @@
+"""Compression of a model's linear layers, in place: the data flow, top to bottom
+
+    weights ─▶ (Fisher) ─▶ budget plan or uniform config ─▶ decompose each matrix ─▶ replace modules
+    qa-lora:   weights ─▶ (Hessians) ─▶ INT base Q (RTN, GPTQ, given) ─▶ QALoraLinear (qa_lora)
+
+``compress`` works layer by layer: each dense weight is released as soon as its module is
+replaced, so peak memory stays near the model's own size. A source layer held packed (a plain
+QuantLinear, e.g. a GGUF's Q4_1 layer) is decoded to its dense W one at a time, when its turn
+comes. Everything but the LoRA factors is frozen. The whole job — load, calibrate, plan,
+compress, evaluate, metadata — is :func:`lorq.job.compress_model`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorq.budget import BudgetPlan, plan_budgets
+from lorq.config import CompressConfig
+from lorq.data import TextConfig, load_blocks
+from lorq.decompose import Decomposition, decompose
+from lorq.evaluate import EVAL_SEQ_LEN, Measurement, evaluation_summary, measure
+from lorq.fisher import estimate_fisher
+from lorq.io.native import set_model_meta
+from lorq.layers import LayerStep, relative_error, targets_of
+from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model
+from lorq.nn import QuantLoraLinear
+from lorq.nn.lora_linear import kaiming_uniform
+from lorq.progress import Progress, no_progress
+from lorq.qa_lora import compress_qa_lora, gguf_base
+from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
+from lorq.runtime import release_free_memory
+from lorq.surgery import (
+    DenseWeights,
+    dense_weight,
+    device_of,
+    freeze_all_but_lora,
+    set_module,
+    shared_copy,
+    weight_shape,
+)
+
+MAX_LISTED = 5  # names quoted in an error message
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """A compressed model and what made it; ``lorq.save(result, dir)`` writes all of it.
+
+    ``metadata``: what ``lorq.json`` records beyond the layers (source, compress config, plan,
+    evaluation); it is also kept on the model (``lorq.io.native.model_meta``), so a model saved
+    later still carries it. ``measurements``: the evaluation rows of :func:`compress_model`.
+    """
+
+    model: nn.Module
+    config: CompressConfig
+    plan: BudgetPlan | None
+    errors: dict[str, float]  # unweighted ‖W − Q − s·B·A‖ / ‖W‖ of every replaced matrix
+    tokenizer: Any = None
+    measurements: tuple[Measurement, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_decomposition(
+    weight: torch.Tensor, quant: QuantConfig, config: CompressConfig
+) -> Decomposition:
+    """Plain quantization with LoRA's own init: B = 0, A ~ Kaiming-uniform (seeded)."""
+    dc = config.decompose_config(quant)
+    q = quantize(weight, quant)
+    lora_A = kaiming_uniform(config.rank, weight.shape[1], config.seed).to(weight.device)
+    lora_B = torch.zeros(weight.shape[0], config.rank, device=weight.device)
+    error = float(torch.linalg.vector_norm(weight - q.dequantize()))
+    return Decomposition(q, lora_B, lora_A, dc.scaling, (error,), 0, dc)
+
+
+def plan_budgets_for(
+    model: nn.Module,
+    config: CompressConfig,
+    budgets: list[float],
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    progress: Progress = no_progress,
+) -> list[BudgetPlan]:
+    """Plans of ``config``'s method, rank and targets at several budgets from one cost table;
+    pass each to :func:`compress` as ``plan=`` with ``config.budget`` set to its budget."""
+    return plan_budgets(
+        DenseWeights(targets_of(model, config)),
+        budgets,
+        config.candidates,
+        config.method,
+        config.rank,
+        fisher if config.fisher else None,
+        iters=config.plan_iters,
+        progress=progress,
+    )
+
+
+def compress(
+    model: nn.Module,
+    config: CompressConfig,
+    calibration: torch.Tensor | None = None,
+    progress: Progress = no_progress,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    base: Mapping[str, QuantizedTensor] | None = None,
+    plan: BudgetPlan | None = None,
+) -> CompressResult:
+    """Replace the target linear layers of ``model`` (in place) by QuantLoraLinear layers, or by
+    QALoraLinear layers for ``method="qa-lora"``.
+
+    ``config.fisher`` needs either ``calibration`` token blocks (n × seq_len) to estimate the
+    Fisher from, or a precomputed ``fisher`` ({module name: F (out × in)}, e.g. from
+    :func:`lorq.fisher.estimate_fisher`, to share one estimate between several compressions).
+    ``config.gptq`` (qa-lora) needs ``calibration`` for the Hessians. ``base`` (qa-lora only):
+    {module name: a precomputed INT QuantizedTensor (out × in)}, e.g. Q4_1 codes read from a GGUF
+    file, used as Q as they are (with their own QuantConfig) instead of quantizing W.
+    ``plan``: a precomputed budget plan (from :func:`lorq.budget.plan_budgets`, or ``lorq plan``)
+    for ``config.budget``, instead of building its cost table again.
+    """
+    targets = targets_of(model, config)
+    if config.method == "qa-lora":
+        if plan is not None:
+            raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
+        errors = compress_qa_lora(model, config, targets, calibration, progress, base)
+        return _result(model, config, None, errors)
+    if base is not None:
+        raise ValueError(
+            f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
+        )
+    fisher = _fisher(model, config, targets, calibration, progress, fisher)
+    if plan is not None:
+        check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
+    elif config.budget is not None:
+        (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress)
+    errors = _decompose_layers(model, config, targets, plan, fisher, progress)
+    freeze_all_but_lora(model)
+    return _result(model, config, plan, errors)
+
+
+def _result(model, config, plan, errors) -> CompressResult:
+    metadata = {"compress": config.to_dict(), "plan": plan.to_dict() if plan else None}
+    set_model_meta(model, metadata)
+    return CompressResult(model, config, plan, errors, metadata=metadata)
+
+
+def _decompose_layers(
+    model: nn.Module,
+    config: CompressConfig,
+    targets: dict[str, nn.Module],
+    plan: BudgetPlan | None,
+    fisher: dict[str, torch.Tensor] | None,
+    progress: Progress,
+) -> dict[str, float]:
+    """Every target → QuantLoraLinear, in place; returns ‖W − Q − s·B·A‖ / ‖W‖ per target."""
+    errors = {}
+    step = LayerStep(progress, f"decomposing ({config.method}, r={config.rank})", len(targets))
+    for name, module in targets.items():
+        quant = plan.config_of(name) if plan else as_config(config.quant or "nf4")
+        weight = dense_weight(module).float()
+        if config.method == "plain":
+            d = plain_decomposition(weight, quant, config)
+        else:
+            scores = fisher.pop(name, None) if fisher else None
+            d = decompose(weight, config.decompose_config(quant), scores)
+        layer = QuantLoraLinear.from_decomposition(d, getattr(module, "bias", None))
+        set_module(model, name, layer.to(device_of(module)))
+        errors[name] = relative_error(weight, d.reconstruct())
+        del weight, module
+        step()
+    return errors
+
+
+def check_plan(
+    plan: BudgetPlan, config: CompressConfig, shapes: Mapping[str, tuple] | None = None
+) -> None:
+    """A given plan must be for this budget, method, rank and (when given, {name: (out, in)})
+    these target matrices."""
+    if config.budget != plan.budget or config.method != plan.method:
+        raise ValueError(
+            f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "
+            f"{config.method!r} at {config.budget}; make a plan with these settings (lorq plan)"
+        )
+    if config.method != "plain" and plan.rank != config.rank:
+        raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
+    if shapes is None:
+        return
+    planned = {e.name: e.shape for e in plan.entries}
+    if planned != {name: tuple(shape) for name, shape in shapes.items()}:
+        missing = sorted(set(shapes) ^ set(planned))[:MAX_LISTED]
+        raise ValueError(
+            "the plan's matrices are not this model's targets "
+            f"(e.g. {missing or 'a shape differs'}); make the plan for this model and targets"
+        )
+
+
+def _fisher(
+    model: nn.Module,
+    config: CompressConfig,
+    targets: dict[str, nn.Module],
+    calibration: torch.Tensor | None,
+    progress: Progress,
+    fisher: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor] | None:
+    if not config.fisher:
+        return None
+    if fisher is not None:
+        return dict(fisher)  # entries are dropped as layers are done; the caller's stays whole
+    if calibration is None:
+        raise ValueError("fisher=True needs calibration token blocks (or a precomputed fisher)")
+    return estimate_fisher(model, calibration, targets, progress)
+
+
+CALIBRATION_SEQ_LEN = 128  # tokens per calibration sequence (Fisher, GPTQ Hessians)
+CALIBRATION_BLOCKS = 64  # calibration sequences (docs/algorithms.md §4)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration text for the Fisher and GPTQ: ``source`` (builtin, a .txt / .jsonl file or
+    ``hf:NAME``) cut into ``blocks`` sequences of ``seq_len`` tokens."""
+
+    source: str = "builtin"
+    seq_len: int = CALIBRATION_SEQ_LEN
+    blocks: int = CALIBRATION_BLOCKS
+
+    def __post_init__(self) -> None:
+        TextConfig(self.source, self.seq_len, self.blocks)  # validates
+
+    def load(self, tokenizer: Any) -> torch.Tensor:
+        config = TextConfig(self.source, self.seq_len, self.blocks)
+        return load_blocks(tokenizer, config, "calibration")
+
+
+def compress_model(
+    model: str | nn.Module | LoadedModel = DEFAULT_MODEL,
+    config: CompressConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    calibration: Calibration | str = "builtin",
+    eval_blocks: int = 16,
+    baseline: bool = True,
+    plan: BudgetPlan | None = None,
+    gguf_codes: bool = True,
+    progress: Progress = no_progress,
+) -> CompressResult:
+    """The whole ``lorq compress`` job: load, calibrate, plan, compress, evaluate, describe.
+
+    ``model``: a built-in name, a local folder or ``.gguf`` file, a hub id, a
+    :class:`~lorq.models.LoadedModel` or a loaded model (then pass its ``tokenizer``; it is
+    compressed in place). ``calibration``: the text for the Fisher (``config.fisher``) and GPTQ
+    (``config.gptq``). ``eval_blocks`` blocks of 256 evaluation tokens measure the original,
+    plain quantization at the same bits (``baseline``, for lq / loftq) and the result (0: no
+    evaluation). ``plan``: a budget plan made beforehand for ``config.budget``. ``gguf_codes``:
+    QA-LoRA on a GGUF source whose codes are already in ``config.quant`` keeps them as the base.
+    The result's metadata names the source, the config, the plan and the evaluation;
+    ``lorq.save(result, dir)`` writes what ``lorq compress`` writes.
+    """
+    config = config or CompressConfig()
+    calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
+    if plan is not None:
+        check_plan(plan, config)
+    loaded = _loaded(model, tokenizer, packed=not config.fisher)
+    targets = targets_of(loaded.model, config)
+    if plan is not None:
+        check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
+    text = Evaluation(loaded.tokenizer, eval_blocks)
+    fisher = _job_fisher(loaded, config, targets, calibration, progress)
+    rows = text.measure(loaded.model, None, "original", progress, quantized=False)
+    if baseline and config.method in ("lq", "loftq"):
+        rows += _baseline(loaded.model, config, text, fisher, progress)
+    base = _qa_base(loaded, config, targets) if gguf_codes else None
+    original = loaded.model
+    work = original if isinstance(model, nn.Module) else shared_copy(original)
+    gptq_blocks = calibration.load(loaded.tokenizer) if config.gptq else None
+    result = compress(work, config, gptq_blocks, progress, fisher, base, plan)
+    release_free_memory()
+    reference = None if work is original else original
+    rows += text.measure(result.model, reference, _label(config, base is not None), progress)
+    return _described(result, loaded, rows)
+
+
+def plan_model(
+    model: str | nn.Module | LoadedModel,
+    config: CompressConfig,
+    *,
+    tokenizer: Any = None,
+    calibration: Calibration | str = "builtin",
+    progress: Progress = no_progress,
+) -> BudgetPlan:
+    """The ``lorq plan`` job: ``config.budget``'s plan of ``model``'s targets (Fisher-weighted
+    with ``config.fisher``, estimated on ``calibration``)."""
+    if config.budget is None:
+        raise ValueError("plan_model needs config.budget (bits/param)")
+    calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
+    loaded = _loaded(model, tokenizer, packed=not config.fisher)
+    targets = targets_of(loaded.model, config)
+    fisher = _job_fisher(loaded, config, targets, calibration, progress)
+    (plan,) = plan_budgets_for(loaded.model, config, [config.budget], fisher, progress)
+    return plan
+
+
+def _job_fisher(loaded, config, targets, calibration: Calibration, progress):
+    if not config.fisher:
+        return None
+    blocks = calibration.load(loaded.tokenizer)
+    return estimate_fisher(loaded.model, blocks, targets, progress)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluation token blocks of one job (cut when first needed) and its rows."""
+
+    tokenizer: Any
+    eval_blocks: int
+
+    @functools.cached_property
+    def blocks(self) -> torch.Tensor | None:
+        if self.eval_blocks <= 0:
+            return None
+        config = TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=self.eval_blocks)
+        return load_blocks(self.tokenizer, config, "evaluation")
+
+    def measure(self, model, reference, label, progress, quantized=True) -> list[Measurement]:
+        """One row for ``model`` (none when evaluation is off)."""
+        if self.blocks is None:
+            return []
+        return [measure(model, self.blocks, reference, label, progress, quantized)]
+
+
+def _loaded(model: str | nn.Module | LoadedModel, tokenizer: Any, packed: bool) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= with a loaded model (for calibration and evaluation)")
+        return LoadedModel(model, tokenizer, ModelSource(type(model).__name__, ""))
+    if not isinstance(model, str):
+        raise ValueError(f"model={model!r} is not supported; pass a name, path or loaded model")
+    return load_model(model, packed=packed)
+
+
+def _baseline(model, config, text: Evaluation, fisher, progress) -> list[Measurement]:
+    """Plain quantization at the same bits (the same plan's budget), measured."""
+    if text.blocks is None:
+        return []
+    plain = replace(config, method="plain", iters=None)
+    result = compress(shared_copy(model), plain, None, progress, fisher)
+    release_free_memory()
+    name = _quant_label(config) + (", Fisher plan" if config.fisher and config.budget else "")
+    return text.measure(result.model, model, f"plain NF ({name})", progress)
+
+
+def _qa_base(loaded: LoadedModel, config: CompressConfig, targets) -> dict | None:
+    """QA-LoRA from a GGUF source: the file's own codes as the base, where they are ``quant``."""
+    source = loaded.source
+    if config.method != "qa-lora" or config.quant is None or not source.gguf_file:
+        return None
+    return gguf_base(targets, as_config(config.quant), Path(source.path) / source.gguf_file)
+
+
+def _quant_label(config: CompressConfig) -> str:
+    if config.quant is None:
+        return f"{config.budget} bits"
+    return config.quant if isinstance(config.quant, str) else config.quant.name
+
+
+def _label(config: CompressConfig, gguf_codes: bool) -> str:
+    label = f"lorq {config.method} r={config.rank}" + (" +Fisher" if config.fisher else "")
+    details = _quant_label(config) + (", GPTQ" if config.gptq else "")
+    return label + f" ({details}{', GGUF codes' if gguf_codes else ''})"
+
+
+def _described(
+    result: CompressResult, loaded: LoadedModel, rows: list[Measurement]
+) -> CompressResult:
+    """``result`` with the tokenizer, the rows and the metadata of the whole job."""
+    source = loaded.source
+    metadata = {
+        "source": {"model": source.name, "path": source.path, "gguf_file": source.gguf_file},
+        **result.metadata,
+        "evaluation": evaluation_summary(rows),
+    }
+    set_model_meta(result.model, metadata)
+    return replace(result, tokenizer=loaded.tokenizer, measurements=tuple(rows), metadata=metadata)

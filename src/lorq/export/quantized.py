@@ -1,0 +1,47 @@
+"""What the quantized exports share: a merged model's Q per layer and its other tensors.
+
+    merged QA-LoRA model ─▶ {module: Q} + every other tensor ─▶ GGUF (export.gguf)
+                                                            └▶ GPTQ (export.gptq)
+
+Only a merged model qualifies: every quantized layer a plain QuantLinear (no adapter left), since
+both formats hold Q alone. The codes are written as they are; nothing is requantized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorq.io.native import model_meta
+from lorq.nn import QuantLinear
+from lorq.quant.tensor import QuantizedTensor
+
+
+def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
+    """Q of every quantized layer; ValueError when a layer still carries an adapter."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    adapters = sorted(n for n, m in layers.items() if m.has_lora)
+    if not layers or adapters:
+        where = f" ({adapters[0]} has lora_A / lora_B)" if adapters else ""
+        raise ValueError(
+            f"format={fmt!r} needs a merged QA-LoRA model{where}; merge a model made with "
+            "method='qa-lora' first (lorq merge)"
+        )
+    return {name: layer.q for name, layer in layers.items()}
+
+
+def other_tensors(model: nn.Module, layers: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor except the quantized layers' packed buffers (biases stay)."""
+    prefixes = tuple(f"{name}.q_" for name in layers)
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+
+
+def source_gguf(model: nn.Module) -> Path | None:
+    """The GGUF file the model was compressed from, when it still exists."""
+    source = model_meta(model).get("source") or {}
+    if not source.get("gguf_file") or not source.get("path"):
+        return None
+    path = Path(source["path"]) / source["gguf_file"]
+    return path if path.is_file() else None

@@ -1,0 +1,107 @@
+"""Every registered format passes one conformance suite. Oracles: a decode formula written here
+independently for each format family (a format without one fails, so a new format must bring its
+own), the bytes its buffers really hold, a bit-exact state-dict round trip, and the
+round-to-nearest bound (no value further from W than half a grid step)."""
+
+import pytest
+import torch
+
+from lorq.quant import QuantizedTensor, format_of, formats, presets, quantize
+from lorq.quant.codebook import nf_levels
+from lorq.quant.tensor import storage_nbytes
+
+SHAPE = (64, 256)
+PRESETS = list(presets())
+
+
+def nf_reference(q: QuantizedTensor) -> torch.Tensor:
+    """level[code] · scale of each block (the scales decoded by the format's own scale rule)."""
+    values = nf_levels(q.config.bits)[q.codes_unpacked().long()].view(-1, q.config.block_size)
+    return (values * q.block_scales()[:, None]).view(q.shape)
+
+
+def int_reference(q: QuantizedTensor) -> torch.Tensor:
+    """scale · (code − zero) with k-bit integer zeros."""
+    codes = q.codes_unpacked().float().view(-1, q.config.block_size)
+    return (q.scales.float()[:, None] * (codes - q.block_zeros()[:, None])).view(q.shape)
+
+
+def fmin_reference(q: QuantizedTensor) -> torch.Tensor:
+    """scale · code + min with float mins."""
+    codes = q.codes_unpacked().float().view(-1, q.config.block_size)
+    return (q.scales.float()[:, None] * codes + q.zeros.float()[:, None]).view(q.shape)
+
+
+REFERENCES = {"nf": nf_reference, "int": int_reference, "fmin": fmin_reference}
+
+
+def weight(seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(SHAPE, generator=generator) * torch.rand(SHAPE[0], 1, generator=generator)
+
+
+def test_registry_lists_every_format_and_preset():
+    assert list(formats()) == ["nf", "int", "fmin"]
+    for name, config in presets().items():
+        assert format_of(config).name in formats()
+        assert config.name == name
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decode_matches_the_family_formula(name):
+    q = quantize(weight(), name)
+    reference = REFERENCES[format_of(q.config).name]
+    torch.testing.assert_close(q.dequantize(), reference(q), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_nbytes_is_what_the_buffers_hold(name):
+    q = quantize(weight(), name)
+    held = sum(t.numel() * t.element_size() for t in q.buffers.values())
+    assert q.nbytes == held == storage_nbytes(q.config, SHAPE)
+    assert tuple(q.buffers) == format_of(q.config).buffer_keys(q.config)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_state_dict_round_trip_is_bit_exact(name):
+    q = quantize(weight(1), name)
+    back = QuantizedTensor.from_state_dict(q.to_state_dict())
+    assert back.config == q.config and back.shape == q.shape
+    assert all(torch.equal(back.buffers[k], v) for k, v in q.buffers.items())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_error_is_within_half_a_step(name):
+    """Round to nearest: no value is further from W than half the widest gap of its grid (NF:
+    plus what lies beyond a double-quantized scale below the block's absmax, clamped to ±1)."""
+    w = weight(2)
+    q = quantize(w, name)
+    fmt = format_of(q.config).name
+    grid = nf_levels(q.config.bits) if fmt == "nf" else torch.arange(2.0**q.config.bits)
+    widest = float((grid[1:] - grid[:-1]).max())
+    scale = q.block_scales().repeat_interleave(q.config.block_size).view(SHAPE)
+    bound = scale * widest / 2
+    if fmt == "nf":
+        bound = bound + (w.abs() - scale).clamp(min=0)
+    assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_config_round_trips_through_its_dict(name):
+    config = presets()[name]
+    assert type(config).from_dict(config.to_dict()) == config
+    assert config.to_dict()["format"] == format_of(config).name
+
+
+def test_lorq_0_1_configs_still_load():
+    """lorq 0.1 wrote one config class with every field; its dicts map onto the formats."""
+    old_q4_1 = {
+        "format": "int", "bits": 4, "block_size": 32, "scale_bits": 8, "scale_block_size": 256,
+        "super_scale_dtype": "fp32", "scale_dtype": "fp16", "zero": "float",
+    }  # fmt: skip
+    old_nf3 = {**old_q4_1, "format": "nf", "bits": 3, "block_size": 64, "scale_dtype": "fp32"}
+    old_nf3["zero"] = "int"
+    assert type(presets()["q4_1"]).from_dict(old_q4_1) == presets()["q4_1"]
+    assert type(presets()["nf3"]).from_dict(old_nf3) == presets()["nf3"]
+    old_int = {**old_q4_1, "zero": "int"}
+    assert type(presets()["int4-g32"]).from_dict(old_int) == presets()["int4-g32"]

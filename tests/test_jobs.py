@@ -1,0 +1,114 @@
+"""Every job is one library call. Oracles: the CLI's own output directory (byte-equal weights,
+equal lorq.json), logits of the reloaded models, and the provenance each artifact carries."""
+
+import json
+
+import pytest
+import torch
+from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (the module-scoped fixture)
+
+import lorq
+from lorq.compress import Calibration
+
+
+def lorq_json(path, timings: bool = True):
+    """lorq.json of ``path`` (without the plan's wall-clock timings unless ``timings``)."""
+    meta = json.loads((path / "lorq.json").read_text())
+    if not timings and meta.get("plan"):
+        meta["plan"] = {k: v for k, v in meta["plan"].items() if not k.endswith("_seconds")}
+    return meta
+
+
+def test_python_compress_and_save_equal_the_cli(tiny_dir, tmp_path):  # noqa: F811
+    cli, library = tmp_path / "cli", tmp_path / "lib"
+    args = ("--rank", "4", "--budget", "3.0", "--candidates", "nf2,nf3,nf4", "--eval-blocks", "1")
+    result = run("compress", "--model", tiny_dir, *args, "--out", cli)
+    assert result.exit_code == 0, result.output
+    config = lorq.CompressConfig(rank=4, budget=3.0, candidates="nf2,nf3,nf4")
+    compressed = lorq.compress_model(str(tiny_dir), config, eval_blocks=1)
+    lorq.save(compressed, library)
+    assert (cli / "model.safetensors").read_bytes() == (library / "model.safetensors").read_bytes()
+    assert lorq_json(cli, timings=False) == lorq_json(library, timings=False)
+    meta = lorq_json(library)
+    assert meta["source"]["model"] == str(tiny_dir) and meta["compress"]["budget"] == 3.0
+    assert meta["plan"]["budget"] == 3.0 and meta["evaluation"]["kl"] > 0
+    labels = [m.label for m in compressed.measurements]
+    assert (
+        labels[0] == "original" and labels[1].startswith("plain NF") and "(3.0 bits)" in labels[2]
+    )
+
+
+def test_a_loaded_model_compresses_in_place_without_evaluation(tiny_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    config = lorq.CompressConfig(method="plain", quant="int4-g32", rank=2)
+    result = lorq.compress_model(model, config, tokenizer=tokenizer, eval_blocks=0)
+    assert result.model is model and result.measurements == ()
+    assert result.metadata["compress"]["quant"] == "int4-g32"
+    with pytest.raises(ValueError, match="tokenizer="):
+        lorq.compress_model(AutoModelForCausalLM.from_pretrained(tiny_dir), config)
+
+
+def test_quant_accepts_a_config_object(tiny_dir, tmp_path):  # noqa: F811
+    from lorq.quant import IntConfig
+
+    config = lorq.CompressConfig(method="plain", quant=IntConfig(bits=3, block_size=16), rank=2)
+    result = lorq.compress_model(str(tiny_dir), config, eval_blocks=0)
+    lorq.save(result, tmp_path / "m")
+    back = lorq.CompressConfig.from_dict(lorq_json(tmp_path / "m")["compress"])
+    assert back == config
+
+
+def test_merge_and_export_carry_the_provenance(tiny_dir, tmp_path):  # noqa: F811
+    config = lorq.CompressConfig(method="qa-lora", quant="int4-g32", rank=2)
+    lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "qa")
+    model = lorq.load(tmp_path / "qa")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.05)
+    merged = lorq.merge(model)
+    assert (
+        merged.quantized
+        and set(merged.errors)
+        and not any(getattr(m, "has_lora", False) for m in merged.model.modules())
+    )
+    merged.save(tmp_path / "merged")
+    meta = lorq_json(tmp_path / "merged")
+    assert meta["source"]["model"] == str(tiny_dir) and meta["merge"]["kind"] == "quantized"
+    with pytest.raises(ValueError, match="already merged"):
+        lorq.merge(lorq.load(tmp_path / "merged"))
+    dense = lorq.merge(model, dequantize=True)
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(dense.model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    exported = lorq.export(lorq.load(tmp_path / "merged"), tmp_path / "gptq", "gptq")
+    assert (exported.path / "model.safetensors").exists()
+    assert set(lorq.export_targets()) == {"peft", "hf", "gguf", "gptq"}
+
+
+def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    from lorq.finetune import checkpoint_dir, prepare_checkpoints
+
+    config = lorq.CompressConfig(rank=2, quant="nf4")
+    lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
+    train = lorq.FinetuneConfig(steps=2, seq_len=32, batch_size=2, save_every=1, trainable=[])
+    out = tmp_path / "ft"
+    prepare_checkpoints(out, train, resume=True)
+    prepare_checkpoints(out, train, resume=True)  # the same settings (a list read back) resume
+    with pytest.raises(ValueError, match="other settings"):
+        prepare_checkpoints(out, lorq.FinetuneConfig(steps=3, seq_len=32), resume=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    result = lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, source="m")
+    assert result.steps == 2 and not checkpoint_dir(out).exists()
+    meta = lorq_json(out)
+    assert meta["finetune"]["from"] == "m" and meta["compress"]["quant"] == "nf4"
+
+
+def test_calibration_is_validated_before_work():
+    with pytest.raises(ValueError, match="seq_len=0"):
+        Calibration("builtin", seq_len=0)
