@@ -98,3 +98,20 @@ def tiny_tokenizer():
     tokenizer.add_special_tokens({"additional_special_tokens": specials[3:]})
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def tied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()

@@ -54,10 +54,12 @@ def test_gguf_model_is_a_plain_float_model_that_trains(smollm2):
 
 def test_smollm2_packed_equals_transformers_loader(smollm2):
     """Oracle: transformers' GGUF loader (every tensor dequantized to float32) — same logits."""
-    from lorq.nn import QuantLinear
+    from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
 
     packed = load_model("smollm2", with_tokenizer=False, packed=True).model
-    layers = [m for m in packed.modules() if isinstance(m, QuantLinear)]
+    head = tied_packed_head(packed)  # the tied output layer: the Q8_0 table of the embedding
+    assert isinstance(packed.model.embed_tokens, QuantEmbedding) and head is packed.lm_head
+    layers = [m for m in packed.modules() if isinstance(m, QuantLinear) and m is not head]
     assert len(layers) == len(find_targets(packed)) == 210
     ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

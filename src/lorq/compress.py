@@ -30,11 +30,11 @@ from lorq.fisher import estimate_fisher
 from lorq.io.native import set_model_meta
 from lorq.layers import LayerStep, relative_error, targets_of
 from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model
-from lorq.nn import QuantLoraLinear
+from lorq.nn import QuantEmbedding, QuantLinear, QuantLoraLinear, tied_packed_head
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.progress import Progress, no_progress
 from lorq.qa_lora import compress_qa_lora, gguf_base
-from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
+from lorq.quant import QuantConfig, QuantizedTensor, as_config, format_of, quantize
 from lorq.runtime import release_free_memory
 from lorq.surgery import (
     DenseWeights,
@@ -122,11 +122,12 @@ def compress(
     for ``config.budget``, instead of building its cost table again.
     """
     targets = targets_of(model, config)
+    embeddings = _check_embeddings(model, config)
     if config.method == "qa-lora":
         if plan is not None:
             raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
         errors = compress_qa_lora(model, config, targets, calibration, progress, base)
-        return _result(model, config, None, errors)
+        return _result(model, config, None, errors, embeddings)
     if base is not None:
         raise ValueError(
             f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
@@ -137,11 +138,51 @@ def compress(
     elif config.budget is not None:
         (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress)
     errors = _decompose_layers(model, config, targets, plan, fisher, progress)
+    return _result(model, config, plan, errors, embeddings)
+
+
+def _check_embeddings(model: nn.Module, config: CompressConfig) -> QuantConfig | None:
+    """The embeddings' config, checked against the table's shape before any work."""
+    if config.embeddings is None:
+        return None
+    quant = as_config(config.embeddings)
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if get is not None else None
+    if table is None:
+        raise ValueError("embeddings= needs a model with input embeddings (get_input_embeddings)")
+    shape = getattr(table, "shape", None) or tuple(table.weight.shape)
+    format_of(quant).check_shape(quant, (shape[0], shape[1]))
+    return quant
+
+
+def pack_embeddings(model: nn.Module, quant: QuantConfig) -> None:
+    """The token embedding table as a QuantEmbedding of ``quant`` (in place); a tied output layer
+    becomes a QuantLinear over the same buffers, an untied plain one a QuantLinear of its own."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    packed_head = tied_packed_head(model)
+    tied = packed_head is not None or (
+        isinstance(head, nn.Linear) and head.weight is getattr(embedding, "weight", None)
+    )
+    if isinstance(embedding, QuantEmbedding) and embedding.quant_config == quant:
+        table = embedding
+    else:
+        weight = embedding.q.dequantize() if isinstance(embedding, QuantEmbedding) else None
+        weight = embedding.weight.detach().float() if weight is None else weight
+        table = QuantEmbedding(quantize(weight, quant))
+        model.set_input_embeddings(table)
+    if tied:
+        model.set_output_embeddings(table.tied_head())
+    elif isinstance(head, nn.Linear):
+        model.set_output_embeddings(
+            QuantLinear(quantize(head.weight.detach().float(), quant), head.bias)
+        )
+
+
+def _result(model, config, plan, errors, embeddings: QuantConfig | None) -> CompressResult:
+    """Pack the embeddings if asked, freeze all but the factors, describe the result."""
+    if embeddings is not None:
+        pack_embeddings(model, embeddings)
     freeze_all_but_lora(model)
-    return _result(model, config, plan, errors)
-
-
-def _result(model, config, plan, errors) -> CompressResult:
     metadata = {"compress": config.to_dict(), "plan": plan.to_dict() if plan else None}
     set_model_meta(model, metadata)
     return CompressResult(model, config, plan, errors, metadata=metadata)

@@ -111,7 +111,9 @@ class CompressConfig(_Serializable):
     ``candidates`` (costs from ``plan_iters`` decomposition steps, Fisher-weighted with
     ``fisher``; not for qa-lora). ``gptq`` (qa-lora only): round the base with GPTQ on
     calibration data instead of RTN. ``include`` / ``exclude`` are regexes on module names
-    (default: every linear layer of the blocks, no LM head).
+    (default: every linear layer of the blocks, no LM head). ``embeddings``: a preset or config
+    for the token embedding table (and an untied output layer) — stored packed, no adapter;
+    None (default) keeps them as the source has them.
     """
 
     method: Literal["lq", "loftq", "plain", "qa-lora"] = "lq"
@@ -128,9 +130,14 @@ class CompressConfig(_Serializable):
     exclude: tuple[str, ...] | None = None
     seed: int = 0
     gptq: bool = False
+    embeddings: str | QuantConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", LEGACY_METHODS.get(self.method, self.method))
+        if isinstance(self.embeddings, dict):
+            object.__setattr__(self, "embeddings", QuantConfig.from_dict(self.embeddings))
+        if self.embeddings is not None:
+            as_config(self.embeddings)
         _check_choice("method", self.method, COMPRESS_METHODS)
         if isinstance(self.quant, dict):
             object.__setattr__(self, "quant", QuantConfig.from_dict(self.quant))

@@ -78,9 +78,10 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 def compressed_bits(model: torch.nn.Module, factor_bits: int = 16) -> tuple[float, float]:
     """Bits/param of the quantized layers: Q alone, and with B, A at ``factor_bits``."""
-    from lorq.nn import QuantLinear
+    from lorq.nn import QuantLinear, tied_packed_head
 
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    head = tied_packed_head(model)  # a tied, packed output layer is the embedding's table
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not head]
     if not layers:
         raise ValueError("the model has no quantized layers")
     numel = sum(m.in_features * m.out_features for m in layers)
@@ -114,10 +115,13 @@ def _deferred_head(model: nn.Module) -> Iterator[Head]:
     turns them into logits a slice of the vocabulary at a time (``lorq.logits``). A model whose
     output layer is not a plain nn.Linear, or that rescales logits after it, keeps its full
     logits and yields ``Head()``."""
+    from lorq.nn import QuantLinear
+
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
     config = getattr(model, "config", None)
-    if not isinstance(head, nn.Linear) or any(getattr(config, k, None) for k in LOGIT_RESCALING):
+    plain = isinstance(head, nn.Linear) or (isinstance(head, QuantLinear) and not head.has_lora)
+    if not plain or any(getattr(config, k, None) for k in LOGIT_RESCALING):
         yield Head()
         return
     try:

@@ -27,17 +27,25 @@ LOWEST = torch.finfo(torch.float32).min  # the running maximum before any column
 class Head:
     """The output layer applied to slices of the vocabulary; no layer: the outputs are logits."""
 
-    layer: nn.Linear | None = None
+    layer: nn.Module | None = None  # nn.Linear, or a packed QuantLinear (rows decoded per slice)
 
     def vocab_size(self, outputs: torch.Tensor) -> int:
         return outputs.shape[-1] if self.layer is None else self.layer.out_features
+
+    def weight(self, cols: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``cols`` of the output layer's weight (out × hidden)."""
+        weight = getattr(self.layer, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight[cols]
+        rows = torch.arange(cols.start, cols.stop, device=self.layer.q.device)
+        return self.layer.q.dequantize_rows(rows, dtype)
 
     def logits(self, outputs: torch.Tensor, cols: slice) -> torch.Tensor:
         """float32 logits of the columns ``cols``, shape (batch, T, len(cols)), a fresh buffer."""
         if self.layer is None:
             return outputs[..., cols].to(torch.float32, copy=True)
         bias = None if self.layer.bias is None else self.layer.bias[cols]
-        return nn.functional.linear(outputs, self.layer.weight[cols], bias).float()
+        return nn.functional.linear(outputs, self.weight(cols, outputs.dtype), bias).float()
 
 
 @dataclass

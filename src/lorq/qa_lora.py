@@ -24,7 +24,7 @@ from lorq.nn.qa_lora_linear import check_qa_base
 from lorq.progress import Progress
 from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
 from lorq.quant.tensor import MergeError
-from lorq.surgery import dense_weight, freeze_all_but_lora, set_module, weight_shape
+from lorq.surgery import dense_weight, set_module, weight_shape
 
 log = logging.getLogger(__name__)
 LOST_ADAPTER_WARNING = 0.5  # merge_qa_lora warns when a merge loses this fraction of ‖Δ‖
@@ -111,7 +111,6 @@ def compress_qa_lora(
         errors[name] = relative_error(weight, q.dequantize().to(weight.device))
         del weight, module
         step()
-    freeze_all_but_lora(model)
     return errors
 
 

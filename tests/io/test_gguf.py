@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tied_llama, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorq
@@ -32,23 +32,6 @@ def quantize_linears(model: nn.Module) -> dict:
 
 def dense_rest(model: nn.Module, layers: dict) -> dict:
     return {n: p for n, p in model.named_parameters() if n.removesuffix(".weight") not in layers}
-
-
-def tied_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def export(model: nn.Module, path, **kwargs):
@@ -221,18 +204,19 @@ def smollm2():
 def smollm2_layers(smollm2):
     start = time.perf_counter()
     layers = read_gguf_quantized(smollm2[1])
-    print(f"\nSmolLM2: read {len(layers)} Q4_1 tensors in {time.perf_counter() - start:.2f} s")
+    print(f"\nSmolLM2: read {len(layers)} packed tensors in {time.perf_counter() - start:.2f} s")
     return layers
 
 
 @pytest.mark.slow
 def test_smollm2_codes_equal_transformers_weights(smollm2, smollm2_layers):
-    """Oracle: transformers' GGUF loader dequantizes every Q4_1 tensor to exactly our values."""
+    """Oracle: transformers' GGUF loader dequantizes every Q4_1 and Q8_0 tensor to exactly our
+    values."""
     from gguf import GGUFReader
 
     types = Counter(t.tensor_type.name for t in GGUFReader(smollm2[1]).tensors)
     print(f"SmolLM2 tensor types: {dict(types)}")
-    assert len(smollm2_layers) == types["Q4_1"] == 210
+    assert len(smollm2_layers) == types["Q4_1"] + types["Q8_0"] == 211
     state = smollm2[0].state_dict()
     for name, q in smollm2_layers.items():
         assert torch.equal(q.dequantize(), state[f"{name}.weight"]), name
@@ -240,7 +224,8 @@ def test_smollm2_codes_equal_transformers_weights(smollm2, smollm2_layers):
 
 @pytest.mark.slow
 def test_smollm2_reexport_is_byte_identical(smollm2, smollm2_layers, tmp_path):
-    """Oracle: llama.cpp's own file: every Q4_1 block and every metadata value come back."""
+    """Oracle: llama.cpp's own file: every Q4_1 and Q8_0 block and every metadata value come
+    back."""
     from gguf import GGUFReader
 
     model = smollm2[0]
@@ -249,9 +234,10 @@ def test_smollm2_reexport_is_byte_identical(smollm2, smollm2_layers, tmp_path):
         tmp_path / "a.gguf", smollm2_layers, dense, model.config.to_dict(), source_gguf=smollm2[1]
     )
     source, copied = GGUFReader(smollm2[1]), GGUFReader(out)
-    blocks = {t.name: t.data for t in copied.tensors if t.tensor_type.name == "Q4_1"}
-    originals = [t for t in source.tensors if t.tensor_type.name == "Q4_1"]
-    assert len(blocks) == len(originals) == 210
+    packed = ("Q4_1", "Q8_0")
+    blocks = {t.name: t.data for t in copied.tensors if t.tensor_type.name in packed}
+    originals = [t for t in source.tensors if t.tensor_type.name in packed]
+    assert len(blocks) == len(originals) == 211
     assert all(np.array_equal(blocks[t.name], t.data) for t in originals)
     own = ("GGUF.", "general.alignment")
     fields = {k for k in source.fields if not k.startswith(own)}

@@ -7,8 +7,8 @@ an incomplete file is refused by name.
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_gguf import export, tied_llama
+from conftest import tied_llama, tiny_llama
+from test_gguf import export
 from torch import nn
 
 from lorq.compress import compress
@@ -131,3 +131,69 @@ def test_packed_flag_loads_other_sources_densely(tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in loaded.modules())
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def q8_0_embedding_gguf(tmp_path):
+    """A tied tiny LLaMA whose token embedding the GGUF stores as Q8_0 (like SmolLM2's)."""
+    from test_gguf import dense_rest, quantize_linears
+
+    from lorq.io.gguf import write_gguf
+    from lorq.quant import quantize
+
+    model = tied_llama()
+    layers = quantize_linears(model)
+    layers.pop("lm_head")
+    layers["model.embed_tokens"] = quantize(model.model.embed_tokens.weight.detach(), "q8_0")
+    dense = dense_rest(model, layers)
+    return write_gguf(tmp_path / "m.gguf", layers, dense, model.config.to_dict())
+
+
+def test_packed_q8_0_embedding_is_tied_and_exact(tmp_path):
+    """Oracle: transformers' loader (dense) gives the same logits; the head shares the table."""
+    from lorq.nn import QuantEmbedding, tied_packed_head
+
+    path = q8_0_embedding_gguf(tmp_path)
+    packed = load_packed(path)
+    assert isinstance(packed.model.embed_tokens, QuantEmbedding)
+    assert tied_packed_head(packed) is packed.lm_head
+    with torch.no_grad():
+        expected = transformers_model(path)(input_ids=IDS).logits
+        assert torch.equal(packed(input_ids=IDS).logits, expected)
+
+
+def test_packed_embedding_survives_save_load_and_exports(tmp_path):
+    """Oracles: bit-identical logits after lorq.load, the table stored once, and the exports
+    read back by transformers (dense) and by lorq's GGUF reader (the Q8_0 codes as they were)."""
+    from safetensors import safe_open
+
+    import lorq
+    from lorq.io.gguf import read_gguf_quantized
+
+    path = q8_0_embedding_gguf(tmp_path)
+    model = compress(load_packed(path), CompressConfig(method="qa-lora", quant="q4_1", rank=2))
+    lorq.save(model.model, tmp_path / "saved")
+    back = lorq.load(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=IDS).logits, model.model(input_ids=IDS).logits)
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "model.embed_tokens.q_blocks" in names and not any(
+        n.startswith("lm_head") for n in names
+    )
+    merged = lorq.merge(back).model
+    lorq.export(merged, tmp_path / "out.gguf", "gguf")
+    codes = read_gguf_quantized(tmp_path / "out.gguf")["model.embed_tokens"]
+    assert torch.equal(codes.buffers["blocks"], back.model.embed_tokens.q_blocks)
+    dense = lorq.merge(back, dequantize=True)
+    dense.save(tmp_path / "hf")
+    hf = transformers_hf(tmp_path / "hf")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(input_ids=IDS).logits, back(input_ids=IDS).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def transformers_hf(path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()

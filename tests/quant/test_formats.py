@@ -32,7 +32,22 @@ def fmin_reference(q: QuantizedTensor) -> torch.Tensor:
     return (q.scales.float()[:, None] * codes + q.zeros.float()[:, None]).view(q.shape)
 
 
-REFERENCES = {"nf": nf_reference, "int": int_reference, "fmin": fmin_reference}
+def ggml_reference(q: QuantizedTensor) -> torch.Tensor:
+    """The gguf package's dequantize of the stored GGUF blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    kind = GGMLQuantizationType[q.config.ggml_type.upper()]
+    raw = q.buffers["blocks"].numpy().reshape(q.shape[0], -1)
+    return torch.from_numpy(dequantize(raw, kind)).view(q.shape)
+
+
+REFERENCES = {
+    "nf": nf_reference,
+    "int": int_reference,
+    "fmin": fmin_reference,
+    "ggml": ggml_reference,
+}
 
 
 def weight(seed: int = 0) -> torch.Tensor:
@@ -41,7 +56,7 @@ def weight(seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_every_format_and_preset():
-    assert list(formats()) == ["nf", "int", "fmin"]
+    assert list(formats()) == ["nf", "int", "fmin", "ggml"]
     for name, config in presets().items():
         assert format_of(config).name in formats()
         assert config.name == name
@@ -73,7 +88,8 @@ def test_state_dict_round_trip_is_bit_exact(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_error_is_within_half_a_step(name):
     """Round to nearest: no value is further from W than half the widest gap of its grid (NF:
-    plus what lies beyond a double-quantized scale below the block's absmax, clamped to ±1)."""
+    plus what lies beyond a double-quantized scale below the block's absmax, clamped to ±1;
+    GGUF: plus the fp16 rounding of d after the codes were chosen, |q| ≤ 127)."""
     w = weight(2)
     q = quantize(w, name)
     fmt = format_of(q.config).name
@@ -83,6 +99,8 @@ def test_error_is_within_half_a_step(name):
     bound = scale * widest / 2
     if fmt == "nf":
         bound = bound + (w.abs() - scale).clamp(min=0)
+    if fmt == "ggml":
+        bound = bound + 127 * scale * 2.0**-11
     assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
 
 

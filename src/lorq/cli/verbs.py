@@ -111,6 +111,9 @@ def compress(
     ] = 16,
     baseline: Annotated[bool, typer.Option(help="also measure plain NF at the same bits")] = True,
     gptq: Annotated[bool, typer.Option(help="qa-lora: GPTQ rounding of the INT-k base")] = False,
+    embeddings: Annotated[
+        str | None, typer.Option(help="preset for the token embeddings (e.g. q8_0); default: kept")
+    ] = None,
     gguf_codes: Annotated[
         bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
     ] = True,
@@ -126,7 +129,9 @@ def compress(
     with user_errors() as stage:
         given = BudgetPlan.load(plan_file) if plan_file else None
         budget = given.budget if given and budget is None and quant is None else budget
-        config = CompressConfig(method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq)
+        config = CompressConfig(
+            method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq, embeddings=embeddings
+        )
         check_out_dir(out, overwrite)
         loaded = load_quietly(model, packed=not fisher)
         text = Calibration(calibration)

@@ -12,6 +12,7 @@ from torch import nn
 
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
+from lorq.export.hf import dense_embeddings
 from lorq.export.quantized import merged_layers, other_tensors
 from lorq.io.gptq import check_gptq_config, is_gptq_dir, write_gptq_checkpoint
 from lorq.io.native import hf_config
@@ -22,6 +23,7 @@ def export_gptq(
     model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False
 ) -> tuple[Path, str]:
     """A GPTQ checkpoint of a merged integer-zero QA-LoRA model; returns (path, format)."""
+    model = dense_embeddings(model)  # GPTQ checkpoints hold dense embeddings
     layers = merged_layers(model, "gptq")
     for q in layers.values():
         check_gptq_config(q.config)

@@ -24,7 +24,7 @@ from lorq._version import __version__
 from lorq.atomic import atomic_directory, check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.io.native import model_meta
-from lorq.nn import QuantLinear
+from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
 from lorq.surgery import set_module, shared_copy
 
 EXPORT_FILE = "lorq_export.json"
@@ -46,10 +46,34 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """The packed linear layers (a tied, packed output layer counts as its embedding's table)."""
+    head = tied_packed_head(model)
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head
+    }
     if not layers:
         raise ValueError("the model has no lorq layers; pass a model written by lorq compress")
     return layers
+
+
+def dense_embeddings(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a structural copy whose packed embedding tables are dense
+    ``nn.Embedding`` weights (a tied packed output layer then shares that weight again)."""
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+    if not packed:
+        return model
+    tied = tied_packed_head(model) is not None
+    copy = shared_copy(model)
+    for name, layer in packed.items():
+        weight = nn.Parameter(layer.q.dequantize(), requires_grad=False)
+        embedding = nn.Embedding(*layer.shape, _weight=weight, device=weight.device)
+        set_module(copy, name, embedding)
+    if tied:
+        embedding = copy.get_input_embeddings()
+        head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+        head.weight = embedding.weight
+        copy.set_output_embeddings(head)
+    return copy
 
 
 def _conv1d_names(model: nn.Module, names: list[str]) -> set[str]:
@@ -85,7 +109,7 @@ def dense_model(model: nn.Module, with_delta: bool = True) -> nn.Module:
     """A copy of ``model`` with every lorq layer dense (see the module docstring)."""
     layers = quant_layers(model)
     conv1d = _conv1d_names(model, list(layers))
-    copy = shared_copy(model)
+    copy = shared_copy(dense_embeddings(model))
     for name, layer in layers.items():
         set_module(copy, name, dense_layer(layer, name in conv1d, with_delta))
     return copy

@@ -15,13 +15,17 @@ import torch
 from torch import nn
 
 from lorq.io.native import model_meta
-from lorq.nn import QuantLinear
+from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
 from lorq.quant.tensor import QuantizedTensor
 
 
 def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
-    """Q of every quantized layer; ValueError when a layer still carries an adapter."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """Q of every quantized linear layer (not a tied, packed output layer: that is its
+    embedding's table); ValueError when a layer still carries an adapter."""
+    head = tied_packed_head(model)
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head
+    }
     adapters = sorted(n for n, m in layers.items() if m.has_lora)
     if not layers or adapters:
         where = f" ({adapters[0]} has lora_A / lora_B)" if adapters else ""
@@ -32,9 +36,17 @@ def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
     return {name: layer.q for name, layer in layers.items()}
 
 
+def packed_embeddings(model: nn.Module) -> dict[str, QuantizedTensor]:
+    """The table of every packed embedding, by module name."""
+    return {n: m.q for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+
+
 def other_tensors(model: nn.Module, layers: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor except the quantized layers' packed buffers (biases stay)."""
-    prefixes = tuple(f"{name}.q_" for name in layers)
+    """Every state-dict tensor except the packed buffers of ``layers`` and of a tied, packed
+    output layer (biases stay)."""
+    head = tied_packed_head(model)
+    names = [*layers, *(n for n, m in model.named_modules() if head is not None and m is head)]
+    prefixes = tuple(f"{name}.q_" for name in names)
     return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 

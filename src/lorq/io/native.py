@@ -3,9 +3,9 @@
     DIR/model.safetensors   every tensor of the model: packed codes, scales, zeros, LoRA factors and
                             all other parameters and buffers (tied tensors stored once)
     DIR/lorq.json           format version, lorq version, source model, the HF config, the compress
-                            config, every replaced layer's kind ("lora" QuantLoraLinear, "qa-lora"
-                            QALoraLinear, "quant" QuantLinear) / quant config
-                            / shape / rank / scaling, tensor aliases, the budget plan
+                            config, every packed layer's kind ("lora" QuantLoraLinear, "qa-lora"
+                            QALoraLinear, "quant" QuantLinear, "embedding" QuantEmbedding) /
+                            quant config / shape / rank / scaling, tensor aliases, the budget plan
     DIR/tokenizer files     when a tokenizer is given
 
 ``load`` builds the architecture on the meta device and assigns the stored tensors (no access to
@@ -25,7 +25,7 @@ from torch import nn
 
 from lorq._version import __version__
 from lorq.atomic import atomic_directory
-from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
+from lorq.nn import QALoraLinear, QuantEmbedding, QuantLinear, QuantLoraLinear
 from lorq.quant import QuantConfig
 from lorq.surgery import set_module
 
@@ -81,12 +81,33 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return unique, aliases
 
 
-def _layer_spec(layer: QuantLinear) -> dict[str, Any]:
+PACKED = (QuantLinear, QuantEmbedding)
+NARROW = (torch.bfloat16, torch.float16)  # tried in this order for dense float tensors
+
+
+def narrowed(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Narrow dense float32 tensors (2-D and more, not packed buffers nor LoRA factors) to the
+    first 16-bit dtype that holds every value exactly — the source's own precision when it was a
+    16-bit checkpoint — in place; returns {name: dtype to restore on load}."""
+    restore = {}
+    for name, tensor in tensors.items():
+        leaf = name.rpartition(".")[2]
+        if tensor.dtype != torch.float32 or tensor.dim() < 2 or leaf.startswith(("q_", "lora_")):
+            continue
+        for dtype in NARROW:
+            small = tensor.to(dtype)
+            if torch.equal(small.float(), tensor):
+                tensors[name], restore[name] = small, "float32"
+                break
+    return restore
+
+
+def _layer_spec(layer: QuantLinear | QuantEmbedding) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "kind": layer.kind,
         "quant": layer.quant_config.to_dict(),
-        "shape": [layer.out_features, layer.in_features],
-        "bias": layer.bias is not None,
+        "shape": list(layer.shape),
+        "bias": getattr(layer, "bias", None) is not None,
     }
     if isinstance(layer, (QuantLoraLinear, QALoraLinear)):
         spec.update(rank=layer.rank, scaling=layer.scaling)
@@ -120,10 +141,11 @@ def save(
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         model = model.model
-    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    if not layers:
+    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, PACKED)}
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("the model has no quantized layers; compress it before saving")
     tensors, aliases = _dedupe(_named_tensors(model))
+    restore = narrowed(tensors)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -132,6 +154,7 @@ def save(
         "hf_config": hf_config(model),
         "layers": layers,
         "aliases": aliases,
+        "restore_dtypes": restore,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         **model_meta(model),
         **(extra or {}),
@@ -187,13 +210,18 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
         return cls._from_config(config)
 
 
-def _quant_layer(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> QuantLinear:
+def _quant_layer(
+    name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+) -> nn.Module:
     prefix = f"{name}."
-    own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    named = {**{a: tensors[s] for a, s in aliases.items() if s in tensors}, **tensors}
+    own = {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
     config = QuantConfig.from_dict(spec["quant"])
     shape = (spec["shape"][0], spec["shape"][1])
     bias = own["bias"] if spec["bias"] else None
     kind = spec["kind"]
+    if kind == "embedding":
+        return QuantEmbedding.from_buffers(config, shape, own)
     if kind == "quant":
         return QuantLinear.from_buffers(config, shape, own, bias)
     classes: dict[str, type[QuantLoraLinear] | type[QALoraLinear]] = {
@@ -201,7 +229,9 @@ def _quant_layer(name: str, spec: dict[str, Any], tensors: dict[str, torch.Tenso
         "qa-lora": QALoraLinear,
     }
     if kind not in classes:
-        raise ValueError(f"layer {name!r} has kind {kind!r}; known: 'lora', 'qa-lora', 'quant'")
+        raise ValueError(
+            f"layer {name!r} has kind {kind!r}; known: 'lora', 'qa-lora', 'quant', 'embedding'"
+        )
     return classes[kind].from_buffers(
         config, shape, own, own["lora_B"], own["lora_A"], spec["scaling"], bias
     )
@@ -230,14 +260,17 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     path = Path(path)
     meta = read_meta(path)
     tensors = _read_tensors(path)
+    for name, dtype in meta.get("restore_dtypes", {}).items():
+        if name in tensors:
+            tensors[name] = tensors[name].to(getattr(torch, dtype))
     model = _skeleton(meta)
+    aliases = meta.get("aliases", {})
     try:
         for name, spec in meta["layers"].items():
-            set_module(model, name, _quant_layer(name, spec, tensors))
+            set_module(model, name, _quant_layer(name, spec, tensors, aliases))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} does not match {LORQ_FILE} ({err})") from None
     trainable = set(meta.get("trainable", []))
-    aliases = meta.get("aliases", {})
     assigned: dict[str, torch.Tensor] = {}
     for name, tensor in _named_tensors(model).items():
         if not tensor.is_meta:

@@ -12,6 +12,7 @@ import torch
 # registry lines: one import per format family, in the order `lorq presets` lists them
 from lorq.quant import normal_float  # noqa: F401  isort: skip
 from lorq.quant import affine  # noqa: F401  isort: skip
+from lorq.quant import ggml  # noqa: F401  isort: skip
 from lorq.quant.affine import AffineConfig, FloatMinConfig, IntConfig
 from lorq.quant.base import (
     QuantConfig,
@@ -24,6 +25,7 @@ from lorq.quant.base import (
     presets,
     register_format,
 )
+from lorq.quant.ggml import GGMLConfig
 from lorq.quant.normal_float import NFConfig
 from lorq.quant.tensor import QuantizedTensor
 
@@ -37,6 +39,7 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str) -> QuantizedTensor
 __all__ = [
     "AffineConfig",
     "FloatMinConfig",
+    "GGMLConfig",
     "IntConfig",
     "NFConfig",
     "QuantConfig",

@@ -141,6 +141,11 @@ class QuantFormat:
     def buffer_keys(self, config: QuantConfig) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def decode_rows(self, q: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype):
+        """Rows ``rows`` of Q, shape (*rows.shape, in); formats whose blocks stay within a row
+        override this to decode only those rows."""
+        return torch.nn.functional.embedding(rows, self.decode(q, dtype))
+
     def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
         """Bytes a QuantizedTensor of ``config`` and ``shape`` stores (without quantizing)."""
         raise NotImplementedError

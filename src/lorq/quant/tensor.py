@@ -50,7 +50,7 @@ class QuantizedTensor:
 
     @property
     def device(self) -> torch.device:
-        return self.codes.device
+        return next(iter(self.buffers.values())).device
 
     @property
     def codes(self) -> torch.Tensor:
@@ -95,6 +95,10 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense tensor Q, shape (out, in)."""
         return format_of(self.config).decode(self, dtype)
+
+    def dequantize_rows(self, rows: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """Rows ``rows`` (any integer shape) of Q: shape (*rows.shape, in)."""
+        return format_of(self.config).decode_rows(self, rows, dtype)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         moved = {k: v.to(device) for k, v in self.buffers.items()}

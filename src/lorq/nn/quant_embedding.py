@@ -1,0 +1,83 @@
+"""QuantEmbedding: a frozen token embedding whose table E (vocab × dim) is stored packed.
+
+    y = E[ids]          ids (…) → y (…, dim), decoded in ``dtype`` for the rows asked for
+
+The buffers are a QuantizedTensor's (named as :class:`~lorq.nn.QuantLinear`'s), so a tied output
+layer is a QuantLinear over the *same* tensors: ``tied_head()`` builds it, and saving writes the
+table once. Nothing is trainable.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lorq.nn.quant_linear import buffer_name, quantized_from_buffers
+from lorq.quant import QuantConfig, QuantizedTensor
+
+
+class QuantEmbedding(nn.Module):
+    """Drop-in replacement of ``nn.Embedding`` by its packed table (no padding_idx semantics
+    beyond the stored row: the row is what the source held)."""
+
+    kind: ClassVar[str] = "embedding"
+
+    def __init__(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.quant_config: QuantConfig = q.config
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.dtype = dtype
+        self._keys = tuple(q.tensors())
+        for key, tensor in q.tensors().items():
+            self.register_buffer(buffer_name(key), tensor)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    @property
+    def q(self) -> QuantizedTensor:
+        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
+        return QuantizedTensor(self.quant_config, self.shape, buffers)
+
+    @classmethod
+    def from_buffers(
+        cls, config: QuantConfig, shape: tuple[int, int], buffers: dict[str, torch.Tensor]
+    ) -> QuantEmbedding:
+        return cls(quantized_from_buffers(config, shape, buffers))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q.dequantize_rows(ids, self.dtype)
+
+    def quantized_nbytes(self) -> int:
+        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
+
+    def tied_head(self):
+        """The output layer tied to this table: a QuantLinear over the same buffers."""
+        from lorq.nn.quant_linear import QuantLinear
+
+        return QuantLinear(self.q)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, quant={self.quant_config.name}"
+
+
+def tied_packed_head(model: nn.Module) -> nn.Module | None:
+    """The output layer when it is a QuantLinear over the buffers of the model's QuantEmbedding
+    (a tied, packed table), else None."""
+    from lorq.nn.quant_linear import QuantLinear
+
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return None
+    embedding, head = get_in(), get_out()
+    if not isinstance(embedding, QuantEmbedding) or not isinstance(head, QuantLinear):
+        return None
+    same = all(
+        getattr(head, buffer_name(k)).data_ptr() == getattr(embedding, buffer_name(k)).data_ptr()
+        for k in embedding._keys
+    )
+    return head if same and not head.has_lora else None
