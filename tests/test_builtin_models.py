@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
-from lorq.models import load_model
+from lorq.models import builtin_path, load_model
 from lorq.surgery import dense_weight, find_targets
 
 pytestmark = pytest.mark.slow
@@ -66,3 +66,21 @@ def test_smollm2_packed_equals_transformers_loader(smollm2):
         assert torch.equal(packed(input_ids=ids).logits, smollm2(input_ids=ids).logits)
     numel = sum(m.in_features * m.out_features for m in layers)
     assert sum(m.quantized_nbytes() for m in layers) == numel * 20 // 32  # Q4_1: 20 B / 32
+
+
+def test_default_output_is_smaller_than_its_source(tmp_path):
+    """Oracle: the bytes on disk. The default job's output (nf3, r = 16; plain quantization
+    stores the same shapes as LQ-LoRA) is smaller than the GGUF it came from, with the Q8_0
+    token table kept as the source's own codes; 8-bit factors shrink it further."""
+    import lorq
+    from lorq.models import resolve
+
+    source = resolve("smollm2")
+    source_bytes = (builtin_path("smollm2") / source.gguf_file).stat().st_size
+    sizes, loaded = {}, load_model("smollm2", packed=True)
+    for factor_bits in (None, 8):
+        config = lorq.CompressConfig(method="plain", quant="nf3", factor_bits=factor_bits)
+        result = lorq.compress_model(loaded, config, eval_blocks=0)
+        out = lorq.save(result, tmp_path / str(factor_bits))
+        sizes[factor_bits] = sum(p.stat().st_size for p in out.iterdir())
+    assert sizes[8] < sizes[None] < source_bytes

@@ -35,6 +35,7 @@ from lorq.nn.lora_linear import kaiming_uniform
 from lorq.progress import Progress, no_progress
 from lorq.qa_lora import compress_qa_lora, gguf_base
 from lorq.quant import QuantConfig, QuantizedTensor, as_config, format_of, quantize
+from lorq.quant.factors import round_rows
 from lorq.runtime import release_free_memory
 from lorq.surgery import (
     DenseWeights,
@@ -141,6 +142,15 @@ def compress(
     return _result(model, config, plan, errors, embeddings)
 
 
+def round_factors(model: nn.Module) -> None:
+    """Round every layer's LoRA factors to their 8-bit grid, in place (floats still)."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if getattr(layer, "has_lora", False):
+                layer.lora_A.copy_(round_rows(layer.lora_A))
+                layer.lora_B.copy_(round_rows(layer.lora_B))
+
+
 def _check_embeddings(model: nn.Module, config: CompressConfig) -> QuantConfig | None:
     """The embeddings' config, checked against the table's shape before any work."""
     if config.embeddings is None:
@@ -182,6 +192,8 @@ def _result(model, config, plan, errors, embeddings: QuantConfig | None) -> Comp
     """Pack the embeddings if asked, freeze all but the factors, describe the result."""
     if embeddings is not None:
         pack_embeddings(model, embeddings)
+    if config.factor_bits == 8:
+        round_factors(model)
     freeze_all_but_lora(model)
     metadata = {"compress": config.to_dict(), "plan": plan.to_dict() if plan else None}
     set_model_meta(model, metadata)

@@ -113,7 +113,9 @@ class CompressConfig(_Serializable):
     calibration data instead of RTN. ``include`` / ``exclude`` are regexes on module names
     (default: every linear layer of the blocks, no LM head). ``embeddings``: a preset or config
     for the token embedding table (and an untied output layer) — stored packed, no adapter;
-    None (default) keeps them as the source has them.
+    None (default) keeps them as the source has them. ``factor_bits=8``: the initial factors
+    are rounded to 8 bits per value (row-wise int8, docs/algorithms.md §1.9) and saved so; they
+    train and merge as floats.
     """
 
     method: Literal["lq", "loftq", "plain", "qa-lora"] = "lq"
@@ -131,8 +133,10 @@ class CompressConfig(_Serializable):
     seed: int = 0
     gptq: bool = False
     embeddings: str | QuantConfig | None = None
+    factor_bits: int | None = None
 
     def __post_init__(self) -> None:
+        _check_choice("factor_bits", self.factor_bits, (None, 8))
         object.__setattr__(self, "method", LEGACY_METHODS.get(self.method, self.method))
         if isinstance(self.embeddings, dict):
             object.__setattr__(self, "embeddings", QuantConfig.from_dict(self.embeddings))

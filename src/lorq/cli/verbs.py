@@ -5,6 +5,7 @@ Each verb maps its options onto one library call and prints what it returns.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -117,6 +118,9 @@ def compress(
     gguf_codes: Annotated[
         bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
     ] = True,
+    factor_bits: Annotated[
+        int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
 ) -> None:
@@ -129,9 +133,8 @@ def compress(
     with user_errors() as stage:
         given = BudgetPlan.load(plan_file) if plan_file else None
         budget = given.budget if given and budget is None and quant is None else budget
-        config = CompressConfig(
-            method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq, embeddings=embeddings
-        )
+        config = CompressConfig(method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq)
+        config = replace(config, embeddings=embeddings, factor_bits=factor_bits)
         check_out_dir(out, overwrite)
         loaded = load_quietly(model, packed=not fisher)
         text = Calibration(calibration)

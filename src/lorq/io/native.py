@@ -27,6 +27,7 @@ from lorq._version import __version__
 from lorq.atomic import atomic_directory
 from lorq.nn import QALoraLinear, QuantEmbedding, QuantLinear, QuantLoraLinear
 from lorq.quant import QuantConfig
+from lorq.quant.factors import Int8Rows, exact_rows
 from lorq.surgery import set_module
 
 FORMAT = "lorq"
@@ -83,6 +84,23 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
 
 PACKED = (QuantLinear, QuantEmbedding)
 NARROW = (torch.bfloat16, torch.float16)  # tried in this order for dense float tensors
+
+
+def int8_factors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """LoRA factors already on their 8-bit grid (``lorq.quant.factors``) stored as int8 codes
+    plus ``NAME.scales``, in place; returns their names (others stay float: nothing is lost)."""
+    names = []
+    for name in [n for n in tensors if n.endswith((".lora_A", ".lora_B"))]:
+        rows = exact_rows(tensors[name])
+        if rows is not None:
+            tensors[name], tensors[f"{name}.scales"] = rows.codes, rows.scales
+            names.append(name)
+    return names
+
+
+def _decode_factors(tensors: dict[str, torch.Tensor], names: list[str]) -> None:
+    for name in names:
+        tensors[name] = Int8Rows(tensors[name], tensors.pop(f"{name}.scales")).dequantize()
 
 
 def narrowed(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -146,6 +164,7 @@ def save(
         raise ValueError("the model has no quantized layers; compress it before saving")
     tensors, aliases = _dedupe(_named_tensors(model))
     restore = narrowed(tensors)
+    factors = int8_factors(tensors)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -155,6 +174,7 @@ def save(
         "layers": layers,
         "aliases": aliases,
         "restore_dtypes": restore,
+        "int8_factors": factors,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         **model_meta(model),
         **(extra or {}),
@@ -263,6 +283,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     for name, dtype in meta.get("restore_dtypes", {}).items():
         if name in tensors:
             tensors[name] = tensors[name].to(getattr(torch, dtype))
+    try:
+        _decode_factors(tensors, meta.get("int8_factors", []))
+    except KeyError as err:
+        raise ValueError(f"{path / WEIGHTS_FILE} lacks the 8-bit factor scales {err}") from None
     model = _skeleton(meta)
     aliases = meta.get("aliases", {})
     try:

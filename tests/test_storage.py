@@ -11,6 +11,7 @@ import lorq
 from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
+from lorq.quant.factors import round_rows
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -74,3 +75,24 @@ def test_dense_tensors_are_stored_in_the_narrowest_exact_dtype(tmp_path):
     assert torch.equal(back.model.embed_tokens.weight, model.model.embed_tokens.weight)
     with torch.no_grad():
         assert torch.equal(back(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_8_bit_factors_are_rounded_stored_and_restored(tmp_path):
+    model = tiny_llama()
+    compress(model, CompressConfig(rank=4, quant="nf4", factor_bits=8))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_A, round_rows(layer.lora_A))  # on the grid after compress
+    lorq.save(model, tmp_path / "m")
+    assert stored(tmp_path / "m", "model.layers.0.self_attn.q_proj.lora_A").dtype == torch.int8
+    back = lorq.load(tmp_path / "m")
+    assert back.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=IDS).logits, model(input_ids=IDS).logits)
+        layer.lora_B.add_(1e-3)  # as training would: off the grid, so stored as float32
+    lorq.save(model, tmp_path / "trained")
+    assert stored(tmp_path / "trained", "model.layers.0.self_attn.q_proj.lora_B").dtype == (
+        torch.float32
+    )
+    assert torch.equal(
+        lorq.load(tmp_path / "trained").model.layers[0].self_attn.q_proj.lora_B, layer.lora_B
+    )
