@@ -70,19 +70,22 @@ def main() -> None:
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("bench/phases.py needs Linux (/proc/self/clear_refs)")
 
-    import lorq.compress
-    import lorq.evaluate
-    import lorq.io
-    import lorq.models
+    import importlib
+
     from lorq.cli import app
+
+    # modules by name: the package root re-exports functions named like them (lorq.compress)
+    compress, evaluate, io, models = map(
+        importlib.import_module, ("lorq.compress", "lorq.evaluate", "lorq.io", "lorq.models")
+    )
 
     after_imports = status()
     phases: list[dict] = []
     for module, name in (
-        (lorq.models, "load_model"),
-        (lorq.compress, "compress"),
-        (lorq.evaluate, "evaluate_model"),
-        (lorq.io, "save"),
+        (models, "load_model"),
+        (compress, "compress"),
+        (evaluate, "evaluate_model"),
+        (io, "save"),
     ):
         recording(phases, module, name)
     command = ["compress", "--out", "/tmp/bench-phases", "--overwrite", *args.compress_args]

@@ -29,7 +29,7 @@ def check_output(
     if is_ours is not None and path.exists() and not is_ours(path):
         raise ValueError(f"{path} exists and is not a {kind} directory; choose another output")
     if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+        raise ValueError(f"{path} exists; pass overwrite=True to replace it")
 
 
 @contextlib.contextmanager

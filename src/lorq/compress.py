@@ -7,7 +7,7 @@
 replaced, so peak memory stays near the model's own size. A source layer held packed (a plain
 QuantLinear, e.g. a GGUF's Q4_1 layer) is decoded to its dense W one at a time, when its turn
 comes. Everything but the LoRA factors is frozen. The whole job — load, calibrate, plan,
-compress, evaluate, metadata — is :func:`lorq.job.compress_model`.
+compress, evaluate, metadata — is :func:`compress_model` below.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from lorq.fisher import estimate_fisher
 from lorq.io.native import set_model_meta
 from lorq.layers import LayerStep, relative_error, targets_of
 from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model
-from lorq.nn import QuantEmbedding, QuantLinear, QuantLoraLinear, tied_packed_head
+from lorq.nn import QuantLoraLinear
 from lorq.nn.lora_linear import kaiming_uniform
+from lorq.pack import check_embeddings, pack_embeddings, round_factors
 from lorq.progress import Progress, no_progress
 from lorq.qa_lora import compress_qa_lora, gguf_base
-from lorq.quant import QuantConfig, QuantizedTensor, as_config, format_of, quantize
-from lorq.quant.factors import round_rows
+from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
 from lorq.runtime import release_free_memory
 from lorq.surgery import (
     DenseWeights,
@@ -123,7 +123,7 @@ def compress(
     for ``config.budget``, instead of building its cost table again.
     """
     targets = targets_of(model, config)
-    embeddings = _check_embeddings(model, config)
+    embeddings = check_embeddings(model, config)
     if config.method == "qa-lora":
         if plan is not None:
             raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
@@ -140,52 +140,6 @@ def compress(
         (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress)
     errors = _decompose_layers(model, config, targets, plan, fisher, progress)
     return _result(model, config, plan, errors, embeddings)
-
-
-def round_factors(model: nn.Module) -> None:
-    """Round every layer's LoRA factors to their 8-bit grid, in place (floats still)."""
-    with torch.no_grad():
-        for layer in model.modules():
-            if getattr(layer, "has_lora", False):
-                layer.lora_A.copy_(round_rows(layer.lora_A))
-                layer.lora_B.copy_(round_rows(layer.lora_B))
-
-
-def _check_embeddings(model: nn.Module, config: CompressConfig) -> QuantConfig | None:
-    """The embeddings' config, checked against the table's shape before any work."""
-    if config.embeddings is None:
-        return None
-    quant = as_config(config.embeddings)
-    get = getattr(model, "get_input_embeddings", None)
-    table = get() if get is not None else None
-    if table is None:
-        raise ValueError("embeddings= needs a model with input embeddings (get_input_embeddings)")
-    shape = getattr(table, "shape", None) or tuple(table.weight.shape)
-    format_of(quant).check_shape(quant, (shape[0], shape[1]))
-    return quant
-
-
-def pack_embeddings(model: nn.Module, quant: QuantConfig) -> None:
-    """The token embedding table as a QuantEmbedding of ``quant`` (in place); a tied output layer
-    becomes a QuantLinear over the same buffers, an untied plain one a QuantLinear of its own."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    packed_head = tied_packed_head(model)
-    tied = packed_head is not None or (
-        isinstance(head, nn.Linear) and head.weight is getattr(embedding, "weight", None)
-    )
-    if isinstance(embedding, QuantEmbedding) and embedding.quant_config == quant:
-        table = embedding
-    else:
-        weight = embedding.q.dequantize() if isinstance(embedding, QuantEmbedding) else None
-        weight = embedding.weight.detach().float() if weight is None else weight
-        table = QuantEmbedding(quantize(weight, quant))
-        model.set_input_embeddings(table)
-    if tied:
-        model.set_output_embeddings(table.tied_head())
-    elif isinstance(head, nn.Linear):
-        model.set_output_embeddings(
-            QuantLinear(quantize(head.weight.detach().float(), quant), head.bias)
-        )
 
 
 def _result(model, config, plan, errors, embeddings: QuantConfig | None) -> CompressResult:

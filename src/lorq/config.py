@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorq.quant import NFConfig, QuantConfig, as_config, presets
-from lorq.quant.affine import AffineConfig
+from lorq.quant import NFConfig, QuantConfig, as_config, format_of, presets
 from lorq.quant.base import check_choice as _check_choice
 
 
@@ -184,8 +183,8 @@ class CompressConfig(_Serializable):
                 "fisher=True is not supported with method='qa-lora' (its base is RTN or GPTQ); "
                 "pass gptq=True for data-aware rounding"
             )
-        if self.quant is not None and not isinstance(as_config(self.quant), AffineConfig):
-            allowed = [n for n, c in presets().items() if isinstance(c, AffineConfig)]
+        if self.quant is not None and not format_of(as_config(self.quant)).shifts_zeros:
+            allowed = [n for n, c in presets().items() if format_of(c).shifts_zeros]
             raise ValueError(
                 f"quant={self.quant!r} is not supported with method='qa-lora' (its codes have no "
                 f"zero point to merge the adapter into); allowed: {', '.join(allowed)}"

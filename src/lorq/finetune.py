@@ -47,12 +47,14 @@ def prepare_checkpoints(out: Path, config: FinetuneConfig, resume: bool) -> Path
         return folder
     marker = folder / CHECKPOINT_CONFIG
     if folder.exists() and not marker.exists():
-        raise ValueError(f"{folder} exists and is not a lorq checkpoint folder; choose another out")
+        raise ValueError(
+            f"{folder} exists and is not a lorq checkpoint folder; choose another output"
+        )
     settings = _settings(config)
     if folder.exists() and resume and json.loads(marker.read_text()) != settings:
         raise ValueError(
             f"the checkpoints in {folder} were made with other settings; pass the same settings, "
-            "or resume=False (--no-resume) to start again"
+            "or resume=False to start again"
         )
     if folder.exists() and not resume:
         shutil.rmtree(folder)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorq.atomic import atomic_file
 from lorq.budget.layout import bits_grid
 from lorq.budget.plan import BudgetPlan
 
@@ -32,5 +33,6 @@ def plan_heatmap(plan: BudgetPlan, path: str | Path) -> None:
     )
     fig.colorbar(image, ax=ax, label="bits/param")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

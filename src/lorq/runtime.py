@@ -5,14 +5,7 @@ glibc's malloc raises its mmap threshold each time a large block is freed, after
 to that size come from the heap and stay resident when freed. lorq decodes a dense weight per layer
 and call (a few MB, freed at once), so a training step leaves the heap fragmented. Pinning the
 threshold maps such blocks and returns them to the OS when freed: lower peak memory, paid for with
-page faults on every mapping. Measured by ``python bench/malloc.py`` on SmolLM2 (nf3, r = 16,
-4 × 128 tokens, activation checkpointing, four AdamW steps, peak RSS of the process):
-
-    threshold         peak RSS    time per step
-    glibc's dynamic   1514 MB     4.1–4.9 s
-    4 MiB             1436 MB     4.1–5.0 s
-    1 MiB (default)   1221 MB     7.6–9.2 s
-    64 KiB            1221 MB     8.6–11.4 s
+page faults on every mapping; ``python bench/malloc.py`` measures the trade-off (bench/README.md).
 """
 
 from __future__ import annotations

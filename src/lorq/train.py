@@ -151,7 +151,7 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
     if limit is not None and seq_len > limit:
         raise ValueError(
             f"seq_len={seq_len} is above the model's limit of {limit} positions; pass a smaller "
-            "--seq-len"
+            "seq_len"
         )
 
 
@@ -316,7 +316,7 @@ def finetune(
         where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
         raise NonFiniteLoss(
             f"the loss became NaN or infinite at step {state['nonfinite']}; training stopped and "
-            f"nothing was written; {where} (resume from it with a smaller --lr)"
+            f"nothing was written; {where} (resume from it with a smaller lr)"
         )
     trainer.evaluate()
     model.eval()

@@ -45,6 +45,23 @@ class Stages:
             self.bar.stop()
 
 
+# the library names parameters; the command line names its flags
+FLAG_WORDS = {
+    "overwrite=True": "--overwrite",
+    "resume=False": "--no-resume",
+    "a smaller seq_len": "a smaller --seq-len",
+    "a smaller lr": "a smaller --lr",
+    "choose another output": "choose another --out",
+}
+
+
+def cli_words(message: str) -> str:
+    """A library error message with its parameter names replaced by the CLI's flags."""
+    for words, flag in FLAG_WORDS.items():
+        message = message.replace(words, flag)
+    return message
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[Stages]:
     """Progress bars for the body; a user error becomes one line on stderr and exit code 2."""
@@ -53,7 +70,7 @@ def user_errors() -> Iterator[Stages]:
         yield stages
     except (ValueError, FileNotFoundError) as err:
         stages.close()
-        errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {cli_words(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         stages.close()

@@ -159,6 +159,8 @@ def affine_tensor(
 class Affine(QuantFormat):
     """The operations both affine layouts share; ``config_type`` picks zeros or mins."""
 
+    shifts_zeros = True
+
     def check_shape(self, config: QuantConfig, shape: tuple[int, int]) -> None:
         if shape[1] % config.block_size:
             raise ValueError(
@@ -218,9 +220,6 @@ class Affine(QuantFormat):
         scale_bits = FLOAT_BITS[config.scale_dtype]
         zero_bits = config.bits if config.ZERO == "int" else scale_bits
         return config.bits + (scale_bits + zero_bits) / config.block_size
-
-    def check_zero_shift(self, config: QuantConfig) -> None:
-        return None
 
     def shift_zeros(
         self, q: QuantizedTensor, delta: torch.Tensor, dtype: str | None

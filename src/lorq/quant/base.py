@@ -120,6 +120,7 @@ class QuantFormat:
     name: ClassVar[str]
     config_type: ClassVar[type[QuantConfig]]
     description: ClassVar[str] = ""
+    shifts_zeros: ClassVar[bool] = False  # a per-block shift folds into Q (QA-LoRA's merge)
 
     def presets(self) -> dict[str, QuantConfig]:
         return {}
@@ -189,6 +190,8 @@ class QuantFormat:
 
     def check_zero_shift(self, config: QuantConfig) -> None:
         """Raise ValueError unless a per-block shift Δ can fold into Q (QA-LoRA's merge)."""
+        if self.shifts_zeros:
+            return
         raise ValueError(
             f"quant={config.name!r} is not supported by QA-LoRA: its codes have no zero point "
             "to merge the adapter into; use an affine INT preset (int4-g32, q4_1, …)"

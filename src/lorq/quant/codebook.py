@@ -45,7 +45,8 @@ def nf_midpoints(bits: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LevelGrid:
-    """Nearest-level search by table lookup instead of a binary search (≈ 3.5× faster on a CPU).
+    """Nearest-level search by table lookup instead of a binary search (faster on a CPU:
+    bench/quantize.py).
 
     [-1, 1] is cut into ``cells`` equal cells, each widened by ``eps``; every widened cell holds at
     most one midpoint (checked when built). For a value y in cell c:
