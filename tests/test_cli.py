@@ -49,6 +49,8 @@ def test_compress_eval_generate(tiny_dir, tmp_path):
     result = run("compress", "--model", tiny_dir, "--rank", "4", "--eval-blocks", "2", "--out", out)
     assert result.exit_code == 0, result.output
     assert "plain NF" in result.output and "lorq lq r=4" in result.output
+    words = " ".join(result.output.split())  # the caption wraps at the terminal's width
+    assert "On disk: source" in words and "MB, output" in words
     meta = json.loads((out / "lorq.json").read_text())
     assert meta["compress"]["quant"] == "nf3" and meta["evaluation"]["kl"] > 0
     result = run("eval", out, "--eval-blocks", "2")

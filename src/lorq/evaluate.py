@@ -263,7 +263,7 @@ def evaluate_saved(
     original, missing = None, None
     if reference and source:
         try:
-            original = load_model(source, with_tokenizer=False).model
+            original = load_model(source, with_tokenizer=False, packed=True).model
         except (FileNotFoundError, ValueError) as err:
             missing = str(err)
     rows = []

@@ -18,8 +18,6 @@ import torch
 from lorq.quant.base import TORCH_FLOAT, round_up_to_dtype
 from lorq.quant.packing import pack, unpack
 
-KEYS = ("codes", "super_scales", "offset")
-
 
 @dataclass(frozen=True, eq=False)
 class QuantizedScales:
