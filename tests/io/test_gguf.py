@@ -17,7 +17,8 @@ from conftest import tied_llama, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorq
-from lorq.io.gguf import read_gguf_quantized, write_gguf
+from lorq.io.gguf import read_gguf_quantized
+from lorq.io.gguf_write import write_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -176,7 +177,7 @@ def test_existing_file_needs_overwrite(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import lorq.io.gguf as gguf_io
+    import lorq.io.gguf_write as gguf_io
 
     def broken(path, kv, tensors):
         path.write_bytes(b"partial")

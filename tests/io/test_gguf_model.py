@@ -90,7 +90,7 @@ def test_fisher_refuses_packed_layers(tmp_path):
 
 
 def test_incomplete_file_is_refused(tmp_path, monkeypatch):
-    import lorq.io.gguf as gguf_io
+    import lorq.io.gguf_write as gguf_io
 
     every_tensor = gguf_io._tensors
 
@@ -137,7 +137,7 @@ def q8_0_embedding_gguf(tmp_path):
     """A tied tiny LLaMA whose token embedding the GGUF stores as Q8_0 (like SmolLM2's)."""
     from test_gguf import dense_rest, quantize_linears
 
-    from lorq.io.gguf import write_gguf
+    from lorq.io.gguf_write import write_gguf
     from lorq.quant import quantize
 
     model = tied_llama()

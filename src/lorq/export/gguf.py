@@ -15,7 +15,7 @@ from torch import nn
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.export.quantized import merged_layers, other_tensors, packed_embeddings, source_gguf
-from lorq.io.gguf import write_gguf
+from lorq.io.gguf_write import write_gguf
 from lorq.io.native import hf_config
 
 
