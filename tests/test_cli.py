@@ -97,6 +97,8 @@ def test_compress_with_a_plan_file(tiny_dir, tmp_path):
         (["compress", "--quant", "nf4", "--budget", "3"], "exactly one of"),
         (["compress", "--method", "qlora"], "method='qlora'"),
         (["compress", "--rank", "0"], "rank=0"),
+        (["compress", "--factor-bits", "4"], "factor_bits=4"),
+        (["compress", "--embeddings", "q9"], "unknown quantization preset 'q9'"),
         (["plan", "--budget", "1.0", "--model", "TINY"], "outside the feasible range"),
         (["plan", "--budget", "3", "--candidates", "nf9", "--model", "TINY"], "nf9"),
         (["eval", "/no/such/dir"], "not a lorq model directory"),
