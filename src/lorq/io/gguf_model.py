@@ -9,7 +9,7 @@ becomes a frozen :class:`~lorq.nn.QuantLinear` over the file's own codes, scales
 bits/param, not 32), a token embedding of one (Q8_0) a :class:`~lorq.nn.QuantEmbedding` (with a
 tied output layer over the same buffers), and only the remaining tensors (norms, tensors of other
 types) are dequantized, one at a time. The packed layers decode exactly the float32 values
-transformers would hold, so the model computes the same logits; lorq's pipeline treats a plain
+transformers would hold, so the model computes the same logits; lorq's compression treats a plain
 QuantLinear as a frozen linear layer and dequantizes one weight at a time when it compresses it.
 """
 
