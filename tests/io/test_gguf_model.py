@@ -197,3 +197,31 @@ def transformers_hf(path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q5_0", "q5_1", "q8_0"])
+def test_llama_cpp_block_types_load_packed_and_write_back(preset, tmp_path):
+    """Oracles: transformers' GGUF loader (the gguf package's dequantize) gives the same logits
+    as the packed model, and the codes read back are the ones written."""
+    from test_gguf import dense_rest
+
+    from lorq.io.gguf import read_gguf_quantized
+    from lorq.io.gguf_write import write_gguf
+    from lorq.quant import quantize
+
+    model = tiny_llama()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    layers = {n: quantize(m.weight.detach(), preset) for n, m in linears.items()}
+    path = write_gguf(
+        tmp_path / "m.gguf", layers, dense_rest(model, layers), model.config.to_dict()
+    )
+    back = read_gguf_quantized(path)
+    assert set(back) == set(layers)
+    assert all(
+        torch.equal(back[n].buffers["blocks"], q.buffers["blocks"]) for n, q in layers.items()
+    )
+    packed = load_packed(path)
+    assert isinstance(packed.model.layers[0].mlp.up_proj, QuantLinear)
+    with torch.no_grad():
+        expected = transformers_model(path)(input_ids=IDS).logits
+        assert torch.equal(packed(input_ids=IDS).logits, expected)

@@ -1,5 +1,5 @@
-"""llama.cpp's block formats. Oracle: the ``gguf`` package, whose quantize / dequantize are
-bit-exact ports of ggml's reference code (half-way values included)."""
+"""llama.cpp's block formats (Q8_0, Q4_0, Q5_0, Q5_1). Oracle: the ``gguf`` package, whose
+quantize / dequantize are bit-exact ports of ggml's reference code (half-way values included)."""
 
 import numpy as np
 import pytest
@@ -20,18 +20,25 @@ def awkward(seed: int = 0) -> torch.Tensor:
     return w
 
 
+TYPES = ["q8_0", "q4_0", "q5_0", "q5_1"]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_q8_0_encodes_like_llama_cpp(seed):
+@pytest.mark.parametrize("name", TYPES)
+def test_encodes_like_llama_cpp(name, seed):
     w = awkward(seed)
-    q = quantize(w, "q8_0")
-    reference = gguf_quantize(w.numpy(), GGMLQuantizationType.Q8_0)
+    q = quantize(w, name)
+    reference = gguf_quantize(w.numpy(), GGMLQuantizationType[name.upper()])
     assert np.array_equal(q.buffers["blocks"].numpy().reshape(reference.shape), reference)
 
 
-def test_q8_0_decodes_like_gguf():
-    q = quantize(awkward(), "q8_0")
+@pytest.mark.parametrize("name", TYPES)
+def test_decodes_like_gguf(name):
+    q = quantize(awkward(), name)
     raw = q.buffers["blocks"].numpy().reshape(q.shape[0], -1)
-    assert np.array_equal(q.dequantize().numpy(), dequantize(raw, GGMLQuantizationType.Q8_0))
+    kind = GGMLQuantizationType[name.upper()]
+    assert np.array_equal(q.dequantize().numpy(), dequantize(raw, kind))
+    assert q.bits_per_param == q.config.nominal_bits == 8 * raw.shape[1] / 256
 
 
 def test_q8_0_rows_and_sizes():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.quant import QuantFormat, QuantizedTensor, gguf_format
+from lorq.quant import QuantConfig, QuantizedTensor, format_of, gguf_config
 
 ARCHITECTURE = "llama"
 MAGIC = b"GGUF"
@@ -125,9 +125,9 @@ class LlamaTensor:
     rope_heads: int | None  # heads of an attn_q / attn_k tensor llama.cpp permuted, else None
 
     @property
-    def packed_format(self) -> QuantFormat | None:
-        """The lorq format that holds this matrix's codes as they are (None: decode densely)."""
-        return gguf_format(self.tensor_type) if len(self.shape) == 2 else None
+    def packed_config(self) -> QuantConfig | None:
+        """The lorq config whose codes are this matrix's as they are (None: decode densely)."""
+        return gguf_config(self.tensor_type) if len(self.shape) == 2 else None
 
     @property
     def rows(self) -> int:
@@ -153,11 +153,12 @@ class LlamaTensor:
     def quantized(self) -> QuantizedTensor:
         """A matrix of a lorq format (e.g. Q4_1 → q4_1) as a QuantizedTensor (out × in): the
         file's own codes, rows in transformers' order."""
-        fmt = self.packed_format
-        if fmt is None:
+        config = self.packed_config
+        if config is None:
             raise ValueError(f"{self.name} ({self.tensor_type!r}) has no lorq format; decode it")
         raw = torch.from_numpy(self.read_rows())
-        return fmt.from_gguf(self.rows_in_hf_order(raw), (self.rows, self.shape[0]))
+        shape = (self.rows, self.shape[0])
+        return format_of(config).from_gguf(self.rows_in_hf_order(raw), shape, config)
 
     def dense(self) -> torch.Tensor:
         """The tensor dequantized to float32 in transformers' shape and row order (decoded
@@ -205,7 +206,7 @@ def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
     """
     out: dict[str, QuantizedTensor] = {}
     for t in llama_tensors(path):
-        if t.packed_format is None:
+        if t.packed_config is None:
             continue
         if t.param is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no transformers LLaMA name")

@@ -49,7 +49,7 @@ def _pack(model: nn.Module, tensor: LlamaTensor, output: nn.Module | None, dtype
     which stays dense unless tied to a packed embedding)."""
     module_name = (tensor.param or "").removesuffix(".weight")
     module = model.get_submodule(module_name) if tensor.param else None
-    if tensor.packed_format is None or module is output:
+    if tensor.packed_config is None or module is output:
         return False
     if isinstance(module, nn.Embedding):
         set_module(model, module_name, QuantEmbedding(tensor.quantized(), dtype))

@@ -274,6 +274,7 @@ class IntZeros(Affine):
 INT_ZEROS = register_format(IntZeros())
 
 Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles per block of 32 (ggml block_q4_1)
+Q4_1 = FloatMinConfig(bits=4, block_size=32)
 
 
 class FloatMins(Affine):
@@ -291,7 +292,7 @@ class FloatMins(Affine):
 
     def presets(self) -> dict[str, QuantConfig]:
         return {
-            "q4_1": FloatMinConfig(bits=4, block_size=32),
+            "q4_1": Q4_1,
             "int3-g32-fmin": FloatMinConfig(bits=3, block_size=32),
             "int2-g32-fmin": FloatMinConfig(bits=2, block_size=32),
         }
@@ -299,13 +300,15 @@ class FloatMins(Affine):
     def label(self, config: QuantConfig) -> str:
         return f"int{config.bits}-g{config.block_size}-fmin"
 
-    def gguf_config(self) -> QuantConfig:
-        return FloatMinConfig(bits=4, block_size=32)
+    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
+        from gguf import GGMLQuantizationType
+
+        return Q4_1 if ggml_type == GGMLQuantizationType.Q4_1 else None
 
     def gguf_type(self, config: QuantConfig) -> int | None:
         from gguf import GGMLQuantizationType
 
-        return GGMLQuantizationType.Q4_1 if config == self.gguf_config() else None
+        return GGMLQuantizationType.Q4_1 if config == Q4_1 else None
 
     def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
         if self.gguf_type(q.config) is None:
@@ -320,8 +323,11 @@ class FloatMins(Affine):
         out[..., 4:] = nibbles
         return out.view(rows, groups * Q4_1_BYTES)
 
-    def from_gguf(self, raw: torch.Tensor, shape: tuple[int, int]) -> QuantizedTensor:
-        config = self.gguf_config()
+    def from_gguf(
+        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
+    ) -> QuantizedTensor:
+        if config != Q4_1:
+            raise ValueError(f"{config.name} is not GGUF's Q4_1 (that is preset q4_1)")
         group = config.block_size
         rows, groups = shape[0], shape[1] // group
         blocks = raw.reshape(rows, groups, Q4_1_BYTES)

@@ -173,12 +173,14 @@ class QuantFormat:
         """GGUF blocks of ``q`` as uint8 (out × bytes per row), for ``gguf_type(q.config)``."""
         raise ValueError(f"{q.config.name} has no GGUF type")
 
-    def from_gguf(self, raw: torch.Tensor, shape: tuple[int, int]) -> QuantizedTensor:
-        """Inverse of :meth:`to_gguf` for the format's GGUF preset."""
+    def from_gguf(
+        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
+    ) -> QuantizedTensor:
+        """Inverse of :meth:`to_gguf`: the blocks ``raw`` (rows × bytes) of ``config``'s type."""
         raise ValueError(f"format {self.name!r} reads no GGUF type")
 
-    def gguf_config(self) -> QuantConfig | None:
-        """The config whose codes are this format's GGUF type (``from_gguf`` builds it)."""
+    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
+        """The config whose codes are stored as GGUF type ``ggml_type`` blocks, if any."""
         return None
 
     def check_gptq_layout(self, config: QuantConfig) -> None:
@@ -264,12 +266,12 @@ def as_config(quant: QuantConfig | str) -> QuantConfig:
     raise ValueError(f"quant={quant!r} is not supported; pass a preset name or a QuantConfig")
 
 
-def gguf_format(ggml_type: int) -> QuantFormat | None:
-    """The format whose GGUF preset is stored as ``ggml_type`` blocks, if any."""
+def gguf_config(ggml_type: int) -> QuantConfig | None:
+    """The config (of any registered format) stored as GGUF type ``ggml_type`` blocks, if any."""
     for fmt in _FORMATS.values():
-        config = fmt.gguf_config()
-        if config is not None and fmt.gguf_type(config) == ggml_type:
-            return fmt
+        config = fmt.gguf_config(ggml_type)
+        if config is not None:
+            return config
     return None
 
 

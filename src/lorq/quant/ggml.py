@@ -1,22 +1,27 @@
 """llama.cpp's block formats (GGUF tensor types) as lorq formats; docs/algorithms.md §1.8.
 
-The buffer is the GGUF bytes themselves, row after row (``blocks``, uint8, out · in/32 · bytes
-per block), so import and export copy them and decoding follows ggml's definition:
+The buffer is the GGUF bytes themselves, row after row (``blocks``, uint8, out · in/32 · bytes per
+block), so import and export copy them and decoding follows ggml's definition. Blocks of 32
+weights; d, m in fp16; nibble j holds weight j (low) and weight j + 16 (high):
 
-    Q8_0   32 weights in 34 bytes: d (fp16) + 32 int8 codes q        ŵ = d · q        8.5 bits
+    type   bytes  layout                 decode                     bits/weight
+    Q8_0   34     d, q[32] int8          d · q                      8.5
+    Q4_0   18     d, qs[16]              d · (q − 8)                4.5
+    Q5_0   22     d, qh[4], qs[16]       d · (q − 16)               5.5    q = low 4 | qh bit << 4
+    Q5_1   24     d, m, qh[4], qs[16]    d · q + m                  6.0
 
-Encoding is llama.cpp's reference rounding (``quantize_row_q8_0_ref``):
-
-    d = max |x| / 127,   q = roundf(x / d)   (half away from zero; x · (1/d) in float32)
-
-and d is stored in fp16 after the codes were chosen from the float32 d. The oracle is the
-``gguf`` package (its ``quantize`` and ``dequantize`` are bit-exact ports of ggml's).
+Encoding is llama.cpp's reference rounding (``quantize_row_*_ref``), as the ``gguf`` package ports
+it bit for bit (the oracle): Q8_0 d = max|x|/127, q = roundf(x/d); Q4_0 / Q5_0 d = x_max/−8
+(/−16) with x_max the value of largest magnitude, q = min(15 (31), trunc(x/d + 8.5 (16.5)));
+Q5_1 d = (max − min)/31, m = min, q = trunc((x − m)/d + 0.5). d and m are stored in fp16 after
+the codes were chosen from their float32 values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -29,8 +34,116 @@ from lorq.quant.base import (
 )
 from lorq.quant.tensor import QuantizedTensor
 
-Q8_0_BLOCK, Q8_0_BYTES = 32, 34
-CHUNK_BLOCKS = 1 << 14  # blocks decoded at once: bounds temporary memory
+BLOCK = 32
+CHUNK_BLOCKS = 1 << 14  # blocks encoded / decoded at once: bounds temporary memory
+
+
+def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+
+def _half_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 (n, 1) → the two bytes of its fp16 value (n, 2)."""
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def _half(raw: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 value at byte ``at`` of every block, as float32 (n, 1)."""
+    return raw[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) codes → (n, 16) bytes: low nibble code j, high nibble code j + 16."""
+    return (q[:, :16] & 0x0F) | (q[:, 16:] << 4)
+
+
+def _unnibble(qs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_nibbles` for the low four bits: (n, 16) → (n, 32)."""
+    return torch.cat([qs & 0x0F, qs >> 4], 1)
+
+
+BIT_WEIGHTS = (2 ** torch.arange(8)).to(torch.uint8)
+
+
+def _high_bits(q: torch.Tensor) -> torch.Tensor:
+    """(n, 32) 5-bit codes → (n, 4) bytes of their fifth bits, little-endian (code i: bit i)."""
+    bits = (q >> 4) & 1
+    return (bits.view(-1, 4, 8) * BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+
+
+def _unhigh_bits(qh: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_high_bits`: (n, 4) → (n, 32) values 0 / 16."""
+    bits = (qh[:, :, None] & BIT_WEIGHTS) != 0
+    return bits.reshape(-1, BLOCK).to(torch.uint8) << 4
+
+
+def _largest(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude of every block (first one on ties), (n, 1)."""
+    return x.gather(1, x.abs().argmax(1, keepdim=True))
+
+
+def _encode_q8_0(x: torch.Tensor) -> torch.Tensor:
+    d = x.abs().amax(1, keepdim=True) / 127
+    v = x * _safe_inverse(d)
+    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)  # C's roundf
+    return torch.cat([_half_bytes(d), q.view(torch.uint8)], 1)
+
+
+def _decode_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    return raw[:, 2:].contiguous().view(torch.int8).float() * _half(raw, 0)
+
+
+def _signed_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q5_0: d = x_max / −levels, q = min(2·levels − 1, trunc(x / d + levels + ½))."""
+    d = _largest(x) / -levels
+    q = torch.trunc(x * _safe_inverse(d) + (levels + 0.5)).clamp(0, 2 * levels - 1)
+    return d, q.to(torch.uint8)
+
+
+def _encode_q4_0(x: torch.Tensor) -> torch.Tensor:
+    d, q = _signed_codes(x, 8)
+    return torch.cat([_half_bytes(d), _nibbles(q)], 1)
+
+
+def _decode_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    return (_unnibble(raw[:, 2:]).float() - 8) * _half(raw, 0)
+
+
+def _encode_q5_0(x: torch.Tensor) -> torch.Tensor:
+    d, q = _signed_codes(x, 16)
+    return torch.cat([_half_bytes(d), _high_bits(q), _nibbles(q)], 1)
+
+
+def _decode_q5_0(raw: torch.Tensor) -> torch.Tensor:
+    q = _unnibble(raw[:, 6:]) | _unhigh_bits(raw[:, 2:6])
+    return (q.float() - 16) * _half(raw, 0)
+
+
+def _encode_q5_1(x: torch.Tensor) -> torch.Tensor:
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    d = (high - low) / 31
+    q = torch.trunc((x - low) * _safe_inverse(d) + 0.5).clamp(0, 31).to(torch.uint8)
+    return torch.cat([_half_bytes(d), _half_bytes(low), _high_bits(q), _nibbles(q)], 1)
+
+
+def _decode_q5_1(raw: torch.Tensor) -> torch.Tensor:
+    q = _unnibble(raw[:, 8:]) | _unhigh_bits(raw[:, 4:8])
+    return q.float() * _half(raw, 0) + _half(raw, 2)
+
+
+class BlockType(NamedTuple):
+    bits: int
+    nbytes: int  # per block of 32 weights
+    encode: Callable[[torch.Tensor], torch.Tensor]  # (n, 32) float32 → (n, nbytes) uint8
+    decode: Callable[[torch.Tensor], torch.Tensor]  # (n, nbytes) uint8 → (n, 32) float32
+
+
+TYPES: dict[str, BlockType] = {
+    "q8_0": BlockType(8, 34, _encode_q8_0, _decode_q8_0),
+    "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0),
+    "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0),
+    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1),
+}
 
 
 @dataclass(frozen=True)
@@ -38,38 +151,23 @@ class GGMLConfig(QuantConfig):
     """A llama.cpp block type by its lower-case name (``q8_0``); bits and block size follow."""
 
     FORMAT: ClassVar[str] = "ggml"
-    TYPES: ClassVar[dict[str, tuple[int, int]]] = {"q8_0": (8, Q8_0_BLOCK)}
 
     ggml_type: str = "q8_0"
     bits: int = 8
-    block_size: int = Q8_0_BLOCK
+    block_size: int = BLOCK
 
     def __post_init__(self) -> None:
-        check_choice("ggml_type", self.ggml_type, tuple(self.TYPES))
-        bits, block = self.TYPES[self.ggml_type]
-        check_choice("bits", self.bits, (bits,))
-        check_choice("block_size", self.block_size, (block,))
+        check_choice("ggml_type", self.ggml_type, tuple(TYPES))
+        object.__setattr__(self, "bits", TYPES[self.ggml_type].bits)
+        check_choice("block_size", self.block_size, (BLOCK,))
+
+    @property
+    def block_type(self) -> BlockType:
+        return TYPES[self.ggml_type]
 
 
-def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf: halves away from zero (torch.round rounds them to even)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-
-def _encode_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    """(n, 32) float32 → (n, 34) uint8 GGUF Q8_0 blocks."""
-    d = blocks.abs().amax(1, keepdim=True) / 127
-    inverse = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    codes = _roundf(blocks * inverse).to(torch.int8)
-    scale = d.to(torch.float16).view(torch.uint8)
-    return torch.cat([scale, codes.view(torch.uint8)], 1)
-
-
-def _decode_q8_0(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n, 34) uint8 → (n, 32) ``dtype``: d · q computed in float32."""
-    d = raw[:, :2].contiguous().view(torch.float16).float()
-    codes = raw[:, 2:].contiguous().view(torch.int8).float()
-    return (codes * d).to(dtype)
+def _chunks(values: torch.Tensor, step: int = CHUNK_BLOCKS):
+    return (values[start : start + step] for start in range(0, values.shape[0], step))
 
 
 class GGMLBlocks(QuantFormat):
@@ -78,12 +176,12 @@ class GGMLBlocks(QuantFormat):
     description = "llama.cpp block types, stored as their GGUF bytes"
 
     def presets(self) -> dict[str, QuantConfig]:
-        return {"q8_0": GGMLConfig(ggml_type="q8_0")}
+        return {name: GGMLConfig(ggml_type=name) for name in TYPES}
 
     def check_shape(self, config: QuantConfig, shape: tuple[int, int]) -> None:
-        if shape[1] % config.block_size:
+        if shape[1] % BLOCK:
             raise ValueError(
-                f"{config.name} stores blocks of {config.block_size} weights along a row; "
+                f"{config.name} stores blocks of {BLOCK} weights along a row; "
                 f"in_features={shape[1]} of the matrix of shape {shape} is not a multiple"
             )
 
@@ -91,59 +189,71 @@ class GGMLBlocks(QuantFormat):
         return ("blocks",)
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+        assert isinstance(config, GGMLConfig)
         check_weight(weight)
         shape = (weight.shape[0], weight.shape[1])
         self.check_shape(config, shape)
-        values = weight.detach().float().reshape(-1, Q8_0_BLOCK)
+        values = weight.detach().float().reshape(-1, BLOCK)
         if not torch.isfinite(values).all():
             raise ValueError("weight contains NaN or Inf values; quantize only finite weights")
-        parts = [
-            _encode_q8_0(values[start : start + CHUNK_BLOCKS])
-            for start in range(0, values.shape[0], CHUNK_BLOCKS)
-        ]
-        return QuantizedTensor(config, shape, {"blocks": torch.cat(parts).reshape(-1)})
+        encode = config.block_type.encode
+        blocks = torch.cat([encode(chunk) for chunk in _chunks(values)]).reshape(-1)
+        return QuantizedTensor(config, shape, {"blocks": blocks})
+
+    def _raw(self, q: QuantizedTensor) -> torch.Tensor:
+        assert isinstance(q.config, GGMLConfig)
+        return q.buffers["blocks"].view(-1, q.config.block_type.nbytes)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-        raw = q.buffers["blocks"].view(-1, Q8_0_BYTES)
-        out = torch.empty(q.shape, dtype=dtype, device=raw.device).view(-1, Q8_0_BLOCK)
-        for start in range(0, raw.shape[0], CHUNK_BLOCKS):
-            stop = start + CHUNK_BLOCKS
-            out[start:stop] = _decode_q8_0(raw[start:stop], dtype)
+        assert isinstance(q.config, GGMLConfig)
+        decode, raw = q.config.block_type.decode, self._raw(q)
+        out = torch.empty(q.shape, dtype=dtype, device=raw.device).view(-1, BLOCK)
+        for start, chunk in zip(range(0, raw.shape[0], CHUNK_BLOCKS), _chunks(raw), strict=True):
+            out[start : start + chunk.shape[0]] = decode(chunk).to(dtype)
         return out.view(q.shape)
 
     def decode_rows(self, q: QuantizedTensor, rows: torch.Tensor, dtype: torch.dtype):
+        assert isinstance(q.config, GGMLConfig)
+        block_type = q.config.block_type
         raw = q.buffers["blocks"].view(q.shape[0], -1)[rows.reshape(-1)]
-        values = _decode_q8_0(raw.reshape(-1, Q8_0_BYTES), dtype)
+        values = block_type.decode(raw.reshape(-1, block_type.nbytes)).to(dtype)
         return values.view(*rows.shape, q.shape[1])
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
-        raw = q.buffers["blocks"].view(-1, Q8_0_BYTES)
-        return raw[:, :2].contiguous().view(torch.float16).float().reshape(-1)
+        """d of every block (its magnitude is the grid step; Q4_0 / Q5_0 store it negative)."""
+        return _half(self._raw(q), 0).reshape(-1)
 
     def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
-        return shape[0] * shape[1] // Q8_0_BLOCK * Q8_0_BYTES
+        assert isinstance(config, GGMLConfig)
+        return shape[0] * shape[1] // BLOCK * config.block_type.nbytes
 
     def nominal_bits(self, config: QuantConfig) -> float:
-        return 8 * Q8_0_BYTES / Q8_0_BLOCK
+        assert isinstance(config, GGMLConfig)
+        return 8 * config.block_type.nbytes / BLOCK
 
     def label(self, config: QuantConfig) -> str:
         assert isinstance(config, GGMLConfig)
         return config.ggml_type
 
-    def gguf_config(self) -> QuantConfig:
-        return GGMLConfig(ggml_type="q8_0")
+    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
+        from gguf import GGMLQuantizationType
+
+        name = GGMLQuantizationType(ggml_type).name.lower()
+        return GGMLConfig(ggml_type=name) if name in TYPES else None
 
     def gguf_type(self, config: QuantConfig) -> int | None:
         from gguf import GGMLQuantizationType
 
-        return GGMLQuantizationType.Q8_0 if config == self.gguf_config() else None
+        assert isinstance(config, GGMLConfig)
+        return GGMLQuantizationType[config.ggml_type.upper()]
 
     def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
         return q.buffers["blocks"].cpu().view(q.shape[0], -1)
 
-    def from_gguf(self, raw: torch.Tensor, shape: tuple[int, int]) -> QuantizedTensor:
-        blocks = raw.reshape(-1).contiguous()
-        return QuantizedTensor(self.gguf_config(), shape, {"blocks": blocks})
+    def from_gguf(
+        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
+    ) -> QuantizedTensor:
+        return QuantizedTensor(config, shape, {"blocks": raw.reshape(-1).contiguous()})
 
 
 GGML_BLOCKS = register_format(GGMLBlocks())
