@@ -68,12 +68,12 @@ BIT_WEIGHTS = (2 ** torch.arange(8)).to(torch.uint8)
 def _high_bits(q: torch.Tensor) -> torch.Tensor:
     """(n, 32) 5-bit codes → (n, 4) bytes of their fifth bits, little-endian (code i: bit i)."""
     bits = (q >> 4) & 1
-    return (bits.view(-1, 4, 8) * BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+    return (bits.view(-1, 4, 8) * BIT_WEIGHTS.to(q.device)).sum(-1, dtype=torch.uint8)
 
 
 def _unhigh_bits(qh: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_high_bits`: (n, 4) → (n, 32) values 0 / 16."""
-    bits = (qh[:, :, None] & BIT_WEIGHTS) != 0
+    bits = (qh[:, :, None] & BIT_WEIGHTS.to(qh.device)) != 0
     return bits.reshape(-1, BLOCK).to(torch.uint8) << 4
 
 
