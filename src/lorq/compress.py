@@ -25,7 +25,7 @@ from lorq.budget import BudgetPlan, plan_budgets
 from lorq.config import CompressConfig
 from lorq.data import TextConfig, load_blocks
 from lorq.decompose import Decomposition, decompose
-from lorq.evaluate import EVAL_SEQ_LEN, Measurement, evaluation_summary, measure
+from lorq.evaluate import Measurement, evaluation_blocks, evaluation_summary, measure
 from lorq.fisher import estimate_fisher
 from lorq.io.native import set_model_meta
 from lorq.layers import LayerStep, relative_error, targets_of
@@ -328,8 +328,7 @@ class Evaluation:
     def blocks(self) -> torch.Tensor | None:
         if self.eval_blocks <= 0:
             return None
-        config = TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=self.eval_blocks)
-        return load_blocks(self.tokenizer, config, "evaluation")
+        return evaluation_blocks(self.tokenizer, self.eval_blocks)
 
     def measure(self, model, reference, label, progress, quantized=True) -> list[Measurement]:
         """One row for ``model`` (none when evaluation is off)."""

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,10 +79,9 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 def compressed_bits(model: torch.nn.Module, factor_bits: int = 16) -> tuple[float, float]:
     """Bits/param of the quantized layers: Q alone, and with B, A at ``factor_bits``."""
-    from lorq.nn import QuantLinear, tied_packed_head
+    from lorq.nn import packed_linears
 
-    head = tied_packed_head(model)  # a tied, packed output layer is the embedding's table
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not head]
+    layers = list(packed_linears(model).values())
     if not layers:
         raise ValueError("the model has no quantized layers")
     numel = sum(m.in_features * m.out_features for m in layers)
@@ -241,6 +241,13 @@ def evaluation_summary(rows: list[Measurement]) -> dict[str, float | None] | Non
     }
 
 
+def evaluation_blocks(tokenizer: Any, count: int) -> torch.Tensor:
+    """``count`` blocks of EVAL_SEQ_LEN tokens of the built-in evaluation text (the jobs' rows)."""
+    from lorq.data import TextConfig, load_blocks
+
+    return load_blocks(tokenizer, TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=count), "evaluation")
+
+
 def evaluate_saved(
     path: str | Path,
     eval_blocks: int = 16,
@@ -251,14 +258,12 @@ def evaluate_saved(
 
     Returns the rows and, when the source was wanted but could not be loaded, why not.
     """
-    from lorq.data import TextConfig, load_blocks
     from lorq.io import load_with_tokenizer
     from lorq.io.native import model_meta
     from lorq.models import load_model
 
     model, tokenizer = load_with_tokenizer(path)
-    config = TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=eval_blocks)
-    blocks = load_blocks(tokenizer, config, "evaluation")
+    blocks = evaluation_blocks(tokenizer, eval_blocks)
     source = (model_meta(model).get("source") or {}).get("model")
     original, missing = None, None
     if reference and source:

@@ -24,7 +24,7 @@ from lorq._version import __version__
 from lorq.atomic import atomic_directory, check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.io.native import model_meta
-from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
+from lorq.nn import QuantEmbedding, QuantLinear, packed_linears, tied_packed_head
 from lorq.surgery import set_module, shared_copy
 
 EXPORT_FILE = "lorq_export.json"
@@ -47,10 +47,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """The packed linear layers (a tied, packed output layer counts as its embedding's table)."""
-    head = tied_packed_head(model)
-    layers = {
-        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head
-    }
+    layers = packed_linears(model)
     if not layers:
         raise ValueError("the model has no lorq layers; pass a model written by lorq compress")
     return layers

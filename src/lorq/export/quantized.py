@@ -15,17 +15,14 @@ import torch
 from torch import nn
 
 from lorq.io.native import model_meta
-from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
+from lorq.nn import QuantEmbedding, packed_linears, tied_packed_head
 from lorq.quant.tensor import QuantizedTensor
 
 
 def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
     """Q of every quantized linear layer (not a tied, packed output layer: that is its
     embedding's table); ValueError when a layer still carries an adapter."""
-    head = tied_packed_head(model)
-    layers = {
-        n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head
-    }
+    layers = packed_linears(model)
     adapters = sorted(n for n, m in layers.items() if m.has_lora)
     if not layers or adapters:
         where = f" ({adapters[0]} has lora_A / lora_B)" if adapters else ""

@@ -230,11 +230,9 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
         return cls._from_config(config)
 
 
-def _quant_layer(
-    name: str, spec: dict[str, Any], tensors: dict[str, torch.Tensor], aliases: dict[str, str]
-) -> nn.Module:
+def _quant_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor]) -> nn.Module:
+    """The packed layer ``name`` from ``named`` (every tensor by name, aliases included)."""
     prefix = f"{name}."
-    named = {**{a: tensors[s] for a, s in aliases.items() if s in tensors}, **tensors}
     own = {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
     config = QuantConfig.from_dict(spec["quant"])
     shape = (spec["shape"][0], spec["shape"][1])
@@ -289,9 +287,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         raise ValueError(f"{path / WEIGHTS_FILE} lacks the 8-bit factor scales {err}") from None
     model = _skeleton(meta)
     aliases = meta.get("aliases", {})
+    named = {**{a: tensors[s] for a, s in aliases.items() if s in tensors}, **tensors}
     try:
         for name, spec in meta["layers"].items():
-            set_module(model, name, _quant_layer(name, spec, tensors, aliases))
+            set_module(model, name, _quant_layer(name, spec, named))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} does not match {LORQ_FILE} ({err})") from None
     trainable = set(meta.get("trainable", []))

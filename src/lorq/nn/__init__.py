@@ -8,7 +8,7 @@ A :class:`QuantEmbedding` holds a packed token-embedding table (kind "embedding"
 
 from lorq.nn.lora_linear import QuantLoraLinear
 from lorq.nn.qa_lora_linear import MergeError, QALoraLinear
-from lorq.nn.quant_embedding import QuantEmbedding, tied_packed_head
+from lorq.nn.quant_embedding import QuantEmbedding, packed_linears, tied_packed_head
 from lorq.nn.quant_linear import AdapterLinear, QuantLinear
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantLoraLinear",
+    "packed_linears",
     "tied_packed_head",
 ]

@@ -14,11 +14,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lorq.nn.quant_linear import buffer_name, quantized_from_buffers
+from lorq.nn.quant_linear import PackedBuffers, buffer_name, quantized_from_buffers
 from lorq.quant import QuantConfig, QuantizedTensor
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedBuffers):
     """Drop-in replacement of ``nn.Embedding`` by its packed table (no padding_idx semantics
     beyond the stored row: the row is what the source held)."""
 
@@ -26,21 +26,13 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.quant_config: QuantConfig = q.config
         self.num_embeddings, self.embedding_dim = q.shape
         self.dtype = dtype
-        self._keys = tuple(q.tensors())
-        for key, tensor in q.tensors().items():
-            self.register_buffer(buffer_name(key), tensor)
+        self.register_quantized(q)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.num_embeddings, self.embedding_dim)
-
-    @property
-    def q(self) -> QuantizedTensor:
-        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
-        return QuantizedTensor(self.quant_config, self.shape, buffers)
 
     @classmethod
     def from_buffers(
@@ -50,9 +42,6 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.q.dequantize_rows(ids, self.dtype)
-
-    def quantized_nbytes(self) -> int:
-        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
 
     def tied_head(self):
         """The output layer tied to this table: a QuantLinear over the same buffers."""
@@ -81,3 +70,12 @@ def tied_packed_head(model: nn.Module) -> nn.Module | None:
         for k in embedding._keys
     )
     return head if same and not head.has_lora else None
+
+
+def packed_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every QuantLinear of ``model`` by name, except a tied, packed output layer (that is its
+    embedding's table, not a compressed linear)."""
+    from lorq.nn.quant_linear import QuantLinear
+
+    head = tied_packed_head(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m is not head}

@@ -44,7 +44,31 @@ def frozen_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
-class QuantLinear(nn.Module):
+class PackedBuffers(nn.Module):
+    """A module holding a QuantizedTensor as buffers named by :func:`buffer_name`; ``q`` views
+    them as a QuantizedTensor again. Subclasses define ``shape``."""
+
+    def register_quantized(self, q: QuantizedTensor) -> None:
+        self.quant_config: QuantConfig = q.config
+        self._keys = tuple(q.tensors())
+        for key, tensor in q.tensors().items():
+            self.register_buffer(buffer_name(key), tensor)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def q(self) -> QuantizedTensor:
+        """The quantized tensor as a view of this module's buffers."""
+        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
+        return QuantizedTensor(self.quant_config, self.shape, buffers)
+
+    def quantized_nbytes(self) -> int:
+        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
+
+
+class QuantLinear(PackedBuffers):
     """Drop-in replacement of a linear layer by its frozen quantized weight Q (no adapter)."""
 
     kind: ClassVar[str] = "quant"
@@ -52,18 +76,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.quant_config: QuantConfig = q.config
         self.out_features, self.in_features = q.shape
-        self._keys = tuple(q.tensors())
-        for key, tensor in q.tensors().items():
-            self.register_buffer(buffer_name(key), tensor)
+        self.register_quantized(q)
         self.bias = frozen_bias(bias)
-
-    @property
-    def q(self) -> QuantizedTensor:
-        """The quantized weight as a QuantizedTensor view of this module's buffers."""
-        buffers = {key: getattr(self, buffer_name(key)) for key in self._keys}
-        return QuantizedTensor.from_tensors(self.quant_config, self.shape, buffers)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,9 +101,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized_forward(x)
-
-    def quantized_nbytes(self) -> int:
-        return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
 
     def extra_repr(self) -> str:
         return (
