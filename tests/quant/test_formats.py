@@ -124,3 +124,56 @@ def test_lorq_0_1_configs_still_load():
     assert type(presets()["nf3"]).from_dict(old_nf3) == presets()["nf3"]
     old_int = {**old_q4_1, "zero": "int"}
     assert type(presets()["int4-g32"]).from_dict(old_int) == presets()["int4-g32"]
+
+
+def known_nf() -> tuple[QuantizedTensor, torch.Tensor]:
+    """NF4 with an fp32 scale of 2: codes 0..15 four times decode to 2 · level[code]."""
+    config = presets()["nf4-fp32-scales"]
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4)
+    packed = (codes[0::2] << 4) | codes[1::2]  # high nibble first
+    buffers = {"codes": packed, "scales": torch.tensor([2.0])}
+    expected = 2.0 * torch.tensor(QLORA_NF4).repeat(4)
+    return QuantizedTensor(config, (1, 64), buffers), expected.view(1, 64)
+
+
+# QLoRA's published NF4 table (Dettmers et al. 2023; bitsandbytes' NF4 code)
+QLORA_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def known_affine(zero: bool) -> tuple[QuantizedTensor, torch.Tensor]:
+    """int4, G = 32, scale 0.5: integer zero 3 → 0.5·(c − 3); float min −1 → 0.5·c − 1."""
+    config = presets()["int4-g32" if zero else "q4_1"]
+    codes = torch.arange(16, dtype=torch.uint8).repeat(2)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    scales = torch.tensor([0.5], dtype=torch.float16)
+    zeros = torch.tensor([0x30], dtype=torch.uint8) if zero else torch.tensor([-1.0]).half()
+    values = 0.5 * (codes.float() - 3) if zero else 0.5 * codes.float() - 1
+    buffers = {"codes": packed, "scales": scales, "zeros": zeros}
+    return QuantizedTensor(config, (1, 32), buffers), values.view(1, 32)
+
+
+def known_ggml() -> tuple[QuantizedTensor, torch.Tensor]:
+    """Q8_0 with d = 0.25 (fp16 bytes 0x3400 little-endian) and q = −16 … 15: 0.25 · q."""
+    q = torch.arange(-16, 16, dtype=torch.int8)
+    block = torch.cat([torch.tensor([0x00, 0x34], dtype=torch.uint8), q.view(torch.uint8)])
+    return QuantizedTensor(presets()["q8_0"], (1, 32), {"blocks": block}), 0.25 * q.float()[None]
+
+
+KNOWN_BLOCKS = {
+    "nf": known_nf,
+    "int": lambda: known_affine(zero=True),
+    "fmin": lambda: known_affine(zero=False),
+    "ggml": known_ggml,
+}
+
+
+@pytest.mark.parametrize("name", list(formats()))
+def test_decode_of_a_known_block(name):
+    """Hand-written buffers decode to hand-computed values (a new format must add its block)."""
+    q, expected = KNOWN_BLOCKS[name]()
+    torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=1e-6)
