@@ -2,6 +2,7 @@
 equal lorq.json), logits of the reloaded models, and the provenance each artifact carries."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,14 +100,19 @@ def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F
     train = lorq.FinetuneConfig(steps=2, seq_len=32, batch_size=2, save_every=1, trainable=[])
     out = tmp_path / "ft"
     prepare_checkpoints(out, train, resume=True)
-    prepare_checkpoints(out, train, resume=True)  # the same settings (a list read back) resume
-    with pytest.raises(ValueError, match="other settings"):
-        prepare_checkpoints(out, lorq.FinetuneConfig(steps=3, seq_len=32), resume=True)
+    _, changes = prepare_checkpoints(out, train, resume=True)  # a list read back is the same
+    assert changes == []
+    with pytest.raises(ValueError, match="other trainable"):
+        prepare_checkpoints(out, replace(train, trainable=("norm",)), resume=True)
+    smaller = replace(train, lr=1e-5)  # e.g. after a NaN stop: allowed and recorded
+    assert prepare_checkpoints(out, smaller, resume=True)[1] == [{"lr": [2e-4, 1e-5]}]
+    assert prepare_checkpoints(out, train, resume=True)[1][-1] == {"lr": [1e-5, 2e-4]}
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     result = lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, source="m")
     assert result.steps == 2 and not checkpoint_dir(out).exists()
     meta = lorq_json(out)
     assert meta["finetune"]["from"] == "m" and meta["compress"]["quant"] == "nf4"
+    assert len(meta["finetune"]["changed_on_resume"]) == 2
 
 
 def test_calibration_is_validated_before_work():

@@ -33,6 +33,7 @@ from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model
 from lorq.nn import QuantLoraLinear
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.pack import check_embeddings, pack_embeddings, round_factors
+from lorq.preflight import check_compress, check_plan
 from lorq.progress import Progress, no_progress
 from lorq.qa_lora import compress_qa_lora, gguf_base
 from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
@@ -46,8 +47,6 @@ from lorq.surgery import (
     shared_copy,
     weight_shape,
 )
-
-MAX_LISTED = 5  # names quoted in an error message
 
 
 @dataclass(frozen=True)
@@ -181,29 +180,6 @@ def _decompose_layers(
     return errors
 
 
-def check_plan(
-    plan: BudgetPlan, config: CompressConfig, shapes: Mapping[str, tuple] | None = None
-) -> None:
-    """A given plan must be for this budget, method, rank and (when given, {name: (out, in)})
-    these target matrices."""
-    if config.budget != plan.budget or config.method != plan.method:
-        raise ValueError(
-            f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "
-            f"{config.method!r} at {config.budget}; make a plan with these settings (lorq plan)"
-        )
-    if config.method != "plain" and plan.rank != config.rank:
-        raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
-    if shapes is None:
-        return
-    planned = {e.name: e.shape for e in plan.entries}
-    if planned != {name: tuple(shape) for name, shape in shapes.items()}:
-        missing = sorted(set(shapes) ^ set(planned))[:MAX_LISTED]
-        raise ValueError(
-            "the plan's matrices are not this model's targets "
-            f"(e.g. {missing or 'a shape differs'}); make the plan for this model and targets"
-        )
-
-
 def _fisher(
     model: nn.Module,
     config: CompressConfig,
@@ -270,7 +246,7 @@ def compress_model(
     calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
     if plan is not None:
         check_plan(plan, config)
-    loaded = _loaded(model, tokenizer, packed=not config.fisher)
+    loaded = _loaded(model, tokenizer, config, plan)
     targets = targets_of(loaded.model, config)
     if plan is not None:
         check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
@@ -303,7 +279,7 @@ def plan_model(
     if config.budget is None:
         raise ValueError("plan_model needs config.budget (bits/param)")
     calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
-    loaded = _loaded(model, tokenizer, packed=not config.fisher)
+    loaded = _loaded(model, tokenizer, config)
     targets = targets_of(loaded.model, config)
     fisher = _job_fisher(loaded, config, targets, calibration, progress)
     (plan,) = plan_budgets_for(loaded.model, config, [config.budget], fisher, progress)
@@ -337,7 +313,13 @@ class Evaluation:
         return [measure(model, self.blocks, reference, label, progress, quantized)]
 
 
-def _loaded(model: str | nn.Module | LoadedModel, tokenizer: Any, packed: bool) -> LoadedModel:
+def _loaded(
+    model: str | nn.Module | LoadedModel,
+    tokenizer: Any,
+    config: CompressConfig,
+    plan: BudgetPlan | None = None,
+) -> LoadedModel:
+    """The model to work on; a name or path is checked (:func:`check_compress`), then loaded."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
@@ -346,7 +328,8 @@ def _loaded(model: str | nn.Module | LoadedModel, tokenizer: Any, packed: bool) 
         return LoadedModel(model, tokenizer, ModelSource(type(model).__name__, ""))
     if not isinstance(model, str):
         raise ValueError(f"model={model!r} is not supported; pass a name, path or loaded model")
-    return load_model(model, packed=packed)
+    check_compress(model, config, plan)
+    return load_model(model, packed=not config.fisher)
 
 
 def _baseline(model, config, text: Evaluation, fisher, progress) -> list[Measurement]:

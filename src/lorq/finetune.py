@@ -3,9 +3,11 @@
     lorq model ─▶ train.finetune (Trainer; only lora_A / lora_B) ─▶ lorq model in ``out``
                   checkpoints in ``OUT-checkpoints``: a re-run with the same settings resumes
 
-The checkpoint folder records the settings that made it (``lorq_finetune.json``); a different
-setting refuses to resume unless ``resume=False`` starts again. The saved model carries the
-source model's provenance plus the fine-tuning's config and result.
+The checkpoint folder records the settings that made it (``lorq_finetune.json``). A resume may
+change any setting but ``trainable`` (which decides what a checkpoint holds): a smaller lr after
+a NaN stop, more steps; each change is recorded. A checkpoint counts once it is whole (the
+Trainer's files, then ``lorq_complete``); one a kill cut short is skipped. The saved model
+carries the source model's provenance plus the fine-tuning's config, result and changes.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from lorq.atomic import check_output
-from lorq.io.native import is_lorq_dir, save
+from lorq.atomic import check_not_input, check_output
+from lorq.io.native import input_paths, is_lorq_dir, save
 from lorq.train import FinetuneConfig, FinetuneResult, Monitor, finetune
 
 CHECKPOINT_CONFIG = "lorq_finetune.json"
+FIXED_ON_RESUME = ("trainable",)  # settings that decide which tensors a checkpoint holds
 
 
 def is_main_process() -> bool:
@@ -40,32 +44,71 @@ def _settings(config: FinetuneConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict()))
 
 
-def prepare_checkpoints(out: Path, config: FinetuneConfig, resume: bool) -> Path:
-    """``OUT-checkpoints``: reused when resuming with the same settings, else started afresh."""
+def _read_marker(marker: Path) -> dict[str, Any]:
+    """``{"settings": …, "changes": […]}`` of a checkpoint folder (lorq 0.1: the settings alone)."""
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{marker} is unreadable ({err}); pass resume=False to start again"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{marker} is not a lorq checkpoint record; pass resume=False")
+    return data if "settings" in data else {"settings": data, "changes": []}
+
+
+def resume_changes(saved: dict[str, Any], settings: dict[str, Any]) -> dict[str, list]:
+    """{setting: [saved, now]} of what differs; ValueError when a difference changes which
+    tensors train (the checkpoints could not be continued)."""
+    changed = {k: [saved.get(k), v] for k, v in settings.items() if saved.get(k) != v}
+    fixed = sorted(set(changed) & set(FIXED_ON_RESUME))
+    if fixed:
+        raise ValueError(
+            f"the checkpoints were made with other {', '.join(fixed)} "
+            f"({', '.join(f'{k}={changed[k][0]!r}' for k in fixed)}); pass the same, "
+            "or resume=False to start again"
+        )
+    return changed
+
+
+def prepare_checkpoints(out: Path, config: FinetuneConfig, resume: bool) -> tuple[Path, list]:
+    """``OUT-checkpoints``, reused when resuming, else started afresh; with the changes of
+    settings made on each resume (a smaller lr after a NaN stop, more steps, …)."""
     folder = checkpoint_dir(out)
     if not is_main_process():
-        return folder
+        return folder, []
     marker = folder / CHECKPOINT_CONFIG
     if folder.exists() and not marker.exists():
         raise ValueError(
             f"{folder} exists and is not a lorq checkpoint folder; choose another output"
         )
-    settings = _settings(config)
-    if folder.exists() and resume and json.loads(marker.read_text()) != settings:
-        raise ValueError(
-            f"the checkpoints in {folder} were made with other settings; pass the same settings, "
-            "or resume=False to start again"
-        )
+    settings, changes = _settings(config), []
+    if folder.exists() and resume:
+        record = _read_marker(marker)
+        changes = list(record.get("changes", []))
+        changed = resume_changes(record["settings"], settings)
+        if changed:
+            changes.append(changed)
     if folder.exists() and not resume:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings, indent=1))
-    return folder
+    tmp = folder / f".{CHECKPOINT_CONFIG}.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "changes": changes}, indent=1))
+    os.replace(tmp, marker)
+    return folder, changes
 
 
-def check_finetune_out(out: str | Path, overwrite: bool) -> None:
-    """``out`` must be new or a lorq directory (replaced only with ``overwrite``)."""
-    check_output(out, overwrite, is_lorq_dir, "lorq model")
+def default_finetune_out(path: str | Path) -> Path:
+    """``PATH-finetuned`` beside the model directory ``path`` (``.`` included)."""
+    folder = Path(path).resolve()
+    return folder.with_name(folder.name + "-finetuned")
+
+
+def check_finetune_out(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """``out`` must be new or a lorq directory (replaced only with ``overwrite``), none of
+    ``inputs``, and its checkpoint folder too."""
+    check_output(out, overwrite, is_lorq_dir, "lorq model", inputs=inputs)
+    check_not_input(checkpoint_dir(Path(out)), inputs)
 
 
 def finetune_model(
@@ -87,8 +130,8 @@ def finetune_model(
     ``source``: where ``model`` was loaded from, recorded in the saved provenance.
     """
     out = Path(out)
-    check_finetune_out(out, overwrite)
-    checkpoints = prepare_checkpoints(out, config, resume)
+    check_finetune_out(out, overwrite, input_paths(model))
+    checkpoints, changes = prepare_checkpoints(out, config, resume)
     try:
         result = finetune(model, tokenizer, config, checkpoints, resume, monitor)
     except BaseException:
@@ -98,6 +141,7 @@ def finetune_model(
     if not is_main_process():
         return result
     record = {"config": config.to_dict(), "result": result.to_dict(), "from": source}
+    record["changed_on_resume"] = changes
     save(model, out, tokenizer, {"finetune": record}, overwrite)
     if not keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)

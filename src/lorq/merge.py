@@ -10,6 +10,7 @@ has no adapters left), so merge ∘ merge is never a silent second merge.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,15 @@ class MergeResult:
         return save_hf(self.model, out, self.tokenizer, dtype, overwrite)
 
 
-def check_merge_out(out: str | Path, quantized: bool, overwrite: bool) -> None:
-    """``out`` must be new or what a merge of this kind writes (replaced only with overwrite)."""
+def check_merge_out(
+    out: str | Path, quantized: bool, overwrite: bool, inputs: Iterable[str | Path] = ()
+) -> None:
+    """``out`` must be new or what a merge of this kind writes (replaced only with overwrite),
+    and none of ``inputs``."""
     if quantized:
-        check_output(out, overwrite, is_lorq_dir, "lorq model")
+        check_output(out, overwrite, is_lorq_dir, "lorq model", inputs=inputs)
     else:
-        check_output(out, overwrite, is_export_dir, "lorq export")
+        check_output(out, overwrite, is_export_dir, "lorq export", inputs=inputs)
 
 
 def merges_quantized(model: nn.Module, dequantize: bool = False) -> bool:

@@ -8,7 +8,10 @@ Built-in models ship inside PyPI packages, so the default job never touches the 
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
+import json
 import logging
 import os
 import socket
@@ -93,6 +96,47 @@ def resolve(name_or_path: str) -> ModelSource:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_no_foreign_code(source: ModelSource) -> None:
+    """Refuse a local folder whose architecture exists only as its own Python code."""
+    from transformers import CONFIG_MAPPING
+
+    file = Path(source.path) / "config.json"
+    if source.gguf_file or not file.is_file():
+        return
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); repair or replace it") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, not {type(config).__name__}")
+    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(
+            f"model {source.name!r} needs its own Python code (auto_map in config.json, model "
+            f"type {config.get('model_type')!r}), which lorq never runs; use a model whose "
+            "architecture transformers ships"
+        )
+
+
+def check_no_pickle(source: ModelSource, allow_pickle: bool = False) -> None:
+    """Refuse a local folder whose weights exist only as pickles (loading one runs code)."""
+    check_no_foreign_code(source)
+    path = Path(source.path)
+    if allow_pickle or source.gguf_file or not path.is_dir():
+        return
+    files = [p for p in path.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{source.name!r} holds its weights only as pickle files ({', '.join(pickles[:3])}), "
+            "which can run code when loaded; convert them to safetensors (transformers: "
+            "from_pretrained(...).save_pretrained(dir)) or pass allow_pickle=True to load them "
+            "with torch's weights-only unpickler"
+        )
 
 
 def source_nbytes(source: ModelSource) -> int | None:
@@ -106,7 +150,7 @@ def source_nbytes(source: ModelSource) -> int | None:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
 
 
-def _is_causal(config) -> bool:
+def is_causal(config) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
 
 
@@ -133,25 +177,47 @@ def _packed_gguf(source: ModelSource, config) -> Path | None:
     return path if path.is_file() else None
 
 
-def _from_pretrained(
-    source: ModelSource, dtype: torch.dtype, with_tokenizer: bool, local: bool, packed: bool
-):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+@functools.lru_cache(maxsize=4)
+def _cached_config(source: ModelSource, local: bool):
+    from transformers import AutoConfig
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    kwargs["local_files_only"] = local
+    return AutoConfig.from_pretrained(
+        source.path, local_files_only=local, trust_remote_code=False, **kwargs
+    )
+
+
+def source_config(source: ModelSource, local: bool = True):
+    """transformers' config of ``source`` (a copy; a GGUF's metadata is parsed once per process:
+    checking a job before it loads the model costs no second parse)."""
+    return copy.deepcopy(_cached_config(source, local))
+
+
+def _from_pretrained(
+    source: ModelSource,
+    dtype: torch.dtype,
+    with_tokenizer: bool,
+    local: bool,
+    packed: bool,
+    allow_pickle: bool = False,
+):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    kwargs.update(local_files_only=local, trust_remote_code=False)
     # The tokenizer first: reading it from a GGUF file parses the whole vocabulary into Python
     # objects, a large transient better spent before the weights exist.
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs) if with_tokenizer else None
-    config = AutoConfig.from_pretrained(source.path, **kwargs)
+    config = source_config(source, local)
     gguf = _packed_gguf(source, config) if packed else None
     if gguf is not None:
         from lorq.io.gguf_model import load_packed
 
         model = load_packed(gguf, dtype, config)
     else:
-        auto = AutoModelForCausalLM if source.gguf_file or _is_causal(config) else AutoModel
-        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs)
+        auto = AutoModelForCausalLM if source.gguf_file or is_causal(config) else AutoModel
+        safe = {} if source.gguf_file or allow_pickle else {"use_safetensors": True}
+        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs, **safe)
     if source.gguf_file:  # the GGUF weights were dequantized: a plain float model from here on
         model.hf_quantizer, model.is_quantized = None, False
     return model, tokenizer
@@ -162,17 +228,23 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     with_tokenizer: bool = True,
     packed: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a model (and its tokenizer) with transformers; causal LM when the config says so.
 
     Local folders, files and the hub cache are tried first; the hub only when it answers.
     ``packed``: a local LLaMA GGUF file keeps its Q4_1 linear layers as packed QuantLinear
     layers (same logits, 6.4× less memory for them; ``lorq.io.gguf_model``); other sources load
-    as usual.
+    as usual. No code shipped with a model is run (``trust_remote_code=False``) and weights are
+    read from safetensors only, unless ``allow_pickle`` (then torch's weights-only unpickler).
     """
     source = resolve(name_or_path)
+    check_no_pickle(source, allow_pickle)
+    load = functools.partial(
+        _from_pretrained, source, dtype, with_tokenizer, packed=packed, allow_pickle=allow_pickle
+    )
     try:
-        model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, True, packed)
+        model, tokenizer = _unusable_as_value_error(name_or_path, load, local=True)
     except OSError as local_error:
         builtin = f"built-in models: {', '.join(BUILTIN_MODELS)}"
         if Path(source.path).exists():
@@ -184,7 +256,7 @@ def load_model(
                 f"unreachable; pass a local folder or .gguf file, or one of the {builtin}"
             ) from None
         try:
-            model, tokenizer = _from_pretrained(source, dtype, with_tokenizer, False, packed)
+            model, tokenizer = _unusable_as_value_error(name_or_path, load, local=False)
         except OSError as err:
             raise FileNotFoundError(
                 f"model {name_or_path!r} could not be loaded from the Hugging Face hub "
@@ -192,3 +264,19 @@ def load_model(
             ) from None
     model.eval()
     return LoadedModel(model, tokenizer, source)
+
+
+def _unusable_as_value_error(name: str, load, local: bool):
+    """``load(local=…)``, with what transformers raises for a corrupted or foreign model (bad
+    JSON, truncated safetensors, custom code) turned into one ValueError naming ``name``."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(local=local)
+    except OSError:
+        raise
+    except (ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            reason = "it needs its own Python code (auto_map), which lorq never runs"
+        raise ValueError(f"model {name!r} is unusable: {reason}") from None

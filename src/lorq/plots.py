@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lorq.atomic import atomic_file
+from lorq.atomic import atomic_file, has_magic
 from lorq.budget.layout import bits_grid
 from lorq.budget.plan import BudgetPlan
+
+is_png = has_magic(b"\x89PNG")
 
 
 def plan_heatmap(plan: BudgetPlan, path: str | Path) -> None:
@@ -33,6 +35,6 @@ def plan_heatmap(plan: BudgetPlan, path: str | Path) -> None:
     )
     fig.colorbar(image, ax=ax, label="bits/param")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
+    with atomic_file(path, True, is_png, "PNG") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

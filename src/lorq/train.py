@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from lorq.data import TextConfig, load_blocks
 from lorq.train_data import Collator, ExampleDataset, training_examples
 
 TRAINABLE_FILE = "trainable.safetensors"
+COMPLETE_FILE = "lorq_complete"  # written last, atomically: the checkpoint is whole
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,19 @@ def _trainer_class():
             }
             save_file(trainable, directory / TRAINABLE_FILE, metadata={"format": "pt"})
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            """As saved, except a learning rate changed on resume (e.g. after a NaN stop)."""
+            super()._load_optimizer_and_scheduler(checkpoint)
+            scheduler, lr = self.lr_scheduler, self.args.learning_rate
+            if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):
+                return
+            if all(base == lr for base in scheduler.base_lrs):
+                return
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            groups = self.optimizer.param_groups
+            for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+                group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
             model = model or self.model
             file = Path(resume_from_checkpoint) / TRAINABLE_FILE
@@ -241,6 +258,11 @@ def _watch(result: FinetuneResult, monitor: Monitor | None, state: dict[str, Any
             monitor(event, values)
 
     class Watch(TrainerCallback):
+        def on_save(self, args, trainer_state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{trainer_state.global_step}"
+            if folder.is_dir():
+                mark_complete(folder)
+
         def on_train_begin(self, args, trainer_state, control, **kwargs):
             state.update(start=time.perf_counter(), tokens=trainer_state.num_input_tokens_seen)
             emit("start", {"step": trainer_state.global_step, "total": trainer_state.max_steps})
@@ -267,11 +289,30 @@ def _watch(result: FinetuneResult, monitor: Monitor | None, state: dict[str, Any
     return Watch()
 
 
-def last_checkpoint(checkpoints: Path) -> str | None:
-    """The newest ``checkpoint-N`` folder the Trainer wrote under ``checkpoints``, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+def mark_complete(folder: Path) -> None:
+    """Mark a checkpoint folder whole (after the Trainer wrote every file of it)."""
+    tmp = folder / f".{COMPLETE_FILE}.tmp"
+    tmp.write_text("complete\n")
+    os.replace(tmp, folder / COMPLETE_FILE)
 
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+
+def last_checkpoint(checkpoints: Path) -> str | None:
+    """The newest whole ``checkpoint-N`` folder under ``checkpoints``, if any; folders a kill
+    left half-written are removed, with a warning."""
+    folders = (
+        [p for p in checkpoints.glob("checkpoint-*") if p.is_dir()] if checkpoints.is_dir() else []
+    )
+    whole = []
+    for folder in folders:
+        if (folder / COMPLETE_FILE).is_file():
+            whole.append(folder)
+        else:
+            warnings.warn(
+                f"{folder} is incomplete (interrupted while saving); skipped", stacklevel=2
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+    step = lambda folder: int(folder.name.rpartition("-")[2])  # noqa: E731
+    return str(max(whole, key=step)) if whole else None
 
 
 def finetune(

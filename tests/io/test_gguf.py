@@ -168,12 +168,20 @@ def test_missing_and_unknown_tensors_are_refused(tmp_path):
 
 def test_existing_file_needs_overwrite(tmp_path):
     out = tmp_path / "o.gguf"
-    out.write_bytes(b"keep")
+    out.write_bytes(b"GGUF keep")
     with pytest.raises(ValueError, match="exists; pass overwrite"):
         export(tiny_llama(), out)
-    assert out.read_bytes() == b"keep" and os.listdir(tmp_path) == ["o.gguf"]
+    assert out.read_bytes() == b"GGUF keep" and os.listdir(tmp_path) == ["o.gguf"]
     layers, _ = export(tiny_llama(), out, overwrite=True)
     assert_same_codes(layers, read_gguf_quantized(out))
+
+
+def test_overwrite_never_replaces_a_file_that_is_not_gguf(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        export(tiny_llama(), notes, overwrite=True)
+    assert notes.read_text() == "my notes" and os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):

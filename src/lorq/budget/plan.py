@@ -96,6 +96,8 @@ class BudgetPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BudgetPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a plan is a JSON object, not {type(data).__name__}")
         if data.get("version") != PLAN_VERSION:
             raise ValueError(
                 f"unsupported plan version {data.get('version')!r}; expected {PLAN_VERSION}"
@@ -121,7 +123,7 @@ class BudgetPlan:
             raise FileNotFoundError(f"plan {path} not found; make one with `lorq plan`")
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{path}: not a valid lorq plan ({err})") from None
 
 

@@ -103,18 +103,23 @@ def finetune(
     ] = False,
 ) -> None:
     """Fine-tune the low-rank factors of a compressed model (transformers.Trainer underneath)."""
-    from lorq.finetune import check_finetune_out, finetune_model, is_main_process
+    from lorq.finetune import (
+        check_finetune_out,
+        default_finetune_out,
+        finetune_model,
+        is_main_process,
+    )
     from lorq.io import load_with_tokenizer
     from lorq.runtime import fixed_mmap_threshold
     from lorq.train import CONFIG_FIELDS, FinetuneConfig
 
     if low_memory:
         fixed_mmap_threshold()
-    out = out or path.with_name(path.name + "-finetuned")
     bar = TrainingBar()
     with user_errors():
         config = FinetuneConfig(**{k: v for k, v in locals().items() if k in CONFIG_FIELDS})
-        check_finetune_out(out, overwrite)
+        out = out or default_finetune_out(path)
+        check_finetune_out(out, overwrite, inputs=[path])
         model, tokenizer = load_with_tokenizer(path)
         options = dict(resume=resume, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
         options["source"] = str(path)
@@ -159,7 +164,7 @@ def merge(
     with user_errors():
         torch_dtype(dtype)
         model, tokenizer = load_with_tokenizer(path)
-        check_merge_out(out, merges_quantized(model, dequantize), overwrite)
+        check_merge_out(out, merges_quantized(model, dequantize), overwrite, inputs=[path])
         result = merge_model(model, dequantize=dequantize, min_dtype=mins, tokenizer=tokenizer)
         result.save(out, dtype, overwrite)
     if result.quantized:
@@ -184,7 +189,7 @@ def export(
     from lorq.io import load_with_tokenizer
 
     with user_errors():
-        check_export(out, format, dtype=dtype, overwrite=overwrite)
+        check_export(out, format, dtype=dtype, overwrite=overwrite, inputs=(str(path),))
         model, tokenizer = load_with_tokenizer(path)
         exported = export_model(
             model, out, format, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite

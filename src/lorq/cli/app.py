@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,7 @@ FLAG_WORDS = {
     "a smaller seq_len": "a smaller --seq-len",
     "a smaller lr": "a smaller --lr",
     "choose another output": "choose another --out",
+    "allow_pickle=True": "--allow-pickle",
 }
 
 
@@ -65,18 +67,34 @@ def cli_words(message: str) -> str:
 @contextlib.contextmanager
 def user_errors() -> Iterator[Stages]:
     """Progress bars for the body; a user error becomes one line on stderr and exit code 2."""
+    from safetensors import SafetensorError
+
     stages = Stages()
     try:
         yield stages
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, re.error, SafetensorError) as err:
         stages.close()
-        errors.print(f"[bold red]error:[/] {cli_words(str(err))}", highlight=False, soft_wrap=True)
+        message = cli_words(error_line(err))
+        errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         stages.close()
 
 
-def load_quietly(model: str, with_tokenizer: bool = True, packed: bool = True):
+def error_line(err: BaseException) -> str:
+    """One line naming what failed: an OS error's file and reason, else the message."""
+    if isinstance(err, OSError) and err.strerror and not isinstance(err, FileNotFoundError):
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write or read{where}: {err.strerror}"
+    if isinstance(err, re.error):
+        return f"invalid regular expression {err.pattern!r}: {err}"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def load_quietly(
+    model: str, with_tokenizer: bool = True, packed: bool = True, allow_pickle: bool = False
+):
     """Load a model under a spinner (transformers' own progress bars off).
 
     ``packed`` (default): a LLaMA GGUF's Q4_1 linears stay packed (see lorq.io.gguf_model);
@@ -88,16 +106,24 @@ def load_quietly(model: str, with_tokenizer: bool = True, packed: bool = True):
     from lorq.runtime import release_free_memory
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # lorq reports what matters itself
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
     with console.status(f"loading {model}"):
-        loaded = load_model(model, with_tokenizer=with_tokenizer, packed=packed)
+        loaded = load_model(
+            model, with_tokenizer=with_tokenizer, packed=packed, allow_pickle=allow_pickle
+        )
     release_free_memory()  # the loaders' transient copies
     return loaded
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is not a lorq directory, or that exists without --overwrite."""
+def check_out_dir(out: Path, overwrite: bool, model: str) -> None:
+    """Refuse an output path that is not a lorq directory, exists without --overwrite, is
+    ``model``'s own folder or has no room for about the source's size."""
     from lorq.atomic import check_output
     from lorq.io.native import is_lorq_dir
+    from lorq.models import resolve, source_nbytes
 
-    check_output(out, overwrite, is_lorq_dir, "lorq model")
+    source = resolve(model)
+    inputs = [source.path] if Path(source.path).exists() else []
+    nbytes = source_nbytes(source)
+    check_output(out, overwrite, is_lorq_dir, "lorq model", inputs=inputs, nbytes=nbytes)

@@ -19,6 +19,9 @@ from lorq.models import DEFAULT_MODEL
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
 ModelOption = Annotated[str, typer.Option(help="built-in name, local folder, .gguf file or hub id")]
 CalibrationOption = Annotated[str, typer.Option(help="calibration text: builtin, file, hf:NAME")]
+AllowPickleOption = Annotated[
+    bool, typer.Option(help="load pickle-only weights (.bin) with torch's weights-only unpickler")
+]
 
 
 @app.command("quantize-report")
@@ -44,17 +47,22 @@ def quantize_report(
 
 def _check_plan_target(path: Path) -> None:
     """Refuse to overwrite a file that is not a lorq plan, or a PNG beside it that is not ours."""
+    from lorq.atomic import check_output
     from lorq.budget import BudgetPlan
+    from lorq.plots import is_png
 
-    if path.exists():
+    def is_plan(file: Path) -> bool:
         try:
-            BudgetPlan.load(path)
-        except ValueError:
-            raise ValueError(
-                f"{path} exists and is not a lorq plan; choose another --out"
-            ) from None
-    elif path.with_suffix(".png").exists():
-        raise ValueError(f"{path.with_suffix('.png')} exists; choose another --out")
+            BudgetPlan.load(file)
+            return True
+        except (ValueError, OSError):
+            return False
+
+    png = path.with_suffix(".png")
+    if png.exists() and not path.exists():
+        raise ValueError(f"{png} exists; choose another --out")
+    check_output(path, True, is_plan, "lorq plan", directory=False)
+    check_output(png, True, is_png, "PNG", directory=False)
 
 
 @app.command()
@@ -73,11 +81,13 @@ def plan(
     out: Annotated[Path, typer.Option(help="plan JSON (a PNG heatmap is written beside)")] = Path(
         "plan.json"
     ),
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
     from lorq.compress import Calibration, plan_model
     from lorq.config import CompressConfig
     from lorq.plots import plan_heatmap
+    from lorq.preflight import check_compress
 
     with user_errors() as stage:
         config = CompressConfig(
@@ -85,7 +95,10 @@ def plan(
         )
         _check_plan_target(out)
         text = Calibration(calibration, seq_len, samples)
-        loaded = load_quietly(model, with_tokenizer=fisher, packed=not fisher)
+        check_compress(model, config, allow_pickle=allow_pickle)
+        loaded = load_quietly(
+            model, with_tokenizer=fisher, packed=not fisher, allow_pickle=allow_pickle
+        )
         result = plan_model(loaded, config, calibration=text, progress=stage)
         result.save(out)
         plan_heatmap(result, out.with_suffix(".png"))
@@ -123,21 +136,24 @@ def compress(
     ] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.budget import BudgetPlan
     from lorq.compress import Calibration, compress_model
     from lorq.config import CompressConfig
     from lorq.io import save
+    from lorq.preflight import check_compress
 
     with user_errors() as stage:
         given = BudgetPlan.load(plan_file) if plan_file else None
         budget = given.budget if given and budget is None and quant is None else budget
         config = CompressConfig(method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq)
         config = replace(config, embeddings=embeddings, factor_bits=factor_bits)
-        check_out_dir(out, overwrite)
-        loaded = load_quietly(model, packed=not fisher)
         text = Calibration(calibration)
+        check_compress(model, config, given, allow_pickle)
+        check_out_dir(out, overwrite, model)
+        loaded = load_quietly(model, packed=not fisher, allow_pickle=allow_pickle)
         result = compress_model(
             loaded,
             config,

@@ -7,6 +7,7 @@ Each target is one module registered here; ``export_targets()`` lists them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from lorq.export import peft  # noqa: F401  isort: skip
 from lorq.export import hf  # noqa: F401  isort: skip
 from lorq.export import gguf  # noqa: F401  isort: skip
 from lorq.export import gptq  # noqa: F401  isort: skip
+from lorq.io.native import input_paths  # isort: skip
 from lorq.export.base import (
     Exported,
     ExportOptions,
@@ -37,6 +39,7 @@ def export(model: nn.Module, out: str | Path, format: str = "peft", **options: A
     (fp32 | fp16 | bf16, of dense tensors), overwrite."""
     target = export_target(format)
     opts = ExportOptions(**options)
+    opts = replace(opts, inputs=(*opts.inputs, *input_paths(model)))
     target.check(Path(out), opts)
     return target.write(model, Path(out), opts)
 

@@ -21,11 +21,13 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What every target may use: the tokenizer to ship, the dtype of dense tensors, overwrite."""
+    """What every target may use: the tokenizer to ship, the dtype of dense tensors, overwrite,
+    and the job's inputs."""
 
     tokenizer: Any = None
     dtype: str = "fp32"
     overwrite: bool = False
+    inputs: tuple[str, ...] = ()  # paths the output must never replace (the model's own folder)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -15,6 +15,7 @@ from torch import nn
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.export.quantized import merged_layers, other_tensors, packed_embeddings, source_gguf
+from lorq.io.gguf import is_gguf_file
 from lorq.io.gguf_write import write_gguf
 from lorq.io.native import hf_config
 
@@ -34,7 +35,9 @@ class GGUFFile(ExportTarget):
     description = "a merged QA-LoRA model (q4_1) as one GGUF file, codes as they are"
 
     def check(self, out: Path, options: ExportOptions) -> None:
-        check_output(out, options.overwrite)
+        check_output(
+            out, options.overwrite, is_gguf_file, "GGUF", inputs=options.inputs, directory=False
+        )
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         export_gguf(model, out, options.tokenizer, options.overwrite)

@@ -42,7 +42,7 @@ class GPTQCheckpoint(ExportTarget):
     description = "a merged integer-zero QA-LoRA model as a GPTQ checkpoint, codes as they are"
 
     def check(self, out: Path, options: ExportOptions) -> None:
-        check_output(out, options.overwrite, is_gptq_dir, "GPTQ model")
+        check_output(out, options.overwrite, is_gptq_dir, "GPTQ model", inputs=options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         _, checkpoint_format = export_gptq(model, out, options.tokenizer, options.overwrite)

@@ -23,7 +23,7 @@ from torch import nn
 from lorq._version import __version__
 from lorq.atomic import atomic_directory, check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
-from lorq.io.native import model_meta
+from lorq.io.native import input_paths, model_meta
 from lorq.nn import QuantEmbedding, QuantLinear, packed_linears, tied_packed_head
 from lorq.surgery import set_module, shared_copy
 
@@ -160,14 +160,16 @@ def save_hf(
     """Write a dense ``model`` as a standard Hugging Face model directory, atomically."""
     target = torch_dtype(dtype)
     kind = {"kind": "merged", "dtype": dtype, "source": model_meta(model).get("source")}
-    with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:
+    inputs = input_paths(model)
+    with atomic_directory(path, overwrite, is_export_dir, "lorq export", inputs) as tmp:
         write_hf_model(model, tmp, target, tokenizer, kind)
     return Path(path)
 
 
-def check_export_dir(out: Path, overwrite: bool) -> None:
-    """``out`` must be new, or a directory lorq exported (replaced only with ``overwrite``)."""
-    check_output(out, overwrite, is_export_dir, "lorq export")
+def check_export_dir(out: Path, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
+    """``out`` must be new, or a directory lorq exported (replaced only with ``overwrite``), and
+    none of ``inputs``."""
+    check_output(out, overwrite, is_export_dir, "lorq export", inputs=inputs)
 
 
 class MergedHF(ExportTarget):
@@ -175,7 +177,7 @@ class MergedHF(ExportTarget):
     description = "a standard Hugging Face model with W = Q + s·B·A (dense)"
 
     def check(self, out: Path, options: ExportOptions) -> None:
-        check_export_dir(out, options.overwrite)
+        check_export_dir(out, options.overwrite, options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         save_merged(model, out, options.tokenizer, options.dtype, options.overwrite)

@@ -149,7 +149,7 @@ class PeftAdapter(ExportTarget):
     description = "a PEFT LoRA adapter (adapter/) and its dequantized base model (base/)"
 
     def check(self, out: Path, options: ExportOptions) -> None:
-        check_export_dir(out, options.overwrite)
+        check_export_dir(out, options.overwrite, options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         export_peft(model, out, options.tokenizer, options.dtype, options.overwrite)

@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorq.atomic import has_magic
 from lorq.quant import QuantConfig, QuantizedTensor, format_of, gguf_config
 
 ARCHITECTURE = "llama"
 MAGIC = b"GGUF"
 DENSE_ROWS = 4096  # rows of a dense tensor dequantized at once
 MAX_LISTED = 5  # names quoted in an error message
+is_gguf_file = has_magic(MAGIC)
 
 
 def open_gguf(path: Path):

@@ -21,6 +21,7 @@ from lorq.io.gguf import (
     ARCHITECTURE,
     MAX_LISTED,
     gguf_names,
+    is_gguf_file,
     open_gguf,
     rope_heads,
     rope_rows,
@@ -255,7 +256,7 @@ def write_gguf(
     The file appears atomically; an existing one is replaced only with ``overwrite``.
     """
     path = Path(out_file)
-    check_output(path, overwrite)
+    check_output(path, overwrite, is_gguf_file, "GGUF", directory=False)
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     _check_config(config)
     kv = _llama_kv(config)
@@ -264,6 +265,6 @@ def write_gguf(
     elif tokenizer is not None:
         kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
     tensors = _tensors(layers, dense, config)
-    with atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite, is_gguf_file, "GGUF") as tmp:
         _write(tmp, kv, tensors)
     return path

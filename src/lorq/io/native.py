@@ -49,6 +49,15 @@ def set_model_meta(model: nn.Module, meta: dict[str, Any]) -> None:
     model.__dict__[META_ATTR] = {k: v for k, v in meta.items() if k in CARRIED_META}
 
 
+LOADED_FROM_ATTR = "lorq_loaded_from"  # the directory :func:`load` read a model from
+
+
+def input_paths(model: nn.Module) -> tuple[str, ...]:
+    """The directory ``model`` was loaded from (an output must never replace it), if any."""
+    loaded_from = model.__dict__.get(LOADED_FROM_ATTR)
+    return (loaded_from,) if loaded_from else ()
+
+
 def is_lorq_dir(path: Path) -> bool:
     try:
         return json.loads((path / LORQ_FILE).read_text()).get("format") == FORMAT
@@ -179,7 +188,8 @@ def save(
         **model_meta(model),
         **(extra or {}),
     }
-    with atomic_directory(path, overwrite, is_lorq_dir, "lorq model") as tmp:
+    inputs = input_paths(model)
+    with atomic_directory(path, overwrite, is_lorq_dir, "lorq model", inputs) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -310,6 +320,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
     set_model_meta(model, meta)
+    model.__dict__[LOADED_FROM_ATTR] = str(path.resolve())
     return model.to(device).eval()
 
 
