@@ -25,6 +25,15 @@ from torch import nn
 
 from lorq._version import __version__
 from lorq.atomic import atomic_directory
+from lorq.io.verify import (
+    check_dense_dtypes,
+    check_finite,
+    check_header,
+    check_types,
+    layer_names,
+    manifest,
+    read_header,
+)
 from lorq.nn import QALoraLinear, QuantEmbedding, QuantLinear, QuantLoraLinear
 from lorq.quant import QuantConfig
 from lorq.quant.factors import Int8Rows, exact_rows
@@ -185,6 +194,7 @@ def save(
         "restore_dtypes": restore,
         "int8_factors": factors,
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "tensors": manifest(tensors),
         **model_meta(model),
         **(extra or {}),
     }
@@ -210,13 +220,16 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{file} is not a lorq model description; re-run lorq compress")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported")
+    check_types(meta, file)
     return meta
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, read only after the header matched lorq.json (io.verify)."""
     file = path / WEIGHTS_FILE
     if not file.exists():
         raise FileNotFoundError(f"{file} not found; the lorq model directory is incomplete")
+    check_header(meta, read_header(file), file)
     try:
         return load_file(file)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -283,11 +296,38 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, trainable: bool) 
     return value
 
 
+def _assign_dense(
+    model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], file: Path
+) -> set[str]:
+    """Give every tensor still on the meta device its stored value (same shape, required);
+    returns the stored names used."""
+    aliases, trainable = meta.get("aliases", {}), set(meta.get("trainable", []))
+    assigned: dict[str, torch.Tensor] = {}
+    for name, tensor in _named_tensors(model).items():
+        if not tensor.is_meta:
+            continue
+        source = aliases.get(name, name)
+        if source not in tensors:
+            raise ValueError(f"{file} has no tensor {source!r}; the file is incomplete")
+        if tensors[source].shape != tensor.shape:
+            raise ValueError(
+                f"{file}: tensor {source!r} has shape {list(tensors[source].shape)}, the model "
+                f"needs {list(tensor.shape)}; the directory was altered, re-run lorq compress"
+            )
+        if source not in assigned:
+            assigned[source] = _assign(model, name, tensors[source], source in trainable)
+        else:
+            _place(model, name, assigned[source])
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param.requires_grad_(name in trainable)
+    return set(assigned)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save`; raises ValueError naming a corrupted file."""
     path = Path(path)
     meta = read_meta(path)
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, meta)
     for name, dtype in meta.get("restore_dtypes", {}).items():
         if name in tensors:
             tensors[name] = tensors[name].to(getattr(torch, dtype))
@@ -295,6 +335,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
         _decode_factors(tensors, meta.get("int8_factors", []))
     except KeyError as err:
         raise ValueError(f"{path / WEIGHTS_FILE} lacks the 8-bit factor scales {err}") from None
+    check_finite(tensors, meta["layers"], path / WEIGHTS_FILE)
     model = _skeleton(meta)
     aliases = meta.get("aliases", {})
     named = {**{a: tensors[s] for a, s in aliases.items() if s in tensors}, **tensors}
@@ -303,22 +344,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
             set_module(model, name, _quant_layer(name, spec, named))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} does not match {LORQ_FILE} ({err})") from None
-    trainable = set(meta.get("trainable", []))
-    assigned: dict[str, torch.Tensor] = {}
-    for name, tensor in _named_tensors(model).items():
-        if not tensor.is_meta:
-            continue
-        source = aliases.get(name, name)
-        if source not in tensors:
-            raise ValueError(
-                f"{path / WEIGHTS_FILE} has no tensor {source!r}; the file is incomplete"
-            )
-        if source not in assigned:
-            assigned[source] = _assign(model, name, tensors[source], source in trainable)
-        else:
-            _place(model, name, assigned[source])
-    for name, param in model.named_parameters(remove_duplicate=False):
-        param.requires_grad_(name in trainable)
+    used = _assign_dense(model, tensors, meta, path / WEIGHTS_FILE)
+    for name, spec in meta["layers"].items():
+        used |= layer_names(name, spec, aliases)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(
+            f"{path / WEIGHTS_FILE} holds tensors the model does not have ({unused[:3]}); "
+            "the directory was altered, re-run lorq compress"
+        )
+    check_dense_dtypes(model, meta["layers"], path / WEIGHTS_FILE)
     set_model_meta(model, meta)
     model.__dict__[LOADED_FROM_ATTR] = str(path.resolve())
     return model.to(device).eval()
