@@ -118,3 +118,28 @@ def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F
 def test_calibration_is_validated_before_work():
     with pytest.raises(ValueError, match="seq_len=0"):
         Calibration("builtin", seq_len=0)
+
+
+def test_eval_finds_a_relative_source_from_anywhere_and_never_asks_the_hub(
+    tiny_dir,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from lorq.evaluate import evaluate_saved
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr("lorq.models.hub_reachable", no_hub)
+    monkeypatch.chdir(tiny_dir.parent)
+    config = lorq.CompressConfig(rank=2, quant="nf4")
+    lorq.save(lorq.compress_model(tiny_dir.name, config, eval_blocks=0), tmp_path / "m")
+    assert lorq_json(tmp_path / "m")["source"]["path"] == tiny_dir.name  # relative, as given
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recorded working directory resolves it
+    rows, missing = evaluate_saved(tmp_path / "m", eval_blocks=1)
+    assert missing is None and rows[0].label == "original"
+    meta = lorq_json(tmp_path / "m")
+    meta["source"]["cwd"] = str(tmp_path / "gone")  # the source moved away: no KL, no hub
+    (tmp_path / "m" / "lorq.json").write_text(json.dumps(meta))
+    rows, missing = evaluate_saved(tmp_path / "m", eval_blocks=1)
+    assert len(rows) == 1 and "not on this machine" in missing

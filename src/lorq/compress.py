@@ -29,7 +29,7 @@ from lorq.evaluate import Measurement, evaluation_blocks, evaluation_summary, me
 from lorq.fisher import estimate_fisher
 from lorq.io.native import set_model_meta
 from lorq.layers import LayerStep, relative_error, targets_of
-from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model
+from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, source_record
 from lorq.nn import QuantLoraLinear
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.pack import check_embeddings, pack_embeddings, round_factors
@@ -369,7 +369,7 @@ def _described(
     """``result`` with the tokenizer, the rows and the metadata of the whole job."""
     source = loaded.source
     metadata = {
-        "source": {"model": source.name, "path": source.path, "gguf_file": source.gguf_file},
+        "source": {**source_record(source)},
         **result.metadata,
         "evaluation": evaluation_summary(rows),
     }

@@ -88,6 +88,21 @@ def builtin_text(split: str) -> str:
 # ── local files ──────────────────────────────────────────────────────────────────────────────────
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 file; ValueError naming the file and line
+    that is not UTF-8."""
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}: line {number} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                    "save the file as UTF-8"
+                ) from None
+            yield number, line
+
+
 def _jsonl_text(path: Path, number: int, line: str) -> str:
     try:
         record = json.loads(line)
@@ -107,13 +122,8 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
 def read_jsonl(path: str | Path) -> str:
     """The ``text`` fields of a JSON-lines file joined by blank lines (blank lines are skipped)."""
     path = Path(path)
-    with path.open(encoding="utf-8") as lines:
-        texts = [
-            _jsonl_text(path, number, line)
-            for number, line in enumerate(lines, start=1)
-            if line.strip()
-        ]
-    return SEPARATOR.join(texts)
+    lines = numbered_lines(path)
+    return SEPARATOR.join(_jsonl_text(path, n, line) for n, line in lines if line.strip())
 
 
 def _read_file(source: str) -> str:
@@ -124,7 +134,9 @@ def _read_file(source: str) -> str:
         raise ValueError(
             f"text source {source!r} is not a .txt or .jsonl file; pass {_SOURCES_HELP}"
         )
-    return path.read_text(encoding="utf-8") if path.suffix == ".txt" else read_jsonl(path)
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    return "".join(line for _, line in numbered_lines(path))
 
 
 # ── Hugging Face datasets ────────────────────────────────────────────────────────────────────────

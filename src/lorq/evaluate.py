@@ -260,15 +260,15 @@ def evaluate_saved(
     """
     from lorq.io import load_with_tokenizer
     from lorq.io.native import model_meta
-    from lorq.models import load_model
+    from lorq.models import load_model, recorded_model
 
     model, tokenizer = load_with_tokenizer(path)
     blocks = evaluation_blocks(tokenizer, eval_blocks)
-    source = (model_meta(model).get("source") or {}).get("model")
+    source = recorded_model(model_meta(model).get("source") or {})
     original, missing = None, None
     if reference and source:
         try:
-            original = load_model(source, with_tokenizer=False, packed=True).model
+            original = load_model(source, with_tokenizer=False, packed=True, hub=False).model
         except (FileNotFoundError, ValueError) as err:
             missing = str(err)
     rows = []

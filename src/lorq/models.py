@@ -14,7 +14,9 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -56,6 +58,30 @@ class LoadedModel:
     source: ModelSource
 
 
+def source_record(source: ModelSource) -> dict[str, str | None]:
+    """What a saved model records of its source; ``cwd`` resolves a relative path later."""
+    record = {"model": source.name, "path": source.path, "gguf_file": source.gguf_file}
+    return {**record, "cwd": os.getcwd()}
+
+
+def recorded_model(record: dict) -> str | None:
+    """The model a :func:`source_record` names, as :func:`load_model` takes it: a built-in name,
+    a local path (a relative one resolved against the recorded ``cwd``) or a hub id; None when
+    the record names nothing usable."""
+    name = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if name in BUILTIN_MODELS:
+        return name
+    path = Path(str(record.get("path") or name)).expanduser()
+    if not path.is_absolute():
+        path = Path(str(record.get("cwd") or ".")) / path
+    gguf = record.get("gguf_file")
+    if path.exists():
+        return str(path / gguf) if gguf else str(path)
+    return name
+
+
 def builtin_path(name: str) -> Path:
     """Folder of a built-in model; FileNotFoundError naming the package to install if absent."""
     spec = BUILTIN_MODELS[name]
@@ -95,6 +121,8 @@ def resolve(name_or_path: str) -> ModelSource:
     return ModelSource(name_or_path, name_or_path)
 
 
+# what transformers and the gguf reader raise for a corrupted config, GGUF or weight file
+UNUSABLE = (ValueError, KeyError, TypeError, IndexError, struct.error, pickle.UnpicklingError)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -229,6 +257,7 @@ def load_model(
     with_tokenizer: bool = True,
     packed: bool = False,
     allow_pickle: bool = False,
+    hub: bool = True,
 ) -> LoadedModel:
     """Load a model (and its tokenizer) with transformers; causal LM when the config says so.
 
@@ -237,6 +266,7 @@ def load_model(
     layers (same logits, 6.4× less memory for them; ``lorq.io.gguf_model``); other sources load
     as usual. No code shipped with a model is run (``trust_remote_code=False``) and weights are
     read from safetensors only, unless ``allow_pickle`` (then torch's weights-only unpickler).
+    ``hub=False``: this machine's files and hub cache only, never the network.
     """
     source = resolve(name_or_path)
     check_no_pickle(source, allow_pickle)
@@ -250,6 +280,8 @@ def load_model(
         if Path(source.path).exists():
             reason = str(local_error).splitlines()[0]
             raise FileNotFoundError(f"model {name_or_path!r} is unusable ({reason})") from None
+        if not hub:
+            raise FileNotFoundError(f"model {name_or_path!r} is not on this machine") from None
         if not hub_reachable():
             raise FileNotFoundError(
                 f"model {name_or_path!r} was not found locally and the Hugging Face hub is "
@@ -275,8 +307,10 @@ def _unusable_as_value_error(name: str, load, local: bool):
         return load(local=local)
     except OSError:
         raise
-    except (ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as err:
+    except (*UNUSABLE, SafetensorError, RuntimeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "trust_remote_code" in str(err) or "custom code" in str(err):
             reason = "it needs its own Python code (auto_map), which lorq never runs"
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "its pickle holds more than tensors; the weights-only unpickler refused it"
         raise ValueError(f"model {name!r} is unusable: {reason}") from None

@@ -81,6 +81,13 @@ class FinetuneConfig(_Serializable):
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every!r} is not supported; allowed: ≥ 0")
         object.__setattr__(self, "trainable", tuple(self.trainable or ()))
+        for pattern in self.trainable:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"trainable={pattern!r} is not a valid regular expression ({err})"
+                ) from None
 
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig))

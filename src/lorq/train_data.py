@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorq.data import SEPARATOR, load_text, token_blocks
+from lorq.data import SEPARATOR, load_text, numbered_lines, token_blocks
 
 IGNORE = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
 KINDS = {"text": ("text",), "prompt": ("prompt", "completion"), "messages": ("messages",)}
@@ -53,18 +53,17 @@ def read_records(path: str | Path) -> tuple[str, list[tuple[int, dict[str, Any]]
     """The kind ("text" | "prompt" | "messages") and the (line number, record) pairs of a JSONL."""
     path = Path(path)
     kind, records = None, []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            line_kind, record = _record_kind(path, number, line)
-            if kind is not None and line_kind != kind:
-                raise ValueError(
-                    f"{path}: line {number} is a {line_kind!r} record but the file began with "
-                    f"{kind!r} records; use one kind per file"
-                )
-            kind = line_kind
-            records.append((number, record))
+    for number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        line_kind, record = _record_kind(path, number, line)
+        if kind is not None and line_kind != kind:
+            raise ValueError(
+                f"{path}: line {number} is a {line_kind!r} record but the file began with "
+                f"{kind!r} records; use one kind per file"
+            )
+        kind = line_kind
+        records.append((number, record))
     if kind is None:
         raise ValueError(f"{path} has no records; pass a JSONL file with one JSON object per line")
     return kind, records

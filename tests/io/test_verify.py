@@ -71,7 +71,9 @@ CASES = {
         "NaN",
     ),
     "infinite scale": (
-        dict(tensors=lambda w: w[CODES.replace("codes", "scales_super_scales")].fill_(float("inf"))),
+        dict(
+            tensors=lambda w: w[CODES.replace("codes", "scales_super_scales")].fill_(float("inf"))
+        ),
         "NaN or infinite",
     ),
     "fp16 embedding": (dict(tensors=lambda w: w.update({EMBED: w[EMBED].half()})), "mix dtypes"),

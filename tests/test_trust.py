@@ -1,0 +1,211 @@
+"""Bad input, as a new user and an adversary give it, to every verb.
+
+Oracle for every row: exit code 2, exactly one line that says ``error:`` and names the problem, no
+traceback, nothing new anywhere on disk (hidden files included) and every input byte-identical.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import run, tiny_dir  # noqa: F401  (the module-scoped fixture)
+
+from lorq.models import builtin_path
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file and folder under ``roots`` (hidden ones too) with its content's hash."""
+    seen = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs:
+                seen[os.path.join(folder, name)] = "dir"
+            for name in files:
+                path = os.path.join(folder, name)
+                seen[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_dir, tmp_path_factory):  # noqa: F811
+    """Broken, hostile and ordinary inputs beside a good lorq directory (``lorq``)."""
+    root = tmp_path_factory.mktemp("inputs")
+    result = run("compress", "--model", tiny_dir, "--rank", "2", "--eval-blocks", "1",
+                 "--no-baseline", "--out", root / "lorq")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _broken_models(tiny_dir, root)
+    _broken_lorq_dirs(root)
+    _files(root)
+    return root
+
+
+def _broken_models(tiny: Path, root: Path) -> None:
+    for name in ("trunc", "remote", "pickle", "badconfig", "evil"):
+        shutil.copytree(tiny, root / name)
+    weights = root / "trunc" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    config = json.loads((root / "remote" / "config.json").read_text())
+    config.update(model_type="mycustom", auto_map={"AutoConfig": "custom.MyConfig"})
+    (root / "remote" / "config.json").write_text(json.dumps(config))
+    (root / "remote" / "custom.py").write_text(f"open({str(root / 'RAN')!r}, 'w')\n")
+    state = {k: v.clone() for k, v in _tensors(root / "pickle" / "model.safetensors").items()}
+    torch.save(state, root / "pickle" / "pytorch_model.bin")
+    (root / "pickle" / "model.safetensors").unlink()
+    (root / "badconfig" / "config.json").write_text("[1, 2]")
+    (root / "evil" / "model.safetensors").unlink()
+    torch.save(
+        {"model.embed_tokens.weight": Evil(root / "RAN")}, root / "evil" / "pytorch_model.bin"
+    )
+    gguf = builtin_path("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with open(gguf, "rb") as source:
+        (root / "cut.gguf").write_bytes(source.read(4096))
+    (root / "fake.gguf").write_text("not a gguf")
+
+
+class Evil:
+    """Unpickling this runs ``open(path, "w")``: the file's existence proves code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _tensors(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _broken_lorq_dirs(root: Path) -> None:
+    from safetensors.torch import save_file
+
+    for name in ("lorq-list", "lorq-trunc", "lorq-nan"):
+        shutil.copytree(root / "lorq", root / name)
+    (root / "lorq-list" / "lorq.json").write_text("[]")
+    weights = root / "lorq-trunc" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    tensors = _tensors(root / "lorq-nan" / "model.safetensors")
+    factor = next(name for name in tensors if name.endswith("lora_B"))
+    tensors[factor] = torch.full_like(tensors[factor], float("nan"))
+    save_file(tensors, root / "lorq-nan" / "model.safetensors", metadata={"format": "pt"})
+
+
+def _files(root: Path) -> None:
+    (root / "notes.txt").write_text("my notes")
+    (root / "afile").write_text("a file, not a folder")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "keep.txt").write_text("mine")
+    (root / "list.json").write_text("[1]")
+    (root / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    (root / "list.jsonl").write_text("[1]\n")
+    (root / "orphan.png").write_bytes(b"\x89PNG not ours")
+
+
+COMPRESS = ["compress", "--model", "TINY", "--rank", "2", "--eval-blocks", "1", "--no-baseline"]
+CASES = [
+    # compress: the model
+    (["compress", "--model", "/no/such/model"], "not found"),
+    (["compress", "--model", "IN/trunc"], "unusable"),
+    (["compress", "--model", "IN/remote"], "own Python code"),
+    (["compress", "--model", "IN/pickle"], "--allow-pickle"),
+    (["compress", "--model", "IN/evil", "--allow-pickle"], "weights-only unpickler refused"),
+    (["compress", "--model", "IN/badconfig"], "JSON object"),
+    (["compress", "--model", "IN/cut.gguf"], "cut.gguf"),
+    (["compress", "--model", "IN/fake.gguf"], "fake.gguf"),
+    # compress: the settings, before any loading
+    ([*COMPRESS[:-3], "--rank", "100000"], "rank=100000 must be smaller"),
+    ([*COMPRESS, "--budget", "1.0"], "outside the feasible range"),
+    ([*COMPRESS, "--budget", "3", "--candidates", "nf4,zz"], "unknown quantization preset 'zz'"),
+    ([*COMPRESS, "--budget", "3", "--candidates", ","], "no candidate"),
+    ([*COMPRESS, "--quant", "nf5"], "nf5"),
+    ([*COMPRESS, "--method", "qa-lora", "--quant", "nf4"], "method='qa-lora'"),
+    ([*COMPRESS, "--embeddings", "q9"], "q9"),
+    ([*COMPRESS, "--factor-bits", "4"], "factor_bits=4"),
+    ([*COMPRESS, "--plan", "IN/list.json"], "not a valid lorq plan"),
+    ([*COMPRESS, "--plan", "IN/missing.json"], "not found"),
+    ([*COMPRESS, "--fisher", "--calibration", "IN/bad.jsonl"], "line 2 is not UTF-8"),
+    ([*COMPRESS, "--calibration", "IN/none.txt", "--fisher"], "not found"),
+    # compress: the output
+    ([*COMPRESS, "--out", "TINY", "--overwrite"], "input"),
+    ([*COMPRESS, "--out", "TINY/sub"], "input"),
+    ([*COMPRESS, "--out", "IN/afile/x"], "not a directory"),
+    ([*COMPRESS, "--out", "IN/notes.txt", "--overwrite"], "is a file"),
+    ([*COMPRESS, "--out", "IN/foreign", "--overwrite"], "not a lorq model directory"),
+    ([*COMPRESS, "--out", "IN/lorq"], "--overwrite"),
+    # plan
+    (["plan", "--budget", "1", "--model", "TINY"], "outside the feasible range"),
+    (["plan", "--budget", "3", "--model", "TINY", "--out", "IN/notes.txt"], "not a lorq plan"),
+    (["plan", "--budget", "3", "--model", "TINY", "--out", "IN/afile/p.json"], "not a directory"),
+    (["plan", "--budget", "3", "--model", "TINY", "--out", "IN/orphan.json"], "orphan.png"),
+    (["plan", "--budget", "3", "--model", "IN/pickle"], "pickle"),
+    (["plan", "--budget", "3", "--model", "TINY", "--rank", "9999"], "rank=9999"),
+    # eval, generate
+    (["eval", "/no/such/dir"], "not a lorq model directory"),
+    (["eval", "IN/lorq-list"], "not a lorq model description"),
+    (["eval", "IN/lorq-trunc"], "corrupted or truncated"),
+    (["eval", "TINY"], "not a lorq model directory"),
+    (["generate", "IN/lorq-nan", "--prompt", "hi"], "NaN"),
+    (["generate", "/no/such/dir", "--prompt", "hi"], "not a lorq model directory"),
+    # finetune
+    (["finetune", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
+    (["finetune", "IN/lorq", "--out", "IN/lorq/sub"], "input"),
+    (["finetune", "IN/lorq", "--trainable", "(", "--out", "o"], "regular expression"),
+    (["finetune", "IN/lorq", "--data", "IN/bad.jsonl", "--out", "o"], "line 2 is not UTF-8"),
+    (["finetune", "IN/lorq", "--data", "IN/list.jsonl", "--out", "o"], "not a training record"),
+    (["finetune", "IN/lorq", "--steps", "0", "--out", "o"], "steps=0"),
+    (["finetune", "IN/lorq", "--out", "IN/afile/x"], "not a directory"),
+    (["finetune", "IN/lorq", "--out", "IN/foreign", "--overwrite"], "not a lorq model"),
+    (["finetune", "IN/lorq-list", "--out", "o"], "not a lorq model description"),
+    # merge
+    (["merge", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
+    (["merge", "IN/lorq", "--out", "IN/foreign", "--overwrite"], "not a lorq export directory"),
+    (["merge", "IN/lorq", "--out", "o", "--dtype", "fp8"], "dtype='fp8'"),
+    (["merge", "IN/lorq-trunc", "--out", "o"], "corrupted or truncated"),
+    # export
+    (["export", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
+    (["export", "IN/lorq", "--format", "gguf", "--out", "IN/notes.txt", "--overwrite"], "GGUF"),
+    (["export", "IN/lorq", "--format", "onnx", "--out", "o"], "'onnx' is not supported"),
+    (["export", "IN/lorq", "--out", "IN/afile/x"], "not a directory"),
+    (["export", "IN/lorq-nan", "--out", "o"], "NaN"),
+    # reports
+    (["quantize-report", "--preset", "nf5"], "nf5"),
+    (["quantize-report", "--model", "IN/pickle"], "pickle"),
+]
+
+
+def _arg(arg: str, tiny: Path, root: Path) -> str:
+    return arg.replace("TINY", str(tiny)).replace("IN/", f"{root}/")
+
+
+@pytest.mark.parametrize(("args", "text"), CASES, ids=[" ".join(a[:4]) for a, _ in CASES])
+def test_bad_input(args, text, tiny_dir, inputs, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path, inputs, tiny_dir)
+    result = run(*[_arg(a, tiny_dir, inputs) for a in args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert text in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path, inputs, tiny_dir) == before  # nothing new, every input unchanged
+    assert not (inputs / "RAN").exists()  # the model's own code never ran
+
+
+def test_allow_pickle_loads_plain_tensors(tiny_dir, inputs, tmp_path):  # noqa: F811
+    args = ["compress", "--model", inputs / "pickle", "--allow-pickle", "--rank", "2",
+            "--eval-blocks", "1", "--no-baseline", "--out", tmp_path / "p"]  # fmt: skip
+    assert run(*args).exit_code == 0
+    args[2], args[-1] = tiny_dir, tmp_path / "s"  # the same weights from safetensors
+    assert run(*args[:3], *args[4:]).exit_code == 0
+    same = [(tmp_path / d / "model.safetensors").read_bytes() for d in "ps"]
+    assert same[0] == same[1]
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 40
