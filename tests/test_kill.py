@@ -149,3 +149,30 @@ def test_merge_and_export_killed_then_rerun(verb, reference, tmp_path):
     assert not out.exists() or (out / "config.json").exists() or (out / "base").exists()
     finish(*args, cwd=tmp_path)
     assert out.is_dir() and hidden(tmp_path, "o") == []
+
+
+def _small_disk(limit: int):
+    """In the child: files may not grow past ``limit`` bytes (a full disk, as write() sees it)."""
+
+    def limit_files() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_files
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "m"
+    args = [sys.executable, "-m", "lorq", *map(str, COMPRESS), "--model", tiny_dir, "--out", out]
+    result = subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+        preexec_fn=_small_disk(1_000_000),
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("error:") and "too large" in lines[-1].lower(), lines
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder, no lock
+    finish(*COMPRESS, "--model", tiny_dir, "--out", out, cwd=tmp_path)  # room again: it completes
+    assert weights(out) == weights(reference / "m")

@@ -162,6 +162,7 @@ CASES = [
     (["finetune", "IN/lorq", "--out", "IN/afile/x"], "not a directory"),
     (["finetune", "IN/lorq", "--out", "IN/foreign", "--overwrite"], "not a lorq model"),
     (["finetune", "IN/lorq-list", "--out", "o"], "not a lorq model description"),
+    (["finetune", "."], "not a lorq model directory"),
     # merge
     (["merge", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
     (["merge", "IN/lorq", "--out", "IN/foreign", "--overwrite"], "not a lorq export directory"),

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorq.cli.app import app, console, errors, user_errors
+from lorq.cli.app import app, check_room, console, errors, folder_nbytes, user_errors
 from lorq.export import export_targets
 
 PathArgument = Annotated[Path, typer.Argument(help="a lorq model directory")]
@@ -121,6 +121,7 @@ def finetune(
         out = out or default_finetune_out(path)
         check_finetune_out(out, overwrite, inputs=[path])
         model, tokenizer = load_with_tokenizer(path)
+        check_room(out, folder_nbytes(path))
         options = dict(resume=resume, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
         options["source"] = str(path)
         try:
@@ -156,7 +157,7 @@ def merge(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge s·B·A into the weights: a dense Hugging Face model, or for QA-LoRA a quantized one."""
-    from lorq.export.hf import torch_dtype
+    from lorq.export.hf import dense_nbytes, torch_dtype
     from lorq.io import load_with_tokenizer
     from lorq.merge import check_merge_out, merges_quantized
     from lorq.merge import merge as merge_model
@@ -164,7 +165,9 @@ def merge(
     with user_errors():
         torch_dtype(dtype)
         model, tokenizer = load_with_tokenizer(path)
-        check_merge_out(out, merges_quantized(model, dequantize), overwrite, inputs=[path])
+        quantized = merges_quantized(model, dequantize)
+        check_merge_out(out, quantized, overwrite, inputs=[path])
+        check_room(out, folder_nbytes(path) if quantized else dense_nbytes(model, dtype))
         result = merge_model(model, dequantize=dequantize, min_dtype=mins, tokenizer=tokenizer)
         result.save(out, dtype, overwrite)
     if result.quantized:
@@ -186,11 +189,14 @@ def export(
     / GPTQ."""
     from lorq.export import check_export
     from lorq.export import export as export_model
+    from lorq.export.hf import dense_nbytes
     from lorq.io import load_with_tokenizer
 
     with user_errors():
         check_export(out, format, dtype=dtype, overwrite=overwrite, inputs=(str(path),))
         model, tokenizer = load_with_tokenizer(path)
+        dense = format in ("peft", "hf")
+        check_room(out, dense_nbytes(model, dtype) if dense else folder_nbytes(path))
         exported = export_model(
             model, out, format, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
         )

@@ -116,6 +116,18 @@ def load_quietly(
     return loaded
 
 
+def folder_nbytes(path: Path) -> int:
+    """Bytes of the files in a folder (what a job reading it writes about as much of)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def check_room(out: Path, nbytes: int) -> None:
+    """``out``'s file system has room for ``nbytes`` (checked after loading, before writing)."""
+    from lorq.atomic import check_location
+
+    check_location(out, nbytes)
+
+
 def check_out_dir(out: Path, overwrite: bool, model: str) -> None:
     """Refuse an output path that is not a lorq directory, exists without --overwrite, is
     ``model``'s own folder or has no room for about the source's size."""

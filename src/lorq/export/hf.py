@@ -25,6 +25,7 @@ from lorq.atomic import atomic_directory, check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.io.native import input_paths, model_meta
 from lorq.nn import QuantEmbedding, QuantLinear, packed_linears, tied_packed_head
+from lorq.nn.quant_linear import PackedBuffers
 from lorq.surgery import set_module, shared_copy
 
 EXPORT_FILE = "lorq_export.json"
@@ -51,6 +52,15 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     if not layers:
         raise ValueError("the model has no lorq layers; pass a model written by lorq compress")
     return layers
+
+
+def dense_nbytes(model: nn.Module, dtype: str = "fp32") -> int:
+    """About the bytes of ``model`` written densely in ``dtype`` (an output's room to check)."""
+    item = torch_dtype(dtype).itemsize
+    packed = {id(t) for m in model.modules() if isinstance(m, PackedBuffers) for t in m.buffers()}
+    dense = sum(p.numel() for p in model.parameters() if id(p) not in packed)
+    shapes = [m.shape for m in model.modules() if isinstance(m, PackedBuffers)]
+    return item * (dense + sum(out * inp for out, inp in shapes))
 
 
 def dense_embeddings(model: nn.Module) -> nn.Module:
