@@ -127,9 +127,12 @@ ABSURD = """
 import json, sys, lorq
 path = sys.argv[1]
 data = json.load(open(path + "/lorq.json"))
-data["hf_config"].update(vocab_size=10**12, hidden_size=2**20, intermediate_size=2**22)
-for spec in data["layers"].values():
-    spec["shape"] = [2**30, 2**30]
+if sys.argv[2] == "layers":  # a million blocks of modules to build
+    data["hf_config"]["num_hidden_layers"] = 10**7
+else:  # terabytes of codes and embeddings
+    data["hf_config"].update(vocab_size=10**12, hidden_size=2**20, intermediate_size=2**22)
+    for spec in data["layers"].values():
+        spec["shape"] = [2**30, 2**30]
 json.dump(data, open(path + "/lorq.json", "w"))
 try:
     lorq.load(path)
@@ -138,10 +141,14 @@ except ValueError as err:
 """
 
 
-def test_absurd_sizes_are_refused_without_allocating_them(saved, tmp_path):
+@pytest.mark.parametrize("claim", ["sizes", "layers"])
+def test_absurd_sizes_are_refused_without_allocating_them(claim, saved, tmp_path):
     path = altered(saved, tmp_path)
     result = subprocess.run(
-        [sys.executable, "-c", ABSURD, str(path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", ABSURD, str(path), claim],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0 and result.stdout.startswith("refused:"), result.stderr
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3

@@ -14,6 +14,7 @@ safetensors checks the header against the bytes on disk.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +165,27 @@ def layer_names(name: str, spec: dict[str, Any], aliases: dict[str, str]) -> set
     return {aliases.get(n, n) for n in names}
 
 
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+BLOCK_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def check_layer_count(config: dict[str, Any] | None, header: Header, file: Path) -> None:
+    """The config's number of blocks is the number the file holds (a lorq.json claiming a million
+    blocks would otherwise build a million modules before failing)."""
+    indices = [int(m.group(1)) for name in header for m in [BLOCK_INDEX.search(name)] if m]
+    for key in LAYER_COUNT_KEYS:
+        claimed = (config or {}).get(key)
+        if isinstance(claimed, int) and indices and claimed != max(indices) + 1:
+            raise ValueError(
+                f"{file} holds {max(indices) + 1} blocks, lorq.json's config says {key}="
+                f"{claimed}; the directory was altered, re-run lorq compress"
+            )
+
+
 def check_header(meta: dict[str, Any], header: Header, file: Path) -> None:
     """Everything about ``file`` that lorq.json decides, before a tensor is read."""
     check_manifest(meta, header, file)
+    check_layer_count(meta.get("hf_config"), header, file)
     aliases = meta.get("aliases", {})
     for name, spec in meta["layers"].items():
         try:
