@@ -143,3 +143,29 @@ def test_eval_finds_a_relative_source_from_anywhere_and_never_asks_the_hub(
     (tmp_path / "m" / "lorq.json").write_text(json.dumps(meta))
     rows, missing = evaluate_saved(tmp_path / "m", eval_blocks=1)
     assert len(rows) == 1 and "not on this machine" in missing
+
+
+def test_a_resume_with_a_smaller_lr_trains_at_that_lr(tiny_dir, tmp_path):  # noqa: F811
+    """As after a NaN stop: the first run's checkpoint-2, continued to step 4 at a tenth of the
+    lr. Oracle: the optimizer state in checkpoint-4 has lr = new lr × the schedule's factor at
+    step 4, the factor computed by transformers' own scheduler."""
+    from transformers import AutoTokenizer, get_scheduler
+
+    config = lorq.CompressConfig(rank=2, quant="nf4")
+    lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    first = lorq.FinetuneConfig(
+        steps=2, seq_len=32, batch_size=2, save_every=2, eval_blocks=1, warmup=0.0
+    )
+    out, options = tmp_path / "ft", dict(keep_checkpoints=True, overwrite=True)
+    lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, first, out, **options)
+    second = replace(first, steps=6, lr=first.lr / 10)
+    result = lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, second, out, **options)
+    assert result.resumed_from.endswith("checkpoint-2")
+    state = torch.load(out.with_name("ft-checkpoints") / "checkpoint-4" / "optimizer.pt")
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = get_scheduler("cosine", dummy, num_warmup_steps=0, num_training_steps=6).lr_lambdas[0]
+    assert factor(4) > 0.1
+    assert state["param_groups"][0]["lr"] == pytest.approx(second.lr * factor(4), rel=1e-6)
+    changed = lorq_json(out)["finetune"]["changed_on_resume"]
+    assert changed == [{"steps": [2, 6], "lr": [first.lr, second.lr]}]

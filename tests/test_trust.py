@@ -85,9 +85,20 @@ def _tensors(path: Path):
 def _broken_lorq_dirs(root: Path) -> None:
     from safetensors.torch import save_file
 
-    for name in ("lorq-list", "lorq-trunc", "lorq-nan"):
+    for name in [*BROKEN, "lorq-copy"]:
         shutil.copytree(root / "lorq", root / name)
     (root / "lorq-list" / "lorq.json").write_text("[]")
+    (root / "lorq-nofile" / "model.safetensors").unlink()
+    (root / "lorq-nojson" / "lorq.json").unlink()
+    meta = json.loads((root / "lorq" / "lorq.json").read_text())
+    (root / "lorq-version" / "lorq.json").write_text(json.dumps({**meta, "format_version": 9}))
+    (root / "lorq-types" / "lorq.json").write_text(json.dumps({**meta, "trainable": "all"}))
+    tensors = _tensors(root / "lorq-int32" / "model.safetensors")
+    codes = next(name for name in tensors if name.endswith("q_codes"))
+    tensors[codes] = tensors[codes].int()
+    save_file(tensors, root / "lorq-int32" / "model.safetensors", metadata={"format": "pt"})
+    tensors = _tensors(root / "lorq-extra" / "model.safetensors")
+    save_file({**tensors, "evil": torch.zeros(2)}, root / "lorq-extra" / "model.safetensors")
     weights = root / "lorq-trunc" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     tensors = _tensors(root / "lorq-nan" / "model.safetensors")
@@ -180,11 +191,56 @@ CASES = [
 ]
 
 
+# every verb that reads a lorq directory × every way one is broken
+BROKEN = {
+    "lorq-list": "not a lorq model description",
+    "lorq-trunc": "corrupted or truncated",
+    "lorq-nan": "NaN",
+    "lorq-nofile": "not found",
+    "lorq-nojson": "not a lorq model directory",
+    "lorq-int32": "lorq.json says",
+    "lorq-extra": "not in lorq.json",
+    "lorq-version": "format_version 9",
+    "lorq-types": "wrong JSON type",
+}
+READERS = [["eval", "D"], ["generate", "D", "--prompt", "hi"], ["finetune", "D", "--out", "o"],
+           ["merge", "D", "--out", "o"], ["export", "D", "--out", "o"]]  # fmt: skip
+# every verb that writes × every bad output location: (args, its input, --overwrite, refusals)
+WRITERS = {
+    "compress": (COMPRESS, "TINY", True, ["not a lorq model directory"] * 2),
+    "finetune": (["finetune", "IN/lorq"], "IN/lorq", True, ["not a lorq model directory"] * 2),
+    "merge": (["merge", "IN/lorq"], "IN/lorq", True, ["not a lorq export directory"] * 2),
+    "export": (["export", "IN/lorq"], "IN/lorq", True, ["not a lorq export directory"] * 2),
+    "plan": (["plan", "--budget", "3", "--model", "TINY"], None, False,
+             ["not a lorq plan file", "is a directory"]),
+}  # fmt: skip
+
+
+def _outputs(args: list, source: str | None, overwrite: bool, refusals: list) -> list:
+    flag = ["--overwrite"] if overwrite else []
+    rows = [
+        ([*args, "--out", "IN/afile/x"], "not a directory"),
+        ([*args, "--out", "IN/notes.txt", *flag], refusals[0]),
+        ([*args, "--out", "IN/foreign", *flag], refusals[1]),
+    ]
+    return rows + ([([*args, "--out", f"{source}/o"], "input")] if source else [])
+
+
+CROSS = [([w if w != "D" else f"IN/{broken}" for w in verb], text)
+         for broken, text in BROKEN.items() for verb in READERS]  # fmt: skip
+CROSS += [row for writer in WRITERS.values() for row in _outputs(*writer)]
+CROSS += [(["finetune", "IN/lorq", "--out", "IN/lorq-copy"], "--overwrite"),
+          (["merge", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input")]  # fmt: skip
+
+
 def _arg(arg: str, tiny: Path, root: Path) -> str:
     return arg.replace("TINY", str(tiny)).replace("IN/", f"{root}/")
 
 
-@pytest.mark.parametrize(("args", "text"), CASES, ids=[" ".join(a[:4]) for a, _ in CASES])
+ALL = CASES + CROSS
+
+
+@pytest.mark.parametrize(("args", "text"), ALL, ids=[" ".join(a[:4]) for a, _ in ALL])
 def test_bad_input(args, text, tiny_dir, inputs, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path, inputs, tiny_dir)
@@ -209,4 +265,4 @@ def test_allow_pickle_loads_plain_tensors(tiny_dir, inputs, tmp_path):  # noqa: 
 
 
 def test_the_table_is_long_enough():
-    assert len(CASES) >= 40
+    assert len(ALL) >= 100 and all(sum(v in a for a, _ in ALL) >= 4 for v in WRITERS)
