@@ -169,3 +169,31 @@ def test_a_resume_with_a_smaller_lr_trains_at_that_lr(tiny_dir, tmp_path):  # no
     assert state["param_groups"][0]["lr"] == pytest.approx(second.lr * factor(4), rel=1e-6)
     changed = lorq_json(out)["finetune"]["changed_on_resume"]
     assert changed == [{"steps": [2, 6], "lr": [first.lr, second.lr]}]
+
+
+class _Evil:
+    """Unpickling this runs ``open(path, "w")``: the file's existence proves code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("file", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_hostile_checkpoint_file_is_refused_without_running(file, tiny_dir, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    config = lorq.CompressConfig(rank=2, quant="nf4")
+    lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    train = lorq.FinetuneConfig(steps=2, seq_len=32, batch_size=2, save_every=2, eval_blocks=1)
+    out, options = tmp_path / "ft", dict(keep_checkpoints=True, overwrite=True)
+    lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, **options)
+    checkpoint = out.with_name("ft-checkpoints") / "checkpoint-2"
+    torch.save({"state": _Evil(tmp_path / "RAN")}, checkpoint / file)
+    more = replace(train, steps=4)
+    with pytest.raises(ValueError, match="checkpoint-2 holds a file that is corrupted or more"):
+        lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, more, out, **options)
+    assert not (tmp_path / "RAN").exists()

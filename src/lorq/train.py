@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -322,6 +323,22 @@ def last_checkpoint(checkpoints: Path) -> str | None:
     return str(max(whole, key=step)) if whole else None
 
 
+def _train(trainer, resumed: str | None) -> None:
+    """``trainer.train``; a checkpoint whose optimizer, scheduler or RNG file is more than plain
+    tensors (refused by torch's weights-only unpickler) or corrupted is one ValueError."""
+    try:
+        trainer.train(resume_from_checkpoint=resumed)
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        unreadable = isinstance(err, pickle.UnpicklingError) or "PytorchStreamReader" in str(err)
+        if resumed is None or not unreadable:
+            raise
+        reason = str(err).splitlines()[0]
+        raise ValueError(
+            f"{resumed} holds a file that is corrupted or more than plain tensors ({reason}); "
+            "delete that checkpoint, or pass resume=False to start again"
+        ) from None
+
+
 def finetune(
     model: nn.Module,
     tokenizer: Any,
@@ -357,7 +374,7 @@ def finetune(
     )
     trainer.remove_callback(PrinterCallback)  # lorq reports through ``monitor``
     trainer.evaluate()
-    trainer.train(resume_from_checkpoint=resumed)
+    _train(trainer, resumed)
     result.steps, result.resumed_from = trainer.state.global_step, resumed
     if "nonfinite" in state:
         good = last_checkpoint(checkpoints)
