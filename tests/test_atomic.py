@@ -173,3 +173,13 @@ def test_the_exchange_keeps_both_sides(tmp_path):
     (b / "x").write_text("old")
     _swap_in(a, b)
     assert (b / "x").read_text() == "new" and not a.exists()
+
+
+def test_an_output_beside_a_gguf_source_is_allowed_its_folder_is_not(tmp_path):
+    from lorq.models import ModelSource, local_files
+
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    inputs = local_files(ModelSource("x.gguf", str(tmp_path), "x.gguf"))
+    check_output(tmp_path / "x-lorq", False, is_ours, "test", inputs=inputs)
+    with pytest.raises(ValueError, match="input"):
+        check_output(tmp_path, True, lambda p: True, "test", inputs=inputs)

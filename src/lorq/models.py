@@ -205,8 +205,14 @@ def _packed_gguf(source: ModelSource, config) -> Path | None:
     return path if path.is_file() else None
 
 
+def local_files(source: ModelSource) -> list[str]:
+    """What of ``source`` is on this machine: its GGUF file, or its folder (a job's inputs)."""
+    path = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+    return [str(path)] if path.exists() else []
+
+
 @functools.lru_cache(maxsize=4)
-def _cached_config(source: ModelSource, local: bool):
+def _cached_config(source: ModelSource, local: bool, version: int):
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
@@ -216,9 +222,13 @@ def _cached_config(source: ModelSource, local: bool):
 
 
 def source_config(source: ModelSource, local: bool = True):
-    """transformers' config of ``source`` (a copy; a GGUF's metadata is parsed once per process:
-    checking a job before it loads the model costs no second parse)."""
-    return copy.deepcopy(_cached_config(source, local))
+    """transformers' config of ``source`` (a copy; a GGUF's metadata is parsed once per process
+    and file version: checking a job before it loads the model costs no second parse)."""
+    files = [Path(f) for f in local_files(source)]
+    config_file = files[0] / "config.json" if files and files[0].is_dir() else None
+    stamp = [f for f in [*files, config_file] if f is not None and f.is_file()]
+    version = stamp[0].stat().st_mtime_ns if stamp else 0
+    return copy.deepcopy(_cached_config(source, local, version))
 
 
 def _from_pretrained(

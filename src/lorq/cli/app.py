@@ -133,9 +133,8 @@ def check_out_dir(out: Path, overwrite: bool, model: str) -> None:
     ``model``'s own folder or has no room for about the source's size."""
     from lorq.atomic import check_output
     from lorq.io.native import is_lorq_dir
-    from lorq.models import resolve, source_nbytes
+    from lorq.models import local_files, resolve, source_nbytes
 
     source = resolve(model)
-    inputs = [source.path] if Path(source.path).exists() else []
-    nbytes = source_nbytes(source)
+    inputs, nbytes = local_files(source), source_nbytes(source)
     check_output(out, overwrite, is_lorq_dir, "lorq model", inputs=inputs, nbytes=nbytes)
