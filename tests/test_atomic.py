@@ -28,6 +28,7 @@ def is_ours(path: Path) -> bool:
 def write(path: Path, text: str, overwrite: bool = True) -> None:
     with atomic_directory(path, overwrite, is_ours, "test") as tmp:
         (tmp / "ours").write_text(text)
+        (tmp / "ours").chmod(0o600)  # as safetensors creates its files
 
 
 def test_replacing_swaps_whole_directories_and_leaves_nothing_beside(tmp_path):
@@ -120,6 +121,7 @@ def test_outputs_get_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "ours").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
 
 

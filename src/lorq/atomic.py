@@ -188,6 +188,16 @@ def _umask() -> int:
     return mask
 
 
+def _apply_umask(folder: Path) -> None:
+    """Folders and files under ``folder`` get the modes the user's umask gives (temporary folders
+    and some writers, e.g. safetensors, create them private)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` atomically (Linux renameat2); False where the system cannot."""
     try:
@@ -246,7 +256,7 @@ def atomic_directory(
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_hidden(path, "tmp")))
         try:
             yield tmp
-            tmp.chmod(0o777 & ~_umask())
+            _apply_umask(tmp)
             _swap_in(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
