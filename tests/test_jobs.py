@@ -197,3 +197,29 @@ def test_a_hostile_checkpoint_file_is_refused_without_running(file, tiny_dir, tm
     with pytest.raises(ValueError, match="checkpoint-2 holds a file that is corrupted or more"):
         lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, more, out, **options)
     assert not (tmp_path / "RAN").exists()
+
+
+def test_a_second_finetune_into_the_same_output_is_refused(tiny_dir, tmp_path):  # noqa: F811
+    import threading
+
+    from lorq.atomic import exclusive
+
+    config = lorq.CompressConfig(rank=2, quant="nf4")
+    lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
+    held, release = threading.Event(), threading.Event()
+
+    def first_job():  # stands for a fine-tune running in another process
+        with exclusive(tmp_path / "ft"):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=first_job)
+    thread.start()
+    held.wait(30)
+    try:
+        with pytest.raises(ValueError, match="being written by another lorq process"):
+            lorq.finetune(lorq.load(tmp_path / "m"), None, lorq.FinetuneConfig(), tmp_path / "ft")
+    finally:
+        release.set()
+        thread.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no checkpoints, no lock left

@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -145,21 +146,31 @@ def _try_lock(lock: Path) -> int | None:
     return fd
 
 
+_HELD: set[tuple[str, int]] = set()  # (lock, thread) pairs this process holds: re-entered freely
+
+
 @contextlib.contextmanager
 def output_lock(path: Path) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``path`` (ValueError when another process writes ``path``);
-    leftovers of killed writes are recovered or removed first."""
+    """Hold ``.NAME.lock`` beside ``path`` (ValueError when another process or thread writes
+    ``path``); leftovers of killed writes are recovered or removed first. Re-entrant: a job
+    holding its output's lock (fine-tuning) saves under it."""
     lock = path.parent / (_hidden(path, "lock")[:-1])
+    key = (str(lock.absolute()), threading.get_ident())
+    if key in _HELD:
+        yield
+        return
     fd = _try_lock(lock)
     if fd is None:
         raise ValueError(
             f"{path} is being written by another lorq process; wait for it or choose another output"
         )
+    _HELD.add(key)
     try:
         _recover(path)
         _clean_leftovers(path)
         yield
     finally:
+        _HELD.discard(key)
         lock.unlink(missing_ok=True)
         os.close(fd)
 
@@ -229,8 +240,10 @@ def _swap_in(tmp: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path, check: Callable[[], None]) -> Iterator[None]:
-    """Checks, parents and the lock around one write of ``path``; new parents go on failure."""
+def exclusive(path: str | Path, check: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """``check()``, the missing parents and the lock around a job writing ``path``; the new
+    parents are removed again when it fails."""
+    path = Path(path)
     check()
     created = _make_parents(path)
     try:
@@ -252,7 +265,7 @@ def atomic_directory(
 ) -> Iterator[Path]:
     """Yield a temporary folder; on success it becomes ``path`` (see the module docstring)."""
     path, inputs = Path(path), tuple(inputs)
-    with _writing(path, lambda: check_output(path, overwrite, is_ours, kind, inputs=inputs)):
+    with exclusive(path, lambda: check_output(path, overwrite, is_ours, kind, inputs=inputs)):
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_hidden(path, "tmp")))
         try:
             yield tmp
@@ -270,7 +283,7 @@ def atomic_file(
     (an existing file only when ``is_ours`` recognises it, if given)."""
     path = Path(path)
     check = lambda: check_output(path, overwrite, is_ours, kind, directory=False)  # noqa: E731
-    with _writing(path, check):
+    with exclusive(path, check):
         handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=_hidden(path, "tmp"))
         os.close(handle)
         try:

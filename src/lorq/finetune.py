@@ -12,6 +12,7 @@ carries the source model's provenance plus the fine-tuning's config, result and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from lorq.atomic import check_not_input, check_output
+from lorq.atomic import check_not_input, check_output, exclusive
 from lorq.io.native import input_paths, is_lorq_dir, save
 from lorq.train import FinetuneConfig, FinetuneResult, Monitor, finetune
 
@@ -130,19 +131,21 @@ def finetune_model(
     ``source``: where ``model`` was loaded from, recorded in the saved provenance.
     """
     out = Path(out)
-    check_finetune_out(out, overwrite, input_paths(model))
-    checkpoints, changes = prepare_checkpoints(out, config, resume)
-    try:
-        result = finetune(model, tokenizer, config, checkpoints, resume, monitor)
-    except BaseException:
-        if not any(checkpoints.glob("checkpoint-*")):  # nothing to resume from: no trace
+    check = lambda: check_finetune_out(out, overwrite, input_paths(model))  # noqa: E731
+    # one fine-tune per output (and its checkpoints) at a time; the other ranks only train
+    with exclusive(out, check) if is_main_process() else contextlib.nullcontext():
+        checkpoints, changes = prepare_checkpoints(out, config, resume)
+        try:
+            result = finetune(model, tokenizer, config, checkpoints, resume, monitor)
+        except BaseException:
+            if not any(checkpoints.glob("checkpoint-*")):  # nothing to resume from: no trace
+                shutil.rmtree(checkpoints, ignore_errors=True)
+            raise
+        if not is_main_process():
+            return result
+        record = {"config": config.to_dict(), "result": result.to_dict(), "from": source}
+        record["changed_on_resume"] = changes
+        save(model, out, tokenizer, {"finetune": record}, overwrite)
+        if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
-        raise
-    if not is_main_process():
-        return result
-    record = {"config": config.to_dict(), "result": result.to_dict(), "from": source}
-    record["changed_on_resume"] = changes
-    save(model, out, tokenizer, {"finetune": record}, overwrite)
-    if not keep_checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)
     return result
