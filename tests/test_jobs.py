@@ -99,16 +99,21 @@ def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F
     lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
     train = lorq.FinetuneConfig(steps=2, seq_len=32, batch_size=2, save_every=1, trainable=[])
     out = tmp_path / "ft"
+    folder, _ = prepare_checkpoints(out, train, resume=True)
+    with_trainable = replace(train, trainable=("norm",))
+    prepare_checkpoints(out, with_trainable, resume=True)  # no checkpoint yet: a fresh start
     prepare_checkpoints(out, train, resume=True)
+    (folder / "checkpoint-1").mkdir()  # from here on there is something to resume
     _, changes = prepare_checkpoints(out, train, resume=True)  # a list read back is the same
     assert changes == []
     with pytest.raises(ValueError, match="other trainable"):
-        prepare_checkpoints(out, replace(train, trainable=("norm",)), resume=True)
+        prepare_checkpoints(out, with_trainable, resume=True)
     smaller = replace(train, lr=1e-5)  # e.g. after a NaN stop: allowed and recorded
     assert prepare_checkpoints(out, smaller, resume=True)[1] == [{"lr": [2e-4, 1e-5]}]
     assert prepare_checkpoints(out, train, resume=True)[1][-1] == {"lr": [1e-5, 2e-4]}
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    result = lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, source="m")
+    with pytest.warns(UserWarning, match="checkpoint-1 is incomplete"):  # it has no marker
+        result = lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, source="m")
     assert result.steps == 2 and not checkpoint_dir(out).exists()
     meta = lorq_json(out)
     assert meta["finetune"]["from"] == "m" and meta["compress"]["quant"] == "nf4"

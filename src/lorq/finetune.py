@@ -84,7 +84,7 @@ def prepare_checkpoints(out: Path, config: FinetuneConfig, resume: bool) -> tupl
             f"{folder} exists and is not a lorq checkpoint folder; choose another output"
         )
     settings, changes = _settings(config), []
-    if folder.exists() and resume:
+    if folder.exists() and resume and any(folder.glob("checkpoint-*")):
         record = _read_marker(marker)
         changes = list(record.get("changes", []))
         changed = resume_changes(record["settings"], settings)
