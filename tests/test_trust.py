@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Hostile
 from test_cli import run, tiny_dir  # noqa: F401  (the module-scoped fixture)
 
 from lorq.models import builtin_path
@@ -58,22 +59,12 @@ def _broken_models(tiny: Path, root: Path) -> None:
     (root / "badconfig" / "config.json").write_text("[1, 2]")
     (root / "evil" / "model.safetensors").unlink()
     torch.save(
-        {"model.embed_tokens.weight": Evil(root / "RAN")}, root / "evil" / "pytorch_model.bin"
+        {"model.embed_tokens.weight": Hostile(root / "RAN")}, root / "evil" / "pytorch_model.bin"
     )
     gguf = builtin_path("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with open(gguf, "rb") as source:
         (root / "cut.gguf").write_bytes(source.read(4096))
     (root / "fake.gguf").write_text("not a gguf")
-
-
-class Evil:
-    """Unpickling this runs ``open(path, "w")``: the file's existence proves code ran."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def _tensors(path: Path):
@@ -266,3 +257,17 @@ def test_allow_pickle_loads_plain_tensors(tiny_dir, inputs, tmp_path):  # noqa: 
 
 def test_the_table_is_long_enough():
     assert len(ALL) >= 100 and all(sum(v in a for a, _ in ALL) >= 4 for v in WRITERS)
+
+
+@pytest.mark.parametrize("writer", ["export_peft", "save_merged"])
+def test_the_export_writers_never_replace_the_model_folder(writer, inputs, tmp_path):
+    import lorq
+    from lorq.export import hf, peft
+
+    folder = tmp_path / "lorq"
+    shutil.copytree(inputs / "lorq", folder)
+    before = snapshot(folder)
+    write = {"export_peft": peft.export_peft, "save_merged": hf.save_merged}[writer]
+    with pytest.raises(ValueError, match="input"):
+        write(lorq.load(folder), folder / "o", overwrite=True)
+    assert snapshot(folder) == before

@@ -170,10 +170,16 @@ def save_hf(
     """Write a dense ``model`` as a standard Hugging Face model directory, atomically."""
     target = torch_dtype(dtype)
     kind = {"kind": "merged", "dtype": dtype, "source": model_meta(model).get("source")}
-    inputs = input_paths(model)
-    with atomic_directory(path, overwrite, is_export_dir, "lorq export", inputs) as tmp:
+    with export_directory(model, path, overwrite) as tmp:
         write_hf_model(model, tmp, target, tokenizer, kind)
     return Path(path)
+
+
+def export_directory(model: nn.Module, path: str | Path, overwrite: bool):
+    """The atomic temporary folder an export of ``model`` into ``path`` is written in: replaces
+    only a lorq export, never the folder ``model`` was loaded from."""
+    inputs = input_paths(model)
+    return atomic_directory(path, overwrite, is_export_dir, "lorq export", inputs)
 
 
 def check_export_dir(out: Path, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:

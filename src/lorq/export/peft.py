@@ -23,12 +23,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorq.atomic import atomic_directory
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.export.hf import (
     check_export_dir,
     dense_model,
-    is_export_dir,
+    export_directory,
     quant_layers,
     torch_dtype,
     write_hf_model,
@@ -133,7 +132,7 @@ def export_peft(
     conv1d = any(isinstance(m, Conv1D) for m in base.modules())
     config = adapter_config(model, str((path / "base").resolve()), conv1d)
     marker = {"kind": "peft", "dtype": dtype, "source": model_meta(model).get("source")}
-    with atomic_directory(path, overwrite, is_export_dir, "lorq export") as tmp:
+    with export_directory(model, path, overwrite) as tmp:
         write_hf_model(base, tmp / "base", target, tokenizer)
         (tmp / "adapter").mkdir()
         save_file(adapter_tensors(model, target), tmp / "adapter" / ADAPTER_WEIGHTS)
