@@ -115,3 +115,13 @@ def tied_llama():
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
+
+
+class Hostile:
+    """Unpickling this runs ``open(path, "w")``: the file's existence proves the code ran."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import Hostile
 from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (the module-scoped fixture)
 
 import lorq
@@ -176,16 +177,6 @@ def test_a_resume_with_a_smaller_lr_trains_at_that_lr(tiny_dir, tmp_path):  # no
     assert changed == [{"steps": [2, 6], "lr": [first.lr, second.lr]}]
 
 
-class _Evil:
-    """Unpickling this runs ``open(path, "w")``: the file's existence proves code ran."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 @pytest.mark.parametrize("file", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
 def test_a_hostile_checkpoint_file_is_refused_without_running(file, tiny_dir, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
@@ -197,7 +188,7 @@ def test_a_hostile_checkpoint_file_is_refused_without_running(file, tiny_dir, tm
     out, options = tmp_path / "ft", dict(keep_checkpoints=True, overwrite=True)
     lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, train, out, **options)
     checkpoint = out.with_name("ft-checkpoints") / "checkpoint-2"
-    torch.save({"state": _Evil(tmp_path / "RAN")}, checkpoint / file)
+    torch.save({"state": Hostile(tmp_path / "RAN")}, checkpoint / file)
     more = replace(train, steps=4)
     with pytest.raises(ValueError, match="checkpoint-2 holds a file that is corrupted or more"):
         lorq.finetune(lorq.load(tmp_path / "m"), tokenizer, more, out, **options)

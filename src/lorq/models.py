@@ -8,6 +8,7 @@ Built-in models ship inside PyPI packages, so the default job never touches the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -17,6 +18,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -284,7 +286,8 @@ def load_model(
         _from_pretrained, source, dtype, with_tokenizer, packed=packed, allow_pickle=allow_pickle
     )
     try:
-        model, tokenizer = _unusable_as_value_error(name_or_path, load, local=True)
+        with unusable_as_value_error(name_or_path):
+            model, tokenizer = load(local=True)
     except OSError as local_error:
         builtin = f"built-in models: {', '.join(BUILTIN_MODELS)}"
         if Path(source.path).exists():
@@ -298,7 +301,8 @@ def load_model(
                 f"unreachable; pass a local folder or .gguf file, or one of the {builtin}"
             ) from None
         try:
-            model, tokenizer = _unusable_as_value_error(name_or_path, load, local=False)
+            with unusable_as_value_error(name_or_path):
+                model, tokenizer = load(local=False)
         except OSError as err:
             raise FileNotFoundError(
                 f"model {name_or_path!r} could not be loaded from the Hugging Face hub "
@@ -308,13 +312,15 @@ def load_model(
     return LoadedModel(model, tokenizer, source)
 
 
-def _unusable_as_value_error(name: str, load, local: bool):
-    """``load(local=…)``, with what transformers raises for a corrupted or foreign model (bad
-    JSON, truncated safetensors, custom code) turned into one ValueError naming ``name``."""
+@contextlib.contextmanager
+def unusable_as_value_error(name: str) -> Iterator[None]:
+    """What transformers and the gguf reader raise for a corrupted or foreign model (bad JSON,
+    a truncated GGUF or safetensors file, custom code, a hostile pickle) as one ValueError naming
+    ``name``; an OSError (not found) passes through."""
     from safetensors import SafetensorError
 
     try:
-        return load(local=local)
+        yield
     except OSError:
         raise
     except (*UNUSABLE, SafetensorError, RuntimeError) as err:

@@ -20,7 +20,14 @@ from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget
 from lorq.config import CompressConfig
 from lorq.layers import targets_of
-from lorq.models import UNUSABLE, ModelSource, check_no_pickle, is_causal, resolve, source_config
+from lorq.models import (
+    ModelSource,
+    check_no_pickle,
+    is_causal,
+    resolve,
+    source_config,
+    unusable_as_value_error,
+)
 from lorq.pack import check_embeddings
 from lorq.quant import QuantConfig, format_of
 from lorq.surgery import weight_shape
@@ -34,11 +41,10 @@ def skeleton(source: ModelSource) -> nn.Module | None:
     from transformers import AutoModel, AutoModelForCausalLM
 
     try:
-        config = source_config(source)
+        with unusable_as_value_error(source.name):
+            config = source_config(source)
     except OSError:
         return None
-    except UNUSABLE as err:
-        raise ValueError(f"model {source.name!r} is unusable: {err}") from None
     auto = AutoModelForCausalLM if source.gguf_file or is_causal(config) else AutoModel
     with torch.device("meta"):
         return auto.from_config(config)
