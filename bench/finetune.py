@@ -1,6 +1,6 @@
-"""Fine-tuning after compression on SmolLM2: plain NF (the QLoRA-style baseline), LoftQ and
-LQ-LoRA + Fisher at the same bit budget, each fine-tuned the same steps on the built-in training
-text, beside full fp32 fine-tuning's memory.
+"""Fine-tuning after compression on SmolLM2: plain NF (the QLoRA-style baseline), LoftQ,
+LQ-LoRA + Fisher and activation-aware LQ-LoRA (lorq's default) at the same bit budget, each
+fine-tuned the same steps on the built-in training text, beside full fp32 fine-tuning's memory.
 
 Every stage runs in its own process, so each peak RSS (``ru_maxrss``) is that stage's alone:
 
@@ -11,6 +11,7 @@ Every stage runs in its own process, so each peak RSS (``ru_maxrss``) is that st
 
     python bench/finetune.py                  # the real run (budget 2.75, 40 steps)
     python bench/finetune.py --quick          # a smoke test (3 steps, 2 evaluation blocks)
+    python bench/finetune.py --only "LQ-LoRA + act"   # one method; the other rows are kept
 
 Writes bench/results/finetune.json and bench/results/finetune.png (loss curves).
 """
@@ -34,7 +35,8 @@ RESULTS = ROOT / "results"
 METHODS = {
     "plain NF": dict(method="plain"),
     "LoftQ": dict(method="loftq"),
-    "LQ-LoRA + Fisher": dict(method="lq", fisher=True),
+    "LQ-LoRA + Fisher": dict(method="lq", weighting="fisher"),
+    "LQ-LoRA + act": dict(method="lq", weighting="activations"),
 }
 
 
@@ -55,7 +57,7 @@ def stage_compress(args, work: Path, name: str) -> dict:
         budget=args.budget, candidates=args.candidates, rank=args.rank, **settings
     )
     calibration = None
-    if config.fisher:
+    if config.fisher or config.activations:
         text = TextConfig(seq_len=128, max_blocks=args.fisher_blocks)
         calibration = load_blocks(loaded.tokenizer, text, "calibration")
     start = time.perf_counter()
@@ -190,6 +192,9 @@ def parse(argv: list[str] | None = None):
         help="activation checkpointing in both lorq's and the full fine-tuning",
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(METHODS), help="run these methods, keep the other rows"
+    )
     parser.add_argument("--low-memory", action="store_true", help="pin glibc's mmap threshold")
     for hidden in ("--stage", "--method", "--work", "--result"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -207,9 +212,13 @@ def main() -> None:
         work = Path(tmp)
         rows = {
             name: {stage: run_stage(stage, name, work, argv) for stage in ("compress", "train")}
-            for name in METHODS
+            for name in args.only or METHODS
         }
-        full = run_stage("full", "full", work, argv)
+        full = None if args.only else run_stage("full", "full", work, argv)
+    kept = RESULTS / "finetune.json"
+    if args.only and kept.exists():  # the other methods' rows and the full run of a real run
+        old = json.loads(kept.read_text())
+        rows, full = {**old["rows"], **rows}, old["full"]
     print(table(rows, full))
     RESULTS.mkdir(exist_ok=True)
     settings = {

@@ -66,7 +66,9 @@ def gguf_round_trip(model, loaded, blocks, original, work: Path) -> dict:
 def run_base(label, quant, gptq, gguf_codes, loaded, blocks, args, work: Path) -> dict:
     original, tokenizer = loaded.model, loaded.tokenizer
     model = shared_copy(original)
-    config = lorq.CompressConfig(method="qa-lora", quant=quant, gptq=gptq, rank=args.rank)
+    config = lorq.CompressConfig(
+        method="qa-lora", quant=quant, rounding="gptq" if gptq else "nearest", rank=args.rank
+    )
     calibration = base = None
     if gptq:
         text = TextConfig(seq_len=128, max_blocks=args.calibration_blocks)

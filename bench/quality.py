@@ -3,7 +3,12 @@ original, per method and bit budget, beside bitsandbytes NF4, in one run.
 
 Methods at every bit budget (bits/param of the quantized part, chosen per matrix by the ILP):
 plain NF, LoftQ (r=16), LQ-LoRA (r=16), LQ-LoRA + Fisher (r=16; causal LMs only, the Fisher needs
-a next-token loss). One cost table per method serves every budget (``plan_budgets_for``).
+a next-token loss), and the activation-aware ones (docs/algorithms.md §2.6: output-error costs and
+decomposition): LoftQ + act, LQ-LoRA + act, LQ-LoRA + act + Fisher (Fisher row weights), and the
+GPTQ-rounded ones: plain GPTQ (output-error plan), LQ-LoRA + act, GPTQ; and LQ-LoRA + act, Fisher
+plan (Fisher costs in the ILP, output-error decompositions). One cost table per method
+serves every budget (``plan_budgets_for``); ``--iters`` sets the iterations of the GPTQ-rounded
+decompositions.
 References: bitsandbytes NF4 (fp32 absmax, 4.5 bits) and NF4 with double quantization (QLoRA's
 4.127 bits), applied by quantize_4bit / dequantize_4bit to every target weight of a copy.
 
@@ -35,18 +40,39 @@ from lorq.config import CompressConfig
 from lorq.data import TextConfig, load_blocks
 from lorq.evaluate import compressed_bits, evaluate_model
 from lorq.fisher import estimate_fisher
+from lorq.hessian import estimate_hessians
 from lorq.models import load_model
 from lorq.surgery import find_targets, set_module, shared_copy
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
+ACT = dict(weighting="activations")  # output-error decomposition and costs (algorithms.md §2.6)
+GPTQ = dict(weighting="activations", rounding="gptq")
 METHODS = {
     "plain NF": dict(method="plain"),
     "LoftQ": dict(method="loftq", rank=16),
     "LQ-LoRA": dict(method="lq", rank=16),
-    "LQ-LoRA + Fisher": dict(method="lq", rank=16, fisher=True),
+    "LQ-LoRA + Fisher": dict(method="lq", rank=16, weighting="fisher"),
+    "plain GPTQ": dict(method="plain", **GPTQ),
+    "LoftQ + act": dict(method="loftq", rank=16, **ACT),
+    "LQ-LoRA + act": dict(method="lq", rank=16, **ACT),
+    "LQ-LoRA + act + Fisher": dict(method="lq", rank=16, weighting="both"),
+    "LQ-LoRA + act, GPTQ": dict(method="lq", rank=16, **GPTQ),
+    "LQ-LoRA + act, Fisher plan": dict(method="lq", rank=16, plan_weighting="fisher", **ACT),
 }
-ORDER = ("LQ-LoRA + Fisher", "LQ-LoRA", "plain NF", "LoftQ")  # most important first
+# most important first
+ORDER = (
+    "LQ-LoRA + act, Fisher plan",
+    "LQ-LoRA + act",
+    "LQ-LoRA + act + Fisher",
+    "plain GPTQ",
+    "LoftQ + act",
+    "LQ-LoRA + act, GPTQ",
+    "LQ-LoRA + Fisher",
+    "LQ-LoRA",
+    "plain NF",
+    "LoftQ",
+)
 BUDGETS = [2.5, 2.75, 3.0, 3.25, 3.5, 4.127]
 
 
@@ -195,7 +221,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     parser.add_argument("--methods", nargs="+", default=list(ORDER), choices=list(METHODS))
     parser.add_argument("--eval-blocks", type=int, default=8)
-    parser.add_argument("--fisher-blocks", type=int, default=64)
+    parser.add_argument("--fisher-blocks", type=int, default=64, help="calibration sequences")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="iterations of the GPTQ-rounded decompositions"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke test: 2 eval/4 Fisher blocks, layer 0 only"
     )
@@ -213,7 +242,9 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.eval_blocks, args.fisher_blocks = 2, 4
     if args.model != "smollm2":  # an encoder: no next-token loss for the Fisher, no CLI job
-        args.methods = [m for m in args.methods if not METHODS[m].get("fisher")]
+        args.methods = [
+            m for m in args.methods if not CompressConfig(budget=3.0, **METHODS[m]).fisher
+        ]
         args.no_peak = True
     return args
 
@@ -289,36 +320,44 @@ def main() -> None:
             record(name, None, model, bits, bits, time.perf_counter() - start)
             del model
 
-    scores = None
+    scores = hessians = None
     todo = {m: [b for b in args.budgets if (m, b) not in done] for m in args.methods}
-    if any(METHODS[m].get("fisher") and todo[m] for m in args.methods):
-        start = time.perf_counter()
-        calibration = load_blocks(
-            tokenizer, TextConfig(seq_len=128, max_blocks=args.fisher_blocks), "calibration"
-        )
-        scores = estimate_fisher(original, calibration, find_targets(original))
-        data["fisher"] = {
-            "blocks": int(calibration.shape[0]),
-            "seconds": time.perf_counter() - start,
-        }
-        print(
-            f"Fisher: {calibration.shape[0]} blocks, {data['fisher']['seconds']:.0f} s", flush=True
-        )
+    configs = {m: CompressConfig(budget=3.0, **METHODS[m]) for m in todo if todo[m]}
+    calibration = load_blocks(
+        tokenizer, TextConfig(seq_len=128, max_blocks=args.fisher_blocks), "calibration"
+    )
+
+    def statistic(name: str, estimate):
+        """One estimate on the calibration blocks, timed into ``data[name]``."""
+        begin = time.perf_counter()
+        value = estimate(original, calibration, find_targets(original))
+        seconds = time.perf_counter() - begin
+        data[name] = {"blocks": int(calibration.shape[0]), "seconds": seconds}
+        print(f"{name}: {calibration.shape[0]} blocks, {seconds:.0f} s", flush=True)
+        return value
+
+    if any(c.activations for c in configs.values()):
+        hessians = statistic("hessians", estimate_hessians)
+    if any(c.fisher for c in configs.values()):
+        scores = statistic("fisher", estimate_fisher)
 
     for method in args.methods:
         if not todo[method]:
             continue
-        config = CompressConfig(budget=todo[method][0], include=include, **METHODS[method])
-        plans = plan_budgets_for(original, config, todo[method], scores)
+        iters = args.iters if METHODS[method].get("rounding") == "gptq" else None
+        settings = dict(include=include, iters=iters, **METHODS[method])
+        config = CompressConfig(budget=todo[method][0], **settings)
+        plans = plan_budgets_for(original, config, todo[method], scores, hessians=hessians)
         print(f"{method}: cost table {plans[0].table_seconds:.0f} s", flush=True)
         for budget, plan in zip(todo[method], plans, strict=True):
-            config = CompressConfig(budget=budget, include=include, **METHODS[method])
+            config = CompressConfig(budget=budget, **settings)
             start = time.perf_counter()
             result = compress(
                 shared_copy(original),
                 config,
                 fisher=scores if config.fisher else None,
                 plan=plan,
+                hessians=hessians if config.activations else None,
             )
             seconds = time.perf_counter() - start
             bits_q, bits_total = compressed_bits(result.model)
@@ -331,6 +370,7 @@ def main() -> None:
                     for c in sorted({e.config.name for e in plan.entries})
                 },
                 mean_matrix_relative_error=sum(result.errors.values()) / len(result.errors),
+                iters=iters,
             )
             record(method, budget, result.model, bits_q, bits_total, seconds, extra)
             del result

@@ -125,3 +125,18 @@ class Hostile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def captured_inputs(model, ids, targets):
+    """Every target's inputs, captured by forward hooks (not pre-hooks) during plain forwards."""
+    seen = {name: [] for name in targets}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(args[0]))
+        for name, m in targets.items()
+    ]
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None])
+    for handle in handles:
+        handle.remove()
+    return seen

@@ -84,3 +84,35 @@ def test_default_output_is_smaller_than_its_source(tmp_path):
         out = lorq.save(result, tmp_path / str(factor_bits))
         sizes[factor_bits] = sum(p.stat().st_size for p in out.iterdir())
     assert sizes[8] < sizes[None] < source_bytes
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_gptq_on_nf_grids_never_worse_than_nearest_on_real_layers(name):
+    """Real weights and real calibration inputs (the built-in text): in the H-norm
+    tr((W − Q) H (W − Q)ᵀ), GPTQ's Q is at most round to nearest's for NF2/3/4, on an attention
+    and an MLP layer of the first, middle and last blocks."""
+    from lorq.compress import Calibration
+    from lorq.hessian import estimate_hessians
+    from lorq.quant.gptq import gptq_quantize
+
+    loaded = load_model(name)
+    targets = find_targets(loaded.model)
+    names, per_block = list(targets), len(targets) // loaded.model.config.num_hidden_layers
+    firsts = [0, len(names) // per_block // 2 * per_block, len(names) - per_block]
+    picked = {names[i + k]: targets[names[i + k]] for i in firsts for k in (0, per_block - 1)}
+    calibration = Calibration("builtin", 128, 8).load(loaded.tokenizer)
+    hessians = estimate_hessians(loaded.model, calibration, picked)
+    for layer, module in picked.items():
+        weight, h = dense_weight(module).float(), hessians[layer].double()
+
+        def err(q, weight=weight, h=h):
+            r = (weight - q.dequantize()).double()
+            return float(torch.trace(r @ h @ r.T))
+
+        for preset in ("nf2", "nf3", "nf4"):
+            config = QuantConfig.preset(preset)
+            gptq, nearest = (
+                err(gptq_quantize(weight, hessians[layer], config)),
+                err(quantize(weight, config)),
+            )
+            assert gptq <= nearest, (layer, preset, gptq, nearest)

@@ -68,6 +68,28 @@ def test_plan_writes_json_and_png(tiny_dir, tmp_path):
     assert json.loads(out.read_text())["budget"] == 3.0
 
 
+def test_activation_weighted_compress_and_plan(tiny_dir, tmp_path):
+    """The flags reach the config and the plan; the report names the weighting."""
+    common = ("--model", tiny_dir, "--rank", "2", "--budget", "3", "--calibration-tokens", "256")
+    aware = ("--weighting", "activations", "--rounding", "gptq")
+    result = run("plan", *common, *aware, "--out", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    assert "activations (output MSE), gptq" in " ".join(result.output.split())
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert (plan["weighting"], plan["rounding"]) == ("activations", "gptq")
+    out = tmp_path / "out"
+    args = ("compress", *common, *aware, "--eval-blocks", "1", "--no-baseline", "--out", out)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "lorq lq r=2 +act (3.0 bits, GPTQ)" in result.output
+    meta = json.loads((out / "lorq.json").read_text())
+    assert meta["compress"]["weighting"] == "activations" and meta["plan"]["rounding"] == "gptq"
+    assert meta["calibration"] == {"source": "builtin", "seq_len": 128, "blocks": 2}
+    result = run("plan", *common, "--fisher", "--out", tmp_path / "f.json")  # the alias
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "f.json").read_text())["weighting"] == "fisher"
+
+
 def test_compress_with_a_plan_file(tiny_dir, tmp_path):
     """Oracle: compress --budget builds the same plan itself."""
     plan = tmp_path / "plan.json"

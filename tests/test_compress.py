@@ -116,12 +116,12 @@ def test_no_targets(llama):
 
 def test_fisher_needs_calibration(llama):
     with pytest.raises(ValueError, match="calibration"):
-        compress(llama, CompressConfig(fisher=True))
+        compress(llama, CompressConfig(weighting="fisher"))
 
 
 def test_fisher_compress_runs(llama):
     blocks = torch.randint(0, 128, (3, 16))
-    result = compress(llama, CompressConfig(budget=3.0, fisher=True, rank=4), blocks)
+    result = compress(llama, CompressConfig(budget=3.0, weighting="fisher", rank=4), blocks)
     assert result.plan.weighted
 
 
@@ -198,8 +198,8 @@ def test_qa_lora_base_errors(llama):
 
 
 def test_qa_lora_gptq_needs_calibration(llama):
-    with pytest.raises(ValueError, match="gptq=True needs calibration"):
-        compress(llama, CompressConfig(method="qa-lora", gptq=True))
+    with pytest.raises(ValueError, match="needs calibration"):
+        compress(llama, CompressConfig(method="qa-lora", rounding="gptq"))
 
 
 def output_error(weight, q, hessian) -> float:
@@ -218,7 +218,9 @@ def test_qa_lora_gptq_base(llama):
     targets = find_targets(llama, include)
     hessians = estimate_hessians(llama, blocks, targets)
     weights = {n: m.weight.detach().clone() for n, m in targets.items()}
-    config = CompressConfig(method="qa-lora", quant="int3-g32", gptq=True, rank=4, include=include)
+    config = CompressConfig(
+        method="qa-lora", quant="int3-g32", rounding="gptq", rank=4, include=include
+    )
     compress(llama, config, blocks)
     quant = QuantConfig.preset("int3-g32")
     assert len(weights) == 3
@@ -267,12 +269,23 @@ def test_qa_lora_config_validation():
         CompressConfig(method="qa-lora", quant="nf4")
     with pytest.raises(ValueError, match=r"budget=3\.0 is not supported with method='qa-lora'"):
         CompressConfig(method="qa-lora", budget=3.0)
-    with pytest.raises(ValueError, match=r"fisher=True is not supported with method='qa-lora'"):
-        CompressConfig(method="qa-lora", fisher=True)
-    with pytest.raises(ValueError, match=r"gptq=True is not supported with method='lq'"):
-        CompressConfig(method="lq", gptq=True)
-    config = CompressConfig(method="qa-lora", quant="q4_1", gptq=True)
+    for weighting in ("fisher", "both"):
+        with pytest.raises(ValueError, match=rf"weighting='{weighting}' is not supported with"):
+            CompressConfig(method="qa-lora", weighting=weighting)
+    with pytest.raises(ValueError, match=r"rounding='gptp' is not supported; allowed"):
+        CompressConfig(method="lq", rounding="gptp")
+    with pytest.raises(ValueError, match=r"weighting='hessian' is not supported; allowed"):
+        CompressConfig(weighting="hessian")
+    with pytest.raises(ValueError, match=r"damp=-0\.1 is not supported"):
+        CompressConfig(damp=-0.1)
+    config = CompressConfig(method="qa-lora", quant="q4_1", rounding="gptq")
     assert CompressConfig.from_dict(config.to_dict()) == config
     old = CompressConfig(quant="nf4").to_dict()
-    del old["gptq"]  # lorq.json written before QA-LoRA
+    for key in ("rounding", "weighting", "damp"):
+        del old[key]  # lorq.json written before QA-LoRA / activation weighting
     assert CompressConfig.from_dict(old) == CompressConfig(quant="nf4")
+    legacy = {**old, "fisher": True, "gptq": False}  # lorq 0.1's flags
+    assert CompressConfig.from_dict(legacy) == CompressConfig(quant="nf4", weighting="fisher")
+    qa = {**CompressConfig(method="qa-lora").to_dict(), "gptq": True}
+    del qa["rounding"]
+    assert CompressConfig.from_dict(qa).rounding == "gptq"

@@ -1,12 +1,12 @@
-"""Layer-input Hessians. Oracles: 2/N·XᵀX from inputs computed by hand or captured independently
+"""Layer-input Hessians. Oracles: 1/N·XᵀX from inputs computed by hand or captured independently
 (forward hooks of the test's own), one group equals many groups, state restored."""
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import captured_inputs, tiny_gpt2, tiny_llama
 from torch import nn
 
-from lorq.hessian import estimate_hessians, target_groups
+from lorq.hessian import estimate_hessians, shared_inputs, target_groups
 from lorq.surgery import find_targets
 
 
@@ -15,28 +15,13 @@ def blocks(n=2, length=8, vocab=128, seed=0):
 
 
 def by_hand(inputs):
-    """2/N·XᵀX in float64 from a list of (…, in) input tensors."""
+    """1/N·XᵀX in float64 from a list of (…, in) input tensors."""
     x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double()
-    return 2 / x.shape[0] * x.T @ x
-
-
-def captured_inputs(model, ids, targets):
-    """Every target's inputs, captured by forward hooks (not pre-hooks) during plain forwards."""
-    seen = {name: [] for name in targets}
-    handles = [
-        m.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(args[0]))
-        for name, m in targets.items()
-    ]
-    with torch.no_grad():
-        for row in ids:
-            model(input_ids=row[None])
-    for handle in handles:
-        handle.remove()
-    return seen
+    return x.T @ x / x.shape[0]
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
-def test_equals_two_over_n_xtx_of_captured_inputs(build):
+def test_equals_one_over_n_xtx_of_captured_inputs(build):
     model, ids = build(), blocks()
     targets = find_targets(model)
     hessians = estimate_hessians(model, ids, targets)
@@ -81,10 +66,65 @@ def test_groups_give_the_same_result_as_one_pass():
     budget = 3 * 64 * 64 * 4  # three 64-wide accumulators per group
     one = estimate_hessians(model, ids, targets)
     many = estimate_hessians(model, ids, targets, progress=progress, max_bytes=budget)
-    groups = len(target_groups(targets, budget))
+    groups = len(target_groups(targets, budget, shared_inputs(model, ids, targets)))
     assert groups > 2 and calls == [("Hessians", groups * ids.shape[0])]
     for name in targets:
         assert torch.equal(one[name], many[name]), name
+
+
+def test_linears_reading_one_input_share_one_hessian():
+    """q/k/v read the attention norm's output, gate/up the MLP norm's: one tensor each."""
+    model, ids = tiny_llama(), blocks()
+    targets = find_targets(model)
+    leaders = shared_inputs(model, ids, targets)
+    hessians = estimate_hessians(model, ids, targets)
+    for i in range(len(model.model.layers)):
+        p = f"model.layers.{i}."
+        for follower, leader in [
+            ("k_proj", "q_proj"),
+            ("v_proj", "q_proj"),
+            ("up_proj", "gate_proj"),
+        ]:
+            kind = "self_attn." if leader == "q_proj" else "mlp."
+            assert leaders[p + kind + follower] == p + kind + leader
+            assert hessians.leader(p + kind + follower) == p + kind + leader
+            assert torch.equal(hessians[p + kind + follower], hessians[p + kind + leader])
+        for alone in ("self_attn.o_proj", "mlp.down_proj", "self_attn.q_proj"):
+            assert leaders[p + alone] == p + alone
+    assert len({hessians.leader(n) for n in hessians}) == 4 * len(model.model.layers)
+    # one lower triangle per distinct input: 3 of 64 wide and 1 of 128 wide per layer
+    assert hessians.nbytes == len(model.model.layers) * 4 * (3 * 64 * 65 // 2 + 128 * 129 // 2)
+
+
+def test_stored_triangles_rebuild_symmetric_hessians_and_pop_frees_them():
+    model, ids = tiny_llama(), blocks()
+    targets = find_targets(model)
+    hessians = estimate_hessians(model, ids, targets)
+    seen = captured_inputs(model, ids, targets)
+    q, k = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"
+    torch.testing.assert_close(hessians[q].double(), by_hand(seen[q]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(hessians[q], hessians[q].T)
+    copy, before = hessians.copy(), hessians.nbytes
+    assert torch.equal(copy.pop(q), hessians[q]) and copy.nbytes == before  # k still uses it
+    copy.pop(k)
+    assert copy.nbytes == before  # v_proj still does
+    copy.pop(q.replace("q_proj", "v_proj"))
+    assert (
+        copy.nbytes == before - 4 * 64 * 65 // 2
+        and q not in copy
+        and k not in copy
+        and q in hessians
+    )
+    assert copy.pop(q, "gone") == "gone"
+
+
+def test_shared_inputs_stay_in_their_leaders_group():
+    model, ids = tiny_llama(), blocks()
+    targets = find_targets(model)
+    leaders = shared_inputs(model, ids, targets)
+    for group in target_groups(targets, 1, leaders):  # every accumulator alone
+        assert {leaders[n] for n in group} <= set(group)
+        assert len({leaders[n] for n in group}) == 1
 
 
 def test_target_groups_fit_the_budget():

@@ -26,7 +26,9 @@ def test_python_compress_and_save_equal_the_cli(tiny_dir, tmp_path):  # noqa: F8
     args = ("--rank", "4", "--budget", "3.0", "--candidates", "nf2,nf3,nf4", "--eval-blocks", "1")
     result = run("compress", "--model", tiny_dir, *args, "--out", cli)
     assert result.exit_code == 0, result.output
-    config = lorq.CompressConfig(rank=4, budget=3.0, candidates="nf2,nf3,nf4")
+    from lorq.config import JOB_STATISTICS  # the CLI's defaults; a hand-built config is data-free
+
+    config = lorq.CompressConfig(rank=4, budget=3.0, candidates="nf2,nf3,nf4", **JOB_STATISTICS)
     compressed = lorq.compress_model(str(tiny_dir), config, eval_blocks=1)
     lorq.save(compressed, library)
     assert (cli / "model.safetensors").read_bytes() == (library / "model.safetensors").read_bytes()

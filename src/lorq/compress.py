@@ -1,7 +1,11 @@
 """Compression of a model's linear layers, in place: the data flow, top to bottom
 
-    weights ─▶ (Fisher) ─▶ budget plan or uniform config ─▶ decompose each matrix ─▶ replace modules
-    qa-lora:   weights ─▶ (Hessians) ─▶ INT base Q (RTN, GPTQ, given) ─▶ QALoraLinear (qa_lora)
+    weights ─▶ (Fisher, H) ─▶ budget plan or uniform config ─▶ decompose each matrix ─▶ replace
+    qa-lora:   weights ─▶ (H) ─▶ INT base Q (RTN, GPTQ, given) ─▶ QALoraLinear (qa_lora)
+
+The statistics are what ``CompressConfig.weighting`` and ``rounding`` name: the Fisher
+(``lorq.fisher``) and the layers' input second moments H = XᵀX/N (``lorq.hessian``), both from
+the calibration token blocks, on the original model.
 
 ``compress`` works layer by layer: each dense weight is released as soon as its module is
 replaced, so peak memory stays near the model's own size. A source layer held packed (a plain
@@ -12,6 +16,7 @@ compress, evaluate, metadata — is :func:`compress_model` below.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -22,11 +27,13 @@ import torch
 from torch import nn
 
 from lorq.budget import BudgetPlan, plan_budgets
-from lorq.config import CompressConfig
+from lorq.config import JOB_STATISTICS, CompressConfig, uses_activations, uses_fisher
 from lorq.data import TextConfig, load_blocks
 from lorq.decompose import Decomposition, decompose
+from lorq.decompose.common import Rounding
 from lorq.evaluate import Measurement, evaluation_blocks, evaluation_summary, measure
 from lorq.fisher import estimate_fisher
+from lorq.hessian import Hessians, estimate_hessians
 from lorq.io.native import set_model_meta
 from lorq.layers import LayerStep, relative_error, targets_of
 from lorq.models import DEFAULT_MODEL, LoadedModel, ModelSource, load_model, source_record
@@ -36,7 +43,7 @@ from lorq.pack import check_embeddings, pack_embeddings, round_factors
 from lorq.preflight import check_compress, check_plan
 from lorq.progress import Progress, no_progress
 from lorq.qa_lora import compress_qa_lora, gguf_base
-from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
+from lorq.quant import QuantConfig, QuantizedTensor, as_config
 from lorq.runtime import release_free_memory
 from lorq.surgery import (
     DenseWeights,
@@ -68,11 +75,15 @@ class CompressResult:
 
 
 def plain_decomposition(
-    weight: torch.Tensor, quant: QuantConfig, config: CompressConfig
+    weight: torch.Tensor,
+    quant: QuantConfig,
+    config: CompressConfig,
+    hessian: torch.Tensor | None = None,
 ) -> Decomposition:
-    """Plain quantization with LoRA's own init: B = 0, A ~ Kaiming-uniform (seeded)."""
+    """Plain quantization (GPTQ on ``hessian`` with ``config.gptq``) with LoRA's own init:
+    B = 0, A ~ Kaiming-uniform (seeded)."""
     dc = config.decompose_config(quant)
-    q = quantize(weight, quant)
+    q = Rounding(dc, hessian if config.gptq else None, weight.device)(weight, quant)
     lora_A = kaiming_uniform(config.rank, weight.shape[1], config.seed).to(weight.device)
     lora_B = torch.zeros(weight.shape[0], config.rank, device=weight.device)
     error = float(torch.linalg.vector_norm(weight - q.dequantize()))
@@ -85,18 +96,25 @@ def plan_budgets_for(
     budgets: list[float],
     fisher: Mapping[str, torch.Tensor] | None = None,
     progress: Progress = no_progress,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> list[BudgetPlan]:
-    """Plans of ``config``'s method, rank and targets at several budgets from one cost table;
-    pass each to :func:`compress` as ``plan=`` with ``config.budget`` set to its budget."""
+    """Plans of ``config``'s method, rank, weighting and targets at several budgets from one cost
+    table; pass each to :func:`compress` as ``plan=`` with ``config.budget`` set to its budget.
+    ``fisher`` / ``hessians``: the statistics ``config.weighting`` and ``rounding`` need."""
+    weighting = config.cost_weighting
+    needs_h = uses_activations(weighting) or config.gptq
     return plan_budgets(
         DenseWeights(targets_of(model, config)),
         budgets,
         config.candidates,
         config.method,
         config.rank,
-        fisher if config.fisher else None,
+        fisher if uses_fisher(weighting) else None,
         iters=config.plan_iters,
         progress=progress,
+        hessians=hessians if needs_h else None,
+        weighting=weighting,
+        rounding=config.rounding,
     )
 
 
@@ -108,14 +126,17 @@ def compress(
     fisher: Mapping[str, torch.Tensor] | None = None,
     base: Mapping[str, QuantizedTensor] | None = None,
     plan: BudgetPlan | None = None,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> CompressResult:
     """Replace the target linear layers of ``model`` (in place) by QuantLoraLinear layers, or by
     QALoraLinear layers for ``method="qa-lora"``.
 
-    ``config.fisher`` needs either ``calibration`` token blocks (n × seq_len) to estimate the
-    Fisher from, or a precomputed ``fisher`` ({module name: F (out × in)}, e.g. from
-    :func:`lorq.fisher.estimate_fisher`, to share one estimate between several compressions).
-    ``config.gptq`` (qa-lora) needs ``calibration`` for the Hessians. ``base`` (qa-lora only):
+    A Fisher weighting (``config.fisher``) needs either ``calibration`` token blocks
+    (n × seq_len) to estimate the Fisher from, or a precomputed ``fisher`` ({module name:
+    F (out × in)}, e.g. from :func:`lorq.fisher.estimate_fisher`, to share one estimate between
+    several compressions). Activation weighting or GPTQ rounding (``config.activations``) needs
+    ``calibration`` or precomputed ``hessians`` ({module name: H (in × in)}, e.g. from
+    :func:`lorq.hessian.estimate_hessians`). ``base`` (qa-lora only):
     {module name: a precomputed INT QuantizedTensor (out × in)}, e.g. Q4_1 codes read from a GGUF
     file, used as Q as they are (with their own QuantConfig) instead of quantizing W.
     ``plan``: a precomputed budget plan (from :func:`lorq.budget.plan_budgets`, or ``lorq plan``)
@@ -123,21 +144,22 @@ def compress(
     """
     targets = targets_of(model, config)
     embeddings = check_embeddings(model, config)
-    if config.method == "qa-lora":
-        if plan is not None:
-            raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
-        errors = compress_qa_lora(model, config, targets, calibration, progress, base)
-        return _result(model, config, None, errors, embeddings)
-    if base is not None:
+    if config.method == "qa-lora" and plan is not None:
+        raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
+    if base is not None and config.method != "qa-lora":
         raise ValueError(
             f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
         )
     fisher = _fisher(model, config, targets, calibration, progress, fisher)
+    hessians = _hessians(model, config, targets, calibration, progress, hessians)
+    if config.method == "qa-lora":
+        errors = compress_qa_lora(model, config, targets, hessians or {}, progress, base)
+        return _result(model, config, None, errors, embeddings)
     if plan is not None:
         check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
     elif config.budget is not None:
-        (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress)
-    errors = _decompose_layers(model, config, targets, plan, fisher, progress)
+        (plan,) = plan_budgets_for(model, config, [config.budget], fisher, progress, hessians)
+    errors = _decompose_layers(model, config, targets, plan, (fisher, hessians), progress)
     return _result(model, config, plan, errors, embeddings)
 
 
@@ -158,20 +180,25 @@ def _decompose_layers(
     config: CompressConfig,
     targets: dict[str, nn.Module],
     plan: BudgetPlan | None,
-    fisher: dict[str, torch.Tensor] | None,
+    statistics: tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None],
     progress: Progress,
 ) -> dict[str, float]:
-    """Every target → QuantLoraLinear, in place; returns ‖W − Q − s·B·A‖ / ‖W‖ per target."""
+    """Every target → QuantLoraLinear, in place; returns ‖W − Q − s·B·A‖ / ‖W‖ per target.
+    ``statistics``: (Fisher, H) by target name, entries dropped as their layers are done."""
+    fisher, hessians = statistics
     errors = {}
     step = LayerStep(progress, f"decomposing ({config.method}, r={config.rank})", len(targets))
     for name, module in targets.items():
         quant = plan.config_of(name) if plan else as_config(config.quant or "nf4")
         weight = dense_weight(module).float()
+        scores = fisher.pop(name, None) if fisher else None
+        hessian = hessians.pop(name, None) if hessians else None
+        scores = scores if uses_fisher(config.weighting) else None  # the plan's only
+        hessian = hessian if uses_activations(config.weighting) or config.gptq else None
         if config.method == "plain":
-            d = plain_decomposition(weight, quant, config)
+            d = plain_decomposition(weight, quant, config, hessian)
         else:
-            scores = fisher.pop(name, None) if fisher else None
-            d = decompose(weight, config.decompose_config(quant), scores)
+            d = decompose(weight, config.decompose_config(quant), scores, hessian)
         layer = QuantLoraLinear.from_decomposition(d, getattr(module, "bias", None))
         set_module(model, name, layer.to(device_of(module)))
         errors[name] = relative_error(weight, d.reconstruct())
@@ -193,8 +220,31 @@ def _fisher(
     if fisher is not None:
         return dict(fisher)  # entries are dropped as layers are done; the caller's stays whole
     if calibration is None:
-        raise ValueError("fisher=True needs calibration token blocks (or a precomputed fisher)")
+        raise ValueError(
+            f"weighting={config.weighting!r} needs calibration token blocks (or a precomputed "
+            "fisher)"
+        )
     return estimate_fisher(model, calibration, targets, progress)
+
+
+def _hessians(
+    model: nn.Module,
+    config: CompressConfig,
+    targets: dict[str, nn.Module],
+    calibration: torch.Tensor | None,
+    progress: Progress,
+    hessians: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor] | None:
+    if not config.activations:
+        return None
+    if hessians is not None:  # entries are dropped as layers are done; the caller's stays whole
+        return hessians.copy() if isinstance(hessians, Hessians) else dict(hessians)
+    if calibration is None:
+        raise ValueError(
+            f"weighting={config.weighting!r}, rounding={config.rounding!r} needs calibration "
+            "token blocks (or precomputed hessians) for the layers' input statistics"
+        )
+    return estimate_hessians(model, calibration, targets, progress)
 
 
 CALIBRATION_SEQ_LEN = 128  # tokens per calibration sequence (Fisher, GPTQ Hessians)
@@ -242,7 +292,7 @@ def compress_model(
     The result's metadata names the source, the config, the plan and the evaluation;
     ``lorq.save(result, dir)`` writes what ``lorq compress`` writes.
     """
-    config = config or CompressConfig()
+    config = config or CompressConfig(**JOB_STATISTICS)
     calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
     if plan is not None:
         check_plan(plan, config)
@@ -251,19 +301,21 @@ def compress_model(
     if plan is not None:
         check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
     text = Evaluation(loaded.tokenizer, eval_blocks)
-    fisher = _job_fisher(loaded, config, targets, calibration, progress)
+    blocks = calibration.load(loaded.tokenizer) if config.fisher or config.activations else None
     rows = text.measure(loaded.model, None, "original", progress, quantized=False)
+    fisher, hessians = _job_statistics(loaded.model, config, targets, blocks, progress)
     if baseline and config.method in ("lq", "loftq"):
-        rows += _baseline(loaded.model, config, text, fisher, progress)
+        rows += _baseline(loaded.model, config, text, (fisher, hessians), progress)
     base = _qa_base(loaded, config, targets) if gguf_codes else None
     original = loaded.model
     work = original if isinstance(model, nn.Module) else shared_copy(original)
-    gptq_blocks = calibration.load(loaded.tokenizer) if config.gptq else None
-    result = compress(work, config, gptq_blocks, progress, fisher, base, plan)
+    result = compress(work, config, None, progress, fisher, base, plan, hessians)
+    del fisher, hessians
     release_free_memory()
     reference = None if work is original else original
     rows += text.measure(result.model, reference, _label(config, base is not None), progress)
-    return _described(result, loaded, rows)
+    used = calibration if config.fisher or config.activations else None
+    return _described(result, loaded, rows, used)
 
 
 def plan_model(
@@ -274,23 +326,26 @@ def plan_model(
     calibration: Calibration | str = "builtin",
     progress: Progress = no_progress,
 ) -> BudgetPlan:
-    """The ``lorq plan`` job: ``config.budget``'s plan of ``model``'s targets (Fisher-weighted
-    with ``config.fisher``, estimated on ``calibration``)."""
+    """The ``lorq plan`` job: ``config.budget``'s plan of ``model``'s targets (costs weighted by
+    ``config.weighting``, its statistics estimated on ``calibration``)."""
     if config.budget is None:
         raise ValueError("plan_model needs config.budget (bits/param)")
     calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
     loaded = _loaded(model, tokenizer, config)
     targets = targets_of(loaded.model, config)
-    fisher = _job_fisher(loaded, config, targets, calibration, progress)
-    (plan,) = plan_budgets_for(loaded.model, config, [config.budget], fisher, progress)
+    blocks = calibration.load(loaded.tokenizer) if config.fisher or config.activations else None
+    fisher, hessians = _job_statistics(loaded.model, config, targets, blocks, progress)
+    (plan,) = plan_budgets_for(loaded.model, config, [config.budget], fisher, progress, hessians)
     return plan
 
 
-def _job_fisher(loaded, config, targets, calibration: Calibration, progress):
-    if not config.fisher:
-        return None
-    blocks = calibration.load(loaded.tokenizer)
-    return estimate_fisher(loaded.model, blocks, targets, progress)
+def _job_statistics(model, config, targets, blocks: torch.Tensor | None, progress):
+    """(Fisher, H) of the targets on the calibration ``blocks`` (loaded before any work, so a bad
+    calibration file fails first), each None when ``config`` needs none."""
+    if blocks is None:
+        return None, None
+    fisher = estimate_fisher(model, blocks, targets, progress) if config.fisher else None
+    return fisher, _hessians(model, config, targets, blocks, progress, None)
 
 
 @dataclass(frozen=True)
@@ -332,15 +387,21 @@ def _loaded(
     return load_model(model, packed=not config.fisher)
 
 
-def _baseline(model, config, text: Evaluation, fisher, progress) -> list[Measurement]:
-    """Plain quantization at the same bits (the same plan's budget), measured."""
+def _baseline(model, config, text: Evaluation, statistics, progress) -> list[Measurement]:
+    """Plain round-to-nearest quantization at the same bits (the same plan's budget, costs
+    weighted alike), measured."""
     if text.blocks is None:
         return []
-    plain = replace(config, method="plain", iters=None)
-    result = compress(shared_copy(model), plain, None, progress, fisher)
+    plain = replace(config, method="plain", iters=None, rounding="nearest")
+    fisher, hessians = statistics
+    hessians = hessians if plain.activations else None
+    result = compress(shared_copy(model), plain, None, progress, fisher, hessians=hessians)
     release_free_memory()
-    name = _quant_label(config) + (", Fisher plan" if config.fisher and config.budget else "")
-    return text.measure(result.model, model, f"plain NF ({name})", progress)
+    weighting = config.cost_weighting
+    planned = f", {weighting} plan" if weighting != "none" and config.budget else ""
+    return text.measure(
+        result.model, model, f"plain NF ({_quant_label(config)}{planned})", progress
+    )
 
 
 def _qa_base(loaded: LoadedModel, config: CompressConfig, targets) -> dict | None:
@@ -357,20 +418,30 @@ def _quant_label(config: CompressConfig) -> str:
     return config.quant if isinstance(config.quant, str) else config.quant.name
 
 
+WEIGHTING_TAGS = {"none": "", "fisher": " +Fisher", "activations": " +act", "both": " +act+Fisher"}
+
+
 def _label(config: CompressConfig, gguf_codes: bool) -> str:
-    label = f"lorq {config.method} r={config.rank}" + (" +Fisher" if config.fisher else "")
+    label = f"lorq {config.method} r={config.rank}" + WEIGHTING_TAGS[config.weighting]
     details = _quant_label(config) + (", GPTQ" if config.gptq else "")
+    if config.plan_weighting and config.plan_weighting != config.weighting:
+        details += f", {config.plan_weighting} plan"
     return label + f" ({details}{', GGUF codes' if gguf_codes else ''})"
 
 
 def _described(
-    result: CompressResult, loaded: LoadedModel, rows: list[Measurement]
+    result: CompressResult,
+    loaded: LoadedModel,
+    rows: list[Measurement],
+    calibration: Calibration | None,
 ) -> CompressResult:
-    """``result`` with the tokenizer, the rows and the metadata of the whole job."""
+    """``result`` with the tokenizer, the rows and the metadata of the whole job (the
+    calibration text when statistics came from it)."""
     source = loaded.source
     metadata = {
         "source": {**source_record(source)},
         **result.metadata,
+        "calibration": dataclasses.asdict(calibration) if calibration else None,
         "evaluation": evaluation_summary(rows),
     }
     set_model_meta(result.model, metadata)

@@ -1,10 +1,15 @@
-"""Layer-input Hessians for GPTQ rounding (docs/algorithms.md §1.7).
+"""Layer-input statistics for GPTQ rounding and activation-aware decomposition
+(docs/algorithms.md §1.3, §5).
 
-For a linear layer y = x Wᵀ (+ b) with W (out × in), the proxy loss ‖X Wᵀ − X Qᵀ‖²_F / N has the
-Hessian (with respect to each row of W)
+For a linear layer y = x Wᵀ (+ b) with W (out × in), the expected output error of a replacement
+Ŵ is  E‖x (W − Ŵ)ᵀ‖² = tr((W − Ŵ) H (W − Ŵ)ᵀ)  with
 
-    H = 2/N · Σ_{rows x} x xᵀ = 2/N · Xᵀ X        X (N × in): every input row the layer saw
+    H = 1/N · Σ_{rows x} x xᵀ = 1/N · Xᵀ X        X (N × in): every input row the layer saw
     shape (in × in), float32, N = calibration blocks × tokens per block
+
+(GPTQ's proxy loss has Hessian 2·H; its rounding does not depend on a constant factor of H.)
+Linears that read the same input tensor (q/k/v, gate/up) share one H: a first forward of one
+short calibration row finds them, and they get one accumulator and the same tensor back.
 
 collected by forward pre-hooks during no-grad forwards of the calibration blocks (batch size 1).
 GPT-2 ``Conv1D`` takes the same (…, in) inputs, so it needs no special case.
@@ -21,6 +26,7 @@ re-run once per group; a single target larger than ``max_bytes`` forms a group o
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -33,8 +39,69 @@ from lorq.progress import Progress, no_progress
 DEFAULT_MAX_BYTES = 1 << 30
 
 
+class Hessians(Mapping[str, torch.Tensor]):
+    """{target: H (in × in) fp32} that stores each distinct H once, as its lower triangle.
+
+    H is symmetric and every consumer (Cholesky, GPTQ) reads its lower triangle only, so half the
+    memory is enough: ``self[name]`` rebuilds the full symmetric matrix on each access. Targets
+    that share an input share one stored triangle; :meth:`pop` frees it with its last target.
+    """
+
+    def __init__(self, full: Mapping[str, torch.Tensor], leaders: Mapping[str, str]) -> None:
+        self._leader = {name: leaders.get(name, name) for name in full}
+        self._packed: dict[str, tuple[int, torch.Tensor]] = {}
+        for name, h in full.items():
+            leader = self._leader[name]
+            if leader not in self._packed:
+                rows, cols = _lower(h.shape[0])
+                self._packed[leader] = (h.shape[0], h[rows, cols].clone())
+
+    def leader(self, name: str) -> str:
+        """The target whose stored H ``name`` shares (itself when its input is its own)."""
+        return self._leader[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        size, values = self._packed[self._leader[name]]
+        rows, cols = _lower(size)
+        full = torch.empty(size, size, dtype=values.dtype)
+        full[rows, cols] = values
+        full[cols, rows] = values
+        return full
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._leader)
+
+    def __len__(self) -> int:
+        return len(self._leader)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for _, v in self._packed.values())
+
+    def copy(self) -> Hessians:
+        other = Hessians({}, {})
+        other._leader, other._packed = dict(self._leader), dict(self._packed)
+        return other
+
+    def pop(self, name: str, default: Any = None) -> Any:
+        """H of ``name`` (full), removed; its storage is freed with the last target sharing it."""
+        if name not in self._leader:
+            return default
+        h = self[name]
+        leader = self._leader.pop(name)
+        if leader not in self._leader.values():
+            del self._packed[leader]
+        return h
+
+
+@functools.cache
+def _lower(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.tril_indices(size, size)
+    return rows, cols
+
+
 class _Accumulator:
-    """Σ x xᵀ over input rows and their count N, for one target."""
+    """Σ x xᵀ over input rows and their count N, for one input (one or more targets)."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.sum = torch.zeros(size, size, dtype=torch.float32, device=device)
@@ -49,7 +116,7 @@ class _Accumulator:
     def hessian(self) -> torch.Tensor:
         if self.rows == 0:
             raise ValueError("a target layer saw no input during the calibration forwards")
-        return self.sum.mul_(2.0 / self.rows).cpu()
+        return self.sum.div_(self.rows).cpu()
 
 
 def _check_inputs(
@@ -74,18 +141,64 @@ def _check_inputs(
         raise ValueError(f"max_bytes={max_bytes!r} is not supported; allowed: a positive integer")
 
 
-def target_groups(targets: Mapping[str, nn.Module], max_bytes: int) -> list[dict[str, nn.Module]]:
-    """Targets split in model order into groups whose fp32 (in × in) accumulators fit max_bytes."""
+def target_groups(
+    targets: Mapping[str, nn.Module], max_bytes: int, leaders: Mapping[str, str] | None = None
+) -> list[dict[str, nn.Module]]:
+    """Targets split in model order into groups whose fp32 (in × in) accumulators fit max_bytes.
+
+    ``leaders``: {target: the target whose input it shares}; a shared input costs one
+    accumulator, and the targets sharing it stay in one group.
+    """
+    leaders = leaders or {}
     groups: list[dict[str, nn.Module]] = [{}]
+    group_of: dict[str, int] = {}
     used = 0
     for name, module in targets.items():
+        leader = leaders.get(name, name)
+        if leader in group_of:  # the same input: no accumulator of its own
+            groups[group_of[leader]][name] = module
+            continue
         size = weight_shape(module)[1] ** 2 * 4
         if groups[-1] and used + size > max_bytes:
             groups.append({})
             used = 0
         groups[-1][name] = module
+        group_of[name] = len(groups) - 1
         used += size
     return groups
+
+
+def shared_inputs(
+    model: nn.Module, token_blocks: torch.Tensor, targets: Mapping[str, nn.Module]
+) -> dict[str, str]:
+    """{target: the first target (in ``targets`` order) that reads the same input tensor}.
+
+    One forward of the first row's first 8 tokens with hooks that keep every input alive, so an
+    identical storage pointer means the very same tensor (no freed memory can be reused).
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.setdefault(name, args[0] if args else next(iter(kwargs.values())))
+
+        return keep
+
+    device = next(model.parameters()).device
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=token_blocks[:1, :8].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    first: dict[tuple[int, tuple[int, ...]], str] = {}
+    leaders = {}
+    for name in targets:
+        x = seen.get(name)
+        key = (x.data_ptr(), tuple(x.shape)) if x is not None else (id(name), ())
+        leaders[name] = first.setdefault(key, name)
+    return leaders
 
 
 @contextlib.contextmanager
@@ -102,11 +215,14 @@ def _collect(
     model: nn.Module,
     token_blocks: torch.Tensor,
     group: Mapping[str, nn.Module],
+    leaders: Mapping[str, str],
     advance: Callable[[int], None],
 ) -> dict[str, torch.Tensor]:
-    """Run every calibration block once with hooks on the targets of ``group``."""
+    """Run every calibration block once with hooks on the input leaders of ``group``."""
     accumulators = {
-        name: _Accumulator(weight_shape(m)[1], device_of(m)) for name, m in group.items()
+        name: _Accumulator(weight_shape(m)[1], device_of(m))
+        for name, m in group.items()
+        if leaders.get(name, name) == name
     }
     device = next(model.parameters()).device
     handles = [
@@ -121,7 +237,8 @@ def _collect(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: acc.hessian() for name, acc in accumulators.items()}
+    found = {name: acc.hessian() for name, acc in accumulators.items()}
+    return {name: found[leaders.get(name, name)] for name in group}
 
 
 def estimate_hessians(
@@ -130,18 +247,24 @@ def estimate_hessians(
     targets: Mapping[str, nn.Module],
     progress: Progress = no_progress,
     max_bytes: int = DEFAULT_MAX_BYTES,
-) -> dict[str, torch.Tensor]:
-    """H = 2/N·XᵀX of every target's inputs from calibration ``token_blocks`` (n × seq_len).
+) -> Hessians:
+    """H = 1/N·XᵀX of every target's inputs from calibration ``token_blocks`` (n × seq_len).
 
     ``targets``: {name: nn.Linear or Conv1D} inside ``model``. Returns {name: fp32 (in × in)} on
-    the CPU, in the order of ``targets``. The model's train/eval mode is restored and every hook
-    removed, also when a forward fails.
+    the CPU, in the order of ``targets``, stored once per distinct input as a lower triangle
+    (:class:`Hessians`). The model's train/eval mode is restored and every hook removed, also
+    when a forward fails.
     """
     _check_inputs(token_blocks, targets, max_bytes)
-    groups = target_groups(targets, max_bytes)
-    advance = progress("Hessians", len(groups) * token_blocks.shape[0])
-    found: dict[str, torch.Tensor] = {}
     with _eval_mode(model):
+        leaders = shared_inputs(model, token_blocks, targets)
+        groups = target_groups(targets, max_bytes, leaders)
+        advance = progress("Hessians", len(groups) * token_blocks.shape[0])
+        packed = Hessians({}, {})
         for group in groups:
-            found.update(_collect(model, token_blocks, group, advance))
-    return {name: found[name] for name in targets}
+            found = _collect(model, token_blocks, group, leaders, advance)
+            part = Hessians(found, leaders)
+            packed._packed.update(part._packed)
+            del found
+    packed._leader = {name: leaders.get(name, name) for name in targets}
+    return packed

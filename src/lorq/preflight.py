@@ -69,11 +69,20 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
         quant = config.quant_config
         for shape in shapes.values():
             _bits(quant, shape)
+        _check_rounding(config, [quant])
         return
     grid = candidate_grid(config.candidates)
+    _check_rounding(config, grid)
     bits = np.array([[_bits(c, shape) for c in grid] for shape in shapes.values()])
     numels = np.array([out * inp for out, inp in shapes.values()], dtype=np.int64)
     check_budget(bits, numels, config.budget)
+
+
+def _check_rounding(config: CompressConfig, quants) -> None:
+    """GPTQ rounding needs a GPTQ grid in every format it may round to."""
+    if config.gptq:
+        for quant in quants:
+            format_of(quant).check_gptq(quant)
 
 
 def check_plan(
@@ -114,5 +123,6 @@ def check_compress(
     check_embeddings(architecture, config)
     if plan is not None:
         check_plan(plan, config, shapes)
+        _check_rounding(config, [entry.config for entry in plan.entries])
     else:
         check_shapes(config, shapes)

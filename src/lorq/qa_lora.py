@@ -1,7 +1,9 @@
 """QA-LoRA on a model: an INT-k base plus a group-pooled adapter, and its merge into the base
 (QA-LoRA arXiv 2309.14717; docs/algorithms.md §2.5).
 
-    compress:  W ─▶ Q (RTN, GPTQ on the layer's Hessian, or given codes) ─▶ QALoraLinear (B = 0)
+    compress:  W ─▶ Q (RTN, GPTQ on the layer's Hessian, or given codes) ─▶ QALoraLinear
+               (B = 0; with activation weighting the best rank-r pooled adapter for W − Q in the
+               H-norm, ``lorq.decompose.pooled``)
     merge:     QALoraLinear ─▶ QuantLinear with Δ = s·(B A)/G folded into the zeros / mins
 
 Both work in place on the model's modules; the merge reports the measured error of every layer
@@ -17,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorq.config import CompressConfig
+from lorq.config import CompressConfig, uses_activations
+from lorq.decompose.pooled import pooled_low_rank
 from lorq.layers import LayerStep, relative_error
 from lorq.nn import QALoraLinear, QuantLinear
 from lorq.nn.qa_lora_linear import check_qa_base
 from lorq.progress import Progress
 from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
+from lorq.quant.gptq import damped_cholesky, gptq_quantize
 from lorq.quant.tensor import MergeError
 from lorq.surgery import dense_weight, set_module, weight_shape
 
@@ -62,53 +66,61 @@ def gguf_base(
     return {name: q for name, q in packed.items() if name in targets} or None
 
 
-def _base_of(weight: torch.Tensor, quant: QuantConfig, hessian: torch.Tensor | None):
+def _base_of(weight: torch.Tensor, config: CompressConfig, quant: QuantConfig, hessian):
     """Q of one matrix: GPTQ with its Hessian, else round to nearest."""
-    if hessian is None:
+    if not config.gptq:
         return quantize(weight, quant)
-    from lorq.quant.gptq import gptq_quantize
-
-    return gptq_quantize(weight, hessian.float().to(weight.device), quant)
+    return gptq_quantize(weight, hessian.float().to(weight.device), quant, config.damp)
 
 
-def _hessians(model, config, targets, calibration, progress) -> dict[str, torch.Tensor]:
-    """H (in × in) of every target that GPTQ rounds; {} without gptq."""
-    if not config.gptq or not targets:
-        return {}
-    if calibration is None:
-        raise ValueError("gptq=True needs calibration token blocks to estimate the Hessians from")
-    from lorq.hessian import estimate_hessians
-
-    return estimate_hessians(model, calibration, targets, progress)
+def _init_adapter(layer: QALoraLinear, weight: torch.Tensor, hessian, config: CompressConfig):
+    """The first k ≤ min(r, out, in/G) components of B, A: the closed-form pooled fit of W − Q
+    (the rest keep LoRA's init, B = 0 and a random A, so that every component trains)."""
+    residual = weight - layer.q.dequantize().to(weight.device)
+    chol = damped_cholesky(hessian.float().to(weight.device), config.damp)
+    generator = torch.Generator().manual_seed(config.seed)
+    lora_B, lora_A = pooled_low_rank(
+        residual, chol, layer.block_size, config.rank, layer.scaling, "randomized", generator
+    )
+    k = lora_B.shape[1]
+    with torch.no_grad():
+        layer.lora_B[:, :k] = lora_B.to(layer.lora_B.device)
+        layer.lora_A[:k] = lora_A.to(layer.lora_A.device)
 
 
 def compress_qa_lora(
     model: nn.Module,
     config: CompressConfig,
     targets: dict[str, nn.Module],
-    calibration: torch.Tensor | None,
+    hessians: dict[str, torch.Tensor],
     progress: Progress,
     base: Mapping[str, QuantizedTensor] | None,
 ) -> dict[str, float]:
-    """Every target → QALoraLinear (B = 0), in place; returns ‖W − Q‖ / ‖W‖ per target."""
+    """Every target → QALoraLinear, in place; returns ‖W − Q − s·B·Ā‖ / ‖W‖ per target.
+
+    ``hessians``: H of every target, when ``config`` rounds by GPTQ or weights by activations.
+    """
     base = dict(base or {})
     check_base(base, targets)
     quant = as_config(config.quant or "q4_1")
-    rest = {name: m for name, m in targets.items() if name not in base}
-    for module in rest.values():
-        check_qa_base(quant, weight_shape(module))
-    hessians = _hessians(model, config, rest, calibration, progress)
+    for name, module in targets.items():
+        if name not in base:
+            check_qa_base(quant, weight_shape(module))
     errors = {}
     step = LayerStep(progress, f"QA-LoRA ({quant.name}, r={config.rank})", len(targets))
     for name, module in targets.items():
         weight = dense_weight(module).float()
+        hessian = hessians.pop(name, None)
         given = base.pop(name, None)
-        q = given if given is not None else _base_of(weight, quant, hessians.pop(name, None))
+        q = given if given is not None else _base_of(weight, config, quant, hessian)
         layer = QALoraLinear.from_linear(
             module, q.config, config.rank, config.lora_alpha, config.seed, q
         )
+        if uses_activations(config.weighting):
+            _init_adapter(layer, weight, hessian, config)
         set_module(model, name, layer)
-        errors[name] = relative_error(weight, q.dequantize().to(weight.device))
+        approx = q.dequantize().to(weight.device) + layer.delta_weight().to(weight.device)
+        errors[name] = relative_error(weight, approx)
         del weight, module
         step()
     return errors

@@ -1,6 +1,7 @@
 """LoftQ and LQ-LoRA. Oracles: constructed exact solutions, plain quantization, the reported
 reconstruction, the unweighted algorithm (uniform Fisher), and invariants."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -120,7 +121,8 @@ def test_randomized_close_to_exact(gaussian):
 def test_uniform_fisher_gives_unweighted_factors(method, gaussian):
     config = DecomposeConfig(method=method, rank=8, iters=3)
     plain = decompose(gaussian, config)
-    weighted = decompose(gaussian, config, fisher=torch.full_like(gaussian, 4.0))
+    fisher_config = dataclasses.replace(config, weighting="fisher")
+    weighted = decompose(gaussian, fisher_config, fisher=torch.full_like(gaussian, 4.0))
     torch.testing.assert_close(weighted.lora_B, plain.lora_B, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(weighted.lora_A, plain.lora_A, rtol=1e-3, atol=1e-5)
     assert torch.equal(weighted.q.codes, plain.q.codes)
@@ -133,7 +135,7 @@ def test_zero_fisher_rows_are_ignored(method, heavy_tailed):
     fisher[64:] = 0.0
     config = DecomposeConfig(method=method, rank=8, svd="exact", iters=4)
     plain = decompose(heavy_tailed, config)
-    weighted = decompose(heavy_tailed, config, fisher=fisher)
+    weighted = decompose(heavy_tailed, dataclasses.replace(config, weighting="fisher"), fisher)
 
     def errors(d):
         residual = heavy_tailed - d.reconstruct()
@@ -177,7 +179,7 @@ def test_rank_too_large(gaussian):
 )
 def test_bad_fisher(gaussian, fisher, message):
     with pytest.raises(ValueError, match=message):
-        decompose(gaussian, DecomposeConfig(rank=4), fisher=fisher)
+        decompose(gaussian, DecomposeConfig(rank=4, weighting="fisher"), fisher=fisher)
 
 
 def test_config_round_trip():

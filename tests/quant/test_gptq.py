@@ -10,6 +10,7 @@ from lorq.quant.affine import affine_codes
 from lorq.quant.gptq import gptq_quantize, inverse_cholesky
 
 PRESETS = ["int4-g32", "int3-g32", "int2-g32", "int8-g128", "q4_1"]
+NF_PRESETS = ["nf4", "nf3", "nf2", "nf8", "nf4-fp32-scales"]
 
 
 def correlated_inputs(n=1024, size=256, seed=0):
@@ -27,7 +28,7 @@ def output_error(x, w, q):
     return (x @ (w - q.dequantize()).T).norm().item()
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", PRESETS + NF_PRESETS)
 def test_diagonal_hessian_is_round_to_nearest(preset):
     """No off-diagonal H ⇒ no error feedback ⇒ exactly quantize_int's buffers."""
     w = weight()
@@ -38,7 +39,9 @@ def test_diagonal_hessian_is_round_to_nearest(preset):
         assert torch.equal(q.tensors()[name], tensor), name
 
 
-@pytest.mark.parametrize("preset", ["int4-g32", "int3-g32", "int2-g32", "q4_1"])
+@pytest.mark.parametrize(
+    "preset", ["int4-g32", "int3-g32", "int2-g32", "q4_1", "nf4", "nf3", "nf2"]
+)
 def test_beats_round_to_nearest_on_correlated_inputs(preset):
     x, w = correlated_inputs(), weight()
     h = 2 / x.shape[0] * x.T @ x
@@ -114,7 +117,7 @@ def test_hopeless_hessian_is_a_clear_error():
 @pytest.mark.parametrize(
     ("w", "h", "preset", "match"),
     [
-        (weight(8, 64), torch.eye(64), "nf4", "GPTQ rounds affine INT-k codes; nf4"),
+        (weight(8, 64), torch.eye(64), "q8_0", "GPTQ rounding is not available for q8_0"),
         (weight(8, 64), torch.eye(32), "int4-g32", r"\(64, 64\)"),
         (weight(8, 48), torch.eye(48), "int4-g32", "does not divide"),
         (weight(8, 64), torch.full((64, 64), float("nan")), "int4-g32", "NaN"),
@@ -127,4 +130,4 @@ def test_bad_inputs_are_value_errors(w, h, preset, match):
 
 def test_bad_damping_is_a_value_error():
     with pytest.raises(ValueError, match="damp"):
-        gptq_quantize(weight(8, 64), torch.eye(64), QuantConfig.preset("int4-g32"), damp=0)
+        gptq_quantize(weight(8, 64), torch.eye(64), QuantConfig.preset("int4-g32"), damp=-1)

@@ -1,7 +1,11 @@
 """The cost table of the bit budget: bits and error of every matrix under every candidate config.
 
     bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
-    cost[i, c] = ‖√F_i ⊙ (W_i − Q_i − s·B_i·A_i)‖²_F         the decomposition under config c
+    cost[i, c] = err(W_i − Q_i − s·B_i·A_i)²                 the decomposition under config c
+
+err is the decomposition's own (``lorq.decompose.common``): Frobenius, Fisher-weighted, or the
+H-norm ‖R·L‖_F, whose square is the matrix's expected output error on the calibration inputs, so
+the ILP then minimises the sum of the layers' output MSEs (docs/algorithms.md §5).
 
 Methods: "plain" (plain quantization, no low-rank part), "lq" and "loftq" (docs/algorithms.md §2).
 With ``iters=1`` LQ-LoRA's first step, svd_r(W), does not depend on the config: it is computed once
@@ -20,9 +24,9 @@ import torch
 
 from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.decompose import decompose
-from lorq.decompose.common import LowRankStep, Weighting, check_rank
+from lorq.decompose.common import LowRankStep, Rounding, Weighting, check_rank
 from lorq.progress import Progress, no_progress
-from lorq.quant import QuantConfig, quantize
+from lorq.quant import QuantConfig
 from lorq.quant.base import check_weight
 
 METHODS = ("plain", "lq", "loftq")
@@ -54,12 +58,16 @@ def feasible_range(bits: np.ndarray, numels: np.ndarray) -> tuple[float, float]:
 
 
 def _row_lq_shared(
-    weight: torch.Tensor, candidates: Sequence[QuantConfig], config: DecomposeConfig, weighting
+    weight: torch.Tensor,
+    candidates: Sequence[QuantConfig],
+    config: DecomposeConfig,
+    weighting: Weighting,
+    rounding: Rounding,
 ) -> tuple[list[float], list[float]]:
     low_rank = LowRankStep(config, weighting, weight)(weight).dense()
     bits, cost = [], []
     for candidate in candidates:
-        q = quantize(weight - low_rank, candidate)
+        q = rounding(weight - low_rank, candidate)
         bits.append(8.0 * q.nbytes)
         cost.append(weighting.error(weight - q.dequantize() - low_rank) ** 2)
     return bits, cost
@@ -71,23 +79,24 @@ def _row(
     method: str,
     config: DecomposeConfig,
     fisher: torch.Tensor | None,
+    hessian: torch.Tensor | None,
 ) -> tuple[list[float], list[float], float]:
     weight = weight.detach().float()
-    weighting = Weighting.from_fisher(fisher, weight)
+    if method != "plain":
+        check_rank(weight, config.rank)
+    check_weight(weight)
+    weighting = Weighting.build(weight, config, fisher, hessian)
+    rounding = Rounding(config, hessian, weight.device)
     norm = weighting.error(weight) ** 2
     if method == "lq" and config.iterations == 1:
-        check_rank(weight, config.rank)
-        return (*_row_lq_shared(weight, candidates, config, weighting), norm)
+        return (*_row_lq_shared(weight, candidates, config, weighting, rounding), norm)
     bits, cost = [], []
     for candidate in candidates:
         if method == "plain":
-            check_weight(weight)
-            q = quantize(weight, candidate)
+            q = rounding(weight, candidate)
             err = weighting.error(weight - q.dequantize())
         else:
-            d = decompose(
-                weight, DecomposeConfig(**{**config.to_dict(), "quant": candidate}), fisher
-            )
+            d = decompose(weight, dataclasses.replace(config, quant=candidate), fisher, hessian)
             q, err = d.q, d.error
         bits.append(8.0 * q.nbytes)
         cost.append(err**2)
@@ -101,11 +110,14 @@ def cost_table(
     config: DecomposeConfig | None = None,
     fisher: Mapping[str, torch.Tensor] | None = None,
     progress: Progress = no_progress,
+    hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> CostTable:
     """Bits and squared error of every matrix (out × in) under every candidate config.
 
-    ``config`` gives rank, iterations, SVD and seed of the decomposition (its ``quant`` is
-    replaced by each candidate); ``fisher``: {matrix name: F} (a missing name: unweighted).
+    ``config`` gives rank, iterations, SVD, seed, weighting and rounding of the decomposition
+    (its ``quant`` is replaced by each candidate); ``fisher``: {matrix name: F}, ``hessians``:
+    {matrix name: H (in × in)}, each needed for every matrix when the weighting (or GPTQ
+    rounding) uses it.
     """
     method = LEGACY_METHODS.get(method, method)
     if method not in METHODS:
@@ -118,7 +130,8 @@ def cost_table(
     advance = progress(f"cost table ({method}, r={config.rank})", len(matrices))
     rows, numels = [], []
     for name, weight in matrices.items():  # each weight read once (it may be decoded on access)
-        rows.append(_row(weight, candidates, method, config, (fisher or {}).get(name)))
+        statistics = (fisher or {}).get(name), (hessians or {}).get(name)
+        rows.append(_row(weight, candidates, method, config, *statistics))
         numels.append(weight.numel())
         advance(1)
     return CostTable(

@@ -57,7 +57,12 @@ class BudgetPlan:
     gap: float
     table_seconds: float
     solve_seconds: float
-    weighted: bool = False
+    weighting: str = "none"  # the costs' error: none | fisher | activations | both
+    rounding: str = "nearest"  # how Q was rounded for the costs: nearest | gptq
+
+    @property
+    def weighted(self) -> bool:
+        return self.weighting != "none"
 
     @property
     def total_params(self) -> int:
@@ -110,6 +115,8 @@ class BudgetPlan:
         )
         fields = {k: v for k, v in data.items() if k not in ("version", "entries")}
         fields["method"] = LEGACY_METHODS.get(fields["method"], fields["method"])
+        if "weighted" in fields:  # lorq 0.1: a flag for the Fisher weighting
+            fields["weighting"] = "fisher" if fields.pop("weighted") else "none"
         return cls(entries=entries, **fields)
 
     def save(self, path: str | Path) -> None:
@@ -145,12 +152,19 @@ def plan_budgets(
     iters: int = 1,
     time_limit: float = 60.0,
     progress: Progress = no_progress,
+    hessians: Mapping[str, torch.Tensor] | None = None,
+    weighting: str | None = None,
+    rounding: str = "nearest",
 ) -> list[BudgetPlan]:
     """Choose a quantization config per matrix minimising total error under each budget.
 
-    ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)} weighting.
-    One cost table serves every budget (the table is the expensive part; each solve is not).
+    ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)};
+    ``hessians``: {name: H = XᵀX/N (in × in)} for ``weighting`` "activations" / "both" or
+    ``rounding="gptq"``. ``weighting`` defaults to "fisher" when ``fisher`` is given, else
+    "none". One cost table serves every budget (the table is the expensive part; a solve is not).
     """
+    if weighting is None:
+        weighting = "fisher" if fisher is not None else "none"
     method = LEGACY_METHODS.get(method, method)
     grid = candidate_grid(candidates)
     # read once: a mapping may decode each matrix on access (lorq.surgery.DenseWeights)
@@ -161,8 +175,14 @@ def plan_budgets(
         for budget_bits in budgets:
             check_budget(bits, numels, budget_bits)
     start = time.perf_counter()
-    config = DecomposeConfig(method="loftq" if method == "loftq" else "lq", rank=rank, iters=iters)
-    table = cost_table(matrices, grid, method, config, fisher, progress)
+    config = DecomposeConfig(
+        method="loftq" if method == "loftq" else "lq",
+        rank=rank,
+        iters=iters,
+        weighting=weighting,  # type: ignore[arg-type]
+        rounding=rounding,  # type: ignore[arg-type]
+    )
+    table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
     table_seconds = time.perf_counter() - start
     return [
         _solve_plan(
@@ -173,7 +193,7 @@ def plan_budgets(
             rank,
             time_limit,
             table_seconds,
-            fisher is not None,
+            (weighting, rounding),
         )
         for budget_bits in budgets
     ]
@@ -187,7 +207,7 @@ def _solve_plan(
     rank: int,
     time_limit: float,
     table_seconds: float,
-    weighted: bool,
+    statistics: tuple[str, str],
 ) -> BudgetPlan:
     start = time.perf_counter()
     solution = solve(table, budget_bits, time_limit)
@@ -211,5 +231,5 @@ def _solve_plan(
         solution.gap,
         table_seconds,
         time.perf_counter() - start,
-        weighted,
+        *statistics,
     )

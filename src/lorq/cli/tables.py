@@ -81,11 +81,21 @@ def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
     summary.add_row("quantized linears (MB)", f"{sum(e.bits for e in plan.entries) / 8e6:.2f}")
     lora_mb = (with_factors - plan.achieved_bits) * plan.total_params / 8e6
     summary.add_row("low-rank factors, bf16 (MB)", f"{lora_mb:.2f}")
-    weighting = " (Fisher-weighted)" if plan.weighted else ""
-    summary.add_row("total squared error" + weighting, f"{plan.total_error:.6g}")
+    summary.add_row(
+        "cost weighting, rounding", f"{WEIGHTING_LABELS[plan.weighting]}, {plan.rounding}"
+    )
+    summary.add_row("total squared error", f"{plan.total_error:.6g}")
     summary.add_row("solver", f"{plan.status}, gap {plan.gap:.2e}, {plan.solve_seconds:.2f} s")
     summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
     return grid, summary
+
+
+WEIGHTING_LABELS = {
+    "none": "none (‖W − Ŵ‖²)",
+    "fisher": "Fisher (‖√F ⊙ (W − Ŵ)‖²)",
+    "activations": "activations (output MSE)",
+    "both": "activations + Fisher rows",
+}
 
 
 def quantize_report_table(model: str, layers: int, rows) -> Table:

@@ -22,6 +22,69 @@ CalibrationOption = Annotated[str, typer.Option(help="calibration text: builtin,
 AllowPickleOption = Annotated[
     bool, typer.Option(help="load pickle-only weights (.bin) with torch's weights-only unpickler")
 ]
+WeightingOption = Annotated[
+    str | None,
+    typer.Option(
+        help="what the decomposition and plan minimise: none (weight error) | fisher | "
+        "activations (layer output error on the calibration text) | both  [default: activations]"
+    ),
+]
+FisherOption = Annotated[bool, typer.Option(help="the same as --weighting fisher")]
+PlanWeightingOption = Annotated[
+    str | None,
+    typer.Option(help="with --budget: another weighting for the plan's costs (e.g. fisher)"),
+]
+RoundingOption = Annotated[
+    str | None,
+    typer.Option(help="Q by round to nearest | gptq (on the calibration text)  [default: nearest]"),
+]
+CalibrationTokensOption = Annotated[
+    int | None,
+    typer.Option(help="calibration tokens (sequences of --seq-len; default 64 sequences)"),
+]
+SeqLenOption = Annotated[int, typer.Option(help="calibration sequence length")]
+EmbeddingsOption = Annotated[
+    str | None, typer.Option(help="preset for the token embeddings (e.g. q8_0); default: kept")
+]
+GGUFCodesOption = Annotated[
+    bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
+]
+FactorBitsOption = Annotated[
+    int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
+]
+
+
+def statistics_options(
+    weighting: str | None,
+    fisher: bool,
+    rounding: str | None,
+    gptq: bool = False,
+    plan_weighting: str | None = None,
+) -> dict[str, str | None]:
+    """CompressConfig fields from --weighting / --fisher, --rounding / --gptq (aliases) and
+    --plan-weighting."""
+    from lorq.config import JOB_STATISTICS
+
+    if fisher and weighting not in (None, "fisher"):
+        raise ValueError(f"--fisher is --weighting fisher; it contradicts --weighting {weighting}")
+    if gptq and rounding not in (None, "gptq"):
+        raise ValueError(f"--gptq is --rounding gptq; it contradicts --rounding {rounding}")
+    weighting = "fisher" if fisher else weighting
+    rounding = "gptq" if gptq else rounding
+    return {
+        "weighting": weighting or JOB_STATISTICS["weighting"],
+        "rounding": rounding or JOB_STATISTICS["rounding"],
+        "plan_weighting": plan_weighting,
+    }
+
+
+def calibration_of(source: str, seq_len: int, tokens: int | None):
+    from lorq.compress import CALIBRATION_BLOCKS, Calibration
+
+    if tokens is not None and tokens <= 0:
+        raise ValueError(f"--calibration-tokens {tokens} is not supported; allowed: > 0")
+    blocks = CALIBRATION_BLOCKS if tokens is None else -(-tokens // seq_len)
+    return Calibration(source, seq_len, blocks)
 
 
 @app.command("quantize-report")
@@ -71,33 +134,41 @@ def plan(
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="lq | loftq | plain")] = "lq",
     rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
-    fisher: Annotated[bool, typer.Option(help="weight errors by the Fisher information")] = False,
+    weighting: WeightingOption = None,
+    fisher: FisherOption = False,
+    rounding: RoundingOption = None,
+    plan_weighting: PlanWeightingOption = None,
     candidates: Annotated[
         str, typer.Option(help="default | full | int | preset names")
     ] = "default",
     calibration: CalibrationOption = "builtin",
-    seq_len: Annotated[int, typer.Option(help="calibration sequence length")] = 128,
-    samples: Annotated[int, typer.Option(help="calibration sequences for --fisher")] = 64,
+    seq_len: SeqLenOption = 128,
+    calibration_tokens: CalibrationTokensOption = None,
     out: Annotated[Path, typer.Option(help="plan JSON (a PNG heatmap is written beside)")] = Path(
         "plan.json"
     ),
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
-    from lorq.compress import Calibration, plan_model
+    from lorq.compress import plan_model
     from lorq.config import CompressConfig
     from lorq.plots import plan_heatmap
     from lorq.preflight import check_compress
 
     with user_errors() as stage:
         config = CompressConfig(
-            method, budget=budget, rank=rank, fisher=fisher, candidates=candidates
+            method,
+            budget=budget,
+            rank=rank,
+            candidates=candidates,
+            **statistics_options(weighting, fisher, rounding, plan_weighting=plan_weighting),
         )
         _check_plan_target(out)
-        text = Calibration(calibration, seq_len, samples)
+        text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, allow_pickle=allow_pickle)
+        calibrated = config.fisher or config.activations
         loaded = load_quietly(
-            model, with_tokenizer=fisher, packed=not fisher, allow_pickle=allow_pickle
+            model, with_tokenizer=calibrated, packed=not config.fisher, allow_pickle=allow_pickle
         )
         result = plan_model(loaded, config, calibration=text, progress=stage)
         result.save(out)
@@ -117,30 +188,29 @@ def compress(
         Path | None, typer.Option("--plan", help="a plan from `lorq plan` (its budget, no new ILP)")
     ] = None,
     rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
-    fisher: Annotated[bool, typer.Option(help="Fisher-weighted decomposition and plan")] = False,
+    weighting: WeightingOption = None,
+    fisher: FisherOption = False,
+    rounding: RoundingOption = None,
+    plan_weighting: PlanWeightingOption = None,
     candidates: Annotated[str, typer.Option(help="ILP grid: default | full | presets")] = "default",
     calibration: CalibrationOption = "builtin",
+    seq_len: SeqLenOption = 128,
+    calibration_tokens: CalibrationTokensOption = None,
     eval_blocks: Annotated[
         int, typer.Option(help="evaluation blocks of 256 tokens (0: none)")
     ] = 16,
     baseline: Annotated[bool, typer.Option(help="also measure plain NF at the same bits")] = True,
-    gptq: Annotated[bool, typer.Option(help="qa-lora: GPTQ rounding of the INT-k base")] = False,
-    embeddings: Annotated[
-        str | None, typer.Option(help="preset for the token embeddings (e.g. q8_0); default: kept")
-    ] = None,
-    gguf_codes: Annotated[
-        bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
-    ] = True,
-    factor_bits: Annotated[
-        int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
-    ] = None,
+    gptq: Annotated[bool, typer.Option(help="the same as --rounding gptq")] = False,
+    embeddings: EmbeddingsOption = None,
+    gguf_codes: GGUFCodesOption = True,
+    factor_bits: FactorBitsOption = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.budget import BudgetPlan
-    from lorq.compress import Calibration, compress_model
+    from lorq.compress import compress_model
     from lorq.config import CompressConfig
     from lorq.io import save
     from lorq.preflight import check_compress
@@ -148,12 +218,13 @@ def compress(
     with user_errors() as stage:
         given = BudgetPlan.load(plan_file) if plan_file else None
         budget = given.budget if given and budget is None and quant is None else budget
-        config = CompressConfig(method, quant, budget, candidates, rank, fisher=fisher, gptq=gptq)
+        statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting)
+        config = CompressConfig(method, quant, budget, candidates, rank, **statistics)
         config = replace(config, embeddings=embeddings, factor_bits=factor_bits)
-        text = Calibration(calibration)
+        text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle)
         check_out_dir(out, overwrite, model)
-        loaded = load_quietly(model, packed=not fisher, allow_pickle=allow_pickle)
+        loaded = load_quietly(model, packed=not config.fisher, allow_pickle=allow_pickle)
         result = compress_model(
             loaded,
             config,

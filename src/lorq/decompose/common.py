@@ -1,6 +1,12 @@
-"""What LoftQ and LQ-LoRA share: the result type, the weighting, the low-rank step, the error.
+"""What LoftQ and LQ-LoRA share: the result type, the weighting, the low-rank step, the rounding
+and the error (docs/algorithms.md §2.3, §5). With R = W − Q − s·B·A:
 
-err = ‖√F ⊙ (W − Q − s·B·A)‖_F        (F = 1 without Fisher information)
+    none          err = ‖R‖_F
+    fisher        err = ‖√F ⊙ R‖_F              low-rank step: two-sided weighted SVD
+    activations   err = ‖R·L‖_F                 H_λ = L·Lᵀ (in × in); low-rank step: closed form
+    both          err = ‖diag(ρ)·R·L‖_F         ρ_i = sqrt(mean_j F_ij) (out,)
+
+err² in the H-norm is the layer's expected output error on the calibration inputs.
 """
 
 from __future__ import annotations
@@ -9,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lorq.config import DecomposeConfig
-from lorq.decompose.svd import LowRank, truncated_svd, weighted_svd
-from lorq.quant import QuantizedTensor
+from lorq.config import DecomposeConfig, uses_activations, uses_fisher
+from lorq.decompose.svd import LowRank, activation_svd, truncated_svd, weighted_svd
+from lorq.quant import QuantConfig, QuantizedTensor, quantize
 from lorq.quant.base import check_weight
+from lorq.quant.gptq import check_hessian, damped_cholesky, gptq_round, inverse_cholesky
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,11 +53,13 @@ class Decomposition:
 
 @dataclass
 class Weighting:
-    """√F for the error, two-sided weights ρ (out,), γ (in,) for the SVD; None: unweighted."""
+    """√F for the error, two-sided weights ρ (out,), γ (in,) for the SVD, or the H-norm's
+    L (in × in, lower) with optional row weights ρ; all None: unweighted."""
 
     root: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
+    chol: torch.Tensor | None = None
 
     @classmethod
     def from_fisher(cls, fisher: torch.Tensor | None, weight: torch.Tensor) -> Weighting:
@@ -60,10 +69,76 @@ class Weighting:
         fisher = fisher.float()
         return cls(fisher.sqrt(), fisher.mean(1).sqrt(), fisher.mean(0).sqrt())
 
+    @classmethod
+    def build(
+        cls,
+        weight: torch.Tensor,
+        config: DecomposeConfig,
+        fisher: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
+    ) -> Weighting:
+        """The weighting ``config.weighting`` names, from the statistics it needs."""
+        check_statistics(weight, config, fisher, hessian)
+        if not uses_activations(config.weighting):
+            return cls.from_fisher(fisher, weight)
+        assert hessian is not None
+        chol = damped_cholesky(hessian.to(weight.device), config.damp)
+        rows = None
+        if fisher is not None:
+            rows = fisher.float().mean(1).sqrt().to(weight.device)
+        return cls(rows=rows, chol=chol)
+
     def error(self, residual: torch.Tensor) -> float:
+        if self.chol is not None:
+            if self.rows is not None:
+                residual = residual * self.rows[:, None]
+            return float(torch.linalg.vector_norm(residual @ self.chol))
         if self.root is not None:
             residual = residual * self.root
         return float(torch.linalg.vector_norm(residual))
+
+
+class Rounding:
+    """Q of a target: round to nearest, or GPTQ with U = chol(H_λ⁻¹) computed once per matrix."""
+
+    def __init__(self, config: DecomposeConfig, hessian: torch.Tensor | None, device) -> None:
+        self.upper = None
+        if config.rounding == "gptq":
+            assert hessian is not None
+            self.upper = inverse_cholesky(hessian.to(device), config.damp)
+
+    def __call__(self, target: torch.Tensor, quant: QuantConfig) -> QuantizedTensor:
+        if self.upper is None:
+            return quantize(target, quant)
+        return gptq_round(target, self.upper, quant)
+
+
+def check_statistics(
+    weight: torch.Tensor,
+    config: DecomposeConfig,
+    fisher: torch.Tensor | None,
+    hessian: torch.Tensor | None,
+) -> None:
+    """The Fisher iff the weighting uses it; H iff the weighting or the rounding uses it."""
+    needs_h = uses_activations(config.weighting) or config.rounding == "gptq"
+    for name, given, needed in (
+        ("fisher", fisher, uses_fisher(config.weighting)),
+        ("hessian", hessian, needs_h),
+    ):
+        if needed and given is None:
+            raise ValueError(
+                f"weighting={config.weighting!r}, rounding={config.rounding!r} needs {name}= "
+                f"({'the Fisher, out × in' if name == 'fisher' else 'H = XᵀX/N, in × in'})"
+            )
+        if given is not None and not needed:
+            raise ValueError(
+                f"{name}= was given but weighting={config.weighting!r}, "
+                f"rounding={config.rounding!r} does not use it; set weighting (or rounding)"
+            )
+    if fisher is not None:
+        check_fisher(fisher, weight)
+    if hessian is not None:
+        check_hessian(hessian, weight)
 
 
 def check_fisher(fisher: torch.Tensor, weight: torch.Tensor) -> None:
@@ -100,7 +175,11 @@ class LowRankStep:
 
     def __call__(self, residual: torch.Tensor) -> LowRank:
         w, rank = self.weighting, self.config.rank
-        if w.rows is not None and w.cols is not None:
+        if w.chol is not None:
+            low = activation_svd(
+                residual, rank, w.chol, w.rows, self.method, self.generator, self.sketch
+            )
+        elif w.rows is not None and w.cols is not None:
             low = weighted_svd(
                 residual, rank, w.rows, w.cols, self.method, self.generator, self.sketch
             )

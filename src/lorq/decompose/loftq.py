@@ -5,6 +5,9 @@
                     err_t = ‖√F ⊙ (W − Q_t − s·B_t·A_t)‖_F
     return the iterate with the smallest err_t (at 2 bits the error can rise after a few steps)
 
+Activation-aware (docs/algorithms.md §5): the same two steps in the H-norm and GPTQ rounding
+(``lorq.decompose.common``).
+
 Shapes: W (out × in), B (out × r), A (r × in).
 """
 
@@ -13,17 +16,25 @@ from __future__ import annotations
 import torch
 
 from lorq.config import DecomposeConfig
-from lorq.decompose.common import Decomposition, Iterate, LowRankStep, Weighting, finish
+from lorq.decompose.common import (
+    Decomposition,
+    Iterate,
+    LowRankStep,
+    Rounding,
+    Weighting,
+    finish,
+)
 from lorq.decompose.svd import split_factors
-from lorq.quant import quantize
 
 
-def loftq(weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting) -> Decomposition:
+def loftq(
+    weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting, rounding: Rounding
+) -> Decomposition:
     weight = weight.detach().float()
     step = LowRankStep(config, weighting, weight)
     target, errors, best = weight, [], None
     for _ in range(config.iterations):
-        q = quantize(target, config.quant)
+        q = rounding(target, config.quant)
         residual = weight - q.dequantize()
         low = step(residual)
         low_rank = low.dense()

@@ -5,6 +5,9 @@
                         err_t = ‖√F ⊙ (W − Q_t − s·B_t·A_t)‖_F;   stop once err_t stops falling
     return the iterate with the smallest err_t
 
+Activation-aware (docs/algorithms.md §5): svd_r is the closed form in the H-norm, quant may be
+GPTQ on H, err_t = ‖(W − Q_t − s·B_t·A_t)·L‖_F (``lorq.decompose.common``).
+
 Shapes: W (out × in), B (out × r), A (r × in).
 """
 
@@ -13,14 +16,22 @@ from __future__ import annotations
 import torch
 
 from lorq.config import DecomposeConfig
-from lorq.decompose.common import Decomposition, Iterate, LowRankStep, Weighting, finish
+from lorq.decompose.common import (
+    Decomposition,
+    Iterate,
+    LowRankStep,
+    Rounding,
+    Weighting,
+    finish,
+)
 from lorq.decompose.svd import split_factors
-from lorq.quant import quantize
 
 STALL = 1e-6  # a relative improvement below this counts as "no longer falling"
 
 
-def lq_lora(weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting) -> Decomposition:
+def lq_lora(
+    weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting, rounding: Rounding
+) -> Decomposition:
     weight = weight.detach().float()
     step = LowRankStep(config, weighting, weight)
     dense_q = torch.zeros_like(weight)
@@ -29,7 +40,7 @@ def lq_lora(weight: torch.Tensor, config: DecomposeConfig, weighting: Weighting)
     for _ in range(config.iterations):
         low = step(weight - dense_q)
         low_rank = low.dense()
-        q = quantize(weight - low_rank, config.quant)
+        q = rounding(weight - low_rank, config.quant)
         dense_q = q.dequantize()
         errors.append(weighting.error(weight - dense_q - low_rank))
         if errors[-1] <= min(errors):

@@ -10,6 +10,9 @@ of LoftQ / LQ-LoRA into a continued subspace iteration.
 
 Two-sided weighting (LQ-LoRA §3.2 heuristic): with row weights ρ (m,) and column weights γ (n,),
 take svd_r(diag(ρ) M diag(γ)) and divide the factors back by ρ and γ (zero weights → zero rows).
+
+Activation-aware (docs/algorithms.md §5): with H_λ = L·Lᵀ (n × n), the rank-r D minimising
+‖diag(ρ)(M − D)·L‖_F is exactly diag(ρ)⁻¹·svd_r(diag(ρ)·M·L)·L⁻¹.
 """
 
 from __future__ import annotations
@@ -79,6 +82,27 @@ def weighted_svd(
     low = truncated_svd(scaled, rank, method, generator, start)
     U = low.U * _safe_inverse(row_weights)[:, None]
     Vh = low.Vh * _safe_inverse(col_weights)[None, :]
+    return LowRank(U, low.S, Vh, sketch=low.sketch)
+
+
+def activation_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    chol: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    method: str,
+    generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
+) -> LowRank:
+    """The best rank-r D in the H-norm: D = diag(ρ)⁻¹·svd_r(diag(ρ)·M·L)·L⁻¹ (H_λ = L·Lᵀ).
+
+    Eckart–Young on M·L, since ‖(M − D)·L‖_F = ‖M·L − D·L‖_F and D·L ranges over every rank-r
+    matrix; Vh·L⁻¹ by a triangular solve (never an explicit inverse). ρ = None: no row weights.
+    """
+    scaled = matrix if row_weights is None else matrix * row_weights[:, None]
+    low = truncated_svd(scaled @ chol, rank, method, generator, start)
+    U = low.U if row_weights is None else low.U * _safe_inverse(row_weights)[:, None]
+    Vh = torch.linalg.solve_triangular(chol, low.Vh, upper=False, left=False)
     return LowRank(U, low.S, Vh, sketch=low.sketch)
 
 

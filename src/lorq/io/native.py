@@ -45,7 +45,7 @@ LORQ_FILE = "lorq.json"
 WEIGHTS_FILE = "model.safetensors"
 META_ATTR = "lorq_meta"  # the model attribute that carries its lorq.json provenance
 # what a saved model's lorq.json carries over to a model made from it (finetune, merge)
-CARRIED_META = ("source", "compress", "plan", "evaluation", "finetune", "merge")
+CARRIED_META = ("source", "compress", "plan", "calibration", "evaluation", "finetune", "merge")
 
 
 def model_meta(model: nn.Module) -> dict[str, Any]:

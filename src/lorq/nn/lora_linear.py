@@ -53,9 +53,11 @@ class QuantLoraLinear(AdapterLinear):
         linear: nn.Module,
         config: DecomposeConfig,
         fisher: torch.Tensor | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> QuantLoraLinear:
-        """Decompose the weight of ``linear`` (nn.Linear, Conv1D, packed QuantLinear); wrap it."""
-        decomposition = decompose(dense_weight(linear).float(), config, fisher)
+        """Decompose the weight of ``linear`` (nn.Linear, Conv1D, packed QuantLinear); wrap it.
+        ``fisher`` / ``hessian``: what ``config.weighting`` and ``config.rounding`` use."""
+        decomposition = decompose(dense_weight(linear).float(), config, fisher, hessian)
         layer = cls.from_decomposition(decomposition, getattr(linear, "bias", None))
         return layer.to(device_of(linear))
 

@@ -156,6 +156,36 @@ def affine_tensor(
     return QuantizedTensor(config, shape, {"codes": codes, "scales": stored, "zeros": zeros})
 
 
+class AffineGrid:
+    """GPTQ's rounding on an affine grid: a group's scale and zero (or min) are chosen from the
+    current, error-updated columns when the group starts (``lorq.quant.gptq``)."""
+
+    def __init__(self, weight: torch.Tensor, config: AffineConfig) -> None:
+        self.config, self.group = config, config.block_size
+        self.shape = (weight.shape[0], weight.shape[1])
+        groups = (weight.shape[0], weight.shape[1] // config.block_size)
+        self.codes = torch.empty(self.shape, dtype=torch.uint8, device=weight.device)
+        self.scales = torch.empty(groups, device=weight.device)
+        self.zeros = torch.empty(groups, device=weight.device)
+
+    def start(self, columns: torch.Tensor, first: int) -> None:
+        c = self.config
+        scale, zero = affine_params(columns, c.bits, c.ZERO, c.scale_dtype)
+        self.scales[:, first // self.group], self.zeros[:, first // self.group] = scale, zero
+
+    def round(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        c, g = self.config, j // self.group
+        scale, zero = self.scales[:, g], self.zeros[:, g]
+        code = affine_codes(column[:, None], scale[:, None], zero[:, None], c.bits, c.ZERO)[:, 0]
+        self.codes[:, j] = code
+        return affine_values(code, scale, zero, c.ZERO)
+
+    def result(self) -> QuantizedTensor:
+        codes = pack(self.codes.reshape(-1), self.config.bits)
+        scales, zeros = self.scales.reshape(-1), self.zeros.reshape(-1)
+        return affine_tensor(self.config, self.shape, codes, scales, zeros)
+
+
 class Affine(QuantFormat):
     """The operations both affine layouts share; ``config_type`` picks zeros or mins."""
 
@@ -191,6 +221,13 @@ class Affine(QuantFormat):
 
         codes = pack_blocks(groups, config.bits, encode)
         return affine_tensor(config, shape, codes, scale, zero_or_min)
+
+    def check_gptq(self, config: QuantConfig) -> None:
+        """Every config of this format has a GPTQ grid."""
+
+    def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> AffineGrid:
+        assert isinstance(config, AffineConfig)
+        return AffineGrid(weight, config)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         config = q.config

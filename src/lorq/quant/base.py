@@ -165,6 +165,18 @@ class QuantFormat:
         """Zero points or mins of every block as float32 (num_blocks,); None when there are none."""
         return None
 
+    def check_gptq(self, config: QuantConfig) -> None:
+        """Raise ValueError unless GPTQ can round to this format's grid (``gptq_grid``)."""
+        raise ValueError(
+            f"GPTQ rounding is not available for {config.name}; use an NF or INT preset "
+            "(nf2, nf3, nf4, int4-g32, q4_1, …) or rounding='nearest'"
+        )
+
+    def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> Any:
+        """The column-by-column rounding GPTQ uses (a ``lorq.quant.gptq.ColumnGrid``)."""
+        self.check_gptq(config)
+        raise NotImplementedError
+
     def gguf_type(self, config: QuantConfig) -> int | None:
         """The ``gguf.GGMLQuantizationType`` whose blocks hold these codes as they are, if any."""
         return None

@@ -1,24 +1,30 @@
-"""GPTQ: data-aware group-wise INT-k rounding (Frantar et al. 2023, arXiv 2210.17323;
-docs/algorithms.md §1.7).
+"""GPTQ: data-aware rounding on any scalar grid (Frantar et al. 2023, arXiv 2210.17323;
+docs/algorithms.md §1.3, §5).
 
 Minimises the layer output error on calibration inputs X (N × in) instead of the weight error:
 
-    min_Q ‖X Wᵀ − X Qᵀ‖²_F        H = 2/N · Xᵀ X + λ · mean(diag H) · I      (in × in), λ = 0.01
-    U = chol(H⁻¹)ᵀ  (upper)       columns j = 0 … in−1, left to right:
-        q_j  = quant(w_j)                                   w_j: column j of W (out,)
+    min_Q ‖X Wᵀ − X Qᵀ‖²_F        H = XᵀX / N,  H_λ = H + λ·mean(diag H)·I   (in × in), λ = 0.01
+    U = chol(H_λ⁻¹)ᵀ  (upper)     columns j = 0 … in−1, left to right:
+        q_j  = grid(w_j)                                    w_j: column j of W (out,)
         e_j  = (w_j − q_j) / U[j, j]
         w_k −= e_j · U[j, k]   for every k > j              (error feedback to later columns)
 
-Shapes: weight W (out × in) float, hessian H (in × in) float32; the result is a QuantizedTensor
-with exactly the layout of the affine formats' round to nearest (same packing; stored scales are
-what codes come from).
+Shapes: weight W (out × in) float, hessian H (in × in) float32 (any positive multiple gives the
+same result); the result is a QuantizedTensor with exactly the layout of the format's round to
+nearest (same packing; stored scales are what codes come from).
 
-Details (as the reference GPTQ code, act-order off so groups stay contiguous, §2.5):
-- columns go in blocks of ``block_columns`` (rounded to a multiple of G, so no group straddles a
-  block): the feedback inside a block is applied column by column, to later blocks once per block
-  (the "lazy batch" update: same result up to float rounding, far fewer memory passes);
-- the scale and zero (or min) of a group are chosen when its first column is reached, from the
-  *current*, error-updated weights of the group;
+The grid is the format's (``QuantFormat.gptq_grid``), one object per matrix:
+- affine INT-k / float mins: a group's scale and zero (or min) are chosen when its first column
+  is reached, from the *current*, error-updated weights of the group (GPTQ's groups);
+- NF-k: the block absmax scales are fixed before the sweep from the weight being rounded, and
+  double-quantized first, so the stored (second-level) scale is the one every code is rounded
+  with (GPTQ's "static groups"; the second level needs every scale of a super-block at once).
+With a diagonal H there is no feedback and both are exactly round to nearest.
+
+Details (as the reference GPTQ code, act-order off so groups stay contiguous):
+- columns go in blocks of ``block_columns`` (rounded to a multiple of the group, so no group
+  straddles a block): feedback inside a block is applied column by column, to later blocks once
+  per block (the "lazy batch" update: same result up to float rounding, far fewer memory passes);
 - a dead input (diag H = 0: the feature was always 0) gets diag 1; its weights are kept and
   rounded to nearest (its row and column of H are 0, so it neither gives nor gets feedback);
 - when the Cholesky factorisation fails, the damping is retried ×10 a few times.
@@ -26,31 +32,36 @@ Details (as the reference GPTQ code, act-order off so groups stay contiguous, §
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from lorq.quant.affine import (
-    AffineConfig,
-    affine_codes,
-    affine_params,
-    affine_tensor,
-    affine_values,
-)
 from lorq.quant.base import QuantConfig, check_weight, format_of
-from lorq.quant.packing import pack
 from lorq.quant.tensor import QuantizedTensor
 
-DAMP = 0.01  # λ of docs/algorithms.md §1.7 (the GPTQ paper's "percdamp")
+DAMP = 0.01  # λ of docs/algorithms.md §1.3 (the GPTQ paper's "percdamp")
 DAMP_RETRIES = 3  # extra tries with λ ×10 each when H + λ·mean(diag H)·I is not positive definite
 
 
-def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> None:
-    check_weight(weight)
-    if not isinstance(config, AffineConfig):
-        raise ValueError(
-            f"GPTQ rounds affine INT-k codes; {config.name} is not supported: "
-            "use an int preset (e.g. int4-g32, int3-g32, q4_1)"
-        )
-    format_of(config).check_shape(config, (weight.shape[0], weight.shape[1]))
+class ColumnGrid(Protocol):
+    """A format's rounding of one matrix, column by column (built by ``gptq_grid``).
+
+    ``group``: columns whose per-row parameters :meth:`start` chooses (0: none, fixed up front).
+    """
+
+    group: int
+
+    def start(self, columns: torch.Tensor, first: int) -> None:
+        """The group of columns ``first …`` begins; ``columns`` (out × group) are current."""
+
+    def round(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        """Round column ``j`` (out,) to the grid; returns the rounded values, keeps the codes."""
+
+    def result(self) -> QuantizedTensor:
+        """The QuantizedTensor of every rounded column."""
+
+
+def check_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> None:
     size = weight.shape[1]
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (size, size):
         shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian)
@@ -62,55 +73,72 @@ def _check_inputs(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
         raise ValueError("hessian contains NaN or Inf values; re-estimate it from finite inputs")
 
 
-def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹, dead inputs given diag 1; (in × in).
+def damped_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Lower Cholesky factor L of H_λ = H + λ·mean(diag H)·I (dead inputs given diag 1).
 
-    λ starts at ``damp`` and is multiplied by 10 up to ``DAMP_RETRIES`` times while a
-    factorisation fails; then ValueError.
+    λ starts at ``damp`` (0 allowed: then H itself, which must be positive definite) and is
+    multiplied by 10 up to ``DAMP_RETRIES`` times while the factorisation fails; then ValueError.
     """
+    if not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"damp={damp!r} is not supported; allowed: a float ≥ 0 (0.01)")
     h = hessian.detach().float().clone()
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     mean = diag.mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(DAMP_RETRIES + 1):
         lam = damp * 10**attempt
-        damped = h + lam * mean * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                return upper
+        lower, info = torch.linalg.cholesky_ex(h + lam * mean * eye if lam else h)
+        if info.item() == 0 and torch.isfinite(lower).all():
+            return lower
     raise ValueError(
         f"the Hessian is not positive definite even with damping λ={lam:g}·mean(diag H) "
         f"(mean(diag H)={mean.item():.3g}); check the calibration inputs or pass a larger damp"
     )
 
 
-def _quantize_block(
-    block: torch.Tensor, upper: torch.Tensor, config: AffineConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ on one block of columns (out × b, updated in place; b a multiple of G).
+def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """Upper Cholesky factor U of H_λ⁻¹ (in × in), H_λ as in :func:`damped_cholesky`."""
+    lower = damped_cholesky(hessian, damp)
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info.item() != 0 or not torch.isfinite(upper).all():
+        raise ValueError(
+            "the inverse of the damped Hessian is not positive definite; check the calibration "
+            "inputs or pass a larger damp"
+        )
+    return upper
 
-    Returns (codes (out × b) uint8, errors e (out × b), scales and zeros-or-mins (out × b/G)).
-    """
-    group, bits, zero = config.block_size, config.bits, config.ZERO
-    codes = torch.empty(block.shape, dtype=torch.uint8, device=block.device)
+
+def _sweep(block: torch.Tensor, upper: torch.Tensor, grid: ColumnGrid, first: int) -> torch.Tensor:
+    """GPTQ on one block of columns (out × b, updated in place); returns the errors e (out × b)."""
     errors = torch.empty_like(block)
-    scales, zeros = [], []
+    diagonal = upper.diagonal()
     for j in range(block.shape[1]):
-        if j % group == 0:
-            scale, zero_or_min = affine_params(
-                block[:, j : j + group], bits, zero, config.scale_dtype
-            )
-            scales.append(scale)
-            zeros.append(zero_or_min)
+        if grid.group and j % grid.group == 0:
+            grid.start(block[:, j : j + grid.group], first + j)
         column = block[:, j]
-        code = affine_codes(column[:, None], scale[:, None], zero_or_min[:, None], bits, zero)
-        codes[:, j] = code[:, 0]
-        rounded = affine_values(code[:, 0], scale, zero_or_min, zero)
-        errors[:, j] = (column - rounded) / upper[j, j]
-        block[:, j + 1 :] -= errors[:, j, None] * upper[j, None, j + 1 :]
-    return codes, errors, torch.stack(scales, 1), torch.stack(zeros, 1)
+        error = errors[:, j]
+        torch.div(column - grid.round(column, first + j), diagonal[j], out=error)
+        block[:, j + 1 :].addr_(error, upper[j, j + 1 :], alpha=-1)
+    return errors
+
+
+def gptq_round(
+    weight: torch.Tensor, upper: torch.Tensor, config: QuantConfig, block_columns: int = 128
+) -> QuantizedTensor:
+    """GPTQ rounding of ``weight`` (out × in) with a precomputed U = :func:`inverse_cholesky`."""
+    if not isinstance(block_columns, int) or block_columns <= 0:
+        raise ValueError(f"block_columns={block_columns!r} is not supported; allowed: > 0")
+    w = weight.detach().float().clone()
+    grid = format_of(config).gptq_grid(w, config)
+    group = grid.group or 1
+    step = max(group, block_columns // group * group)
+    upper = upper.to(w.device)
+    for start in range(0, w.shape[1], step):
+        stop = min(start + step, w.shape[1])
+        errors = _sweep(w[:, start:stop], upper[start:stop, start:stop], grid, start)
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    return grid.result()
 
 
 def gptq_quantize(
@@ -120,31 +148,14 @@ def gptq_quantize(
     damp: float = DAMP,
     block_columns: int = 128,
 ) -> QuantizedTensor:
-    """GPTQ-rounded group-wise INT-``config.bits`` quantization of ``weight`` (out × in).
+    """GPTQ-rounded quantization of ``weight`` (out × in) in ``config``'s format.
 
-    ``hessian``: H = 2/N·XᵀX of the layer's inputs (in × in, e.g. from ``lorq.hessian``).
-    Both integer-zero (GPTQ) and float-min (Q4_1) layouts; act-order off.
+    ``hessian``: H = XᵀX/N of the layer's inputs (in × in, e.g. from ``lorq.hessian``).
+    Formats: NF-k (static double-quantized scales), INT-k with integer zeros (GPTQ) or float mins
+    (Q4_1); act-order off.
     """
-    _check_inputs(weight, hessian, config)
-    assert isinstance(config, AffineConfig)
-    if not damp > 0:
-        raise ValueError(f"damp={damp!r} is not supported; allowed: a positive float (0.01)")
-    if not isinstance(block_columns, int) or block_columns <= 0:
-        raise ValueError(f"block_columns={block_columns!r} is not supported; allowed: > 0")
-    group = config.block_size
-    step = max(group, block_columns // group * group)
-    w = weight.detach().float().clone()
-    upper = inverse_cholesky(hessian.to(w.device), damp)
-    codes, scales, zeros = [], [], []
-    for start in range(0, w.shape[1], step):
-        stop = min(start + step, w.shape[1])
-        block_codes, errors, block_scales, block_zeros = _quantize_block(
-            w[:, start:stop], upper[start:stop, start:stop], config
-        )
-        w[:, stop:] -= errors @ upper[start:stop, stop:]
-        codes.append(block_codes)
-        scales.append(block_scales)
-        zeros.append(block_zeros)
-    scale, zero_or_min = torch.cat(scales, 1).reshape(-1), torch.cat(zeros, 1).reshape(-1)
-    packed = pack(torch.cat(codes, 1).reshape(-1), config.bits)
-    return affine_tensor(config, (weight.shape[0], weight.shape[1]), packed, scale, zero_or_min)
+    check_weight(weight)
+    format_of(config).check_shape(config, (weight.shape[0], weight.shape[1]))
+    check_hessian(hessian, weight)
+    upper = inverse_cholesky(hessian.to(weight.device), damp)
+    return gptq_round(weight, upper, config, block_columns)

@@ -36,9 +36,9 @@ from lorq.quant.base import (
     safe_reciprocal,
     storage_dtype,
 )
-from lorq.quant.codebook import nf_grid, nf_levels
+from lorq.quant.codebook import nf_grid, nf_levels, nf_midpoints
 from lorq.quant.double_quant import QuantizedScales, quantize_scales
-from lorq.quant.packing import decode_packed, pack_blocks, packed_nbytes
+from lorq.quant.packing import decode_packed, pack, pack_blocks, packed_nbytes
 from lorq.quant.tensor import QuantizedTensor
 
 BLOCK_RANGE = (16, 4096)
@@ -85,6 +85,51 @@ def nf_scales(q: QuantizedTensor) -> torch.Tensor:
     ).dequantize()
 
 
+def absmax_scales(
+    blocks: torch.Tensor, config: NFConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The stored scales s1' of ``blocks`` (num_blocks × B0) as float32, and their buffers."""
+    low, high = block_range(blocks)
+    absmax = torch.maximum(-low, high)
+    if config.scale_bits is not None:
+        scales = quantize_scales(
+            absmax, config.scale_bits, config.scale_block_size, config.super_scale_dtype
+        )
+        return scales.dequantize(), {f"scales.{k}": v for k, v in scales.tensors().items()}
+    stored = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype), "scale_dtype")
+    return stored.float(), {"scales": stored}
+
+
+class NFGrid:
+    """GPTQ's rounding on the NF grid: the (double-quantized) absmax scales of the weight being
+    rounded are fixed before the sweep, so every code is rounded with its stored scale."""
+
+    group = 0
+
+    def __init__(self, weight: torch.Tensor, config: NFConfig) -> None:
+        self.config, self.shape = config, (weight.shape[0], weight.shape[1])
+        used, self.buffers = absmax_scales(weight.reshape(-1, config.block_size), config)
+        # the scale of every (row, column): blocks run row-major, possibly across rows
+        blocks = torch.arange(weight.numel(), device=weight.device) // config.block_size
+        self.used = used[blocks].view(self.shape).T.contiguous()  # (in × out): a row per column
+        self.inverse = safe_reciprocal(self.used)
+        # one bucketize per column: the same codes as round to nearest's LevelGrid (ties low)
+        self.mids = nf_midpoints(config.bits).to(weight.device)
+        self.levels = nf_levels(config.bits).to(weight.device)
+        self.codes = torch.empty(self.shape[::-1], dtype=torch.int64, device=weight.device)
+
+    def start(self, columns: torch.Tensor, first: int) -> None:
+        """Nothing: the scales are fixed."""
+
+    def round(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        code = torch.bucketize(column * self.inverse[j], self.mids, out=self.codes[j])
+        return self.levels[code].mul_(self.used[j])
+
+    def result(self) -> QuantizedTensor:
+        codes = pack(self.codes.T.reshape(-1).to(torch.uint8), self.config.bits)
+        return QuantizedTensor(self.config, self.shape, {"codes": codes, **self.buffers})
+
+
 class NormalFloat(QuantFormat):
     name = "nf"
     config_type = NFConfig
@@ -103,18 +148,7 @@ class NormalFloat(QuantFormat):
         check_weight(weight)
         self.check_shape(config, (weight.shape[0], weight.shape[1]))
         blocks = weight.detach().reshape(-1, config.block_size)
-        low, high = block_range(blocks)
-        absmax = torch.maximum(-low, high)
-        buffers: dict[str, torch.Tensor]
-        if config.scale_bits is not None:
-            scales = quantize_scales(
-                absmax, config.scale_bits, config.scale_block_size, config.super_scale_dtype
-            )
-            used = scales.dequantize()
-            buffers = {f"scales.{k}": v for k, v in scales.tensors().items()}
-        else:
-            stored = round_up_to_dtype(absmax, storage_dtype(config.scale_dtype), "scale_dtype")
-            used, buffers = stored.float(), {"scales": stored}
+        used, buffers = absmax_scales(blocks, config)
         inverse = safe_reciprocal(used)
         grid = nf_grid(config.bits)
 
@@ -124,6 +158,13 @@ class NormalFloat(QuantFormat):
         codes = pack_blocks(blocks, config.bits, encode)
         shape = (weight.shape[0], weight.shape[1])
         return QuantizedTensor(config, shape, {"codes": codes, **buffers})
+
+    def check_gptq(self, config: QuantConfig) -> None:
+        """Every config of this format has a GPTQ grid."""
+
+    def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> NFGrid:
+        assert isinstance(config, NFConfig)
+        return NFGrid(weight, config)
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         return nf_scales(q)
