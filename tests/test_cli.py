@@ -88,6 +88,13 @@ def test_activation_weighted_compress_and_plan(tiny_dir, tmp_path):
     result = run("plan", *common, "--fisher", "--out", tmp_path / "f.json")  # the alias
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "f.json").read_text())["weighting"] == "fisher"
+    # no weighting given, a causal LM: Fisher costs for the plan, activation decompositions
+    out = tmp_path / "default"
+    result = run("compress", *common, "--eval-blocks", "1", "--no-baseline", "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "lorq.json").read_text())
+    assert meta["compress"]["weighting"] == "activations" and meta["plan"]["weighting"] == "fisher"
+    assert "fisher plan" in result.output
 
 
 def test_compress_with_a_plan_file(tiny_dir, tmp_path):
