@@ -39,9 +39,7 @@ def test_python_compress_and_save_equal_the_cli(tiny_dir, tmp_path):  # noqa: F8
     assert meta["source"]["model"] == str(tiny_dir) and meta["compress"]["budget"] == 3.0
     assert meta["plan"]["budget"] == 3.0 and meta["evaluation"]["kl"] > 0
     labels = [m.label for m in compressed.measurements]
-    assert (
-        labels[0] == "original" and labels[1].startswith("plain NF") and "(3.0 bits" in labels[2]
-    )
+    assert labels[0] == "original" and labels[1].startswith("plain NF") and "(3.0 bits" in labels[2]
 
 
 def test_a_loaded_model_compresses_in_place_without_evaluation(tiny_dir):  # noqa: F811
