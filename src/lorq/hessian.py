@@ -54,7 +54,7 @@ class Hessians(Mapping[str, torch.Tensor]):
             leader = self._leader[name]
             if leader not in self._packed:
                 rows, cols = _lower(h.shape[0])
-                self._packed[leader] = (h.shape[0], h[rows, cols].clone())
+                self._packed[leader] = (h.shape[0], h[rows, cols])
 
     def leader(self, name: str) -> str:
         """The target whose stored H ``name`` shares (itself when its input is its own)."""
@@ -218,7 +218,8 @@ def _collect(
     leaders: Mapping[str, str],
     advance: Callable[[int], None],
 ) -> dict[str, torch.Tensor]:
-    """Run every calibration block once with hooks on the input leaders of ``group``."""
+    """Run every calibration block once with hooks on the input leaders of ``group``; returns
+    {leader: (in, H's lower triangle)}."""
     accumulators = {
         name: _Accumulator(weight_shape(m)[1], device_of(m))
         for name, m in group.items()
@@ -237,8 +238,13 @@ def _collect(
     finally:
         for handle in handles:
             handle.remove()
-    found = {name: acc.hessian() for name, acc in accumulators.items()}
-    return {name: found[leaders.get(name, name)] for name in group}
+    packed = {}
+    for name in list(accumulators):  # one full (in × in) matrix at a time becomes a triangle
+        h = accumulators.pop(name).hessian()
+        rows, cols = _lower(h.shape[0])
+        packed[name] = (h.shape[0], h[rows, cols])
+        del h
+    return packed
 
 
 def estimate_hessians(
@@ -262,9 +268,6 @@ def estimate_hessians(
         advance = progress("Hessians", len(groups) * token_blocks.shape[0])
         packed = Hessians({}, {})
         for group in groups:
-            found = _collect(model, token_blocks, group, leaders, advance)
-            part = Hessians(found, leaders)
-            packed._packed.update(part._packed)
-            del found
+            packed._packed.update(_collect(model, token_blocks, group, leaders, advance))
     packed._leader = {name: leaders.get(name, name) for name in targets}
     return packed
