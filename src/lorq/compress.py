@@ -284,8 +284,10 @@ def compress_model(
 
     ``model``: a built-in name, a local folder or ``.gguf`` file, a hub id, a
     :class:`~lorq.models.LoadedModel` or a loaded model (then pass its ``tokenizer``; it is
-    compressed in place). ``calibration``: the text for the Fisher (``config.fisher``) and GPTQ
-    (``config.gptq``). ``eval_blocks`` blocks of 256 evaluation tokens measure the original,
+    compressed in place). ``config`` defaults to the job's statistics (``JOB_STATISTICS``:
+    activation weighting). ``calibration``: the text for the Fisher and the layers' input
+    statistics H, when ``config`` needs them (loaded before any work). ``eval_blocks`` blocks of
+    256 evaluation tokens measure the original,
     plain quantization at the same bits (``baseline``, for lq / loftq) and the result (0: no
     evaluation). ``plan``: a budget plan made beforehand for ``config.budget``. ``gguf_codes``:
     QA-LoRA on a GGUF source whose codes are already in ``config.quant`` keeps them as the base.
