@@ -26,20 +26,20 @@ WeightingOption = Annotated[
     str | None,
     typer.Option(
         help="what the decomposition and plan minimise: none (weight error) | fisher | "
-        "activations (layer output error on the calibration text) | both  [default: activations]"
+        "activations (layer output error on the calibration text) | both (default: activations)"
     ),
 ]
 FisherOption = Annotated[bool, typer.Option(help="the same as --weighting fisher")]
 PlanWeightingOption = Annotated[
     str | None,
     typer.Option(
-        help="with --budget: another weighting for the plan's costs  [default: fisher for a "
-        "causal LM when --weighting is not given, else --weighting's]"
+        help="with --budget: another weighting for the plan's costs (default: fisher for a "
+        "causal LM when --weighting is not given, else --weighting's)"
     ),
 ]
 RoundingOption = Annotated[
     str | None,
-    typer.Option(help="Q by round to nearest | gptq (on the calibration text)  [default: nearest]"),
+    typer.Option(help="Q by round to nearest | gptq (on the calibration text); default: nearest"),
 ]
 CalibrationTokensOption = Annotated[
     int | None,
