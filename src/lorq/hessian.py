@@ -47,14 +47,14 @@ class Hessians(Mapping[str, torch.Tensor]):
     that share an input share one stored triangle; :meth:`pop` frees it with its last target.
     """
 
-    def __init__(self, full: Mapping[str, torch.Tensor], leaders: Mapping[str, str]) -> None:
-        self._leader = {name: leaders.get(name, name) for name in full}
-        self._packed: dict[str, tuple[int, torch.Tensor]] = {}
-        for name, h in full.items():
-            leader = self._leader[name]
-            if leader not in self._packed:
-                rows, cols = _lower(h.shape[0])
-                self._packed[leader] = (h.shape[0], h[rows, cols])
+    def __init__(
+        self,
+        packed: dict[str, tuple[int, torch.Tensor]] | None = None,
+        leader: dict[str, str] | None = None,
+    ) -> None:
+        """``packed``: {leader: (in, lower triangle)}; ``leader``: {target: its leader}."""
+        self._packed = dict(packed or {})
+        self._leader = dict(leader or {})
 
     def leader(self, name: str) -> str:
         """The target whose stored H ``name`` shares (itself when its input is its own)."""
@@ -79,9 +79,7 @@ class Hessians(Mapping[str, torch.Tensor]):
         return sum(v.numel() * v.element_size() for _, v in self._packed.values())
 
     def copy(self) -> Hessians:
-        other = Hessians({}, {})
-        other._leader, other._packed = dict(self._leader), dict(self._packed)
-        return other
+        return Hessians(self._packed, self._leader)
 
     def pop(self, name: str, default: Any = None) -> Any:
         """H of ``name`` (full), removed; its storage is freed with the last target sharing it."""
@@ -266,8 +264,7 @@ def estimate_hessians(
         leaders = shared_inputs(model, token_blocks, targets)
         groups = target_groups(targets, max_bytes, leaders)
         advance = progress("Hessians", len(groups) * token_blocks.shape[0])
-        packed = Hessians({}, {})
+        packed: dict[str, tuple[int, torch.Tensor]] = {}
         for group in groups:
-            packed._packed.update(_collect(model, token_blocks, group, leaders, advance))
-    packed._leader = {name: leaders.get(name, name) for name in targets}
-    return packed
+            packed.update(_collect(model, token_blocks, group, leaders, advance))
+    return Hessians(packed, {name: leaders.get(name, name) for name in targets})

@@ -86,7 +86,7 @@ def _row(
         check_rank(weight, config.rank)
     check_weight(weight)
     weighting = Weighting.build(weight, config, fisher, hessian)
-    rounding = Rounding(config, hessian, weight.device)
+    rounding = Rounding(config, hessian, weight.device, weighting.chol)
     norm = weighting.error(weight) ** 2
     if method == "lq" and config.iterations == 1:
         return (*_row_lq_shared(weight, candidates, config, weighting, rounding), norm)

@@ -23,7 +23,7 @@ def decompose(
     """
     check_rank(weight, config.rank)
     weighting = Weighting.build(weight, config, fisher, hessian)
-    rounding = Rounding(config, hessian, weight.device)
+    rounding = Rounding(config, hessian, weight.device, weighting.chol)
     if config.method == "loftq":
         return loftq(weight, config, weighting, rounding)
     return lq_lora(weight, config, weighting, rounding)

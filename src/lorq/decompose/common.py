@@ -19,7 +19,13 @@ from lorq.config import DecomposeConfig, uses_activations, uses_fisher
 from lorq.decompose.svd import LowRank, activation_svd, truncated_svd, weighted_svd
 from lorq.quant import QuantConfig, QuantizedTensor, quantize
 from lorq.quant.base import check_weight
-from lorq.quant.gptq import check_hessian, damped_cholesky, gptq_round, inverse_cholesky
+from lorq.quant.gptq import (
+    check_hessian,
+    damped_cholesky,
+    gptq_round,
+    inverse_cholesky,
+    inverse_upper,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,11 +86,12 @@ class Weighting:
         """The weighting ``config.weighting`` names, from the statistics it needs."""
         check_statistics(weight, config, fisher, hessian)
         if not uses_activations(config.weighting):
-            return cls.from_fisher(fisher, weight)
+            return cls.from_fisher(fisher, weight)  # checks the Fisher
         assert hessian is not None
         chol = damped_cholesky(hessian.to(weight.device), config.damp)
         rows = None
         if fisher is not None:
+            check_fisher(fisher, weight)
             rows = fisher.float().mean(1).sqrt().to(weight.device)
         return cls(rows=rows, chol=chol)
 
@@ -101,9 +108,18 @@ class Weighting:
 class Rounding:
     """Q of a target: round to nearest, or GPTQ with U = chol(H_λ⁻¹) computed once per matrix."""
 
-    def __init__(self, config: DecomposeConfig, hessian: torch.Tensor | None, device) -> None:
+    def __init__(
+        self,
+        config: DecomposeConfig,
+        hessian: torch.Tensor | None,
+        device,
+        lower: torch.Tensor | None = None,
+    ) -> None:
+        """``lower``: L of H_λ when the weighting has it already (one factorisation, not two)."""
         self.upper = None
-        if config.rounding == "gptq":
+        if config.rounding == "gptq" and lower is not None:
+            self.upper = inverse_upper(lower)
+        elif config.rounding == "gptq":
             assert hessian is not None
             self.upper = inverse_cholesky(hessian.to(device), config.damp)
 
@@ -119,7 +135,8 @@ def check_statistics(
     fisher: torch.Tensor | None,
     hessian: torch.Tensor | None,
 ) -> None:
-    """The Fisher iff the weighting uses it; H iff the weighting or the rounding uses it."""
+    """The Fisher iff the weighting uses it; H iff the weighting or the rounding uses it (and its
+    shape; the Fisher's values are checked where it is used)."""
     needs_h = uses_activations(config.weighting) or config.rounding == "gptq"
     for name, given, needed in (
         ("fisher", fisher, uses_fisher(config.weighting)),
@@ -135,8 +152,6 @@ def check_statistics(
                 f"{name}= was given but weighting={config.weighting!r}, "
                 f"rounding={config.rounding!r} does not use it; set weighting (or rounding)"
             )
-    if fisher is not None:
-        check_fisher(fisher, weight)
     if hessian is not None:
         check_hessian(hessian, weight)
 

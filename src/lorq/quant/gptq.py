@@ -99,7 +99,11 @@ def damped_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 def inverse_cholesky(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """Upper Cholesky factor U of H_λ⁻¹ (in × in), H_λ as in :func:`damped_cholesky`."""
-    lower = damped_cholesky(hessian, damp)
+    return inverse_upper(damped_cholesky(hessian, damp))
+
+
+def inverse_upper(lower: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of (L·Lᵀ)⁻¹ from the lower factor L of H_λ."""
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     if info.item() != 0 or not torch.isfinite(upper).all():
         raise ValueError(
