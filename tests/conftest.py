@@ -140,3 +140,16 @@ def captured_inputs(model, ids, targets):
     for handle in handles:
         handle.remove()
     return seen
+
+
+def adapted(build, quant: str = "nf3", method: str = "loftq", rank: int = 4):
+    """``build()`` compressed by ``method`` with trained-looking factors (B ≠ 0 everywhere)."""
+    import lorq
+
+    model = build()
+    lorq.compress(model, lorq.CompressConfig(method=method, quant=quant, rank=rank, iters=1))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.add_(0.02 * torch.randn_like(param))
+    return model

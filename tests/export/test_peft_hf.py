@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_causal, tiny_gpt2
+from conftest import adapted, tiny_bert, tiny_causal, tiny_gpt2
 
 import lorq
 from lorq.export.hf import save_merged
@@ -19,13 +19,7 @@ BUILDERS = {
 
 
 def compressed(build, rank=4):
-    model = build()
-    lorq.compress(model, lorq.CompressConfig(method="loftq", quant="nf3", rank=rank, iters=1))
-    with torch.no_grad():  # trained-looking factors: B ≠ 0 everywhere
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.add_(0.02 * torch.randn_like(param))
-    return model
+    return adapted(build, rank=rank)
 
 
 def logits(model, ids):

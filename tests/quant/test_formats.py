@@ -6,7 +6,8 @@ round-to-nearest bound (no value further from W than half a grid step)."""
 import pytest
 import torch
 
-from lorq.quant import QuantizedTensor, format_of, formats, presets, quantize
+from lorq.quant import BnbConfig, QuantizedTensor, format_of, formats, presets, quantize
+from lorq.quant.bnb import code_table
 from lorq.quant.codebook import nf_levels
 from lorq.quant.tensor import storage_nbytes
 
@@ -42,11 +43,39 @@ def ggml_reference(q: QuantizedTensor) -> torch.Tensor:
     return torch.from_numpy(dequantize(raw, kind)).view(q.shape)
 
 
+def bnb_reference(q: QuantizedTensor) -> torch.Tensor:
+    """bitsandbytes' own dequantize_4bit of the same buffers."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    return bnb.dequantize_4bit(q.codes.view(-1, 1), bnb_state(q))
+
+
+def bnb_state(q: QuantizedTensor):
+    """bitsandbytes' QuantState of a bnb-format tensor (its constructor, its own maps)."""
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    config = q.config
+    table = bnb.get_4bit_type(config.quant_type, device="cpu")
+    nested = None
+    if config.double_quant:
+        nested = bnb.QuantState(
+            absmax=q.buffers["nested_absmax"],
+            code=bnb.create_dynamic_map(),
+            blocksize=256,
+            dtype=torch.float32,
+        )
+    offset = q.buffers["offset"][0] if config.double_quant else None
+    return bnb.QuantState(
+        absmax=q.buffers["absmax"], shape=torch.Size(q.shape), code=table,
+        blocksize=config.block_size, quant_type=config.quant_type, dtype=torch.float32,
+        offset=offset, state2=nested,
+    )  # fmt: skip
+
+
 REFERENCES = {
     "nf": nf_reference,
     "int": int_reference,
     "fmin": fmin_reference,
     "ggml": ggml_reference,
+    "bnb": bnb_reference,
 }
 
 
@@ -56,7 +85,7 @@ def weight(seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_lists_every_format_and_preset():
-    assert list(formats()) == ["nf", "int", "fmin", "ggml"]
+    assert list(formats()) == ["nf", "int", "fmin", "ggml", "bnb"]
     for name, config in presets().items():
         assert format_of(config).name in formats()
         assert config.name == name
@@ -89,16 +118,23 @@ def test_state_dict_round_trip_is_bit_exact(name):
 def test_error_is_within_half_a_step(name):
     """Round to nearest: no value is further from W than half the widest gap of its grid (NF:
     plus what lies beyond a double-quantized scale below the block's absmax, clamped to ±1;
+    bitsandbytes: codes of the exact absmax, plus the error of its stored form;
     GGUF: a step, plus the fp16 rounding of d and the min after the codes were chosen)."""
     w = weight(2)
     q = quantize(w, name)
     fmt = format_of(q.config).name
     grid = nf_levels(q.config.bits) if fmt == "nf" else torch.arange(2.0**q.config.bits)
+    if fmt == "bnb":
+        grid = code_table(q.config.quant_type).sort().values
     widest = float((grid[1:] - grid[:-1]).max())
     scale = q.block_scales().repeat_interleave(q.config.block_size).view(SHAPE)
     bound = scale * widest / 2
     if fmt == "nf":
         bound = bound + (w.abs() - scale).clamp(min=0)
+    if fmt == "bnb":  # codes chosen with the exact absmax a, decoded with the stored a'
+        exact = w.reshape(-1, q.config.block_size).abs().amax(1)
+        exact = exact.repeat_interleave(q.config.block_size).view(SHAPE)
+        bound = exact * widest / 2 + (exact - scale).abs()
     if fmt == "ggml":  # d (and Q5_1's min) stored in fp16 after the codes were chosen; Q4_0 /
         scale = scale.abs()  # Q5_0 reach 8·|d| on one side only: a full step beyond 7·|d|
         bound = scale + 2.0**-10 * (w.abs() + 32 * scale)
@@ -164,11 +200,24 @@ def known_ggml() -> tuple[QuantizedTensor, torch.Tensor]:
     return QuantizedTensor(presets()["q8_0"], (1, 32), {"blocks": block}), 0.25 * q.float()[None]
 
 
+def known_bnb() -> tuple[QuantizedTensor, torch.Tensor]:
+    """bitsandbytes FP4, fp32 absmax 3: codes 0..15 (bit patterns) decode to 3 · their FP4 value
+    (sign, 2 exponent bits, 1 mantissa bit; normalised by its largest value, 12)."""
+    config = BnbConfig(quant_type="fp4", double_quant=False)
+    codes = torch.arange(16, dtype=torch.uint8).repeat(4)
+    packed = (codes[0::2] << 4) | codes[1::2]
+    fp4 = [0, 0.0625, 8, 12, 4, 6, 2, 3]
+    expected = 3.0 * torch.tensor(fp4 + [-v for v in fp4]).repeat(4) / 12
+    buffers = {"codes": packed, "absmax": torch.tensor([3.0])}
+    return QuantizedTensor(config, (1, 64), buffers), expected.view(1, 64)
+
+
 KNOWN_BLOCKS = {
     "nf": known_nf,
     "int": lambda: known_affine(zero=True),
     "fmin": lambda: known_affine(zero=False),
     "ggml": known_ggml,
+    "bnb": known_bnb,
 }
 
 

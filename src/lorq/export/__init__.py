@@ -1,6 +1,7 @@
 """Exports: a lorq model handed to the tools people run (docs/architecture.md).
 
-    lorq.export(model, out, format="peft" | "hf" | "gguf" | "gptq", tokenizer=..., dtype=...)
+    lorq.export(model, out, format="peft" | "hf" | "gguf" | "gptq" | "bnb",
+                tokenizer=..., dtype=...)
 
 Each target is one module registered here; ``export_targets()`` lists them.
 """
@@ -18,6 +19,7 @@ from lorq.export import peft  # noqa: F401  isort: skip
 from lorq.export import hf  # noqa: F401  isort: skip
 from lorq.export import gguf  # noqa: F401  isort: skip
 from lorq.export import gptq  # noqa: F401  isort: skip
+from lorq.export import bnb  # noqa: F401  isort: skip
 from lorq.io.native import input_paths  # isort: skip
 from lorq.export.base import (
     Exported,

@@ -83,15 +83,22 @@ def dense_embeddings(model: nn.Module) -> nn.Module:
     return copy
 
 
-def _conv1d_names(model: nn.Module, names: list[str]) -> set[str]:
+def meta_skeleton(model: nn.Module) -> nn.Module | None:
+    """The model's own architecture (no lorq layers) on the meta device; None without a config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    with torch.device("meta"):
+        return type(model)._from_config(config)
+
+
+def conv1d_names(model: nn.Module, names: list[str]) -> set[str]:
     """Which of ``names`` are GPT-2 Conv1D modules in the model's own architecture."""
     from transformers.pytorch_utils import Conv1D
 
-    config = getattr(model, "config", None)
-    if config is None:
+    skeleton = meta_skeleton(model)
+    if skeleton is None:
         return set()
-    with torch.device("meta"):
-        skeleton = type(model)._from_config(config)
     return {name for name in names if isinstance(skeleton.get_submodule(name), Conv1D)}
 
 
@@ -115,7 +122,7 @@ def dense_layer(layer: QuantLinear, conv1d: bool, with_delta: bool) -> nn.Module
 def dense_model(model: nn.Module, with_delta: bool = True) -> nn.Module:
     """A copy of ``model`` with every lorq layer dense (see the module docstring)."""
     layers = quant_layers(model)
-    conv1d = _conv1d_names(model, list(layers))
+    conv1d = conv1d_names(model, list(layers))
     copy = shared_copy(dense_embeddings(model))
     for name, layer in layers.items():
         set_module(copy, name, dense_layer(layer, name in conv1d, with_delta))

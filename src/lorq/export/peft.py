@@ -26,6 +26,7 @@ from torch import nn
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
 from lorq.export.hf import (
     check_export_dir,
+    conv1d_names,
     dense_model,
     export_directory,
     quant_layers,
@@ -124,23 +125,30 @@ def export_peft(
     overwrite: bool = False,
 ) -> Path:
     """Write ``path/base`` and ``path/adapter`` (see the module docstring) atomically."""
-    from transformers.pytorch_utils import Conv1D
-
     target = torch_dtype(dtype)
     path = Path(path)
     base = dense_model(model, with_delta=False)
-    conv1d = any(isinstance(m, Conv1D) for m in base.modules())
-    config = adapter_config(model, str((path / "base").resolve()), conv1d)
     marker = {"kind": "peft", "dtype": dtype, "source": model_meta(model).get("source")}
     with export_directory(model, path, overwrite) as tmp:
         write_hf_model(base, tmp / "base", target, tokenizer)
-        (tmp / "adapter").mkdir()
-        save_file(adapter_tensors(model, target), tmp / "adapter" / ADAPTER_WEIGHTS)
-        (tmp / "adapter" / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "adapter")
+        write_adapter(model, tmp / "adapter", str((path / "base").resolve()), target, tokenizer)
         write_marker(tmp, marker)
     return path
+
+
+def write_adapter(
+    model: nn.Module, folder: Path, base_path: str, dtype: torch.dtype, tokenizer: Any = None
+) -> None:
+    """PEFT's adapter folder (config, factors in ``dtype``, tokenizer) of ``model``'s layers,
+    for the base model at ``base_path``."""
+    config = adapter_config(
+        model, base_path, bool(conv1d_names(model, list(adapter_layers(model))))
+    )
+    folder.mkdir()
+    save_file(adapter_tensors(model, dtype), folder / ADAPTER_WEIGHTS)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 class PeftAdapter(ExportTarget):

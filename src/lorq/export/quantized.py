@@ -33,17 +33,29 @@ def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
     return {name: layer.q for name, layer in layers.items()}
 
 
+def refuse_foreign(foreign: dict[str, str], fmt: str, needs: str, hint: str) -> None:
+    """ValueError naming the layers (module → quant preset) whose codes ``fmt`` cannot hold."""
+    if not foreign:
+        return
+    shown = ", ".join(f"{name} ({quant})" for name, quant in list(foreign.items())[:3])
+    more = " …" if len(foreign) > 3 else ""
+    raise ValueError(
+        f"format={fmt!r} needs {needs}; {len(foreign)} layer(s) have other codes: {shown}{more}; "
+        f"{hint}"
+    )
+
+
 def packed_embeddings(model: nn.Module) -> dict[str, QuantizedTensor]:
     """The table of every packed embedding, by module name."""
     return {n: m.q for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
 
 
 def other_tensors(model: nn.Module, layers: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor except the packed buffers of ``layers`` and of a tied, packed
-    output layer (biases stay)."""
+    """Every state-dict tensor except the packed buffers and LoRA factors of ``layers`` and of a
+    tied, packed output layer (biases stay)."""
     head = tied_packed_head(model)
     names = [*layers, *(n for n, m in model.named_modules() if head is not None and m is head)]
-    prefixes = tuple(f"{name}.q_" for name in names)
+    prefixes = tuple(f"{name}.{kind}_" for name in names for kind in ("q", "lora"))
     return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 

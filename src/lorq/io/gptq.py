@@ -242,7 +242,21 @@ def write_gptq_checkpoint(
     overwrite: bool = False,
     checkpoint_format: str = "gptq",
 ) -> Path:
-    """Write a Hugging Face GPTQ model directory atomically; returns its path.
+    """Write a Hugging Face GPTQ model directory atomically (:func:`write_gptq_files`)."""
+    with atomic_directory(out_dir, overwrite, is_gptq_dir, "GPTQ model") as tmp:
+        write_gptq_files(tmp, layers, dense, hf_config, tokenizer, checkpoint_format)
+    return Path(out_dir)
+
+
+def write_gptq_files(
+    folder: Path,
+    layers: dict[str, QuantizedTensor],
+    dense: dict[str, torch.Tensor],
+    hf_config: dict[str, Any],
+    tokenizer: Any = None,
+    checkpoint_format: str = "gptq",
+) -> None:
+    """The files of a Hugging Face GPTQ model directory, written into the existing ``folder``.
 
     ``layers``: {module name: QuantizedTensor} (one common INT-k config), stored as
     ``<name>.qweight / .qzeros / .scales / .g_idx``; ``dense``: every other tensor of the model by
@@ -252,9 +266,7 @@ def write_gptq_checkpoint(
     quantization = gptq_quantization_config(_common_config(layers), checkpoint_format)
     tensors = _checkpoint_tensors(layers, dense, checkpoint_format)
     config = {**hf_config, "quantization_config": quantization}
-    with atomic_directory(out_dir, overwrite, is_gptq_dir, "GPTQ model") as tmp:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-    return Path(out_dir)
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))

@@ -13,6 +13,7 @@ import torch
 from lorq.quant import normal_float  # noqa: F401  isort: skip
 from lorq.quant import affine  # noqa: F401  isort: skip
 from lorq.quant import ggml  # noqa: F401  isort: skip
+from lorq.quant import bnb  # noqa: F401  isort: skip
 from lorq.quant.affine import AffineConfig, FloatMinConfig, IntConfig
 from lorq.quant.base import (
     QuantConfig,
@@ -25,6 +26,7 @@ from lorq.quant.base import (
     presets,
     register_format,
 )
+from lorq.quant.bnb import BnbConfig
 from lorq.quant.ggml import GGMLConfig
 from lorq.quant.normal_float import NFConfig
 from lorq.quant.tensor import QuantizedTensor
@@ -38,6 +40,7 @@ def quantize(weight: torch.Tensor, config: QuantConfig | str) -> QuantizedTensor
 
 __all__ = [
     "AffineConfig",
+    "BnbConfig",
     "FloatMinConfig",
     "GGMLConfig",
     "IntConfig",

@@ -195,6 +195,11 @@ class QuantFormat:
         """The config whose codes are stored as GGUF type ``ggml_type`` blocks, if any."""
         return None
 
+    def to_bnb(self, q: QuantizedTensor) -> QuantizedTensor:
+        """``q`` as bitsandbytes 4-bit storage (a ``BnbConfig`` tensor) with the same codes and
+        values, nothing requantized; ValueError when bitsandbytes has no such layout."""
+        raise ValueError(f"{q.config.name} has no bitsandbytes 4-bit equivalent")
+
     def check_gptq_layout(self, config: QuantConfig) -> None:
         """Raise ValueError unless the codes are GPTQ's layout (integer zeros, fp16 scales)."""
         raise ValueError(

@@ -1,0 +1,143 @@
+"""Compressed hand-offs: a bitsandbytes 4-bit base or a GPTQ base, plus a PEFT adapter.
+Oracles: transformers + bitsandbytes + PEFT reproduce lorq's logits; the base's bytes are
+bitsandbytes' own ``quantize_4bit`` of the dequantized weights; the GPTQ base decoded by the
+layout's independent decoder plus PEFT reproduces the logits; refusals write nothing."""
+
+import json
+
+import pytest
+import torch
+from conftest import adapted, tiny_causal, tiny_gpt2
+
+import lorq
+from lorq.export.bnb import export_bnb
+from lorq.export.gptq import export_gptq
+from lorq.io.gptq import from_gptq
+
+BUILDERS = {"llama": lambda: tiny_causal("llama"), "gpt2": tiny_gpt2}
+
+
+def compressed(build, quant: str, method: str = "loftq"):
+    return adapted(build, quant, method)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def peft_on(base_dir, adapter_dir, base=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base if base is not None else AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "quant"),
+    [("llama", "bnb-nf4"), ("llama", "nf4-fp32-scales"), ("gpt2", "bnb-fp4"), ("gpt2", "bnb-nf4")],
+)
+def test_bnb_base_and_adapter_reproduce_lorq_logits(family, quant, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = compressed(BUILDERS[family], quant)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ids = torch.randint(0, 128, (2, 12))
+    export_bnb(model, tmp_path / "h")
+    loaded = peft_on(tmp_path / "h" / "base", tmp_path / "h" / "adapter")
+    kinds = {type(m) for m in loaded.modules()}
+    assert bnb.nn.Linear4bit in kinds
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_bnb_base_bytes_are_quantize_4bit_of_the_dequantized_weights(tmp_path):
+    functional = pytest.importorskip("bitsandbytes.functional")
+    from safetensors.torch import load_file
+
+    model = compressed(BUILDERS["llama"], "bnb-nf4")
+    export_bnb(model, tmp_path / "h")
+    tensors = load_file(tmp_path / "h" / "base" / "model.safetensors")
+    config = json.loads((tmp_path / "h" / "base" / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["quant_method"] == "bitsandbytes" and quantization["load_in_4bit"]
+    assert (
+        quantization["bnb_4bit_use_double_quant"] and quantization["bnb_4bit_quant_type"] == "nf4"
+    )
+    for name, layer in lorq.nn.packed_linears(model).items():
+        packed, _ = functional.quantize_4bit(
+            layer.q.dequantize(), blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+        assert torch.equal(tensors[f"{name}.weight"], packed)
+        assert torch.equal(tensors[f"{name}.weight"].flatten(), layer.q.codes)
+    # 4-bit codes + 1-byte absmax: the base's linears hold 4.127 bits per weight
+    numel = sum(m.in_features * m.out_features for m in lorq.nn.packed_linears(model).values())
+    held = sum(
+        t.numel() * t.element_size()
+        for k, t in tensors.items()
+        if k.endswith((".weight", ".absmax", ".nested_absmax")) and "proj" in k
+    )
+    assert 8 * held / numel < 4.2
+
+
+@pytest.mark.parametrize("quant", ["nf3", "int4-g32"])
+def test_bnb_export_refuses_codes_without_a_bitsandbytes_layout(quant, tmp_path):
+    model = compressed(BUILDERS["llama"], quant)
+    with pytest.raises(ValueError, match=r"layer\(s\) have other codes: model\.layers.*bnb-nf4"):
+        export_bnb(model, tmp_path / "h")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bnb_export_refuses_mixed_quant_types(tmp_path):
+    model = compressed(BUILDERS["llama"], "bnb-nf4")
+    layer = model.model.layers[0].mlp.down_proj
+    layer.register_quantized(lorq.quantize(layer.q.dequantize(), "bnb-fp4"))
+    with pytest.raises(ValueError, match="one quantization_config per model"):
+        export_bnb(model, tmp_path / "h")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["loftq", "lq", "qa-lora"])
+def test_gptq_base_and_adapter_reproduce_lorq_logits(method, tmp_path):
+    """The base decoded by ``from_gptq`` (the layout's reader) into the architecture's dense
+    linears, the adapter loaded by PEFT: lorq's logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = compressed(BUILDERS["llama"], "int4-g32", method)
+    ids = torch.randint(0, 128, (2, 12))
+    base_dir, fmt = export_gptq(model, tmp_path / "g")
+    assert base_dir == tmp_path / "g" / "base"
+    config = json.loads((base_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptq"
+    tensors = load_file(base_dir / "model.safetensors")
+    state = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[1] not in GPTQ_KEYS}
+    for name in lorq.nn.packed_linears(model):
+        own = {k: tensors[f"{name}.{k}"] for k in GPTQ_KEYS}
+        state[f"{name}.weight"] = from_gptq(own, 4, 32, fmt).dequantize()
+    dense = AutoModelForCausalLM.from_config(model.config)
+    dense.load_state_dict(state, strict=True)
+    loaded = peft_on(None, tmp_path / "g" / "adapter", base=dense)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@pytest.mark.parametrize(("method", "quant"), [("loftq", "nf4"), ("qa-lora", "q4_1")])
+def test_gptq_export_refuses_codes_without_integer_zeros(method, quant, tmp_path):
+    model = compressed(BUILDERS["llama"], quant, method)
+    with pytest.raises(ValueError, match=r"integer zeros.*model\.layers.*int4-g128"):
+        export_gptq(model, tmp_path / "g")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["bnb", "gptq"])
+def test_registry_dispatches_the_handoffs(fmt, tmp_path):
+    model = compressed(BUILDERS["llama"], "bnb-nf4" if fmt == "bnb" else "int4-g32")
+    exported = lorq.export(model, tmp_path / "x", fmt)
+    assert (tmp_path / "x" / "base" / "config.json").is_file()
+    assert (tmp_path / "x" / "adapter" / "adapter_config.json").is_file()
+    assert "PeftModel.from_pretrained" in exported.summary
