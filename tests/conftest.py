@@ -153,3 +153,15 @@ def adapted(build, quant: str = "nf3", method: str = "loftq", rank: int = 4):
             if name.endswith("lora_B"):
                 param.add_(0.02 * torch.randn_like(param))
     return model
+
+
+def train_b(model) -> None:
+    """Seeded nonzero B in every QA-LoRA layer (compress starts them at 0), so that A and B
+    both reach the logits."""
+    from lorq.nn import QALoraLinear
+
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QALoraLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)

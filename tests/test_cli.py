@@ -233,6 +233,8 @@ def test_finetune_merge_export(lorq_dir, tmp_path):
         (["merge", "LORQ", "--out", "o", "--dtype", "fp8"], "dtype='fp8'"),
         (["merge", "/no/such/dir", "--out", "o"], "not a lorq model directory"),
         (["export", "LORQ", "--out", "o", "--format", "onnx"], "'onnx' is not supported"),
+        (["export", "LORQ", "--out", "o", "--format", "bnb"], "needs bitsandbytes 4-bit codes"),
+        (["compress", "--model", "LORQ", "--out", "o"], "is a lorq model (already compressed)"),
     ],
 )
 def test_adapt_bad_input_one_line_exit_2(args, text, lorq_dir, tmp_path, monkeypatch):

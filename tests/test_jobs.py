@@ -90,7 +90,7 @@ def test_merge_and_export_carry_the_provenance(tiny_dir, tmp_path):  # noqa: F81
         torch.testing.assert_close(dense.model(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
     exported = lorq.export(lorq.load(tmp_path / "merged"), tmp_path / "gptq", "gptq")
     assert (exported.path / "model.safetensors").exists()
-    assert set(lorq.export_targets()) == {"peft", "hf", "gguf", "gptq"}
+    assert set(lorq.export_targets()) == {"peft", "hf", "gguf", "gptq", "bnb"}
 
 
 def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F811

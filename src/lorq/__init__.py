@@ -13,6 +13,7 @@ from lorq.decompose import Decomposition, decompose
 from lorq.export import export, export_targets
 from lorq.finetune import finetune_model as finetune
 from lorq.fisher import estimate_fisher
+from lorq.io import hf_quantizer as _hf_quantizer  # noqa: F401 (registers quant_method "lorq")
 from lorq.io import load, save
 from lorq.merge import MergeResult, merge
 from lorq.quant import QuantConfig, QuantizedTensor, formats, presets, quantize

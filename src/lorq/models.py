@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from lorq.io.native import is_lorq_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +108,11 @@ def resolve(name_or_path: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(name_or_path, str(path.parent), path.name)
     if path.is_dir():
+        if is_lorq_dir(path):
+            raise ValueError(
+                f"{name_or_path!r} is a lorq model (already compressed); compress the original "
+                "model, or use lorq eval / finetune / merge / export on this one"
+            )
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return ModelSource(name_or_path, str(path), ggufs[0])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import adapted, tiny_causal, tiny_gpt2
+from conftest import adapted, tied_llama, tiny_causal, tiny_gpt2
 
 import lorq
 from lorq.export.bnb import export_bnb
@@ -141,3 +141,47 @@ def test_registry_dispatches_the_handoffs(fmt, tmp_path):
     assert (tmp_path / "x" / "base" / "config.json").is_file()
     assert (tmp_path / "x" / "adapter" / "adapter_config.json").is_file()
     assert "PeftModel.from_pretrained" in exported.summary
+
+
+def test_a_peft_model_on_the_bnb_base_trains_only_its_factors(tmp_path):
+    """QLoRA's loop on the hand-off: one optimizer step changes the adapter, not the 4-bit base."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = compressed(BUILDERS["llama"], "bnb-nf4")
+    export_bnb(model, tmp_path / "h")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "h" / "base")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "h" / "adapter", is_trainable=True)
+    before = {n: t.clone() for n, t in peft_model.state_dict().items()}
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    after = peft_model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+@pytest.mark.parametrize("fmt", ["bnb", "gptq"])
+def test_a_packed_tied_embedding_leaves_dense_and_tied(fmt, tmp_path):
+    """A q8_0 token embedding shared with the output layer: the base holds it once, dense, and
+    transformers ties the head to it again (PEFT's loading gives lorq's logits)."""
+    from safetensors import safe_open
+
+    model = tied_llama() if fmt == "bnb" else tiny_causal("llama")  # GPTQ: 32-row multiples
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    quant = "bnb-nf4" if fmt == "bnb" else "int4-g32"
+    config = lorq.CompressConfig(method="loftq", quant=quant, rank=4, iters=1, embeddings="q8_0")
+    lorq.compress(model, config)
+    assert isinstance(model.model.embed_tokens, lorq.nn.QuantEmbedding)
+    ids = torch.randint(0, 128, (2, 12))
+    lorq.export(model, tmp_path / "h", fmt)
+    with safe_open(tmp_path / "h" / "base" / "model.safetensors", "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()  # noqa: SIM118
+    if fmt == "bnb":
+        loaded = peft_on(tmp_path / "h" / "base", tmp_path / "h" / "adapter")
+        torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)

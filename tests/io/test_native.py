@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_causal
+from conftest import tiny_bert, tiny_causal, train_b
 
 from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.io import load, save
 from lorq.io.native import LORQ_FILE, WEIGHTS_FILE
-from lorq.nn import QALoraLinear, QuantLinear
+from lorq.nn import QuantLinear
 from lorq.qa_lora import merge_qa_lora
 
 
@@ -138,15 +138,6 @@ def assert_same_model(model, back, ids):
     }
     kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert kinds == {n: type(m) for n, m in back.named_modules() if isinstance(m, QuantLinear)}
-
-
-def train_b(model) -> None:
-    """Seeded nonzero B in every QA-LoRA layer, so that A and B both reach the logits."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QALoraLinear):
-                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

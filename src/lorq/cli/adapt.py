@@ -185,8 +185,8 @@ def export(
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense tensors)")] = "fp32",
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Export: a PEFT adapter with its base, a merged HF model, or a merged QA-LoRA model as GGUF
-    / GPTQ."""
+    """Export: a PEFT adapter with its base (dense, or still compressed as a bitsandbytes /
+    GPTQ base), a merged HF model, or a merged QA-LoRA model as GGUF / GPTQ."""
     from lorq.export import check_export
     from lorq.export import export as export_model
     from lorq.export.hf import dense_nbytes

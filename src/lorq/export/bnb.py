@@ -31,7 +31,7 @@ from lorq.export.hf import (
     write_marker,
 )
 from lorq.export.peft import write_adapter
-from lorq.export.quantized import other_tensors, refuse_foreign
+from lorq.export.quantized import drop_aliases, other_tensors, refuse_foreign
 from lorq.io.bnb import bnb_tensors, quantization_config
 from lorq.io.native import hf_config, model_meta
 from lorq.quant import QuantizedTensor, format_of
@@ -83,12 +83,10 @@ def base_checkpoint(model: nn.Module, dtype: torch.dtype) -> tuple[dict, dict]:
     if config is None:
         raise ValueError("the model has no Hugging Face config; format='bnb' needs one")
     model = dense_embeddings(model)  # bitsandbytes quantizes linears only
-    tensors = {}
-    seen = set()  # tied tensors (an output layer sharing the embedding) are written once
-    for key, value in other_tensors(model, layers).items():
-        if value.data_ptr() not in seen:
-            seen.add(value.data_ptr())
-            tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    tensors = {
+        key: value.to(dtype) if value.is_floating_point() else value
+        for key, value in drop_aliases(other_tensors(model, layers)).items()
+    }
     for name, q in layers.items():
         tensors.update(bnb_tensors(name, q, dtype))
     first = next(iter(layers.values())).config

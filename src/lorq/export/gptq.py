@@ -27,7 +27,7 @@ from lorq.export.hf import (
     write_marker,
 )
 from lorq.export.peft import write_adapter
-from lorq.export.quantized import merged_layers, other_tensors, refuse_foreign
+from lorq.export.quantized import drop_aliases, merged_layers, other_tensors, refuse_foreign
 from lorq.io.gptq import check_gptq_config, is_gptq_dir, write_gptq_checkpoint, write_gptq_files
 from lorq.io.native import hf_config, model_meta
 from lorq.quant.affine import block_zeros
@@ -52,7 +52,7 @@ def _base(model: nn.Module) -> tuple[dict, dict, dict[str, Any], str]:
         "or export with --format peft"
     )
     refuse_foreign(foreign, "gptq", "INT-k codes with integer zeros (GPTQ's layout)", hint)
-    dense = other_tensors(model, layers)
+    dense = drop_aliases(other_tensors(model, layers))
     zero_min = min(float(block_zeros(q).min()) for q in layers.values())
     fmt = "gptq" if zero_min >= 1 else "gptq_v2"
     config = hf_config(model)

@@ -33,6 +33,18 @@ def merged_layers(model: nn.Module, fmt: str) -> dict[str, QuantizedTensor]:
     return {name: layer.q for name, layer in layers.items()}
 
 
+def drop_aliases(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without the later names of a shared tensor (a tied output layer after its
+    embedding): written once, as transformers does, which ties them again on loading."""
+    seen: set[int] = set()
+    unique = {}
+    for name, tensor in tensors.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor
+    return unique
+
+
 def refuse_foreign(foreign: dict[str, str], fmt: str, needs: str, hint: str) -> None:
     """ValueError naming the layers (module → quant preset) whose codes ``fmt`` cannot hold."""
     if not foreign:

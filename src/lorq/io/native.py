@@ -2,18 +2,23 @@
 
     DIR/model.safetensors   every tensor of the model: packed codes, scales, zeros, LoRA factors and
                             all other parameters and buffers (tied tensors stored once)
+    DIR/config.json         the model's HF config with ``quantization_config`` (quant_method "lorq",
+                            format and lorq version, the layers): ``from_pretrained`` reads the
+                            directory once ``import lorq`` registered lorq.io.hf_quantizer
+    DIR/tokenizer files     when a tokenizer is given
     DIR/lorq.json           format version, lorq version, source model, the HF config, the compress
                             config, every packed layer's kind ("lora" QuantLoraLinear, "qa-lora"
                             QALoraLinear, "quant" QuantLinear, "embedding" QuantEmbedding) /
                             quant config / shape / rank / scaling, tensor aliases, the budget plan
-    DIR/tokenizer files     when a tokenizer is given
 
-``load`` builds the architecture on the meta device and assigns the stored tensors (no access to
-the original weights); the round trip is bit-exact.
+lorq.json is written last: a directory that has it is finished (``is_lorq_dir``). ``load`` builds
+the architecture on the meta device and assigns the stored tensors (no access to the original
+weights); the round trip is bit-exact. Directories written before config.json existed still load.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -43,6 +48,9 @@ FORMAT = "lorq"
 FORMAT_VERSION = 1
 LORQ_FILE = "lorq.json"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# the lorq.json fields that config.json's quantization_config repeats for from_pretrained
+QUANTIZATION_FIELDS = ("model_class", "layers", "aliases", "int8_factors", "trainable")
 META_ATTR = "lorq_meta"  # the model attribute that carries its lorq.json provenance
 # what a saved model's lorq.json carries over to a model made from it (finetune, merge)
 CARRIED_META = ("source", "compress", "plan", "calibration", "evaluation", "finetune", "merge")
@@ -74,7 +82,7 @@ def is_lorq_dir(path: Path) -> bool:
         return False
 
 
-def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer (persistent or not) by qualified name, shared ones repeated."""
     out: dict[str, torch.Tensor] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -160,6 +168,60 @@ def hf_config(model: nn.Module) -> dict[str, Any] | None:
     return config
 
 
+def payload(
+    model: nn.Module, extra: dict[str, Any] | None = None, factor_codes: bool = True
+) -> tuple[dict, dict]:
+    """(tensors, lorq.json) of ``model`` as :func:`save` writes them: tied tensors once, dense
+    ones narrowed where exact, factors on their 8-bit grid as int8 codes (unless not
+    ``factor_codes``: then every factor is stored as it is, readable as a plain state dict)."""
+    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, PACKED)}
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model has no quantized layers; compress it before saving")
+    tensors, aliases = _dedupe(named_tensors(model))
+    restore = narrowed(tensors)
+    factors = int8_factors(tensors) if factor_codes else []
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lorq_version": __version__,
+        "model_class": type(model).__name__,
+        "hf_config": hf_config(model),
+        "layers": layers,
+        "aliases": aliases,
+        "restore_dtypes": restore,
+        "int8_factors": factors,
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "tensors": manifest(tensors),
+        **model_meta(model),
+        **(extra or {}),
+    }
+    return tensors, meta
+
+
+def quantization_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json's ``quantization_config`` for a directory whose lorq.json is ``meta``."""
+    versions = {key: meta[key] for key in ("format_version", "lorq_version")}
+    return {"quant_method": FORMAT, **versions, **{key: meta[key] for key in QUANTIZATION_FIELDS}}
+
+
+def write_config(model: nn.Module, file: Path, meta: dict[str, Any]) -> bool:
+    """Write the model's HF config with lorq's ``quantization_config`` to ``file``; False (and
+    nothing written) for a model without an HF config."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file"):
+        return False
+    config = copy.deepcopy(config)
+    config.quantization_config = quantization_config(meta)
+    config.architectures = [meta["model_class"]]
+    config.to_json_file(file)
+    return True
+
+
+def write_meta(file: Path, meta: dict[str, Any]) -> None:
+    """Write lorq.json (the last file of a directory: it marks it finished)."""
+    file.write_text(json.dumps(meta, indent=1, default=str))
+
+
 def save(
     model: Any,
     path: str | Path,
@@ -177,33 +239,14 @@ def save(
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         model = model.model
-    layers = {n: _layer_spec(m) for n, m in model.named_modules() if isinstance(m, PACKED)}
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("the model has no quantized layers; compress it before saving")
-    tensors, aliases = _dedupe(_named_tensors(model))
-    restore = narrowed(tensors)
-    factors = int8_factors(tensors)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lorq_version": __version__,
-        "model_class": type(model).__name__,
-        "hf_config": hf_config(model),
-        "layers": layers,
-        "aliases": aliases,
-        "restore_dtypes": restore,
-        "int8_factors": factors,
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "tensors": manifest(tensors),
-        **model_meta(model),
-        **(extra or {}),
-    }
+    tensors, meta = payload(model, extra)
     inputs = input_paths(model)
     with atomic_directory(path, overwrite, is_lorq_dir, "lorq model", inputs) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_config(model, tmp / CONFIG_FILE, meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / LORQ_FILE).write_text(json.dumps(meta, indent=1, default=str))
+        write_meta(tmp / LORQ_FILE, meta)  # last: the directory is finished
     return Path(path)
 
 
@@ -218,10 +261,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{file} is corrupted ({err}); re-run lorq compress") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "layers" not in meta:
         raise ValueError(f"{file} is not a lorq model description; re-run lorq compress")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {meta.get('format_version')!r} is not supported")
+    check_format_version(meta.get("format_version"), meta.get("lorq_version"), file)
     check_types(meta, file)
     return meta
+
+
+def check_format_version(version: Any, written_by: Any, file: Path | str) -> None:
+    """ValueError unless this lorq reads ``version`` (a newer one: upgrade lorq)."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise ValueError(
+            f"{file}: format_version {version} (written by lorq {written_by}) is newer than "
+            f"lorq {__version__} reads (format_version {FORMAT_VERSION}); upgrade lorq "
+            "(pip install -U lorq)"
+        )
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ValueError(f"{file}: format_version {version!r} is not supported")
 
 
 def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -253,7 +307,7 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
         return cls._from_config(config)
 
 
-def _quant_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor]) -> nn.Module:
+def build_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor]) -> nn.Module:
     """The packed layer ``name`` from ``named`` (every tensor by name, aliases included)."""
     prefix = f"{name}."
     own = {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
@@ -278,7 +332,8 @@ def _quant_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor]
     )
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def place(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` at ``name`` as it is (the same object where it is placed twice: a tie)."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if leaf in module._parameters:
@@ -292,7 +347,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, trainable: bool) 
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     value = nn.Parameter(tensor, requires_grad=trainable) if leaf in module._parameters else tensor
-    _place(model, name, value)
+    place(model, name, value)
     return value
 
 
@@ -303,7 +358,7 @@ def _assign_dense(
     returns the stored names used."""
     aliases, trainable = meta.get("aliases", {}), set(meta.get("trainable", []))
     assigned: dict[str, torch.Tensor] = {}
-    for name, tensor in _named_tensors(model).items():
+    for name, tensor in named_tensors(model).items():
         if not tensor.is_meta:
             continue
         source = aliases.get(name, name)
@@ -317,7 +372,7 @@ def _assign_dense(
         if source not in assigned:
             assigned[source] = _assign(model, name, tensors[source], source in trainable)
         else:
-            _place(model, name, assigned[source])
+            place(model, name, assigned[source])
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
     return set(assigned)
@@ -341,7 +396,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     named = {**{a: tensors[s] for a, s in aliases.items() if s in tensors}, **tensors}
     try:
         for name, spec in meta["layers"].items():
-            set_module(model, name, _quant_layer(name, spec, named))
+            set_module(model, name, build_layer(name, spec, named))
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path / WEIGHTS_FILE} does not match {LORQ_FILE} ({err})") from None
     used = _assign_dense(model, tensors, meta, path / WEIGHTS_FILE)
