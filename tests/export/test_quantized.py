@@ -71,7 +71,7 @@ def test_unmerged_models_are_refused_by_gguf(tmp_path):
 
 def test_gguf_export_refuses_int_zero_layers(tmp_path):
     model = merged_qa_lora("int4-g32")
-    with pytest.raises(ValueError, match="not supported yet"):
+    with pytest.raises(ValueError, match="GGUF holds the presets"):
         export_gguf(model, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
 

@@ -142,7 +142,7 @@ def test_non_q4_1_layer_is_refused(tmp_path):
     layers["model.layers.0.mlp.up_proj"] = lorq.quantize(
         model.model.layers[0].mlp.up_proj.weight, "nf4"
     )
-    with pytest.raises(ValueError, match="'nf4' is not supported yet; supported: the 'q4_1'"):
+    with pytest.raises(ValueError, match="'nf4' is not supported: GGUF holds the presets q4_1"):
         write_gguf(tmp_path / "o.gguf", layers, dense_rest(model, layers), model.config.to_dict())
     assert os.listdir(tmp_path) == []
 
@@ -191,7 +191,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         path.write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(gguf_io, "_write", broken)
+    monkeypatch.setattr(gguf_io, "write_file", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export(tiny_llama(), tmp_path / "o.gguf")
     assert os.listdir(tmp_path) == []

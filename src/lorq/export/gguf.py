@@ -1,9 +1,15 @@
-"""Export target ``gguf``: a merged quantized model as one GGUF file (llama.cpp, transformers).
+"""Export target ``gguf``: a quantized LLaMA model for llama.cpp (and transformers' GGUF loader).
+
+    merged model (no factors)   NAME.gguf        every layer's Q in its GGUF type
+    model with LoRA factors     NAME.gguf        the base: every layer's Q in its GGUF type
+                                NAME.lora.gguf   the factors as a llama.cpp LoRA adapter
+                                                 (``llama-cli -m NAME.gguf --lora NAME.lora.gguf``)
 
 Every quantized layer (and a packed embedding table) is written in its format's GGUF type
-(``QuantFormat.gguf_type``; today q4_1 → Q4_1, q8_0 → Q8_0), codes copied as they are; metadata
-and tokenizer come from the source GGUF when the model still knows it (its provenance), else from
-the Hugging Face config and tokenizer.
+(``QuantFormat.gguf_type``: q4_0, q4_1, q5_0, q5_1, q8_0), codes copied as they are; metadata and
+tokenizer come from the source GGUF when the model still knows it (its provenance), else from the
+Hugging Face config and tokenizer. The adapter is written before the base, each atomically: a
+base file present means both are finished.
 """
 
 from __future__ import annotations
@@ -14,25 +20,51 @@ from torch import nn
 
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
+from lorq.export.hf import quant_layers
+from lorq.export.peft import adapter_layers, lora_A_of
 from lorq.export.quantized import merged_layers, other_tensors, packed_embeddings, source_gguf
 from lorq.io.gguf import is_gguf_file
-from lorq.io.gguf_write import write_gguf
+from lorq.io.gguf_lora import Factors, write_gguf_lora
+from lorq.io.gguf_write import gguf_contents, write_contents
 from lorq.io.native import hf_config
 
 
+def adapter_path(out: str | Path) -> Path:
+    """NAME.lora.gguf beside NAME.gguf."""
+    out = Path(out)
+    return out.with_name(f"{out.name.removesuffix('.gguf')}.lora.gguf")
+
+
+def gguf_factors(model: nn.Module) -> Factors:
+    """(A, B, s) of every layer with factors (QA-LoRA's pooled A as its expansion)."""
+    return {
+        name: (lora_A_of(layer), layer.lora_B.detach(), float(layer.scaling))
+        for name, layer in adapter_layers(model).items()
+    }
+
+
 def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """A GGUF file of a merged q4_1 QA-LoRA model (metadata from the source GGUF when known)."""
-    layers = {**merged_layers(model, "gguf"), **packed_embeddings(model)}
+    """NAME.gguf (and NAME.lora.gguf for a model with factors); returns the base's path."""
+    adapters = any(m.has_lora for m in quant_layers(model).values())
+    if adapters:
+        layers = {name: layer.q for name, layer in quant_layers(model).items()}
+    else:
+        layers = merged_layers(model, "gguf")
+    layers = {**layers, **packed_embeddings(model)}
     dense = other_tensors(model, layers)
     config = hf_config(model)
     if config is None:
         raise ValueError("the model has no Hugging Face config; GGUF export needs one")
-    return write_gguf(out, layers, dense, config, source_gguf(model), tokenizer, overwrite)
+    check_output(Path(out), overwrite, is_gguf_file, "GGUF", directory=False)
+    contents = gguf_contents(layers, dense, config, source_gguf(model), tokenizer)
+    if adapters:  # the adapter first: a base file present means both are finished
+        write_gguf_lora(adapter_path(out), gguf_factors(model), config, overwrite)
+    return write_contents(out, contents, overwrite)
 
 
 class GGUFFile(ExportTarget):
     name = "gguf"
-    description = "a merged QA-LoRA model (q4_1) as one GGUF file, codes as they are"
+    description = "a GGUF base (codes as they are) and, with factors, a llama.cpp LoRA adapter"
 
     def check(self, out: Path, options: ExportOptions) -> None:
         check_output(
@@ -41,6 +73,13 @@ class GGUFFile(ExportTarget):
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         export_gguf(model, out, options.tokenizer, options.overwrite)
+        adapter = adapter_path(out)
+        if adapter.exists() and any(m.has_lora for m in quant_layers(model).values()):
+            return Exported(
+                out,
+                f"GGUF base {out} and LoRA adapter {adapter} (llama.cpp: -m {out.name} --lora "
+                f"{adapter.name})",
+            )
         return Exported(
             out, f"GGUF written to {out} (transformers: from_pretrained(dir, gguf_file=name))"
         )

@@ -26,7 +26,7 @@ from lorq.io.gguf import (
     rope_heads,
     rope_rows,
 )
-from lorq.quant import QuantizedTensor, format_of
+from lorq.quant import QuantizedTensor, format_of, presets
 
 # KV pairs that describe the source file itself, never copied to an exported one
 OWN_KEYS = (
@@ -57,7 +57,7 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def _check_config(config: dict[str, Any]) -> None:
+def check_llama_config(config: dict[str, Any]) -> None:
     model_type = config.get("model_type")
     if model_type != ARCHITECTURE:
         raise ValueError(
@@ -194,8 +194,8 @@ def _tensors(
             ggml_type = fmt.gguf_type(item.config)
             if ggml_type is None:
                 raise ValueError(
-                    f"GGUF export of {name} quantized as {item.config.name!r} is not supported "
-                    "yet; supported: the 'q4_1' preset (INT4, group 32, fp16 scale and min)"
+                    f"GGUF export of {name} quantized as {item.config.name!r} is not supported: "
+                    f"GGUF holds the presets {', '.join(gguf_presets())}; compress with one"
                 )
             data = fmt.to_gguf(item)
         else:
@@ -204,6 +204,11 @@ def _tensors(
         data = data if rope is None else data[rope_rows(data.shape[0], rope)]
         out.append((gguf_name, data, ggml_type))
     return out
+
+
+def gguf_presets() -> list[str]:
+    """The presets whose codes a GGUF tensor type holds as they are."""
+    return [name for name, c in presets().items() if format_of(c).gguf_type(c) is not None]
 
 
 def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:
@@ -218,7 +223,7 @@ def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:
     return int(getattr(FileType, f"MOSTLY_{name}", FileType.GUESSED))
 
 
-def _write(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None]]) -> None:
+def write_file(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None]]) -> None:
     from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, Keys
 
     writer = GGUFWriter(path, ARCHITECTURE)
@@ -237,6 +242,24 @@ def _write(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None
         writer.close()
 
 
+def gguf_contents(
+    layers: dict[str, QuantizedTensor],
+    dense: dict[str, torch.Tensor],
+    hf_config: dict[str, Any],
+    source_gguf: str | Path | None = None,
+    tokenizer: Any = None,
+) -> tuple[KV, list[tuple[str, torch.Tensor, int | None]]]:
+    """(metadata, tensors) of the GGUF file :func:`write_gguf` writes, every input checked."""
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    check_llama_config(config)
+    kv = _llama_kv(config)
+    if source_gguf is not None:
+        kv = _source_kv(Path(source_gguf), kv)
+    elif tokenizer is not None:
+        kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
+    return kv, _tensors(layers, dense, config)
+
+
 def write_gguf(
     out_file: str | Path,
     layers: dict[str, QuantizedTensor],
@@ -246,25 +269,24 @@ def write_gguf(
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a LLaMA model as a GGUF file: q4_1 ``layers`` as Q4_1 blocks, the rest from ``dense``.
+    """Write a LLaMA model as a GGUF file: ``layers`` as their GGUF blocks, the rest from ``dense``.
 
-    ``layers``: module name → QuantizedTensor (q4_1 preset), written bit-exactly. ``dense``: every
-    other parameter by name (``model.norm.weight``, ``model.embed_tokens.weight``, …), 1-D as F32,
-    2-D as F16; a tied ``lm_head.weight`` is dropped. ``hf_config``: ``model.config.to_dict()``.
-    Metadata and tokenizer are copied from ``source_gguf`` when given (``tokenizer`` is then
-    unused); otherwise built from ``hf_config`` and, if given, a byte-level BPE fast tokenizer.
-    The file appears atomically; an existing one is replaced only with ``overwrite``.
+    ``layers``: module name → QuantizedTensor of a preset with a GGUF type (q4_0, q4_1, q5_0,
+    q5_1, q8_0), written bit-exactly. ``dense``: every other parameter by name
+    (``model.norm.weight``, ``model.embed_tokens.weight``, …), 1-D as F32, 2-D as F16; a tied
+    ``lm_head.weight`` is dropped. ``hf_config``: ``model.config.to_dict()``. Metadata and
+    tokenizer are copied from ``source_gguf`` when given (``tokenizer`` is then unused);
+    otherwise built from ``hf_config`` and, if given, a byte-level BPE fast tokenizer. The file
+    appears atomically; an existing one is replaced only with ``overwrite``.
     """
+    check_output(Path(out_file), overwrite, is_gguf_file, "GGUF", directory=False)
+    contents = gguf_contents(layers, dense, hf_config, source_gguf, tokenizer)
+    return write_contents(out_file, contents, overwrite)
+
+
+def write_contents(out_file: str | Path, contents: tuple[KV, list], overwrite: bool) -> Path:
+    """Write :func:`gguf_contents` atomically to ``out_file``."""
     path = Path(out_file)
-    check_output(path, overwrite, is_gguf_file, "GGUF", directory=False)
-    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-    _check_config(config)
-    kv = _llama_kv(config)
-    if source_gguf is not None:
-        kv = _source_kv(Path(source_gguf), kv)
-    elif tokenizer is not None:
-        kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
-    tensors = _tensors(layers, dense, config)
     with atomic_file(path, overwrite, is_gguf_file, "GGUF") as tmp:
-        _write(tmp, kv, tensors)
+        write_file(tmp, *contents)
     return path

@@ -1,0 +1,84 @@
+"""A llama.cpp LoRA adapter as GGUF: lorq's factors, applied by llama.cpp at run time on the base
+GGUF (``--lora NAME.lora.gguf``; docs/algorithms.md §7), as ``convert_lora_to_gguf.py`` writes it.
+
+    general.architecture "llama"   general.type "adapter"   adapter.type "lora"
+    adapter.lora.alpha α (float32)
+    <base tensor>.lora_a   F32, A (r × in)    ggml ne = [in, r]
+    <base tensor>.lora_b   F32, B (out × r)   ggml ne = [r, out]; attn_q / attn_k rows permuted for
+                                               RoPE exactly as the base tensor's rows
+
+llama.cpp adds (α / r)·B·A·x to a layer's output (α = 0: 1·B·A·x), one α for the whole file. When
+every layer has the same rank r and scaling s, α = s·r and the factors are written as they are;
+otherwise α = 0 and each B is written as s·B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorq.atomic import atomic_file
+from lorq.io.gguf import gguf_names, is_gguf_file, rope_heads, rope_rows
+from lorq.io.gguf_write import check_llama_config, write_file
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module → (A, B, s)
+
+
+def adapter_alpha(factors: Factors) -> float:
+    """α of the file: s·r when every layer shares it (and r), else 0 (s folded into B)."""
+    kinds = {(a.shape[0], s) for a, _, s in factors.values()}
+    if len(kinds) == 1:
+        rank, scaling = kinds.pop()
+        return float(scaling * rank)
+    return 0.0
+
+
+def _tensors(factors: Factors, config: dict[str, Any], alpha: float) -> list:
+    """(GGUF name, data, None) of every factor, in the base model's parameter order."""
+    names = gguf_names(config)
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    out = []
+    for module, (a, b, scaling) in factors.items():
+        key = f"{module}.weight"
+        if key not in names:
+            raise ValueError(f"{module} is not a linear layer of the LLaMA architecture")
+        gguf_name, shape = names[key]
+        if (b.shape[0], a.shape[1]) != shape or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise ValueError(
+                f"{module}: factors B {tuple(b.shape)} · A {tuple(a.shape)} do not fit the "
+                f"weight {shape}"
+            )
+        b = b.detach().float() * (1.0 if alpha else scaling)
+        rope = rope_heads(gguf_name, heads, kv_heads)
+        b = b if rope is None else b[rope_rows(b.shape[0], rope)]
+        out.append((f"{gguf_name}.lora_a", a.detach().float().cpu().contiguous(), None))
+        out.append((f"{gguf_name}.lora_b", b.cpu().contiguous(), None))
+    return out
+
+
+def write_gguf_lora(
+    out_file: str | Path, factors: Factors, hf_config: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write ``factors`` ({module name: (A, B, s)}) of a LLaMA model as a llama.cpp LoRA adapter
+    GGUF, atomically; returns its path."""
+    from gguf import GGUFValueType, Keys
+
+    if not factors:
+        raise ValueError("the model has no LoRA factors; a merged model has no adapter to write")
+    config = dict(hf_config)
+    check_llama_config(config)
+    alpha = adapter_alpha(factors)
+    string = GGUFValueType.STRING
+    kv = {
+        Keys.General.TYPE: ("adapter", string, None),
+        Keys.Adapter.TYPE: ("lora", string, None),
+        Keys.Adapter.LORA_ALPHA: (alpha, GGUFValueType.FLOAT32, None),
+    }
+    tensors = _tensors(factors, config, alpha)
+    path = Path(out_file)
+    with atomic_file(path, overwrite, is_gguf_file, "GGUF") as tmp:
+        write_file(tmp, kv, tensors)
+    return path

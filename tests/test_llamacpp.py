@@ -1,0 +1,98 @@
+"""The real llama.cpp runs lorq's GGUF base + LoRA adapter. Oracle: llama.cpp's own
+``llama-perplexity`` equals lorq's perplexity of the same model on the same text, computed the
+way llama-perplexity scores it (chunks of n_ctx tokens, the second half of each chunk); a control
+run on the unmodified source GGUF shows the two computations agree, and a run without ``--lora``
+shows the adapter is what makes the difference.
+
+Needs the llama.cpp tools: ``make test-llamacpp`` builds them (../shared/tools/build-llama-cpp.sh,
+~13 minutes the first time) and runs these tests with ``LORQ_LLAMA_CPP`` naming their folder.
+"""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorq
+from lorq.data import builtin_text
+from lorq.export.gguf import export_gguf
+from lorq.io.native import model_meta, set_model_meta
+from lorq.models import load_model
+
+pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
+BIN = os.environ.get("LORQ_LLAMA_CPP")
+N_CTX, CHUNKS = 256, 4
+TOLERANCE = 0.01  # llama.cpp's CPU matmuls quantize activations to 8 bits: ~0.1–0.5 % in ppl
+
+
+@pytest.fixture(scope="module")
+def tools() -> Path:
+    if not BIN or not (Path(BIN) / "llama-perplexity").is_file():
+        pytest.skip("llama.cpp tools not built: run `make test-llamacpp` (or set LORQ_LLAMA_CPP)")
+    return Path(BIN)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(builtin_text("evaluation")[:12000])
+    return path
+
+
+def llama_perplexity(tools: Path, model: Path, text: Path, lora: Path | None = None) -> float:
+    command = [str(tools / "llama-perplexity"), "-m", str(model), "-f", str(text)]
+    command += ["-c", str(N_CTX), "-b", str(N_CTX), "--chunks", str(CHUNKS), "-t", "2"]
+    command += ["--lora", str(lora)] if lora is not None else []
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    assert match, (done.stdout + done.stderr)[-2000:]
+    return float(match.group(1))
+
+
+def lorq_perplexity(model, tokenizer, text: Path) -> float:
+    """llama-perplexity's score: per chunk of N_CTX tokens, the NLL of tokens N_CTX/2 + 1 … end
+    given all before them in the chunk (SmolLM2's GGUF adds no BOS)."""
+    ids = torch.tensor(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"])
+    first, nll, count = N_CTX // 2, 0.0, 0
+    for c in range(CHUNKS):
+        chunk = ids[c * N_CTX : (c + 1) * N_CTX]
+        with torch.no_grad():
+            logits = model(input_ids=chunk[None]).logits[0].double()
+        logp = torch.log_softmax(logits[first : N_CTX - 1], dim=-1)
+        nll -= float(logp.gather(1, chunk[first + 1 :, None]).sum())
+        count += N_CTX - first - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def test_llama_cpp_runs_lorq_base_plus_adapter_as_lorq_does(tools, text_file, tmp_path):
+    loaded = load_model("smollm2", packed=True)
+    source = Path(loaded.source.path) / loaded.source.gguf_file
+    original = lorq_perplexity(loaded.model, loaded.tokenizer, text_file)
+    control = llama_perplexity(tools, source, text_file)
+    assert control == pytest.approx(original, rel=TOLERANCE)
+
+    model = loaded.model
+    lorq.compress(model, lorq.CompressConfig(method="loftq", quant="q4_0", rank=8, iters=1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a clearly visible adapter: B well away from LoftQ's fit
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+    set_model_meta(
+        model,
+        {**model_meta(model), "source": {"path": str(source.parent), "gguf_file": source.name}},
+    )
+    export_gguf(model, tmp_path / "m.gguf")
+    ours = lorq_perplexity(model, loaded.tokenizer, text_file)
+    with_adapter = llama_perplexity(tools, tmp_path / "m.gguf", text_file, tmp_path / "m.lora.gguf")
+    base_only = llama_perplexity(tools, tmp_path / "m.gguf", text_file)
+    print(
+        f"ppl: original {original:.4f}, lorq {ours:.4f}, llama.cpp + lora {with_adapter:.4f}, "
+        f"llama.cpp base alone {base_only:.4f}"
+    )
+    assert with_adapter == pytest.approx(ours, rel=TOLERANCE)
+    assert abs(base_only - ours) > 3 * TOLERANCE * ours  # the adapter is what matches
