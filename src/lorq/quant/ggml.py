@@ -9,12 +9,17 @@ weights; d, m in fp16; nibble j holds weight j (low) and weight j + 16 (high):
     Q4_0   18     d, qs[16]              d · (q − 8)                4.5
     Q5_0   22     d, qh[4], qs[16]       d · (q − 16)               5.5    q = low 4 | qh bit << 4
     Q5_1   24     d, m, qh[4], qs[16]    d · q + m                  6.0
+    IQ4_NL 18     d, qs[16]              d · kvalues[q]             4.5    16 non-uniform levels
 
 Encoding is llama.cpp's reference rounding (``quantize_row_*_ref``), as the ``gguf`` package ports
 it bit for bit (the oracle): Q8_0 d = max|x|/127, q = roundf(x/d); Q4_0 / Q5_0 d = x_max/−8
 (/−16) with x_max the value of largest magnitude, q = min(15 (31), trunc(x/d + 8.5 (16.5)));
 Q5_1 d = (max − min)/31, m = min, q = trunc((x − m)/d + 0.5). d and m are stored in fp16 after
-the codes were chosen from their float32 values.
+the codes were chosen from their float32 values. IQ4_NL is what ``llama-quantize`` writes without an
+importance matrix (``quantize_iq4_nl``; the ``gguf`` package has no encoder for it, so the oracle
+is llama.cpp itself, tests/test_llamacpp.py): the scale d maximising (Σ w·q·x)² / Σ w·q² with
+w = x² over 1/d ∈ {127/x_max} ∪ {(k − 127)/x_max : k = −7 … 7} (x_max the value of largest
+magnitude; sums in float32 in weight order, as llama.cpp adds them), q the nearest level of x/d.
 """
 
 from __future__ import annotations
@@ -131,6 +136,61 @@ def _decode_q5_1(raw: torch.Tensor) -> torch.Tensor:
     return q.float() * _half(raw, 0) + _half(raw, 2)
 
 
+# IQ4_NL's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), d · kvalues[q]
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4NL_TRIES = 7  # llama-quantize's search: 1/d = (k − 127) / x_max for k = −7 … 7
+GROUP_MAX_EPS = 1e-15
+
+
+def _best_index(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's best_index_int8: the nearest level, the upper one on a tie or beyond."""
+    mu = torch.searchsorted(values, x, right=True).clamp(1, values.numel() - 1)
+    lower = (x - values[mu - 1]) < (values[mu] - x)
+    return torch.where(lower, mu - 1, mu)
+
+
+def _weighted_sums(x, w, values, inverse) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ w·q·x and Σ w·q² with q = values[best index of x · inverse], summed in float32 one
+    weight after another as llama.cpp does (the order decides near-ties between tries)."""
+    q = values[_best_index(x * inverse, values)]
+    wq = w * q
+    sumqx = torch.zeros_like(inverse[:, 0])
+    sumq2 = torch.zeros_like(sumqx)
+    for j in range(x.shape[1]):
+        sumqx = sumqx + wq[:, j] * x[:, j]
+        sumq2 = sumq2 + wq[:, j] * q[:, j]
+    return sumqx, sumq2
+
+
+def iq4nl_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's IQ4_NL scale search (quantize_row_iq4_nl_impl, 32-value blocks, 7 tries):
+    the d maximising (Σ w·q·x)² / Σ w·q² over 1/d ∈ {127/x_max, (k − 127)/x_max}, (n, 1)."""
+    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=x.device)
+    largest = _largest(x)
+    sumqx, sumq2 = _weighted_sums(x, weight, values, 1 / (largest / 127))
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumq2))
+    best = d * sumqx
+    for k in range(-IQ4NL_TRIES, IQ4NL_TRIES + 1):
+        sumqx, sumq2 = _weighted_sums(x, weight, values, (k - 127) / largest)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+    tiny = x.abs().amax(1) < GROUP_MAX_EPS
+    return torch.where(tiny, torch.zeros_like(d), d)[:, None]
+
+
+def _encode_iq4_nl(x: torch.Tensor) -> torch.Tensor:
+    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=x.device)
+    d = iq4nl_scale(x, x * x)
+    q = _best_index(x * _safe_inverse(d), values).to(torch.uint8)
+    return torch.cat([_half_bytes(d), _nibbles(q)], 1)
+
+
+def _decode_iq4_nl(raw: torch.Tensor) -> torch.Tensor:
+    values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=raw.device)
+    return values[_unnibble(raw[:, 2:]).long()] * _half(raw, 0)
+
+
 class BlockType(NamedTuple):
     bits: int
     nbytes: int  # per block of 32 weights
@@ -143,6 +203,7 @@ TYPES: dict[str, BlockType] = {
     "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0),
     "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0),
     "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1),
+    "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl),
 }
 
 
