@@ -162,3 +162,35 @@ def test_one_table_serves_many_budgets(matrices):
 def test_many_budgets_check_each_before_the_table(matrices):
     with pytest.raises(ValueError, match="budget"):
         plan_budgets(matrices, [3.0, 0.5], ["nf2", "nf3"], rank=4)
+
+
+def test_the_gguf_grid_is_what_a_gguf_file_holds():
+    from lorq.quant import format_of
+
+    grid = candidate_grid("gguf")
+    assert {c.name for c in grid} == {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
+    assert all(format_of(c).gguf_type(c) is not None for c in grid)
+
+
+def test_candidates_that_do_not_tile_a_matrix_are_excluded_for_it():
+    """96-wide rows take no int4-g128 group: the plan gives that matrix q8_0 even at the lowest
+    budget, and the feasible range counts only what fits (oracle: the range by hand)."""
+    generator = torch.Generator().manual_seed(0)
+    matrices = {
+        "narrow": torch.randn(64, 96, generator=generator),
+        "wide": torch.randn(64, 256, generator=generator),
+    }
+    table = cost_table(matrices, candidate_grid("int4-g128,q8_0"), "plain")
+    assert np.isinf(table.bits[0, 0]) and np.isinf(table.cost[0, 0])
+    narrow, wide = 64 * 96, 64 * 256
+    q8, int4 = 8.5, 4 + (16 + 4) / 128  # fp16 scale + 4-bit zero per group of 128
+    low, high = table.feasible_range()
+    assert low == pytest.approx((narrow * q8 + wide * int4) / (narrow + wide))
+    assert high == pytest.approx(q8)
+    plan = plan_budget(matrices, low, "int4-g128,q8_0", method="plain")
+    assert [e.config.name for e in plan.entries] == ["q8_0", "int4-g128"]
+
+
+def test_a_matrix_no_candidate_fits_is_named():
+    with pytest.raises(ValueError, match=r"no candidate fits odd of shape \(8, 48\)"):
+        plan_budget({"odd": torch.randn(8, 48)}, 5.0, "int4-g128,iq4_nl", method="plain")

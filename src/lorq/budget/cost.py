@@ -27,7 +27,8 @@ from lorq.decompose import decompose
 from lorq.decompose.common import LowRankStep, Rounding, Weighting, check_rank
 from lorq.progress import Progress, no_progress
 from lorq.quant import QuantConfig
-from lorq.quant.base import check_weight
+from lorq.quant.base import check_weight, fits
+from lorq.quant.tensor import storage_nbytes
 
 METHODS = ("plain", "lq", "loftq")
 
@@ -52,9 +53,39 @@ class CostTable:
 
 
 def feasible_range(bits: np.ndarray, numels: np.ndarray) -> tuple[float, float]:
-    """The smallest and largest achievable average bits/param; bits: (n, c) totals per matrix."""
+    """The smallest and largest achievable average bits/param; bits: (n, c) totals per matrix,
+    +inf where a candidate does not fit the matrix."""
     total = float(numels.sum())
-    return float(bits.min(1).sum() / total), float(bits.max(1).sum() / total)
+    largest = np.where(np.isfinite(bits), bits, -np.inf).max(1)
+    return float(bits.min(1).sum() / total), float(largest.sum() / total)
+
+
+def fitting(name: str, shape: tuple[int, int], candidates: Sequence[QuantConfig]) -> list[bool]:
+    """Which candidates a matrix of ``shape`` can take (a block type must tile its rows: the
+    ILP excludes the others for it); ValueError when none can."""
+    fit = [fits(c, shape) for c in candidates]
+    if not any(fit):
+        raise ValueError(
+            f"no candidate fits {name} of shape {shape}: rows of {shape[1]} values are not a "
+            f"multiple of any candidate's block ({', '.join(c.name for c in candidates)}); add "
+            "one that fits (e.g. q8_0 or an NF preset)"
+        )
+    return fit
+
+
+def _spread(values: list[float], fit: Sequence[bool]) -> list[float]:
+    """Values of the fitting candidates back in grid order, +inf for the others."""
+    it = iter(values)
+    return [next(it) if ok else np.inf for ok in fit]
+
+
+def shape_bits(name: str, shape: tuple[int, int], candidates: Sequence[QuantConfig]) -> list:
+    """Stored bits of a matrix of ``shape`` under every candidate (+inf: it does not fit)."""
+    fit = fitting(name, shape, candidates)
+    return [
+        8.0 * storage_nbytes(c, shape) if ok else np.inf
+        for c, ok in zip(candidates, fit, strict=True)
+    ]
 
 
 def _row_lq_shared(
@@ -131,7 +162,10 @@ def cost_table(
     rows, numels = [], []
     for name, weight in matrices.items():  # each weight read once (it may be decoded on access)
         statistics = (fisher or {}).get(name), (hessians or {}).get(name)
-        rows.append(_row(weight, candidates, method, config, *statistics))
+        fit = fitting(name, (weight.shape[0], weight.shape[1]), candidates)
+        usable = [c for c, ok in zip(candidates, fit, strict=True) if ok]
+        bits, cost, norm = _row(weight, usable, method, config, *statistics)
+        rows.append((_spread(bits, fit), _spread(cost, fit), norm))
         numels.append(weight.numel())
         advance(1)
     return CostTable(

@@ -5,6 +5,8 @@ default  b ∈ {2, 3, 4, 8} × B0 ∈ {16, 32, 64, 128}, second level (b0 = 8, B
 full     LQ-LoRA's 432: b, b0 ∈ {2, 3, 4, 8} × b1 ∈ {fp16, bf16, fp32} × B0 ∈ {16, 32, 64}
          × B1 ∈ {16, 64, 256}
 int      INT-k for QA-LoRA: b ∈ {2, 3, 4, 8} × G ∈ {32, 64, 128}, integer zeros
+gguf     llama.cpp's types lorq holds as GGUF blocks (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl): a plan
+         that ``lorq export --format gguf`` writes as it is
 a list   preset names or QuantConfig objects
 """
 
@@ -14,6 +16,7 @@ import itertools
 from collections.abc import Sequence
 
 from lorq.quant import IntConfig, NFConfig, QuantConfig, as_config
+from lorq.quant.base import gguf_presets
 
 BITS = (2, 3, 4, 8)
 
@@ -35,7 +38,11 @@ def int_grid() -> tuple[QuantConfig, ...]:
     return tuple(IntConfig(bits=b, block_size=g) for b in BITS for g in (32, 64, 128))
 
 
-GRIDS = {"default": default_grid, "full": full_grid, "int": int_grid}
+def gguf_grid() -> tuple[QuantConfig, ...]:
+    return tuple(gguf_presets().values())
+
+
+GRIDS = {"default": default_grid, "full": full_grid, "int": int_grid, "gguf": gguf_grid}
 
 
 def candidate_grid(candidates: str | Sequence[str | QuantConfig]) -> tuple[QuantConfig, ...]:

@@ -6,7 +6,8 @@ docs/algorithms.md §3.
                 Σ_c x[i, c] = 1  for every matrix i,       x ∈ {0, 1}
 
 Candidates that are dominated for a matrix (another has no more bits and no more error) are
-removed before solving; they can never be needed in an optimum, and the problem shrinks.
+removed before solving; they can never be needed in an optimum, and the problem shrinks. A
+candidate whose blocks do not tile a matrix's rows has bits = cost = +inf there: dominated.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def solve(table: CostTable, budget: float, time_limit: float = 60.0) -> Solution
     keep = undominated(table.bits, table.cost).ravel()
     columns = np.flatnonzero(keep)
     rows = columns // c
-    scale = float(table.cost.max()) or 1.0  # keeps HiGHS' tolerances meaningful
-    objective = table.cost.ravel()[columns] / scale
+    objective = table.cost.ravel()[columns]  # kept candidates fit: their costs are finite
+    scale = float(objective.max()) or 1.0  # keeps HiGHS' tolerances meaningful
+    objective = objective / scale
     one_each = csr_matrix(
         (np.ones(columns.size), (rows, np.arange(columns.size))), shape=(n, columns.size)
     )

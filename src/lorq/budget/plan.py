@@ -18,13 +18,12 @@ import numpy as np
 import torch
 
 from lorq.atomic import atomic_file
-from lorq.budget.cost import CostTable, cost_table
+from lorq.budget.cost import CostTable, cost_table, shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
 from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.progress import Progress, no_progress
 from lorq.quant import QuantConfig
-from lorq.quant.tensor import storage_nbytes
 
 PLAN_VERSION = 1
 
@@ -170,7 +169,7 @@ def plan_budgets(
     # read once: a mapping may decode each matrix on access (lorq.surgery.DenseWeights)
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
     if shapes:  # the feasible range depends on shapes only: fail before the expensive table
-        bits = np.array([[8.0 * storage_nbytes(c, s) for c in grid] for s in shapes.values()])
+        bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
         numels = np.array([a * b for a, b in shapes.values()])
         for budget_bits in budgets:
             check_budget(bits, numels, budget_bits)

@@ -37,6 +37,9 @@ PlanWeightingOption = Annotated[
         "causal LM when --weighting is not given, else --weighting's)"
     ),
 ]
+CandidatesOption = Annotated[
+    str, typer.Option(help="ILP grid: default | full | int | gguf | preset names")
+]
 RoundingOption = Annotated[
     str | None,
     typer.Option(help="Q by round to nearest | gptq (on the calibration text); default: nearest"),
@@ -160,9 +163,7 @@ def plan(
     fisher: FisherOption = False,
     rounding: RoundingOption = None,
     plan_weighting: PlanWeightingOption = None,
-    candidates: Annotated[
-        str, typer.Option(help="default | full | int | preset names")
-    ] = "default",
+    candidates: CandidatesOption = "default",
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
@@ -216,7 +217,7 @@ def compress(
     fisher: FisherOption = False,
     rounding: RoundingOption = None,
     plan_weighting: PlanWeightingOption = None,
-    candidates: Annotated[str, typer.Option(help="ILP grid: default | full | presets")] = "default",
+    candidates: CandidatesOption = "default",
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,

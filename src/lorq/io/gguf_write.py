@@ -26,7 +26,8 @@ from lorq.io.gguf import (
     rope_heads,
     rope_rows,
 )
-from lorq.quant import QuantizedTensor, format_of, presets
+from lorq.quant import QuantizedTensor, format_of
+from lorq.quant.base import gguf_presets
 
 # KV pairs that describe the source file itself, never copied to an exported one
 OWN_KEYS = (
@@ -204,11 +205,6 @@ def _tensors(
         data = data if rope is None else data[rope_rows(data.shape[0], rope)]
         out.append((gguf_name, data, ggml_type))
     return out
-
-
-def gguf_presets() -> list[str]:
-    """The presets whose codes a GGUF tensor type holds as they are."""
-    return [name for name, c in presets().items() if format_of(c).gguf_type(c) is not None]
 
 
 def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:

@@ -292,6 +292,20 @@ def gguf_config(ggml_type: int) -> QuantConfig | None:
     return None
 
 
+def fits(config: QuantConfig, shape: tuple[int, int]) -> bool:
+    """Whether a matrix of ``shape`` (out × in) can take ``config`` (its blocks tile the rows)."""
+    try:
+        format_of(config).check_shape(config, shape)
+    except ValueError:
+        return False
+    return True
+
+
+def gguf_presets() -> dict[str, QuantConfig]:
+    """The presets whose codes a GGUF tensor type holds as they are (llama.cpp's types)."""
+    return {name: c for name, c in presets().items() if format_of(c).gguf_type(c) is not None}
+
+
 def check_weight(weight: torch.Tensor) -> None:
     """Raise ValueError unless ``weight`` is a non-empty 2-D floating tensor."""
     if not isinstance(weight, torch.Tensor):
