@@ -9,6 +9,7 @@ import torch
 from lorq.quant import BnbConfig, QuantizedTensor, format_of, formats, presets, quantize
 from lorq.quant.bnb import code_table
 from lorq.quant.codebook import nf_levels
+from lorq.quant.kquants import unpack_scales
 from lorq.quant.tensor import storage_nbytes
 
 SHAPE = (64, 256)
@@ -142,7 +143,22 @@ def test_error_is_within_half_a_step(name):
     if name == "iq4_nl":  # levels d·{−127 … 113}, widest gap 24·|d|; the scale search may clip
         bound = 12 * scale + (w.abs() - 113 * scale).clamp(min=0)
         bound = bound + 2.0**-10 * (w.abs() + 127 * scale)
+    if name in ("q4_k", "q5_k"):
+        bound = kquant_bound(q, w)
     assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
+
+
+def kquant_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """K-quants: codes nearest with each sub-block's stored step d·s_j and offset −dmin·m_j, so
+    half a step, plus how far a value lies outside [−dmin·m_j, nmax·d·s_j − dmin·m_j]."""
+    raw = q.buffers["blocks"].view(-1, q.config.block_type.nbytes)
+    d, dmin = (raw[:, k : k + 2].contiguous().view(torch.float16).float() for k in (0, 2))
+    ls, lm = unpack_scales(raw[:, 4:16])
+    step, bottom = (d * ls)[..., None], -(dmin * lm)[..., None]
+    top = bottom + (2**q.config.bits - 1) * step
+    x = w.reshape(-1, 8, 32)
+    outside = torch.maximum(x - top, bottom - x).clamp(min=0)
+    return (step / 2 + outside).reshape(w.shape)
 
 
 @pytest.mark.parametrize("name", PRESETS)

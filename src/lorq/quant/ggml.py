@@ -10,6 +10,7 @@ weights; d, m in fp16; nibble j holds weight j (low) and weight j + 16 (high):
     Q5_0   22     d, qh[4], qs[16]       d · (q − 16)               5.5    q = low 4 | qh bit << 4
     Q5_1   24     d, m, qh[4], qs[16]    d · q + m                  6.0
     IQ4_NL 18     d, qs[16]              d · kvalues[q]             4.5    16 non-uniform levels
+    Q4_K   144 per 256 weights, Q5_K 176 per 256 (``lorq.quant.kquants``)   4.5 / 5.5
 
 Encoding is llama.cpp's reference rounding (``quantize_row_*_ref``), as the ``gguf`` package ports
 it bit for bit (the oracle): Q8_0 d = max|x|/127, q = roundf(x/d); Q4_0 / Q5_0 d = x_max/−8
@@ -30,6 +31,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from lorq.quant import kquants
 from lorq.quant.base import (
     QuantConfig,
     QuantFormat,
@@ -193,9 +195,10 @@ def _decode_iq4_nl(raw: torch.Tensor) -> torch.Tensor:
 
 class BlockType(NamedTuple):
     bits: int
-    nbytes: int  # per block of 32 weights
-    encode: Callable[[torch.Tensor], torch.Tensor]  # (n, 32) float32 → (n, nbytes) uint8
-    decode: Callable[[torch.Tensor], torch.Tensor]  # (n, nbytes) uint8 → (n, 32) float32
+    nbytes: int  # per block of ``block`` weights
+    encode: Callable[[torch.Tensor], torch.Tensor]  # (n, block) float32 → (n, nbytes) uint8
+    decode: Callable[[torch.Tensor], torch.Tensor]  # (n, nbytes) uint8 → (n, block) float32
+    block: int = BLOCK  # weights per block along a row: 32, or 256 for the K-quants
 
 
 TYPES: dict[str, BlockType] = {
@@ -204,6 +207,8 @@ TYPES: dict[str, BlockType] = {
     "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0),
     "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1),
     "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl),
+    "q4_k": BlockType(4, 144, kquants.encode_q4_k, kquants.decode_q4_k, kquants.SUPER),
+    "q5_k": BlockType(5, 176, kquants.encode_q5_k, kquants.decode_q5_k, kquants.SUPER),
 }
 
 
@@ -220,7 +225,9 @@ class GGMLConfig(QuantConfig):
     def __post_init__(self) -> None:
         check_choice("ggml_type", self.ggml_type, tuple(TYPES))
         object.__setattr__(self, "bits", TYPES[self.ggml_type].bits)
-        check_choice("block_size", self.block_size, (BLOCK,))
+        if self.block_size == BLOCK:  # the field's default: the type's own block
+            object.__setattr__(self, "block_size", TYPES[self.ggml_type].block)
+        check_choice("block_size", self.block_size, (TYPES[self.ggml_type].block,))
 
     @property
     def block_type(self) -> BlockType:
@@ -240,10 +247,12 @@ class GGMLBlocks(QuantFormat):
         return {name: GGMLConfig(ggml_type=name) for name in TYPES}
 
     def check_shape(self, config: QuantConfig, shape: tuple[int, int]) -> None:
-        if shape[1] % BLOCK:
+        if shape[1] % config.block_size:
+            fit = [n for n, t in TYPES.items() if shape[1] % t.block == 0]
             raise ValueError(
-                f"{config.name} stores blocks of {BLOCK} weights along a row; "
-                f"in_features={shape[1]} of the matrix of shape {shape} is not a multiple"
+                f"{config.name} stores blocks of {config.block_size} weights along a row; "
+                f"in_features={shape[1]} of the matrix of shape {shape} is not a multiple "
+                f"(types that fit it: {', '.join(fit) or 'none'})"
             )
 
     def buffer_keys(self, config: QuantConfig) -> tuple[str, ...]:
@@ -254,7 +263,7 @@ class GGMLBlocks(QuantFormat):
         check_weight(weight)
         shape = (weight.shape[0], weight.shape[1])
         self.check_shape(config, shape)
-        values = weight.detach().float().reshape(-1, BLOCK)
+        values = weight.detach().float().reshape(-1, config.block_size)
         if not torch.isfinite(values).all():
             raise ValueError("weight contains NaN or Inf values; quantize only finite weights")
         encode = config.block_type.encode
@@ -268,7 +277,7 @@ class GGMLBlocks(QuantFormat):
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         assert isinstance(q.config, GGMLConfig)
         decode, raw = q.config.block_type.decode, self._raw(q)
-        out = torch.empty(q.shape, dtype=dtype, device=raw.device).view(-1, BLOCK)
+        out = torch.empty(q.shape, dtype=dtype, device=raw.device).view(-1, q.config.block_size)
         for start, chunk in zip(range(0, raw.shape[0], CHUNK_BLOCKS), _chunks(raw), strict=True):
             out[start : start + chunk.shape[0]] = decode(chunk).to(dtype)
         return out.view(q.shape)
@@ -286,11 +295,11 @@ class GGMLBlocks(QuantFormat):
 
     def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
         assert isinstance(config, GGMLConfig)
-        return shape[0] * shape[1] // BLOCK * config.block_type.nbytes
+        return shape[0] * shape[1] // config.block_size * config.block_type.nbytes
 
     def nominal_bits(self, config: QuantConfig) -> float:
         assert isinstance(config, GGMLConfig)
-        return 8 * config.block_type.nbytes / BLOCK
+        return 8 * config.block_type.nbytes / config.block_size
 
     def label(self, config: QuantConfig) -> str:
         assert isinstance(config, GGMLConfig)

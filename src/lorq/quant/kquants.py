@@ -1,0 +1,185 @@
+"""llama.cpp's K-quants Q4_K and Q5_K: super-blocks of 256 weights (8 sub-blocks of 32), each
+sub-block j with a 6-bit scale s_j and a 6-bit min m_j under the super-block's fp16 d and dmin
+(docs/algorithms.md §1.8, ``ggml-common.h``):
+
+    w = d·s_j·q − dmin·m_j          q ∈ [0, 15] (Q4_K) or [0, 31] (Q5_K)
+
+    Q4_K  144 bytes: d, dmin, scales[12], qs[128]            4.5 bits/weight
+    Q5_K  176 bytes: d, dmin, scales[12], qh[32], qs[128]    5.5 bits/weight
+
+scales[12] packs the 6-bit s_j, m_j (``get_scale_min_k4``); qs holds, for each 64 weights, weight
+l in the low nibble of byte l and weight l + 32 in the high one; Q5_K's fifth bits are in qh
+(bit 2c of byte l: weight 64c + l; bit 2c + 1: weight 64c + 32 + l).
+
+Encoding is llama.cpp's reference (``quantize_row_q{4,5}_K_ref``, what ``llama-quantize`` writes
+without an importance matrix): per sub-block, ``make_qkx2_quants`` — weights w = rms(x) + |x|, a
+first fit over [min(x, 0), max(x)], then 21 (Q4_K) or 16 (Q5_K) trial scales (nmax + rmin +
+0.1·k)/(max − min), each refit by weighted least squares for scale and min, the lowest weighted
+squared error kept — then s_j, m_j rounded to 6 bits of max_j and the codes re-rounded with the
+stored scales. Sums run in float32 in weight order, as llama.cpp adds them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SUPER = 256
+SUB = 32
+F32 = np.float32
+
+
+def _half_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def _half(raw: torch.Tensor, at: int) -> torch.Tensor:
+    return raw[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _sequential(terms: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dimension in float32, one term after another (llama.cpp's order)."""
+    total = terms[..., 0].clone()
+    for j in range(1, terms.shape[-1]):
+        total = total + terms[..., j]
+    return total
+
+
+def _codes(x: torch.Tensor, low: torch.Tensor, iscale: torch.Tensor, nmax: int) -> torch.Tensor:
+    """nearest_int(iscale·(x − min)) clamped to [0, nmax] (round half to even, as llama.cpp)."""
+    return torch.round(iscale[:, None] * (x - low[:, None])).clamp(0, nmax)
+
+
+def _error(x, w, codes, scale, low) -> torch.Tensor:
+    diff = scale[:, None] * codes + low[:, None] - x
+    return _sequential(w * (diff * diff))
+
+
+def _refit(x, w, codes, sum_w, sum_x):
+    """Weighted least squares of x ≈ scale·codes + min (min ≤ 0): (valid, scale, min)."""
+    wl = w * codes
+    sum_l, sum_l2, sum_xl = _sequential(wl), _sequential(wl * codes), _sequential(wl * x)
+    det = sum_w * sum_l2 - sum_l * sum_l
+    scale = (sum_w * sum_xl - sum_x * sum_l) / det
+    low = (sum_l2 * sum_x - sum_l * sum_xl) / det
+    positive = low > 0
+    scale = torch.where(positive, sum_xl / sum_l2, scale)
+    low = torch.where(positive, torch.zeros_like(low), low)
+    return det > 0, scale, low
+
+
+def make_qkx2_quants(x, w, nmax: int, rmin: float, nstep: int):
+    """llama.cpp's make_qkx2_quants on rows of ``x`` (m, 32) with weights ``w``: (scale,
+    −min, codes)."""
+    low = torch.minimum(x.amin(1), torch.zeros_like(x[:, 0]))
+    high = x.amax(1)
+    sum_w, sum_x = _sequential(w), _sequential(w * x)
+    span = high - low
+    iscale = nmax / span
+    scale = 1 / iscale
+    codes = _codes(x, low, iscale, nmax)
+    best = _error(x, w, codes, scale, low)
+    for step in range(nstep + 1):
+        trial = F32(F32(rmin) + F32(0.1) * F32(step)) + F32(nmax)
+        aux = _codes(x, low, torch.tensor(trial) / (high - low), nmax)  # min as refitted
+        valid, this_scale, this_low = _refit(x, w, aux, sum_w, sum_x)
+        error = _error(x, w, aux, this_scale, this_low)
+        better = valid & (error < best)
+        codes = torch.where(better[:, None], aux, codes)
+        best = torch.where(better, error, best)
+        scale = torch.where(better, this_scale, scale)
+        low = torch.where(better, this_low, low)
+    flat = high == low
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    codes = torch.where(flat[:, None], torch.zeros_like(codes), codes)
+    return scale, -low, codes
+
+
+def _six_bits(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """uint8_t(nearest_int(63/largest · v)) capped at 63, as llama.cpp stores s_j and m_j."""
+    inverse = torch.where(largest > 0, 63 / largest, torch.zeros_like(largest))
+    rounded = torch.round(inverse[:, None] * values).to(torch.int64) & 0xFF
+    return rounded.clamp(max=63).to(torch.uint8)
+
+
+def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """(n, 8) 6-bit scales and mins → llama.cpp's 12 bytes (get_scale_min_k4's layout)."""
+    low = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    high = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([low, mid, high], 1)
+
+
+def unpack_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_scales`: (n, 12) → (s, m), each (n, 8) float32."""
+    low, mid, high = packed[:, :4], packed[:, 4:8], packed[:, 8:12]
+    ls = torch.cat([low & 63, (high & 0xF) | ((low >> 6) << 4)], 1)
+    lm = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], 1)
+    return ls.float(), lm.float()
+
+
+def _weights(x: torch.Tensor) -> torch.Tensor:
+    """rms(x) + |x| of every sub-block (m, 32)."""
+    rms = torch.sqrt(_sequential(x * x) / float(SUB))
+    return rms[:, None] + x.abs()
+
+
+def _encode_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    """Scale bytes (n, 16: d, dmin, scales[12]) and codes (n, 256) of super-blocks ``x``."""
+    n = x.shape[0]
+    sub = x.reshape(-1, SUB)
+    scale, low, codes = make_qkx2_quants(sub, _weights(sub), nmax, rmin, nstep)
+    scale, low, codes = scale.view(n, 8), low.view(n, 8), codes.view(n, 8, SUB)
+    max_scale = torch.clamp(scale.amax(1), min=0)
+    max_min = torch.clamp(low.amax(1), min=0)
+    ls, lm = _six_bits(scale, max_scale), _six_bits(low, max_min)
+    d = (max_scale / 63)[:, None].to(torch.float16).float()
+    dmin = (max_min / 63)[:, None].to(torch.float16).float()
+    step = d * ls.float()
+    shifted = (x.view(n, 8, SUB) + (dmin * lm.float())[..., None]) / step[..., None]
+    requantized = torch.round(shifted).clamp(0, nmax)
+    codes = torch.where((step != 0)[..., None], requantized, codes).reshape(n, SUPER)
+    head = torch.cat([_half_bytes(d), _half_bytes(dmin), pack_scales(ls, lm)], 1)
+    return head, codes.to(torch.uint8)
+
+
+def _low_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(n, 256) codes → (n, 128) bytes: per 64 weights, weight l low, weight l + 32 high."""
+    c = codes.view(-1, 4, 2, SUB) & 0xF
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _from_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    q = qs.view(-1, 4, SUB)
+    return torch.stack([q & 0xF, q >> 4], 2).reshape(-1, SUPER)
+
+
+def encode_q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, codes = _encode_k(x, 15, -1.0, 20)
+    return torch.cat([head, _low_nibbles(codes)], 1)
+
+
+def encode_q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, codes = _encode_k(x, 31, -0.5, 15)
+    fifth = (codes.view(-1, 4, 2, SUB) >> 4) & 1  # (n, chunk c, half h, l) → bit 2c + h
+    shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).to(torch.uint8)
+    qh = (fifth << shifts[None, :, :, None].to(codes.device)).sum((1, 2), dtype=torch.uint8)
+    return torch.cat([head, qh, _low_nibbles(codes)], 1)
+
+
+def _decode_k(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    d, dmin = _half(raw, 0), _half(raw, 2)
+    ls, lm = unpack_scales(raw[:, 4:16])
+    step = (d * ls)[..., None]
+    return (step * q.view(-1, 8, SUB).float() - (dmin * lm)[..., None]).reshape(-1, SUPER)
+
+
+def decode_q4_k(raw: torch.Tensor) -> torch.Tensor:
+    return _decode_k(raw, _from_nibbles(raw[:, 16:144]))
+
+
+def decode_q5_k(raw: torch.Tensor) -> torch.Tensor:
+    qh = raw[:, 16:48]
+    shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).to(raw.device)
+    fifth = ((qh[:, None, None, :].int() >> shifts[None, :, :, None]) & 1).reshape(-1, SUPER)
+    return _decode_k(raw, _from_nibbles(raw[:, 48:176]) | (fifth << 4).to(torch.uint8))
