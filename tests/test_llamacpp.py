@@ -111,6 +111,7 @@ LLAMA_TYPES = [
     "iq4_nl",
     "q4_k",
     "q5_k",
+    "q6_k",
 ]
 
 

@@ -145,6 +145,8 @@ def test_error_is_within_half_a_step(name):
         bound = bound + 2.0**-10 * (w.abs() + 127 * scale)
     if name in ("q4_k", "q5_k"):
         bound = kquant_bound(q, w)
+    if name == "q6_k":
+        bound = q6_k_bound(q, w)
     assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
 
 
@@ -246,3 +248,16 @@ def test_decode_of_a_known_block(name):
     """Hand-written buffers decode to hand-computed values (a new format must add its block)."""
     q, expected = KNOWN_BLOCKS[name]()
     torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=1e-6)
+
+
+def q6_k_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """Q6_K: codes nearest with each 16-value sub-block's step d·sc_j (signed), so half a step,
+    plus how far a value lies outside the step's range −32 … 31."""
+    raw = q.buffers["blocks"].view(-1, 210)
+    d = raw[:, 208:210].contiguous().view(torch.float16).float()
+    step = (d * raw[:, 192:208].contiguous().view(torch.int8).float())[..., None]
+    ends = torch.stack([-32 * step, 31 * step])
+    low, high = ends.amin(0), ends.amax(0)
+    x = w.reshape(-1, 16, 16)
+    outside = torch.maximum(x - high, low - x).clamp(min=0)
+    return (step.abs() / 2 + outside).reshape(w.shape)

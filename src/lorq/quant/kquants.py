@@ -1,6 +1,6 @@
-"""llama.cpp's K-quants Q4_K and Q5_K: super-blocks of 256 weights (8 sub-blocks of 32), each
-sub-block j with a 6-bit scale s_j and a 6-bit min m_j under the super-block's fp16 d and dmin
-(docs/algorithms.md §1.8, ``ggml-common.h``):
+"""llama.cpp's K-quants Q4_K, Q5_K and Q6_K. Q4_K / Q5_K: super-blocks of 256 weights (8
+sub-blocks of 32), each sub-block j with a 6-bit scale s_j and a 6-bit min m_j under the
+super-block's fp16 d and dmin (docs/algorithms.md §1.8, ``ggml-common.h``):
 
     w = d·s_j·q − dmin·m_j          q ∈ [0, 15] (Q4_K) or [0, 31] (Q5_K)
 
@@ -17,6 +17,11 @@ first fit over [min(x, 0), max(x)], then 21 (Q4_K) or 16 (Q5_K) trial scales (nm
 0.1·k)/(max − min), each refit by weighted least squares for scale and min, the lowest weighted
 squared error kept — then s_j, m_j rounded to 6 bits of max_j and the codes re-rounded with the
 stored scales. Sums run in float32 in weight order, as llama.cpp adds them.
+
+Q6_K (210 bytes per 256: ql[128], qh[64], int8 scales[16], d): 16 sub-blocks of 16, symmetric,
+w = d·sc_j·(q − 32), q ∈ [0, 63]. ``make_qx_quants`` per sub-block (weights x², 1/scale ∈
+−(32 + 0.1·k)/x_max for k = −9 … 9, the best weighted fit kept), sc_j = min(127, round(−128 ·
+scale_j / scale_max)), d = fp16(−scale_max / 128), then the codes re-rounded with d·sc_j.
 """
 
 from __future__ import annotations
@@ -183,3 +188,67 @@ def decode_q5_k(raw: torch.Tensor) -> torch.Tensor:
     shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).to(raw.device)
     fifth = ((qh[:, None, None, :].int() >> shifts[None, :, :, None]) & 1).reshape(-1, SUPER)
     return _decode_k(raw, _from_nibbles(raw[:, 48:176]) | (fifth << 4).to(torch.uint8))
+
+
+def make_qx_quants(x: torch.Tensor, nmax: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qx_quants (weights x², 18 trial scales) on rows of ``x`` (m, 16):
+    (scale, signed codes in [−nmax, nmax − 1])."""
+    largest = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
+    w = x * x
+
+    def trial(iscale: torch.Tensor):
+        codes = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        return codes, _sequential(w * x * codes), _sequential(w * codes * codes)
+
+    codes, sumlx, suml2 = trial(-nmax / largest)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
+    best = scale * sumlx
+    for step in [*range(-9, 0), *range(1, 10)]:
+        numerator = torch.tensor(F32(nmax) + F32(0.1) * F32(step))
+        aux, sumlx, suml2 = trial(-numerator / largest)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        codes = torch.where(better[:, None], aux, codes)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+    tiny = x.abs().amax(1) < 1e-15
+    scale = torch.where(tiny, torch.zeros_like(scale), scale)
+    return scale, torch.where(tiny[:, None], torch.full_like(codes, -nmax), codes)
+
+
+def encode_q6_k(x: torch.Tensor) -> torch.Tensor:
+    """Q6_K (210 bytes per 256): ql[128], qh[64], int8 scales[16] of 16-value sub-blocks, d."""
+    n = x.shape[0]
+    scale, codes = make_qx_quants(x.reshape(-1, 16))
+    scale, codes = scale.view(n, 16), codes.view(n, 16, 16)
+    pick = scale.abs().argmax(1, keepdim=True)
+    max_scale = scale.gather(1, pick)
+    zero = scale.abs().amax(1, keepdim=True) < 1e-15
+    iscale = -128 / max_scale
+    d = (1 / iscale).to(torch.float16).float()
+    sc = torch.round(iscale * scale).clamp(max=127)
+    step = (d * sc)[..., None]
+    requantized = torch.round(x.view(n, 16, 16) / step).clamp(-32, 31)
+    codes = torch.where(step != 0, requantized, codes) + 32
+    L = codes.reshape(n, 2, 4, 32).to(torch.uint8)  # per 128: quarters of 32
+    low = L & 0xF
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
+    qh = ((L >> 4) << shifts[None, None, :, None]).sum(2, dtype=torch.uint8)
+    d = torch.where(zero, torch.zeros_like(d), d)
+    scales = torch.where(zero, torch.zeros_like(sc), sc).to(torch.int8).view(torch.uint8)
+    body = torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), scales], 1)
+    return torch.cat([torch.where(zero, torch.zeros_like(body), body), _half_bytes(d)], 1)
+
+
+def decode_q6_k(raw: torch.Tensor) -> torch.Tensor:
+    n = raw.shape[0]
+    ql, qh = raw[:, :128].reshape(n, 2, 64), raw[:, 128:192].reshape(n, 2, 32)
+    low = torch.stack(
+        [ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], 2
+    )
+    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)
+    high = (qh[:, :, None, :].int() >> shifts[None, None, :, None]) & 3
+    q = (low.int() | (high << 4)).reshape(n, 16, 16).float() - 32
+    sc = raw[:, 192:208].contiguous().view(torch.int8).float()
+    d = _half(raw, 208)
+    return ((d * sc)[..., None] * q).reshape(n, SUPER)
