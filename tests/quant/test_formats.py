@@ -147,6 +147,8 @@ def test_error_is_within_half_a_step(name):
         bound = kquant_bound(q, w)
     if name == "q6_k":
         bound = q6_k_bound(q, w)
+    if name == "q2_k":
+        bound = q2_k_bound(q, w)
     assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
 
 
@@ -261,3 +263,15 @@ def q6_k_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
     x = w.reshape(-1, 16, 16)
     outside = torch.maximum(x - high, low - x).clamp(min=0)
     return (step.abs() / 2 + outside).reshape(w.shape)
+
+
+def q2_k_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """Q2_K: as the other K-quants, with 4-bit s_j (low nibble) and m_j (high) per 16 values."""
+    raw = q.buffers["blocks"].view(-1, 84)
+    d, dmin = (raw[:, k : k + 2].contiguous().view(torch.float16).float() for k in (80, 82))
+    packed = raw[:, :16]
+    step = (d * (packed & 0xF).float())[..., None]
+    bottom = -(dmin * (packed >> 4).float())[..., None]
+    x = w.reshape(-1, 16, 16)
+    outside = torch.maximum(x - (bottom + 3 * step), bottom - x).clamp(min=0)
+    return (step / 2 + outside).reshape(w.shape)

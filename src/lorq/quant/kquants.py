@@ -1,6 +1,8 @@
-"""llama.cpp's K-quants Q4_K, Q5_K and Q6_K. Q4_K / Q5_K: super-blocks of 256 weights (8
-sub-blocks of 32), each sub-block j with a 6-bit scale s_j and a 6-bit min m_j under the
-super-block's fp16 d and dmin (docs/algorithms.md §1.8, ``ggml-common.h``):
+"""llama.cpp's K-quants Q2_K, Q4_K, Q5_K and Q6_K (Q2_K: ``encode_q2_k``'s docstring).
+
+Q4_K / Q5_K: super-blocks of 256 weights (8 sub-blocks of 32), each sub-block j with a 6-bit
+scale s_j and a 6-bit min m_j under the super-block's fp16 d and dmin (docs/algorithms.md §1.8,
+``ggml-common.h``):
 
     w = d·s_j·q − dmin·m_j          q ∈ [0, 15] (Q4_K) or [0, 31] (Q5_K)
 
@@ -55,9 +57,9 @@ def _codes(x: torch.Tensor, low: torch.Tensor, iscale: torch.Tensor, nmax: int) 
     return torch.round(iscale[:, None] * (x - low[:, None])).clamp(0, nmax)
 
 
-def _error(x, w, codes, scale, low) -> torch.Tensor:
+def _error(x, w, codes, scale, low, mad: bool = False) -> torch.Tensor:
     diff = scale[:, None] * codes + low[:, None] - x
-    return _sequential(w * (diff * diff))
+    return _sequential(w * (diff.abs() if mad else diff * diff))
 
 
 def _refit(x, w, codes, sum_w, sum_x):
@@ -73,9 +75,9 @@ def _refit(x, w, codes, sum_w, sum_x):
     return det > 0, scale, low
 
 
-def make_qkx2_quants(x, w, nmax: int, rmin: float, nstep: int):
-    """llama.cpp's make_qkx2_quants on rows of ``x`` (m, 32) with weights ``w``: (scale,
-    −min, codes)."""
+def make_qkx2_quants(x, w, nmax: int, rmin: float, nstep: int, mad: bool = False):
+    """llama.cpp's make_qkx2_quants on rows of ``x`` (m, n) with weights ``w`` (error: squared,
+    or absolute with ``mad``): (scale, −min, codes)."""
     low = torch.minimum(x.amin(1), torch.zeros_like(x[:, 0]))
     high = x.amax(1)
     sum_w, sum_x = _sequential(w), _sequential(w * x)
@@ -83,12 +85,12 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, nstep: int):
     iscale = nmax / span
     scale = 1 / iscale
     codes = _codes(x, low, iscale, nmax)
-    best = _error(x, w, codes, scale, low)
+    best = _error(x, w, codes, scale, low, mad)
     for step in range(nstep + 1):
         trial = F32(F32(rmin) + F32(0.1) * F32(step)) + F32(nmax)
         aux = _codes(x, low, torch.tensor(trial) / (high - low), nmax)  # min as refitted
         valid, this_scale, this_low = _refit(x, w, aux, sum_w, sum_x)
-        error = _error(x, w, aux, this_scale, this_low)
+        error = _error(x, w, aux, this_scale, this_low, mad)
         better = valid & (error < best)
         codes = torch.where(better[:, None], aux, codes)
         best = torch.where(better, error, best)
@@ -252,3 +254,43 @@ def decode_q6_k(raw: torch.Tensor) -> torch.Tensor:
     sc = raw[:, 192:208].contiguous().view(torch.int8).float()
     d = _half(raw, 208)
     return ((d * sc)[..., None] * q).reshape(n, SUPER)
+
+
+def _four_bits(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    """nearest_int(15/largest · v) as llama.cpp stores Q2_K's scales and mins (0 if largest ≤ 0)."""
+    inverse = torch.where(largest > 0, 15 / largest, torch.zeros_like(largest))
+    return (torch.round(inverse[:, None] * values).to(torch.int64) & 0xFF).to(torch.uint8)
+
+
+def encode_q2_k(x: torch.Tensor) -> torch.Tensor:
+    """Q2_K (84 bytes per 256): scales[16] (scale low nibble, min high), qs[64], d, dmin; 16
+    sub-blocks of 16, w = d·s_j·q − dmin·m_j, q ∈ [0, 3]; make_qkx2_quants with weights |x|,
+    absolute error, 16 trials from nmax − 0.5."""
+    n = x.shape[0]
+    sub = x.reshape(-1, 16)
+    scale, low, codes = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 15, mad=True)
+    scale, low, codes = scale.view(n, 16), low.view(n, 16), codes.view(n, 16, 16)
+    max_scale = torch.clamp(scale.amax(1), min=0)
+    max_min = torch.clamp(low.amax(1), min=0)
+    ls, lm = _four_bits(scale, max_scale), _four_bits(low, max_min)
+    packed = ls | (lm << 4)
+    d = (max_scale / 15)[:, None].to(torch.float16).float()
+    dmin = (max_min / 15)[:, None].to(torch.float16).float()
+    step = d * (packed & 0xF).float()
+    shifted = (x.view(n, 16, 16) + (dmin * (packed >> 4).float())[..., None]) / step[..., None]
+    codes = torch.where((step != 0)[..., None], torch.round(shifted).clamp(0, 3), codes)
+    L = codes.reshape(n, 2, 4, 32).to(torch.uint8)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
+    qs = (L << shifts[None, None, :, None]).sum(2, dtype=torch.uint8).reshape(n, 64)
+    return torch.cat([packed, qs, _half_bytes(d), _half_bytes(dmin)], 1)
+
+
+def decode_q2_k(raw: torch.Tensor) -> torch.Tensor:
+    n = raw.shape[0]
+    packed = raw[:, :16]
+    qs = raw[:, 16:80].reshape(n, 2, 1, 32).int()
+    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)[None, None, :, None]
+    q = ((qs >> shifts) & 3).reshape(n, 16, 16).float()
+    d, dmin = _half(raw, 80), _half(raw, 82)
+    step = d * (packed & 0xF).float()
+    return (step[..., None] * q - (dmin * (packed >> 4).float())[..., None]).reshape(n, SUPER)
