@@ -280,9 +280,11 @@ def test_qa_lora_compress_finetune_merge_export(tiny_dir, tmp_path):
             load(exact)(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4
         )
     gguf = ("--format", "gguf", "--out", tmp_path / "m.gguf")
-    one_line_error(run("export", ft, *gguf), "needs a merged QA-LoRA model")
-    one_line_error(run("export", merged, *gguf), "'WordPiece' tokenizer")  # BERT's, not BPE
-    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "again").exists()
+    # unmerged: base + llama.cpp adapter, merged: one file; both need a BPE tokenizer (BERT's here)
+    one_line_error(run("export", ft, *gguf), "'WordPiece' tokenizer")
+    one_line_error(run("export", merged, *gguf), "'WordPiece' tokenizer")
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.lora.gguf").exists()
+    assert not (tmp_path / "again").exists()
 
 
 def test_qa_lora_gptq_export(tiny_dir, tmp_path):
