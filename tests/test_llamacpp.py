@@ -113,6 +113,7 @@ LLAMA_TYPES = [
     "q5_k",
     "q6_k",
     "q2_k",
+    "q3_k",
 ]
 
 
@@ -158,5 +159,5 @@ def test_lorq_encodes_every_llama_type_as_llama_quantize_does(preset, tools, tmp
             ours_error = float((q.dequantize() - values).norm())
             assert ours_error <= float((theirs_q.dequantize() - values).norm()) * 1.001
     assert blocks >= 14 * 64  # the 14 block matrices at least
-    # Q4_0, Q5_0, Q5_1, Q8_0, Q5_K, Q6_K: every block; IQ4_NL, Q2_K, Q4_K: all but near-ties
+    # Q4_0, Q5_0, Q5_1, Q8_0, Q3_K, Q5_K, Q6_K: every block; IQ4_NL, Q2_K, Q4_K: all but ties
     assert differ <= blocks // 1000, f"{differ} of {blocks} blocks differ"

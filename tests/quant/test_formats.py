@@ -149,6 +149,8 @@ def test_error_is_within_half_a_step(name):
         bound = q6_k_bound(q, w)
     if name == "q2_k":
         bound = q2_k_bound(q, w)
+    if name == "q3_k":
+        bound = q3_k_bound(q, w)
     assert bool(((w - q.dequantize()).abs() <= bound * (1 + 1e-3) + 1e-6).all())
 
 
@@ -258,7 +260,24 @@ def q6_k_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
     raw = q.buffers["blocks"].view(-1, 210)
     d = raw[:, 208:210].contiguous().view(torch.float16).float()
     step = (d * raw[:, 192:208].contiguous().view(torch.int8).float())[..., None]
-    ends = torch.stack([-32 * step, 31 * step])
+    return symmetric_bound(w, step, 32)
+
+
+def q3_k_bound(q: QuantizedTensor, w: torch.Tensor) -> torch.Tensor:
+    """Q3_K: as Q6_K with codes −4 … 3; the 6-bit signed scales unpacked here from the raw
+    bytes as llama.cpp lays them out (low nibbles in bytes 0–7, two high bits in bytes 8–11)."""
+    raw = q.buffers["blocks"].view(-1, 110)
+    packed = raw[:, 96:108].int()
+    low = torch.cat([packed[:, :8] & 0xF, packed[:, :8] >> 4], 1)
+    tops = (packed[:, 8:12, None] >> (2 * torch.arange(4))) & 3
+    sc = (low | (tops.transpose(1, 2).reshape(-1, 16) << 4)).float() - 32
+    d = raw[:, 108:110].contiguous().view(torch.float16).float()
+    return symmetric_bound(w, (d * sc)[..., None], 4)
+
+
+def symmetric_bound(w: torch.Tensor, step: torch.Tensor, half: int) -> torch.Tensor:
+    """Half a step plus how far a value lies outside step · (−half … half − 1), per 16 values."""
+    ends = torch.stack([-half * step, (half - 1) * step])
     low, high = ends.amin(0), ends.amax(0)
     x = w.reshape(-1, 16, 16)
     outside = torch.maximum(x - high, low - x).clamp(min=0)

@@ -5,7 +5,7 @@ default  b ∈ {2, 3, 4, 8} × B0 ∈ {16, 32, 64, 128}, second level (b0 = 8, B
 full     LQ-LoRA's 432: b, b0 ∈ {2, 3, 4, 8} × b1 ∈ {fp16, bf16, fp32} × B0 ∈ {16, 32, 64}
          × B1 ∈ {16, 64, 256}
 int      INT-k for QA-LoRA: b ∈ {2, 3, 4, 8} × G ∈ {32, 64, 128}, integer zeros
-gguf     llama.cpp's types lorq holds as GGUF blocks (q4_0 … q8_0, iq4_nl, q2_k, q4_k … q6_k):
+gguf     llama.cpp's types lorq holds as GGUF blocks (q4_0 … q8_0, iq4_nl, q2_k … q6_k):
          a plan that ``lorq export --format gguf`` writes as it is
 a list   preset names or QuantConfig objects
 """

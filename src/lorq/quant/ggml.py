@@ -10,7 +10,7 @@ weights; d, m in fp16; nibble j holds weight j (low) and weight j + 16 (high):
     Q5_0   22     d, qh[4], qs[16]       d · (q − 16)               5.5    q = low 4 | qh bit << 4
     Q5_1   24     d, m, qh[4], qs[16]    d · q + m                  6.0
     IQ4_NL 18     d, qs[16]              d · kvalues[q]             4.5    16 non-uniform levels
-    Q2_K / Q4_K / Q5_K / Q6_K: 84 / 144 / 176 / 210 bytes per 256 weights (``lorq.quant.kquants``)
+    Q2_K … Q6_K: 84 / 110 / 144 / 176 / 210 bytes per 256 weights (``lorq.quant.kquants``)
 
 Encoding is llama.cpp's reference rounding (``quantize_row_*_ref``), as the ``gguf`` package ports
 it bit for bit (the oracle): Q8_0 d = max|x|/127, q = roundf(x/d); Q4_0 / Q5_0 d = x_max/−8
@@ -211,6 +211,7 @@ TYPES: dict[str, BlockType] = {
     "q5_k": BlockType(5, 176, kquants.encode_q5_k, kquants.decode_q5_k, kquants.SUPER),
     "q6_k": BlockType(6, 210, kquants.encode_q6_k, kquants.decode_q6_k, kquants.SUPER),
     "q2_k": BlockType(2, 84, kquants.encode_q2_k, kquants.decode_q2_k, kquants.SUPER),
+    "q3_k": BlockType(3, 110, kquants.encode_q3_k, kquants.decode_q3_k, kquants.SUPER),
 }
 
 

@@ -1,4 +1,4 @@
-"""llama.cpp's K-quants Q2_K, Q4_K, Q5_K and Q6_K (Q2_K: ``encode_q2_k``'s docstring).
+"""llama.cpp's K-quants Q2_K … Q6_K (Q2_K, Q3_K: their encoders' docstrings).
 
 Q4_K / Q5_K: super-blocks of 256 weights (8 sub-blocks of 32), each sub-block j with a 6-bit
 scale s_j and a 6-bit min m_j under the super-block's fp16 d and dmin (docs/algorithms.md §1.8,
@@ -294,3 +294,81 @@ def decode_q2_k(raw: torch.Tensor) -> torch.Tensor:
     d, dmin = _half(raw, 80), _half(raw, 82)
     step = d * (packed & 0xF).float()
     return (step[..., None] * q - (dmin * (packed >> 4).float())[..., None]).reshape(n, SUPER)
+
+
+def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_q3_quants with do_rmse on rows of ``x`` (m, 16): a first rounding at
+    −nmax/x_max, then five passes that move one code at a time to the value the least-squares
+    scale of the others wants, kept when the weighted fit (weights x²) improves. A pass that
+    changes nothing leaves the state as it was, so every row runs all five.
+    Returns (scale, codes + nmax)."""
+    largest = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
+    w = x * x
+    codes = torch.round((-nmax / largest)[:, None] * x).clamp(-nmax, nmax - 1)
+    sumlx, suml2 = _sequential(w * x * codes), _sequential(w * codes * codes)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            xi, wi, li = x[:, i], w[:, i], codes[:, i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            new = torch.round(xi * sl2 / slx).clamp(-nmax, nmax - 1)
+            slx, sl2 = slx + wi * xi * new, sl2 + wi * new * new
+            better = (sumlx - wi * xi * li > 0) & (new != li) & (sl2 > 0)
+            better &= slx * slx * suml2 > sumlx * sumlx * sl2
+            codes[:, i] = torch.where(better, new, li)
+            sumlx, suml2 = torch.where(better, slx, sumlx), torch.where(better, sl2, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(suml2))
+    tiny = x.abs().amax(1) < 1e-15
+    codes = torch.where(tiny[:, None], torch.full_like(codes, -nmax), codes)
+    return torch.where(tiny, torch.zeros_like(scale), scale), codes + nmax
+
+
+def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
+    """Q3_K (110 bytes per 256): hmask[32], qs[64], 6-bit signed scales[12], d; 16 sub-blocks
+    of 16, w = d·sc_j·(q − 4), q ∈ [0, 7] (two low bits in qs, the third in hmask)."""
+    n = x.shape[0]
+    scale, codes = make_q3_quants(x.reshape(-1, 16))
+    scale, codes = scale.view(n, 16), codes.view(n, 16, 16)
+    max_scale = scale.gather(1, scale.abs().argmax(1, keepdim=True))
+    iscale = torch.where(max_scale != 0, -32 / max_scale, torch.zeros_like(max_scale))
+    rounded = torch.round(iscale * scale).to(torch.int64)
+    signed = ((rounded + 128) % 256 - 128).clamp(-32, 31)  # int8_t, then clamped
+    six = torch.where(max_scale != 0, signed + 32, torch.zeros_like(signed)).to(torch.uint8)
+    d = torch.where(max_scale != 0, 1 / iscale, torch.zeros_like(iscale)).to(torch.float16)
+    step = (d.float() * (six.float() - 32))[..., None]
+    step = torch.where((max_scale != 0)[..., None], step, torch.zeros_like(step))
+    requantized = torch.round(x.view(n, 16, 16) / step).clamp(-4, 3) + 4
+    codes = torch.where(step != 0, requantized, codes).reshape(n, 8, 32).to(torch.uint8)
+    high = codes >> 2  # bit j // 32 of hmask[j % 32]
+    hmask = (high << torch.arange(8, dtype=torch.uint8, device=x.device)[None, :, None]).sum(
+        1, dtype=torch.uint8
+    )
+    low = (codes & 3).reshape(n, 2, 4, 32)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
+    qs = (low << shifts[None, None, :, None]).sum(2, dtype=torch.uint8).reshape(n, 64)
+    scales = torch.cat(
+        [
+            (six[:, :8] & 0xF) | ((six[:, 8:] & 0xF) << 4),
+            (
+                (six >> 4).view(n, 4, 4)
+                << (2 * torch.arange(4, device=x.device)).to(torch.uint8)[None, :, None]
+            ).sum(1, dtype=torch.uint8),
+        ],
+        1,
+    )
+    return torch.cat([hmask, qs, scales, d.view(torch.uint8).reshape(n, 2)], 1)
+
+
+def decode_q3_k(raw: torch.Tensor) -> torch.Tensor:
+    n = raw.shape[0]
+    hmask, qs, packed = raw[:, :32], raw[:, 32:96].reshape(n, 2, 1, 32).int(), raw[:, 96:108]
+    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)[None, None, :, None]
+    low = ((qs >> shifts) & 3).reshape(n, 8, 32)
+    bits = torch.arange(8, device=raw.device)[None, :, None]
+    high = (hmask[:, None, :].int() >> bits) & 1
+    q = (low | (high << 2)).reshape(n, 16, 16).float() - 4
+    nibbles = torch.cat([packed[:, :8] & 0xF, packed[:, :8] >> 4], 1).int()
+    tops = (packed[:, 8:12, None].int() >> (2 * torch.arange(4, device=raw.device))) & 3
+    sc = (nibbles | (tops.transpose(1, 2).reshape(n, 16) << 4)).float() - 32
+    d = _half(raw, 108)
+    return ((d * sc)[..., None] * q).reshape(n, SUPER)
