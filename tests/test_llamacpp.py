@@ -161,3 +161,17 @@ def test_lorq_encodes_every_llama_type_as_llama_quantize_does(preset, tools, tmp
     assert blocks >= 14 * 64  # the 14 block matrices at least
     # Q4_0, Q5_0, Q5_1, Q8_0, Q3_K, Q5_K, Q6_K: every block; IQ4_NL, Q2_K, Q4_K: all but ties
     assert differ <= blocks // 1000, f"{differ} of {blocks} blocks differ"
+    check_import(tmp_path, "q.gguf")
+
+
+def check_import(folder: Path, name: str) -> None:
+    """lorq reads the GGUF's matrices packed, with the weights transformers' GGUF loader gives."""
+    from transformers import AutoModelForCausalLM
+
+    from lorq.io.gguf import read_gguf_quantized
+
+    packed = read_gguf_quantized(folder / name)
+    dense = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    assert len(packed) >= 14
+    for module, q in packed.items():
+        assert torch.equal(q.dequantize(), dense.get_submodule(module).weight), module
