@@ -43,6 +43,10 @@ LORQ = (  # label, CompressConfig fields
     ("lorq plain q4_0 (no adapter)", {"method": "plain", "quant": "q4_0"}),
     ("lorq LoftQ q4_0 r16", {"method": "loftq", "quant": "q4_0", "iters": 1}),
     ("lorq LQ-LoRA + act q4_0 r16", {"method": "lq", "quant": "q4_0", "weighting": "activations"}),
+    (
+        "lorq LQ-LoRA + act q4_0 r16, fp16 adapter",
+        {"method": "lq", "quant": "q4_0", "weighting": "activations", "adapter": "fp16"},
+    ),
 )
 
 
@@ -90,6 +94,8 @@ def reference(loaded, work: Path, bin_dir: Path, args) -> Path:
 
 
 def lorq_row(fields: dict, work: Path, bin_dir: Path, args, params: int) -> dict:
+    fields = dict(fields)
+    adapter_dtype = fields.pop("adapter", "fp32")  # lorq export --dtype: the adapter's tensors
     loaded = load_model("smollm2", packed=True)
     source = Path(loaded.source.path) / loaded.source.gguf_file
     start = time.perf_counter()
@@ -98,8 +104,8 @@ def lorq_row(fields: dict, work: Path, bin_dir: Path, args, params: int) -> dict
     model = result.model
     record = {"path": str(source.parent), "gguf_file": source.name}
     set_model_meta(model, {**model_meta(model), "source": record})
-    out = work / f"lorq-{fields['method']}.gguf"
-    export_gguf(model, out)
+    out = work / f"lorq-{fields['method']}-{adapter_dtype}.gguf"
+    export_gguf(model, out, dtype=adapter_dtype)
     lora = adapter_path(out) if fields["method"] != "plain" else None
     row = {**score(bin_dir, out, work / "kld", args, lora), "seconds": time.perf_counter() - start}
     return {**row, **size([out, *([lora] if lora else [])], params)}
@@ -107,7 +113,8 @@ def lorq_row(fields: dict, work: Path, bin_dir: Path, args, params: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--types", default=",".join(TYPES), help="'' for lorq's rows only")
+    parser.add_argument("--only", action="append", help="run only this lorq row (repeatable)")
     parser.add_argument("--chunks", default="8")
     parser.add_argument("--ctx", default="256")
     parser.add_argument("--out", type=Path, default=RESULTS / "llama_cpp.json")
@@ -121,7 +128,7 @@ def main() -> None:
         f16 = reference(loaded, work, bin_dir, args)
         del loaded
         rows["F16 (reference)"] = {**score(bin_dir, f16, work / "kld", args), **size([f16], params)}
-        for kind in args.types.split(","):
+        for kind in [t for t in args.types.split(",") if t]:
             out = work / f"{kind}.gguf"
             run([bin_dir / "llama-quantize", f16, out, kind])
             rows[f"llama.cpp {kind}"] = {
@@ -129,7 +136,7 @@ def main() -> None:
                 **size([out], params),
             }
             print(kind, rows[f"llama.cpp {kind}"], flush=True)
-        for label, fields in LORQ:
+        for label, fields in [row for row in LORQ if not args.only or row[0] in args.only]:
             rows[label] = lorq_row(fields, work, bin_dir, args, params)
             print(label, rows[label], flush=True)
     print("| file | MB | bits/param (whole file) | ppl | mean KL |\n|---|---|---|---|---|")

@@ -90,3 +90,25 @@ def test_an_existing_adapter_is_not_replaced_without_overwrite(tmp_path):
         export_gguf(model, tmp_path / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lora.gguf"]
     assert (tmp_path / "m.lora.gguf").read_text() == "mine"
+
+
+def test_an_fp16_adapter_is_half_the_size_and_within_fp16_rounding(tmp_path):
+    from gguf import GGMLQuantizationType
+
+    model = llama()
+    export_gguf(model, tmp_path / "a.gguf")
+    export_gguf(model, tmp_path / "h.gguf", dtype="fp16")
+    full, half = (tmp_path / n for n in ("a.lora.gguf", "h.lora.gguf"))
+    assert {t.tensor_type for t in open_gguf(half).tensors} == {GGMLQuantizationType.F16}
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    exact, _, _ = read_adapter(full, model.config)
+    rounded, _, _ = read_adapter(half, model.config)
+    for name, (a, b) in exact.items():
+        assert torch.equal(rounded[name][0].float(), a.half().float())
+        assert torch.equal(rounded[name][1].float(), b.half().float())
+
+
+def test_a_bf16_adapter_is_refused_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="fp32 or fp16"):
+        export_gguf(llama(), tmp_path / "m.gguf", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []

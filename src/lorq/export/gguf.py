@@ -20,7 +20,7 @@ from torch import nn
 
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
-from lorq.export.hf import quant_layers
+from lorq.export.hf import quant_layers, torch_dtype
 from lorq.export.peft import adapter_layers, lora_A_of
 from lorq.export.quantized import merged_layers, other_tensors, packed_embeddings, source_gguf
 from lorq.io.gguf import is_gguf_file
@@ -43,8 +43,16 @@ def gguf_factors(model: nn.Module) -> Factors:
     }
 
 
-def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """NAME.gguf (and NAME.lora.gguf for a model with factors); returns the base's path."""
+def export_gguf(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    dtype: str = "fp32",
+) -> Path:
+    """NAME.gguf (and NAME.lora.gguf for a model with factors, its tensors in ``dtype``: fp32,
+    or fp16 for half the size); returns the base's path."""
+    adapter_dtype = torch_dtype(dtype)
     adapters = any(m.has_lora for m in quant_layers(model).values())
     if adapters:
         layers = {name: layer.q for name, layer in quant_layers(model).items()}
@@ -58,7 +66,8 @@ def export_gguf(model: nn.Module, out: str | Path, tokenizer=None, overwrite: bo
     check_output(Path(out), overwrite, is_gguf_file, "GGUF", directory=False)
     contents = gguf_contents(layers, dense, config, source_gguf(model), tokenizer)
     if adapters:  # the adapter first: a base file present means both are finished
-        write_gguf_lora(adapter_path(out), gguf_factors(model), config, overwrite)
+        factors = gguf_factors(model)
+        write_gguf_lora(adapter_path(out), factors, config, overwrite, adapter_dtype)
     return write_contents(out, contents, overwrite)
 
 
@@ -72,7 +81,7 @@ class GGUFFile(ExportTarget):
         )
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
-        export_gguf(model, out, options.tokenizer, options.overwrite)
+        export_gguf(model, out, options.tokenizer, options.overwrite, options.dtype)
         adapter = adapter_path(out)
         if adapter.exists() and any(m.has_lora for m in quant_layers(model).values()):
             return Exported(

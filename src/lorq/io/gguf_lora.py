@@ -3,9 +3,9 @@ GGUF (``--lora NAME.lora.gguf``; docs/algorithms.md §7), as ``convert_lora_to_g
 
     general.architecture "llama"   general.type "adapter"   adapter.type "lora"
     adapter.lora.alpha α (float32)
-    <base tensor>.lora_a   F32, A (r × in)    ggml ne = [in, r]
-    <base tensor>.lora_b   F32, B (out × r)   ggml ne = [r, out]; attn_q / attn_k rows permuted for
-                                               RoPE exactly as the base tensor's rows
+    <base tensor>.lora_a   F32 or F16, A (r × in)    ggml ne = [in, r]
+    <base tensor>.lora_b   F32 or F16, B (out × r)   ggml ne = [r, out]; attn_q / attn_k rows
+                                                     permuted for RoPE as the base tensor's rows
 
 llama.cpp adds (α / r)·B·A·x to a layer's output (α = 0: 1·B·A·x), one α for the whole file. When
 every layer has the same rank r and scaling s, α = s·r and the factors are written as they are;
@@ -35,7 +35,10 @@ def adapter_alpha(factors: Factors) -> float:
     return 0.0
 
 
-def _tensors(factors: Factors, config: dict[str, Any], alpha: float) -> list:
+ADAPTER_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
+
+
+def _tensors(factors: Factors, config: dict[str, Any], alpha: float, dtype: torch.dtype) -> list:
     """(GGUF name, data, None) of every factor, in the base model's parameter order."""
     names = gguf_names(config)
     heads = config["num_attention_heads"]
@@ -54,18 +57,26 @@ def _tensors(factors: Factors, config: dict[str, Any], alpha: float) -> list:
         b = b.detach().float() * (1.0 if alpha else scaling)
         rope = rope_heads(gguf_name, heads, kv_heads)
         b = b if rope is None else b[rope_rows(b.shape[0], rope)]
-        out.append((f"{gguf_name}.lora_a", a.detach().float().cpu().contiguous(), None))
-        out.append((f"{gguf_name}.lora_b", b.cpu().contiguous(), None))
+        out.append((f"{gguf_name}.lora_a", a.detach().to("cpu", dtype).contiguous(), None))
+        out.append((f"{gguf_name}.lora_b", b.to("cpu", dtype).contiguous(), None))
     return out
 
 
 def write_gguf_lora(
-    out_file: str | Path, factors: Factors, hf_config: dict[str, Any], overwrite: bool = False
+    out_file: str | Path,
+    factors: Factors,
+    hf_config: dict[str, Any],
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write ``factors`` ({module name: (A, B, s)}) of a LLaMA model as a llama.cpp LoRA adapter
-    GGUF, atomically; returns its path."""
+    GGUF, atomically, its tensors in ``dtype`` (F32, or F16: half the size); returns its path."""
     from gguf import GGUFValueType, Keys
 
+    if dtype not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"a GGUF LoRA adapter is written as fp32 or fp16 (--dtype fp32 | fp16), not {dtype}"
+        )
     if not factors:
         raise ValueError("the model has no LoRA factors; a merged model has no adapter to write")
     config = dict(hf_config)
@@ -77,7 +88,7 @@ def write_gguf_lora(
         Keys.Adapter.TYPE: ("lora", string, None),
         Keys.Adapter.LORA_ALPHA: (alpha, GGUFValueType.FLOAT32, None),
     }
-    tensors = _tensors(factors, config, alpha)
+    tensors = _tensors(factors, config, alpha, dtype)
     path = Path(out_file)
     with atomic_file(path, overwrite, is_gguf_file, "GGUF") as tmp:
         write_file(tmp, kv, tensors)
