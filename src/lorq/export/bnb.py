@@ -25,6 +25,7 @@ from lorq.export.hf import (
     check_export_dir,
     dense_embeddings,
     export_directory,
+    has_adapters,
     meta_skeleton,
     quant_layers,
     torch_dtype,
@@ -104,7 +105,7 @@ def export_bnb(
     target = torch_dtype(dtype)
     path = Path(path)
     tensors, config = base_checkpoint(model, target)
-    adapters = any(m.has_lora for m in quant_layers(model).values())
+    adapters = has_adapters(model)
     marker = {"kind": "bnb", "dtype": dtype, "source": model_meta(model).get("source")}
     with export_directory(model, path, overwrite) as tmp:
         (tmp / "base").mkdir()

@@ -20,7 +20,7 @@ from torch import nn
 
 from lorq.atomic import check_output
 from lorq.export.base import Exported, ExportOptions, ExportTarget, register_export
-from lorq.export.hf import quant_layers, torch_dtype
+from lorq.export.hf import has_adapters, quant_layers, torch_dtype
 from lorq.export.peft import adapter_layers, lora_A_of
 from lorq.export.quantized import merged_layers, other_tensors, packed_embeddings, source_gguf
 from lorq.io.gguf import is_gguf_file
@@ -53,7 +53,7 @@ def export_gguf(
     """NAME.gguf (and NAME.lora.gguf for a model with factors, its tensors in ``dtype``: fp32,
     or fp16 for half the size); returns the base's path."""
     adapter_dtype = torch_dtype(dtype)
-    adapters = any(m.has_lora for m in quant_layers(model).values())
+    adapters = has_adapters(model)
     if adapters:
         layers = {name: layer.q for name, layer in quant_layers(model).items()}
     else:
@@ -83,7 +83,7 @@ class GGUFFile(ExportTarget):
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
         export_gguf(model, out, options.tokenizer, options.overwrite, options.dtype)
         adapter = adapter_path(out)
-        if adapter.exists() and any(m.has_lora for m in quant_layers(model).values()):
+        if adapter.exists() and has_adapters(model):
             return Exported(
                 out,
                 f"GGUF base {out} and LoRA adapter {adapter} (llama.cpp: -m {out.name} --lora "

@@ -21,6 +21,7 @@ from lorq.export.base import Exported, ExportOptions, ExportTarget, register_exp
 from lorq.export.hf import (
     dense_embeddings,
     export_directory,
+    has_adapters,
     is_export_dir,
     quant_layers,
     torch_dtype,
@@ -33,9 +34,8 @@ from lorq.io.native import hf_config, model_meta
 from lorq.quant.affine import block_zeros
 
 
-def _base(model: nn.Module) -> tuple[dict, dict, dict[str, Any], str]:
+def _base(model: nn.Module, adapters: bool) -> tuple[dict, dict, dict[str, Any], str]:
     """(layers' Q, other tensors, HF config, checkpoint format) of the GPTQ base of ``model``."""
-    adapters = any(m.has_lora for m in quant_layers(model).values())
     model = dense_embeddings(model)  # GPTQ checkpoints hold dense embeddings
     if adapters:
         layers = {name: layer.q for name, layer in quant_layers(model).items()}
@@ -70,8 +70,9 @@ def export_gptq(
 ) -> tuple[Path, str]:
     """A GPTQ checkpoint of ``model``'s Q (and the PEFT adapter of its factors, when it has
     them); returns (path of the GPTQ checkpoint, format)."""
-    layers, dense, config, fmt = _base(model)
-    if not any(m.has_lora for m in quant_layers(model).values()):
+    adapters = has_adapters(model)
+    layers, dense, config, fmt = _base(model, adapters)
+    if not adapters:
         return write_gptq_checkpoint(out, layers, dense, config, tokenizer, overwrite, fmt), fmt
     out = Path(out)
     marker = {"kind": "gptq", "dtype": dtype, "source": model_meta(model).get("source")}

@@ -54,6 +54,11 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return layers
 
 
+def has_adapters(model: nn.Module) -> bool:
+    """Whether any lorq layer of ``model`` still carries LoRA factors (not a merged model)."""
+    return any(m.has_lora for m in quant_layers(model).values())
+
+
 def dense_nbytes(model: nn.Module, dtype: str = "fp32") -> int:
     """About the bytes of ``model`` written densely in ``dtype`` (an output's room to check)."""
     item = torch_dtype(dtype).itemsize

@@ -39,6 +39,7 @@ from lorq.quant.base import (
     check_weight,
     register_format,
 )
+from lorq.quant.packing import fp16_at, fp16_bytes
 from lorq.quant.tensor import QuantizedTensor
 
 BLOCK = 32
@@ -47,16 +48,6 @@ CHUNK_BLOCKS = 1 << 14  # blocks encoded / decoded at once: bounds temporary mem
 
 def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1 / d)
-
-
-def _half_bytes(x: torch.Tensor) -> torch.Tensor:
-    """float32 (n, 1) → the two bytes of its fp16 value (n, 2)."""
-    return x.to(torch.float16).view(torch.uint8)
-
-
-def _half(raw: torch.Tensor, at: int) -> torch.Tensor:
-    """The fp16 value at byte ``at`` of every block, as float32 (n, 1)."""
-    return raw[:, at : at + 2].contiguous().view(torch.float16).float()
 
 
 def _nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -93,11 +84,11 @@ def _encode_q8_0(x: torch.Tensor) -> torch.Tensor:
     d = x.abs().amax(1, keepdim=True) / 127
     v = x * _safe_inverse(d)
     q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8)  # C's roundf
-    return torch.cat([_half_bytes(d), q.view(torch.uint8)], 1)
+    return torch.cat([fp16_bytes(d), q.view(torch.uint8)], 1)
 
 
 def _decode_q8_0(raw: torch.Tensor) -> torch.Tensor:
-    return raw[:, 2:].contiguous().view(torch.int8).float() * _half(raw, 0)
+    return raw[:, 2:].contiguous().view(torch.int8).float() * fp16_at(raw, 0)
 
 
 def _signed_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,33 +100,33 @@ def _signed_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Ten
 
 def _encode_q4_0(x: torch.Tensor) -> torch.Tensor:
     d, q = _signed_codes(x, 8)
-    return torch.cat([_half_bytes(d), _nibbles(q)], 1)
+    return torch.cat([fp16_bytes(d), _nibbles(q)], 1)
 
 
 def _decode_q4_0(raw: torch.Tensor) -> torch.Tensor:
-    return (_unnibble(raw[:, 2:]).float() - 8) * _half(raw, 0)
+    return (_unnibble(raw[:, 2:]).float() - 8) * fp16_at(raw, 0)
 
 
 def _encode_q5_0(x: torch.Tensor) -> torch.Tensor:
     d, q = _signed_codes(x, 16)
-    return torch.cat([_half_bytes(d), _high_bits(q), _nibbles(q)], 1)
+    return torch.cat([fp16_bytes(d), _high_bits(q), _nibbles(q)], 1)
 
 
 def _decode_q5_0(raw: torch.Tensor) -> torch.Tensor:
     q = _unnibble(raw[:, 6:]) | _unhigh_bits(raw[:, 2:6])
-    return (q.float() - 16) * _half(raw, 0)
+    return (q.float() - 16) * fp16_at(raw, 0)
 
 
 def _encode_q5_1(x: torch.Tensor) -> torch.Tensor:
     low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     d = (high - low) / 31
     q = torch.trunc((x - low) * _safe_inverse(d) + 0.5).clamp(0, 31).to(torch.uint8)
-    return torch.cat([_half_bytes(d), _half_bytes(low), _high_bits(q), _nibbles(q)], 1)
+    return torch.cat([fp16_bytes(d), fp16_bytes(low), _high_bits(q), _nibbles(q)], 1)
 
 
 def _decode_q5_1(raw: torch.Tensor) -> torch.Tensor:
     q = _unnibble(raw[:, 8:]) | _unhigh_bits(raw[:, 4:8])
-    return q.float() * _half(raw, 0) + _half(raw, 2)
+    return q.float() * fp16_at(raw, 0) + fp16_at(raw, 2)
 
 
 # IQ4_NL's 16 non-uniform levels (llama.cpp's kvalues_iq4nl), d · kvalues[q]
@@ -185,12 +176,12 @@ def _encode_iq4_nl(x: torch.Tensor) -> torch.Tensor:
     values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=x.device)
     d = iq4nl_scale(x, x * x)
     q = _best_index(x * _safe_inverse(d), values).to(torch.uint8)
-    return torch.cat([_half_bytes(d), _nibbles(q)], 1)
+    return torch.cat([fp16_bytes(d), _nibbles(q)], 1)
 
 
 def _decode_iq4_nl(raw: torch.Tensor) -> torch.Tensor:
     values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=raw.device)
-    return values[_unnibble(raw[:, 2:]).long()] * _half(raw, 0)
+    return values[_unnibble(raw[:, 2:]).long()] * fp16_at(raw, 0)
 
 
 class BlockType(NamedTuple):
@@ -294,7 +285,7 @@ class GGMLBlocks(QuantFormat):
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         """d of every block (its magnitude is the grid step; Q4_0 / Q5_0 store it negative)."""
-        return _half(self._raw(q), 0).reshape(-1)
+        return fp16_at(self._raw(q), 0).reshape(-1)
 
     def nbytes(self, config: QuantConfig, shape: tuple[int, int]) -> int:
         assert isinstance(config, GGMLConfig)

@@ -31,17 +31,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lorq.quant.packing import fp16_at, fp16_bytes
+
 SUPER = 256
 SUB = 32
 F32 = np.float32
 
 
-def _half_bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float16).view(torch.uint8)
+def crumbs(codes: torch.Tensor) -> torch.Tensor:
+    """2-bit values (n, 256) → (n, 64) bytes: for each 128, byte l holds values l, l + 32,
+    l + 64, l + 96 in bits 0–1, 2–3, 4–5, 6–7 (Q2_K's and Q3_K's qs, Q6_K's qh)."""
+    quarters = (codes & 3).reshape(codes.shape[0], 2, 4, 32).to(torch.uint8)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)
+    return (quarters << shifts[None, None, :, None]).sum(2, dtype=torch.uint8).reshape(-1, 64)
 
 
-def _half(raw: torch.Tensor, at: int) -> torch.Tensor:
-    return raw[:, at : at + 2].contiguous().view(torch.float16).float()
+def from_crumbs(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`crumbs`: (n, 64) bytes → (n, 256) int32 values 0–3."""
+    bytes_ = packed.reshape(-1, 2, 1, 32).int()
+    shifts = torch.tensor([0, 2, 4, 6], device=packed.device)[None, None, :, None]
+    return ((bytes_ >> shifts) & 3).reshape(-1, SUPER)
 
 
 def _sequential(terms: torch.Tensor) -> torch.Tensor:
@@ -146,7 +155,7 @@ def _encode_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     shifted = (x.view(n, 8, SUB) + (dmin * lm.float())[..., None]) / step[..., None]
     requantized = torch.round(shifted).clamp(0, nmax)
     codes = torch.where((step != 0)[..., None], requantized, codes).reshape(n, SUPER)
-    head = torch.cat([_half_bytes(d), _half_bytes(dmin), pack_scales(ls, lm)], 1)
+    head = torch.cat([fp16_bytes(d), fp16_bytes(dmin), pack_scales(ls, lm)], 1)
     return head, codes.to(torch.uint8)
 
 
@@ -175,7 +184,7 @@ def encode_q5_k(x: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_k(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    d, dmin = _half(raw, 0), _half(raw, 2)
+    d, dmin = fp16_at(raw, 0), fp16_at(raw, 2)
     ls, lm = unpack_scales(raw[:, 4:16])
     step = (d * ls)[..., None]
     return (step * q.view(-1, 8, SUB).float() - (dmin * lm)[..., None]).reshape(-1, SUPER)
@@ -234,25 +243,23 @@ def encode_q6_k(x: torch.Tensor) -> torch.Tensor:
     L = codes.reshape(n, 2, 4, 32).to(torch.uint8)  # per 128: quarters of 32
     low = L & 0xF
     ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
-    qh = ((L >> 4) << shifts[None, None, :, None]).sum(2, dtype=torch.uint8)
+    qh = crumbs(L.reshape(n, SUPER) >> 4)
     d = torch.where(zero, torch.zeros_like(d), d)
     scales = torch.where(zero, torch.zeros_like(sc), sc).to(torch.int8).view(torch.uint8)
-    body = torch.cat([ql.reshape(n, 128), qh.reshape(n, 64), scales], 1)
-    return torch.cat([torch.where(zero, torch.zeros_like(body), body), _half_bytes(d)], 1)
+    body = torch.cat([ql.reshape(n, 128), qh, scales], 1)
+    return torch.cat([torch.where(zero, torch.zeros_like(body), body), fp16_bytes(d)], 1)
 
 
 def decode_q6_k(raw: torch.Tensor) -> torch.Tensor:
     n = raw.shape[0]
-    ql, qh = raw[:, :128].reshape(n, 2, 64), raw[:, 128:192].reshape(n, 2, 32)
+    ql = raw[:, :128].reshape(n, 2, 64)
     low = torch.stack(
         [ql[..., :32] & 0xF, ql[..., 32:] & 0xF, ql[..., :32] >> 4, ql[..., 32:] >> 4], 2
-    )
-    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)
-    high = (qh[:, :, None, :].int() >> shifts[None, None, :, None]) & 3
+    ).reshape(n, SUPER)
+    high = from_crumbs(raw[:, 128:192])
     q = (low.int() | (high << 4)).reshape(n, 16, 16).float() - 32
     sc = raw[:, 192:208].contiguous().view(torch.int8).float()
-    d = _half(raw, 208)
+    d = fp16_at(raw, 208)
     return ((d * sc)[..., None] * q).reshape(n, SUPER)
 
 
@@ -279,19 +286,15 @@ def encode_q2_k(x: torch.Tensor) -> torch.Tensor:
     step = d * (packed & 0xF).float()
     shifted = (x.view(n, 16, 16) + (dmin * (packed >> 4).float())[..., None]) / step[..., None]
     codes = torch.where((step != 0)[..., None], torch.round(shifted).clamp(0, 3), codes)
-    L = codes.reshape(n, 2, 4, 32).to(torch.uint8)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
-    qs = (L << shifts[None, None, :, None]).sum(2, dtype=torch.uint8).reshape(n, 64)
-    return torch.cat([packed, qs, _half_bytes(d), _half_bytes(dmin)], 1)
+    qs = crumbs(codes.reshape(n, SUPER).to(torch.uint8))
+    return torch.cat([packed, qs, fp16_bytes(d), fp16_bytes(dmin)], 1)
 
 
 def decode_q2_k(raw: torch.Tensor) -> torch.Tensor:
     n = raw.shape[0]
     packed = raw[:, :16]
-    qs = raw[:, 16:80].reshape(n, 2, 1, 32).int()
-    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)[None, None, :, None]
-    q = ((qs >> shifts) & 3).reshape(n, 16, 16).float()
-    d, dmin = _half(raw, 80), _half(raw, 82)
+    q = from_crumbs(raw[:, 16:80]).reshape(n, 16, 16).float()
+    d, dmin = fp16_at(raw, 80), fp16_at(raw, 82)
     step = d * (packed & 0xF).float()
     return (step[..., None] * q - (dmin * (packed >> 4).float())[..., None]).reshape(n, SUPER)
 
@@ -343,9 +346,7 @@ def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
     hmask = (high << torch.arange(8, dtype=torch.uint8, device=x.device)[None, :, None]).sum(
         1, dtype=torch.uint8
     )
-    low = (codes & 3).reshape(n, 2, 4, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=x.device)
-    qs = (low << shifts[None, None, :, None]).sum(2, dtype=torch.uint8).reshape(n, 64)
+    qs = crumbs(codes.reshape(n, SUPER))
     scales = torch.cat(
         [
             (six[:, :8] & 0xF) | ((six[:, 8:] & 0xF) << 4),
@@ -361,14 +362,13 @@ def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
 
 def decode_q3_k(raw: torch.Tensor) -> torch.Tensor:
     n = raw.shape[0]
-    hmask, qs, packed = raw[:, :32], raw[:, 32:96].reshape(n, 2, 1, 32).int(), raw[:, 96:108]
-    shifts = torch.tensor([0, 2, 4, 6], device=raw.device)[None, None, :, None]
-    low = ((qs >> shifts) & 3).reshape(n, 8, 32)
+    hmask, packed = raw[:, :32], raw[:, 96:108]
+    low = from_crumbs(raw[:, 32:96]).reshape(n, 8, 32)
     bits = torch.arange(8, device=raw.device)[None, :, None]
     high = (hmask[:, None, :].int() >> bits) & 1
     q = (low | (high << 2)).reshape(n, 16, 16).float() - 4
     nibbles = torch.cat([packed[:, :8] & 0xF, packed[:, :8] >> 4], 1).int()
     tops = (packed[:, 8:12, None].int() >> (2 * torch.arange(4, device=raw.device))) & 3
     sc = (nibbles | (tops.transpose(1, 2).reshape(n, 16) << 4)).float() - 32
-    d = _half(raw, 108)
+    d = fp16_at(raw, 108)
     return ((d * sc)[..., None] * q).reshape(n, SUPER)

@@ -142,3 +142,14 @@ def decode_packed(
         values = unpack_lookup(codes[lo:hi], bits, (stop - start) * block_size, table)
         scale(values.view(-1, block_size), slice(start, stop), out[start:stop])
     return out.view(shape)
+
+
+def fp16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 (n, 1) → the two little-endian bytes of its fp16 value (n, 2), as GGUF blocks
+    store d and mins."""
+    return x.to(torch.float16).view(torch.uint8)
+
+
+def fp16_at(raw: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 value at byte ``at`` of every block row of ``raw`` (n, bytes), as float32 (n, 1)."""
+    return raw[:, at : at + 2].contiguous().view(torch.float16).float()
