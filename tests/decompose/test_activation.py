@@ -171,7 +171,7 @@ def test_pooled_step_beats_perturbed_pooled_adapters():
             "not positive definite",
         ),
         (
-            DecomposeConfig(rank=2, rounding="gptq", quant="q8_0"),
+            DecomposeConfig(rank=2, rounding="gptq", quant="bnb-nf4"),
             None,
             torch.eye(64),
             "GPTQ rounding is not available",

@@ -117,7 +117,7 @@ def test_hopeless_hessian_is_a_clear_error():
 @pytest.mark.parametrize(
     ("w", "h", "preset", "match"),
     [
-        (weight(8, 64), torch.eye(64), "q8_0", "GPTQ rounding is not available for q8_0"),
+        (weight(8, 64), torch.eye(64), "bnb-nf4", "GPTQ rounding is not available for bnb-nf4"),
         (weight(8, 64), torch.eye(32), "int4-g32", r"\(64, 64\)"),
         (weight(8, 48), torch.eye(48), "int4-g32", "does not divide"),
         (weight(8, 64), torch.full((64, 64), float("nan")), "int4-g32", "NaN"),

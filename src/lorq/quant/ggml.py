@@ -87,6 +87,13 @@ def _encode_q8_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fp16_bytes(d), q.view(torch.uint8)], 1)
 
 
+def _put_q8_0(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``raw``'s d with codes (n, 32) in [0, 255] standing for the int8 levels code − 128."""
+    return torch.cat(
+        [raw[:, :2], (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)], 1
+    )
+
+
 def _decode_q8_0(raw: torch.Tensor) -> torch.Tensor:
     return raw[:, 2:].contiguous().view(torch.int8).float() * fp16_at(raw, 0)
 
@@ -103,6 +110,11 @@ def _encode_q4_0(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fp16_bytes(d), _nibbles(q)], 1)
 
 
+def _put_nibbles(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / IQ4_NL: ``raw``'s d with 4-bit ``codes`` (n, 32)."""
+    return torch.cat([raw[:, :2], _nibbles(codes)], 1)
+
+
 def _decode_q4_0(raw: torch.Tensor) -> torch.Tensor:
     return (_unnibble(raw[:, 2:]).float() - 8) * fp16_at(raw, 0)
 
@@ -110,6 +122,10 @@ def _decode_q4_0(raw: torch.Tensor) -> torch.Tensor:
 def _encode_q5_0(x: torch.Tensor) -> torch.Tensor:
     d, q = _signed_codes(x, 16)
     return torch.cat([fp16_bytes(d), _high_bits(q), _nibbles(q)], 1)
+
+
+def _put_q5_0(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([raw[:, :2], _high_bits(codes), _nibbles(codes)], 1)
 
 
 def _decode_q5_0(raw: torch.Tensor) -> torch.Tensor:
@@ -124,6 +140,10 @@ def _encode_q5_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fp16_bytes(d), fp16_bytes(low), _high_bits(q), _nibbles(q)], 1)
 
 
+def _put_q5_1(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([raw[:, :4], _high_bits(codes), _nibbles(codes)], 1)
+
+
 def _decode_q5_1(raw: torch.Tensor) -> torch.Tensor:
     q = _unnibble(raw[:, 8:]) | _unhigh_bits(raw[:, 4:8])
     return q.float() * fp16_at(raw, 0) + fp16_at(raw, 2)
@@ -136,10 +156,14 @@ GROUP_MAX_EPS = 1e-15
 
 
 def _best_index(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's best_index_int8: the nearest level, the upper one on a tie or beyond."""
-    mu = torch.searchsorted(values, x, right=True).clamp(1, values.numel() - 1)
-    lower = (x - values[mu - 1]) < (values[mu] - x)
-    return torch.where(lower, mu - 1, mu)
+    """llama.cpp's best_index_int8: the nearest level, the upper one on a tie or beyond.
+
+    Counted as the number of k with x − v_k ≥ v_{k+1} − x (true for every k below the answer,
+    false above it; the bracketing pair compared in float32 exactly as llama.cpp does)."""
+    index = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    for k in range(values.numel() - 1):
+        index += (x - values[k]) >= (values[k + 1] - x)
+    return index
 
 
 def _weighted_sums(x, w, values, inverse) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,24 +209,34 @@ def _decode_iq4_nl(raw: torch.Tensor) -> torch.Tensor:
 
 
 class BlockType(NamedTuple):
+    """One llama.cpp type: its codec, and what GPTQ needs to round to its grid (``put``,
+    ``levels``: every block decodes as a·levels[code] + b per weight, a and b set by the head)."""
+
     bits: int
     nbytes: int  # per block of ``block`` weights
     encode: Callable[[torch.Tensor], torch.Tensor]  # (n, block) float32 → (n, nbytes) uint8
     decode: Callable[[torch.Tensor], torch.Tensor]  # (n, nbytes) uint8 → (n, block) float32
+    put: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (raw, codes) → raw, new codes
+    levels: tuple[int, ...] = ()  # the level of each code, increasing; () for 0 … 2^bits − 1
     block: int = BLOCK  # weights per block along a row: 32, or 256 for the K-quants
 
+    def level_values(self, device: torch.device) -> torch.Tensor:
+        levels = self.levels or tuple(range(1 << self.bits))
+        return torch.tensor(levels, dtype=torch.float32, device=device)
 
+
+K = kquants
 TYPES: dict[str, BlockType] = {
-    "q8_0": BlockType(8, 34, _encode_q8_0, _decode_q8_0),
-    "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0),
-    "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0),
-    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1),
-    "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl),
-    "q4_k": BlockType(4, 144, kquants.encode_q4_k, kquants.decode_q4_k, kquants.SUPER),
-    "q5_k": BlockType(5, 176, kquants.encode_q5_k, kquants.decode_q5_k, kquants.SUPER),
-    "q6_k": BlockType(6, 210, kquants.encode_q6_k, kquants.decode_q6_k, kquants.SUPER),
-    "q2_k": BlockType(2, 84, kquants.encode_q2_k, kquants.decode_q2_k, kquants.SUPER),
-    "q3_k": BlockType(3, 110, kquants.encode_q3_k, kquants.decode_q3_k, kquants.SUPER),
+    "q8_0": BlockType(8, 34, _encode_q8_0, _decode_q8_0, _put_q8_0, tuple(range(-128, 128))),
+    "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0, _put_nibbles),
+    "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0, _put_q5_0),
+    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1, _put_q5_1),
+    "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl, _put_nibbles, IQ4NL_VALUES),
+    "q4_k": BlockType(4, 144, K.encode_q4_k, K.decode_q4_k, K.put_q4_k, block=K.SUPER),
+    "q5_k": BlockType(5, 176, K.encode_q5_k, K.decode_q5_k, K.put_q5_k, block=K.SUPER),
+    "q6_k": BlockType(6, 210, K.encode_q6_k, K.decode_q6_k, K.put_q6_k, block=K.SUPER),
+    "q2_k": BlockType(2, 84, K.encode_q2_k, K.decode_q2_k, K.put_q2_k, block=K.SUPER),
+    "q3_k": BlockType(3, 110, K.encode_q3_k, K.decode_q3_k, K.put_q3_k, block=K.SUPER),
 }
 
 
@@ -230,6 +264,52 @@ class GGMLConfig(QuantConfig):
 
 def _chunks(values: torch.Tensor, step: int = CHUNK_BLOCKS):
     return (values[start : start + step] for start in range(0, values.shape[0], step))
+
+
+class BlockGrid:
+    """GPTQ's column rounding (``lorq.quant.gptq.ColumnGrid``) on a llama.cpp type.
+
+    When a block of columns starts (32 weights, or a K-quant's whole 256-weight super-block, whose
+    sub-block scales are quantized together), the type's reference encoder chooses the block's
+    head (d, mins, sub-block scales) from the current, error-updated weights; every column is then
+    rounded to the nearest level under that head, w ≈ a·levels[code] + b. ``result`` writes the
+    chosen codes into the heads (``BlockType.put``): the bytes are the type's own.
+    """
+
+    def __init__(self, weight: torch.Tensor, config: GGMLConfig) -> None:
+        self.config, self.type = config, config.block_type
+        self.group = self.type.block
+        self.shape = (weight.shape[0], weight.shape[1])
+        self.levels = self.type.level_values(weight.device)
+        blocks = (self.shape[0], self.shape[1] // self.group, self.type.nbytes)
+        self.heads = torch.empty(blocks, dtype=torch.uint8, device=weight.device)
+        self.codes = torch.empty(self.shape, dtype=torch.uint8, device=weight.device)
+        self.first = 0
+
+    def _decode_with(self, raw: torch.Tensor, code: int) -> torch.Tensor:
+        codes = torch.full((raw.shape[0], self.group), code, dtype=torch.uint8, device=raw.device)
+        return self.type.decode(self.type.put(raw, codes))
+
+    def start(self, columns: torch.Tensor, first: int) -> None:
+        raw = self.type.encode(columns.float().contiguous())
+        self.heads[:, first // self.group] = raw
+        self.first = first
+        low, high = self._decode_with(raw, 0), self._decode_with(raw, self.levels.numel() - 1)
+        self.scale = (high - low) / (self.levels[-1] - self.levels[0])
+        self.offset = low - self.scale * self.levels[0]
+
+    def round(self, column: torch.Tensor, j: int) -> torch.Tensor:
+        scale, offset = self.scale[:, j - self.first], self.offset[:, j - self.first]
+        flat = scale == 0  # every code decodes to the offset
+        target = (column - offset) / torch.where(flat, torch.ones_like(scale), scale)
+        codes = _best_index(torch.where(flat, torch.zeros_like(target), target), self.levels)
+        self.codes[:, j] = codes.to(torch.uint8)
+        return scale * self.levels[codes] + offset
+
+    def result(self) -> QuantizedTensor:
+        heads = self.heads.view(-1, self.type.nbytes)
+        raw = self.type.put(heads, self.codes.view(-1, self.group))
+        return QuantizedTensor(self.config, self.shape, {"blocks": raw.reshape(-1)})
 
 
 class GGMLBlocks(QuantFormat):
@@ -282,6 +362,13 @@ class GGMLBlocks(QuantFormat):
         raw = q.buffers["blocks"].view(q.shape[0], -1)[rows.reshape(-1)]
         values = block_type.decode(raw.reshape(-1, block_type.nbytes)).to(dtype)
         return values.view(*rows.shape, q.shape[1])
+
+    def check_gptq(self, config: QuantConfig) -> None:
+        """Every llama.cpp type takes GPTQ rounding (:class:`BlockGrid`)."""
+
+    def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> BlockGrid:
+        assert isinstance(config, GGMLConfig)
+        return BlockGrid(weight, config)
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         """d of every block (its magnitude is the grid step; Q4_0 / Q5_0 store it negative)."""

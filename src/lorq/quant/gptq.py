@@ -19,6 +19,9 @@ The grid is the format's (``QuantFormat.gptq_grid``), one object per matrix:
 - NF-k: the block absmax scales are fixed before the sweep from the weight being rounded, and
   double-quantized first, so the stored (second-level) scale is the one every code is rounded
   with (GPTQ's "static groups"; the second level needs every scale of a super-block at once).
+- llama.cpp's types (``ggml.BlockGrid``): when a block starts (a K-quant's whole 256-weight
+  super-block, whose sub-block scales are quantized together), llama.cpp's reference encoder
+  chooses its head from the current weights; codes are the nearest levels under that head.
 With a diagonal H there is no feedback and both are exactly round to nearest.
 
 Details (as the reference GPTQ code, act-order off so groups stay contiguous):
@@ -156,7 +159,7 @@ def gptq_quantize(
 
     ``hessian``: H = XᵀX/N of the layer's inputs (in × in, e.g. from ``lorq.hessian``).
     Formats: NF-k (static double-quantized scales), INT-k with integer zeros (GPTQ) or float mins
-    (Q4_1); act-order off.
+    (Q4_1), llama.cpp's block types; act-order off.
     """
     check_weight(weight)
     format_of(config).check_shape(config, (weight.shape[0], weight.shape[1]))

@@ -170,17 +170,30 @@ def _from_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.stack([q & 0xF, q >> 4], 2).reshape(-1, SUPER)
 
 
+def _fifth_bits(codes: torch.Tensor) -> torch.Tensor:
+    """Q5_K's qh (n, 32) of codes (n, 256): bit 2c + h of byte l = fifth bit of 64c + 32h + l."""
+    fifth = (codes.view(-1, 4, 2, SUB) >> 4) & 1  # (n, chunk c, half h, l) → bit 2c + h
+    shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).to(torch.uint8)
+    return (fifth << shifts[None, :, :, None].to(codes.device)).sum((1, 2), dtype=torch.uint8)
+
+
 def encode_q4_k(x: torch.Tensor) -> torch.Tensor:
     head, codes = _encode_k(x, 15, -1.0, 20)
-    return torch.cat([head, _low_nibbles(codes)], 1)
+    return put_q4_k(head, codes)
+
+
+def put_q4_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``raw``'s scales (its first 16 bytes) with ``codes`` (n, 256) as the weights' codes."""
+    return torch.cat([raw[:, :16], _low_nibbles(codes)], 1)
 
 
 def encode_q5_k(x: torch.Tensor) -> torch.Tensor:
     head, codes = _encode_k(x, 31, -0.5, 15)
-    fifth = (codes.view(-1, 4, 2, SUB) >> 4) & 1  # (n, chunk c, half h, l) → bit 2c + h
-    shifts = (2 * torch.arange(4)[:, None] + torch.arange(2)[None, :]).to(torch.uint8)
-    qh = (fifth << shifts[None, :, :, None].to(codes.device)).sum((1, 2), dtype=torch.uint8)
-    return torch.cat([head, qh, _low_nibbles(codes)], 1)
+    return put_q5_k(head, codes)
+
+
+def put_q5_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([raw[:, :16], _fifth_bits(codes), _low_nibbles(codes)], 1)
 
 
 def _decode_k(raw: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -240,14 +253,23 @@ def encode_q6_k(x: torch.Tensor) -> torch.Tensor:
     step = (d * sc)[..., None]
     requantized = torch.round(x.view(n, 16, 16) / step).clamp(-32, 31)
     codes = torch.where(step != 0, requantized, codes) + 32
-    L = codes.reshape(n, 2, 4, 32).to(torch.uint8)  # per 128: quarters of 32
-    low = L & 0xF
-    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
-    qh = crumbs(L.reshape(n, SUPER) >> 4)
     d = torch.where(zero, torch.zeros_like(d), d)
     scales = torch.where(zero, torch.zeros_like(sc), sc).to(torch.int8).view(torch.uint8)
-    body = torch.cat([ql.reshape(n, 128), qh, scales], 1)
+    body = torch.cat([_six_bit_codes(codes.reshape(n, SUPER).to(torch.uint8)), scales], 1)
     return torch.cat([torch.where(zero, torch.zeros_like(body), body), fp16_bytes(d)], 1)
+
+
+def _six_bit_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Q6_K's ql[128] and qh[64] of codes (n, 256) in [0, 63]."""
+    quarters = codes.reshape(-1, 2, 4, 32)  # per 128: quarters of 32
+    low = quarters & 0xF
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2)
+    return torch.cat([ql.reshape(-1, 128), crumbs(codes >> 4)], 1)
+
+
+def put_q6_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``raw``'s scales and d (bytes 192–209) with ``codes`` (n, 256) as the weights' codes."""
+    return torch.cat([_six_bit_codes(codes), raw[:, 192:]], 1)
 
 
 def decode_q6_k(raw: torch.Tensor) -> torch.Tensor:
@@ -286,8 +308,14 @@ def encode_q2_k(x: torch.Tensor) -> torch.Tensor:
     step = d * (packed & 0xF).float()
     shifted = (x.view(n, 16, 16) + (dmin * (packed >> 4).float())[..., None]) / step[..., None]
     codes = torch.where((step != 0)[..., None], torch.round(shifted).clamp(0, 3), codes)
-    qs = crumbs(codes.reshape(n, SUPER).to(torch.uint8))
-    return torch.cat([packed, qs, fp16_bytes(d), fp16_bytes(dmin)], 1)
+    zeros = torch.zeros(n, 64, dtype=torch.uint8, device=x.device)
+    head = torch.cat([packed, zeros, fp16_bytes(d), fp16_bytes(dmin)], 1)
+    return put_q2_k(head, codes.reshape(n, SUPER).to(torch.uint8))
+
+
+def put_q2_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``raw``'s scales (bytes 0–15) and d, dmin (80–83) with ``codes`` (n, 256)."""
+    return torch.cat([raw[:, :16], crumbs(codes), raw[:, 80:]], 1)
 
 
 def decode_q2_k(raw: torch.Tensor) -> torch.Tensor:
@@ -341,12 +369,7 @@ def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
     step = (d.float() * (six.float() - 32))[..., None]
     step = torch.where((max_scale != 0)[..., None], step, torch.zeros_like(step))
     requantized = torch.round(x.view(n, 16, 16) / step).clamp(-4, 3) + 4
-    codes = torch.where(step != 0, requantized, codes).reshape(n, 8, 32).to(torch.uint8)
-    high = codes >> 2  # bit j // 32 of hmask[j % 32]
-    hmask = (high << torch.arange(8, dtype=torch.uint8, device=x.device)[None, :, None]).sum(
-        1, dtype=torch.uint8
-    )
-    qs = crumbs(codes.reshape(n, SUPER))
+    codes = torch.where(step != 0, requantized, codes).reshape(n, SUPER).to(torch.uint8)
     scales = torch.cat(
         [
             (six[:, :8] & 0xF) | ((six[:, 8:] & 0xF) << 4),
@@ -357,7 +380,18 @@ def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
         ],
         1,
     )
-    return torch.cat([hmask, qs, scales, d.view(torch.uint8).reshape(n, 2)], 1)
+    zeros = torch.zeros_like(codes[:, :96])
+    head = torch.cat([zeros, scales, d.view(torch.uint8).reshape(n, 2)], 1)
+    return put_q3_k(head, codes)
+
+
+def put_q3_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``raw``'s scales and d (bytes 96–109) with ``codes`` (n, 256) in [0, 7]: hmask bit
+    j // 32 of byte j % 32 holds code j's third bit, qs its two low bits."""
+    high = codes.reshape(-1, 8, 32) >> 2
+    bits = torch.arange(8, dtype=torch.uint8, device=codes.device)[None, :, None]
+    hmask = (high << bits).sum(1, dtype=torch.uint8)
+    return torch.cat([hmask, crumbs(codes), raw[:, 96:]], 1)
 
 
 def decode_q3_k(raw: torch.Tensor) -> torch.Tensor:
