@@ -124,6 +124,12 @@ def test_compress_with_a_plan_file(tiny_dir, tmp_path):
         (["compress", "--model", "/no/such/model"], "not found"),
         (["compress", "--quant", "nf5"], "unknown quantization preset 'nf5'"),
         (["compress", "--quant", "nf4", "--budget", "3"], "exactly one of"),
+        (["compress", "--budget", "3", "--budget-mb", "90"], "budget=3.0 and budget_mb=90.0"),
+        (["plan", "--model", "TINY"], "give --budget (bits/param) or --budget-mb"),
+        (
+            ["compress", "--model", "TINY", "--budget-mb", "1", "--candidates", "gguf"],
+            "not supported yet for a 'WordPiece' tokenizer",
+        ),
         (["compress", "--method", "qlora"], "method='qlora'"),
         (["compress", "--rank", "0"], "rank=0"),
         (["compress", "--factor-bits", "4"], "factor_bits=4"),

@@ -88,7 +88,7 @@ def test_llama_cpp_runs_lorq_base_plus_adapter_as_lorq_does(quant, tools, text_f
         model,
         {**model_meta(model), "source": {"path": str(source.parent), "gguf_file": source.name}},
     )
-    export_gguf(model, tmp_path / "m.gguf")
+    export_gguf(model, tmp_path / "m.gguf", dtype="fp32")  # lorq's factors exactly
     ours = lorq_perplexity(model, loaded.tokenizer, text_file)
     with_adapter = llama_perplexity(tools, tmp_path / "m.gguf", text_file, tmp_path / "m.lora.gguf")
     base_only = llama_perplexity(tools, tmp_path / "m.gguf", text_file)

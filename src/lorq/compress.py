@@ -32,6 +32,7 @@ from lorq.data import TextConfig, load_blocks
 from lorq.decompose import Decomposition, decompose
 from lorq.decompose.common import Rounding
 from lorq.evaluate import Measurement, evaluation_blocks, evaluation_summary, measure
+from lorq.export.gguf import GGUFBudget, gguf_budget
 from lorq.fisher import estimate_fisher
 from lorq.hessian import Hessians, estimate_hessians
 from lorq.io.native import set_model_meta
@@ -146,6 +147,11 @@ def compress(
     embeddings = check_embeddings(model, config)
     if config.method == "qa-lora" and plan is not None:
         raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
+    if config.budget_mb is not None:
+        raise ValueError(
+            "budget_mb= becomes bits/param in lorq.compress_model, which measures the GGUF files "
+            "around the codes; here pass budget= (lorq.export.gguf.gguf_budget gives it)"
+        )
     if base is not None and config.method != "qa-lora":
         raise ValueError(
             f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
@@ -291,7 +297,10 @@ def compress_model(
     plain quantization at the same bits (``baseline``, for lq / loftq) and the result (0: no
     evaluation). ``plan``: a budget plan made beforehand for ``config.budget``. ``gguf_codes``:
     QA-LoRA on a GGUF source whose codes are already in ``config.quant`` keeps them as the base.
-    The result's metadata names the source, the config, the plan and the evaluation;
+    ``config.budget_mb`` (the MiB of what ``lorq export --format gguf`` will write, with
+    ``candidates="gguf"``) becomes bits/param by :func:`lorq.export.gguf.gguf_budget` on the loaded
+    model. The result's metadata names the source, the config, the plan, the evaluation (and the
+    MiB budget);
     ``lorq.save(result, dir)`` writes what ``lorq compress`` writes.
     """
     config = config or CompressConfig(**JOB_STATISTICS)
@@ -299,6 +308,7 @@ def compress_model(
     if plan is not None:
         check_plan(plan, config)
     loaded = _loaded(model, tokenizer, config, plan)
+    config, budget = _megabyte_budget(loaded, config)
     targets = targets_of(loaded.model, config)
     if plan is not None:
         check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
@@ -317,7 +327,7 @@ def compress_model(
     reference = None if work is original else original
     rows += text.measure(result.model, reference, _label(config, base is not None), progress)
     used = calibration if config.fisher or config.activations else None
-    return _described(result, loaded, rows, used)
+    return _described(result, loaded, rows, used, budget)
 
 
 def plan_model(
@@ -329,16 +339,34 @@ def plan_model(
     progress: Progress = no_progress,
 ) -> BudgetPlan:
     """The ``lorq plan`` job: ``config.budget``'s plan of ``model``'s targets (costs weighted by
-    ``config.weighting``, its statistics estimated on ``calibration``)."""
-    if config.budget is None:
-        raise ValueError("plan_model needs config.budget (bits/param)")
+    ``config.weighting``, its statistics estimated on ``calibration``); ``config.budget_mb`` as
+    for :func:`compress_model`."""
+    if not config.budgeted:
+        raise ValueError("plan_model needs config.budget (bits/param) or budget_mb (MiB)")
     calibration = Calibration(calibration) if isinstance(calibration, str) else calibration
     loaded = _loaded(model, tokenizer, config)
+    config, _ = _megabyte_budget(loaded, config)
     targets = targets_of(loaded.model, config)
     blocks = calibration.load(loaded.tokenizer) if config.fisher or config.activations else None
     fisher, hessians = _job_statistics(loaded.model, config, targets, blocks, progress)
     (plan,) = plan_budgets_for(loaded.model, config, [config.budget], fisher, progress, hessians)
     return plan
+
+
+def _megabyte_budget(loaded: LoadedModel, config: CompressConfig):
+    """(config with ``budget_mb`` turned into bits/param, its GGUFBudget); (config, None)
+    without a budget in MiB."""
+    if config.budget_mb is None:
+        return config, None
+    shapes = {name: weight_shape(m) for name, m in targets_of(loaded.model, config).items()}
+    source = loaded.source
+    gguf = Path(source.path) / source.gguf_file if source.gguf_file else None
+    embeddings = as_config(config.embeddings) if config.embeddings is not None else None
+    budget = gguf_budget(
+        loaded.model, shapes, config.budget_mb, config.rank, embeddings=embeddings,
+        tokenizer=loaded.tokenizer, source=gguf,
+    )  # fmt: skip
+    return replace(config, budget=budget.bits, budget_mb=None), budget
 
 
 def _job_statistics(model, config, targets, blocks: torch.Tensor | None, progress):
@@ -436,15 +464,17 @@ def _described(
     loaded: LoadedModel,
     rows: list[Measurement],
     calibration: Calibration | None,
+    budget: GGUFBudget | None = None,
 ) -> CompressResult:
     """``result`` with the tokenizer, the rows and the metadata of the whole job (the
-    calibration text when statistics came from it)."""
+    calibration text when statistics came from it, the MiB budget when one was given)."""
     source = loaded.source
     metadata = {
         "source": {**source_record(source)},
         **result.metadata,
         "calibration": dataclasses.asdict(calibration) if calibration else None,
         "evaluation": evaluation_summary(rows),
+        **({"gguf_budget": budget.to_dict()} if budget else {}),
     }
     set_model_meta(result.model, metadata)
     return replace(result, tokenizer=loaded.tokenizer, measurements=tuple(rows), metadata=metadata)

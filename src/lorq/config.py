@@ -141,7 +141,9 @@ class CompressConfig(_Serializable):
     B = 0, that merges into the zero points; docs/algorithms.md §2.5). Either a uniform ``quant``
     (a preset name or a QuantConfig) for every target (default nf3; q4_1 for qa-lora, which needs
     an affine format), or a ``budget`` in bits/param chosen per matrix by the ILP over
-    ``candidates`` (costs from ``plan_iters`` decomposition steps; not for qa-lora).
+    ``candidates`` (costs from ``plan_iters`` decomposition steps; not for qa-lora), or
+    ``budget_mb``: the MiB of what ``lorq export --format gguf`` writes (base file and F16
+    adapter), turned into bits/param by ``compress_model`` / ``plan_model``.
     ``weighting`` (docs/algorithms.md §2.3, §5): what the decomposition, its stopping rule and
     the plan's costs minimise — "none" the weight error, "fisher" the Fisher-weighted weight
     error (causal LMs), "activations" the layers' output error on the calibration inputs
@@ -176,12 +178,13 @@ class CompressConfig(_Serializable):
     factor_bits: int | None = None
     damp: float = DAMP
     plan_weighting: Literal["none", "fisher", "activations", "both"] | None = None
+    budget_mb: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
         _check_weighting(self.weighting, self.rounding, self.damp)
         _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
-        if self.plan_weighting is not None and self.budget is None:
+        if self.plan_weighting is not None and not self.budgeted:
             raise ValueError(
                 f"plan_weighting={self.plan_weighting!r} weights the costs of a budget plan; "
                 "give budget= (bits/param) or leave plan_weighting unset"
@@ -195,23 +198,37 @@ class CompressConfig(_Serializable):
         if isinstance(self.quant, dict):
             object.__setattr__(self, "quant", QuantConfig.from_dict(self.quant))
         self._check_qa_lora()
-        if self.quant is None and self.budget is None:
-            default = DEFAULT_QA_LORA_QUANT if self.method == "qa-lora" else DEFAULT_COMPRESS_QUANT
-            object.__setattr__(self, "quant", default)
-        if self.quant is not None and self.budget is not None:
-            raise ValueError(
-                f"give exactly one of quant={self.quant!r} (a uniform preset) and "
-                f"budget={self.budget!r} (bits/param for the ILP)"
-            )
-        if self.quant is not None:
-            as_config(self.quant)
-        if self.budget is not None and not self.budget > 0:
-            raise ValueError(f"budget={self.budget!r} is not supported; allowed: bits/param > 0")
+        self._check_budgets()
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         self.decompose_config(NFConfig())  # validates rank, iters, alpha, svd
+
+    @property
+    def budgeted(self) -> bool:
+        """True when the ILP chooses the configs (a budget in bits/param or in MiB)."""
+        return self.budget is not None or self.budget_mb is not None
+
+    def _check_budgets(self) -> None:
+        """Exactly one of quant, budget, budget_mb (quant defaults when neither budget is set)."""
+        budgets = (("budget", self.budget), ("budget_mb", self.budget_mb))
+        given = [(name, value) for name, value in budgets if value is not None]
+        if self.quant is None and not given:
+            default = DEFAULT_QA_LORA_QUANT if self.method == "qa-lora" else DEFAULT_COMPRESS_QUANT
+            object.__setattr__(self, "quant", default)
+        given = [("quant", self.quant)] * (self.quant is not None) + given
+        if len(given) > 1:
+            named = " and ".join(f"{n}={v!r}" for n, v in given)
+            raise ValueError(
+                f"give exactly one of {named}: a uniform preset, bits/param or MiB for the ILP"
+            )
+        if self.quant is not None:
+            as_config(self.quant)
+        for name, unit in (("budget", "bits/param"), ("budget_mb", "MiB")):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name}={value!r} is not supported; allowed: {unit} > 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
@@ -248,10 +265,12 @@ class CompressConfig(_Serializable):
         """qa-lora only with a uniform affine preset, without the Fisher."""
         if self.method != "qa-lora":
             return
-        if self.budget is not None:
+        if self.budgeted:
+            which = "budget" if self.budget is not None else "budget_mb"
             raise ValueError(
-                f"budget={self.budget!r} is not supported with method='qa-lora' (the base is one "
-                f"uniform INT format); pass quant=, e.g. quant={DEFAULT_QA_LORA_QUANT!r}"
+                f"{which}={getattr(self, which)!r} is not supported with method='qa-lora' (the "
+                f"base is one uniform INT format); pass quant=, e.g. "
+                f"quant={DEFAULT_QA_LORA_QUANT!r}"
             )
         if self.fisher:
             raise ValueError(

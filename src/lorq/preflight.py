@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorq.budget import BudgetPlan
+from lorq.budget.cost import shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget
 from lorq.config import CompressConfig
@@ -65,17 +66,21 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
             f"rank={config.rank} must be smaller than min(out, in) = {min(smallest[1])} of "
             f"{smallest[0]} {smallest[1]}; choose a smaller rank"
         )
-    if config.budget is None:
+    if not config.budgeted:
         quant = config.quant_config
-        for shape in shapes.values():
-            _bits(quant, shape)
+        for name, shape in shapes.items():
+            try:
+                _bits(quant, shape)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
         _check_rounding(config, [quant])
         return
     grid = candidate_grid(config.candidates)
     _check_rounding(config, grid)
-    bits = np.array([[_bits(c, shape) for c in grid] for shape in shapes.values()])
+    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
     numels = np.array([out * inp for out, inp in shapes.values()], dtype=np.int64)
-    check_budget(bits, numels, config.budget)
+    if config.budget is not None:  # a budget in MiB is checked once the model is loaded
+        check_budget(bits, numels, config.budget)
 
 
 def _check_rounding(config: CompressConfig, quants) -> None:

@@ -37,7 +37,7 @@ def read_adapter(path, config):
 )
 def test_base_plus_adapter_rebuild_lorq_effective_weights(method, quant, tmp_path):
     model = llama(quant, method)
-    export_gguf(model, tmp_path / "m.gguf")
+    export_gguf(model, tmp_path / "m.gguf", dtype="fp32")
     assert adapter_path(tmp_path / "m.gguf") == tmp_path / "m.lora.gguf"
     base = read_gguf_quantized(tmp_path / "m.gguf")
     factors, alpha, kinds = read_adapter(tmp_path / "m.lora.gguf", model.config)
@@ -57,7 +57,7 @@ def test_layers_with_different_scalings_fold_s_into_b(tmp_path):
     model = llama()
     layer = model.model.layers[0].mlp.down_proj
     layer.scaling = layer.scaling * 3
-    export_gguf(model, tmp_path / "m.gguf")
+    export_gguf(model, tmp_path / "m.gguf", dtype="fp32")
     factors, alpha, _ = read_adapter(tmp_path / "m.lora.gguf", model.config)
     assert alpha == 0.0
     a, b = factors["blk.0.ffn_down.weight"]
@@ -92,12 +92,13 @@ def test_an_existing_adapter_is_not_replaced_without_overwrite(tmp_path):
     assert (tmp_path / "m.lora.gguf").read_text() == "mine"
 
 
-def test_an_fp16_adapter_is_half_the_size_and_within_fp16_rounding(tmp_path):
+def test_the_default_f16_adapter_is_half_the_f32_size_and_within_fp16_rounding(tmp_path):
+    """F16 by default, as llama.cpp's convert_lora_to_gguf.py writes (--outtype f16)."""
     from gguf import GGMLQuantizationType
 
     model = llama()
-    export_gguf(model, tmp_path / "a.gguf")
-    export_gguf(model, tmp_path / "h.gguf", dtype="fp16")
+    export_gguf(model, tmp_path / "a.gguf", dtype="fp32")
+    export_gguf(model, tmp_path / "h.gguf")
     full, half = (tmp_path / n for n in ("a.lora.gguf", "h.lora.gguf"))
     assert {t.tensor_type for t in open_gguf(half).tensors} == {GGMLQuantizationType.F16}
     assert half.stat().st_size < 0.6 * full.stat().st_size

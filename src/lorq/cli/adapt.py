@@ -182,7 +182,10 @@ def export(
     path: PathArgument,
     out: Annotated[Path, typer.Option(help="output directory (gguf: the .gguf file)")],
     format: Annotated[str, typer.Option(help=" | ".join(export_targets()))] = "peft",
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16 (dense tensors)")] = "fp32",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="fp32 | fp16 | bf16: dense tensors (default fp32), GGUF adapter (fp16)"),
+    ] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export: a PEFT adapter with its base (dense, or still compressed as a bitsandbytes /
@@ -196,7 +199,7 @@ def export(
         check_export(out, format, dtype=dtype, overwrite=overwrite, inputs=(str(path),))
         model, tokenizer = load_with_tokenizer(path)
         dense = format in ("peft", "hf")
-        check_room(out, dense_nbytes(model, dtype) if dense else folder_nbytes(path))
+        check_room(out, dense_nbytes(model, dtype or "fp32") if dense else folder_nbytes(path))
         exported = export_model(
             model, out, format, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite
         )

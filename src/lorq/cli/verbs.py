@@ -49,6 +49,14 @@ CalibrationTokensOption = Annotated[
     typer.Option(help="calibration tokens (sequences of --seq-len; default 64 sequences)"),
 ]
 SeqLenOption = Annotated[int, typer.Option(help="calibration sequence length")]
+BudgetMbOption = Annotated[
+    float | None,
+    typer.Option(
+        "--budget-mb",
+        help="MiB (2^20 bytes) of what `lorq export --format gguf` writes (base + F16 adapter); "
+        "mixed precision by ILP, e.g. with --candidates gguf",
+    ),
+]
 EmbeddingsOption = Annotated[
     str | None, typer.Option(help="preset for the token embeddings (e.g. q8_0); default: kept")
 ]
@@ -155,7 +163,10 @@ def _check_plan_target(path: Path) -> None:
 
 @app.command()
 def plan(
-    budget: Annotated[float, typer.Option(help="average bits per parameter of the quantized part")],
+    budget: Annotated[
+        float | None, typer.Option(help="average bits per parameter of the quantized part")
+    ] = None,
+    budget_mb: BudgetMbOption = None,
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="lq | loftq | plain")] = "lq",
     rank: Annotated[int, typer.Option(help="rank r of the low-rank part")] = 16,
@@ -179,13 +190,16 @@ def plan(
     from lorq.preflight import check_compress
 
     with user_errors() as stage:
+        if budget is None and budget_mb is None:
+            raise ValueError("give --budget (bits/param) or --budget-mb (MiB of the GGUF files)")
         config = CompressConfig(
             method,
             budget=budget,
+            budget_mb=budget_mb,
             rank=rank,
             candidates=candidates,
             **statistics_options(
-                weighting, fisher, rounding, False, plan_weighting, (model, budget)
+                weighting, fisher, rounding, False, plan_weighting, (model, budget or budget_mb)
             ),
         )
         _check_plan_target(out)
@@ -203,12 +217,24 @@ def plan(
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def saved_plan(plan_file: Path | None, budget_mb: float | None):
+    """The plan of ``--plan`` (None without one); a saved plan has its own budget."""
+    from lorq.budget import BudgetPlan
+
+    if plan_file is None:
+        return None
+    if budget_mb is not None:
+        raise ValueError("give --plan or --budget-mb: a saved plan has its own budget")
+    return BudgetPlan.load(plan_file)
+
+
 @app.command()
 def compress(
     model: ModelOption = DEFAULT_MODEL,
     method: Annotated[str, typer.Option(help="lq (LQ-LoRA) | loftq | plain | qa-lora")] = "lq",
     quant: Annotated[str | None, typer.Option(help="uniform preset (see `lorq presets`)")] = None,
     budget: Annotated[float | None, typer.Option(help="bits/param; mixed precision by ILP")] = None,
+    budget_mb: BudgetMbOption = None,
     plan_file: Annotated[
         Path | None, typer.Option("--plan", help="a plan from `lorq plan` (its budget, no new ILP)")
     ] = None,
@@ -234,32 +260,27 @@ def compress(
     allow_pickle: AllowPickleOption = False,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
-    from lorq.budget import BudgetPlan
     from lorq.compress import compress_model
     from lorq.config import CompressConfig
     from lorq.io import save
     from lorq.preflight import check_compress
 
     with user_errors() as stage:
-        given = BudgetPlan.load(plan_file) if plan_file else None
+        given = saved_plan(plan_file, budget_mb)
         budget = given.budget if given and budget is None and quant is None else budget
-        new_plan = (model, None if given else budget)
+        new_plan = (model, None if given else budget or budget_mb)
         statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting, new_plan)
-        config = CompressConfig(method, quant, budget, candidates, rank, **statistics)
+        config = CompressConfig(
+            method, quant, budget, candidates, rank, budget_mb=budget_mb, **statistics
+        )
         config = replace(config, embeddings=embeddings, factor_bits=factor_bits)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle)
         check_out_dir(out, overwrite, model)
         loaded = load_quietly(model, packed=not config.fisher, allow_pickle=allow_pickle)
+        jobs = {"eval_blocks": eval_blocks, "baseline": baseline, "gguf_codes": gguf_codes}
         result = compress_model(
-            loaded,
-            config,
-            calibration=text,
-            eval_blocks=eval_blocks,
-            baseline=baseline,
-            plan=given,
-            gguf_codes=gguf_codes,
-            progress=stage,
+            loaded, config, calibration=text, plan=given, progress=stage, **jobs
         )
         saved = save(result, out, overwrite=overwrite)
     console.print(results_table(f"{model} → {out}", result.measurements, loaded.source, saved))

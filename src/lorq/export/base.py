@@ -21,16 +21,21 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What every target may use: the tokenizer to ship, the dtype of dense tensors, overwrite,
-    and the job's inputs."""
+    """What every target may use: the tokenizer to ship, the dtype of dense tensors (None: the
+    target's default, fp32; a GGUF LoRA adapter's F16), overwrite, and the job's inputs."""
 
     tokenizer: Any = None
-    dtype: str = "fp32"
+    dtype: str | None = None
     overwrite: bool = False
     inputs: tuple[str, ...] = ()  # paths the output must never replace (the model's own folder)
 
+    @property
+    def dense_dtype(self) -> str:
+        """The dtype of dense tensors: the one given, else fp32."""
+        return self.dtype or "fp32"
+
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
 
 

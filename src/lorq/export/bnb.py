@@ -127,7 +127,7 @@ class BitsandbytesBase(ExportTarget):
         check_export_dir(out, options.overwrite, options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
-        export_bnb(model, out, options.tokenizer, options.dtype, options.overwrite)
+        export_bnb(model, out, options.tokenizer, options.dense_dtype, options.overwrite)
         return Exported(
             out,
             f"bitsandbytes 4-bit base in {out / 'base'}, PEFT adapter in {out / 'adapter'}: "

@@ -100,7 +100,9 @@ class GPTQCheckpoint(ExportTarget):
         check_output(out, options.overwrite, _replaceable, "GPTQ model", inputs=options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
-        path, fmt = export_gptq(model, out, options.tokenizer, options.overwrite, options.dtype)
+        path, fmt = export_gptq(
+            model, out, options.tokenizer, options.overwrite, options.dense_dtype
+        )
         if path == out:
             return Exported(out, f"GPTQ checkpoint ({fmt}) written to {out}")
         return Exported(

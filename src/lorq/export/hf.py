@@ -208,7 +208,7 @@ class MergedHF(ExportTarget):
         check_export_dir(out, options.overwrite, options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
-        save_merged(model, out, options.tokenizer, options.dtype, options.overwrite)
+        save_merged(model, out, options.tokenizer, options.dense_dtype, options.overwrite)
         return Exported(out, f"merged model in {out} (transformers' from_pretrained loads it)")
 
 

@@ -159,7 +159,7 @@ class PeftAdapter(ExportTarget):
         check_export_dir(out, options.overwrite, options.inputs)
 
     def write(self, model: nn.Module, out: Path, options: ExportOptions) -> Exported:
-        export_peft(model, out, options.tokenizer, options.dtype, options.overwrite)
+        export_peft(model, out, options.tokenizer, options.dense_dtype, options.overwrite)
         return Exported(
             out,
             f"PEFT adapter in {out / 'adapter'}, its base model in {out / 'base'}: "

@@ -62,15 +62,8 @@ def _tensors(factors: Factors, config: dict[str, Any], alpha: float, dtype: torc
     return out
 
 
-def write_gguf_lora(
-    out_file: str | Path,
-    factors: Factors,
-    hf_config: dict[str, Any],
-    overwrite: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write ``factors`` ({module name: (A, B, s)}) of a LLaMA model as a llama.cpp LoRA adapter
-    GGUF, atomically, its tensors in ``dtype`` (F32, or F16: half the size); returns its path."""
+def adapter_contents(factors: Factors, hf_config: dict[str, Any], dtype: torch.dtype) -> tuple:
+    """(metadata, tensors) of the adapter file :func:`write_gguf_lora` writes, inputs checked."""
     from gguf import GGUFValueType, Keys
 
     if dtype not in ADAPTER_DTYPES:
@@ -88,7 +81,20 @@ def write_gguf_lora(
         Keys.Adapter.TYPE: ("lora", string, None),
         Keys.Adapter.LORA_ALPHA: (alpha, GGUFValueType.FLOAT32, None),
     }
-    tensors = _tensors(factors, config, alpha, dtype)
+    return kv, _tensors(factors, config, alpha, dtype)
+
+
+def write_gguf_lora(
+    out_file: str | Path,
+    factors: Factors,
+    hf_config: dict[str, Any],
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write ``factors`` ({module name: (A, B, s)}) of a LLaMA model as a llama.cpp LoRA adapter
+    GGUF, atomically, its tensors in ``dtype`` (F16 as ``convert_lora_to_gguf.py`` writes by
+    default, or F32); returns its path."""
+    kv, tensors = adapter_contents(factors, hf_config, dtype)
     path = Path(out_file)
     with atomic_file(path, overwrite, is_gguf_file, "GGUF") as tmp:
         write_file(tmp, kv, tensors)

@@ -219,15 +219,20 @@ def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:
     return int(getattr(FileType, f"MOSTLY_{name}", FileType.GUESSED))
 
 
-def write_file(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None]]) -> None:
+def _writer(path: Path, kv: KV, file_type: int) -> Any:
+    """A GGUFWriter of ``path`` holding ``kv`` and the keys every file gets."""
     from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, Keys
 
     writer = GGUFWriter(path, ARCHITECTURE)
-    file_type = _file_type(tensors)
     kv = {**kv, Keys.General.FILE_TYPE: (int(file_type), GGUFValueType.UINT32, None)}
     kv[Keys.General.QUANTIZATION_VERSION] = (GGML_QUANT_VERSION, GGUFValueType.UINT32, None)
     for key, (value, kind, sub_kind) in kv.items():
         writer.add_key_value(key, value, kind, sub_kind)
+    return writer
+
+
+def write_file(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | None]]) -> None:
+    writer = _writer(path, kv, _file_type(tensors))
     for name, data, ggml_type in tensors:
         writer.add_tensor(name, data.numpy(), raw_dtype=ggml_type)
     try:
@@ -236,6 +241,33 @@ def write_file(path: Path, kv: KV, tensors: list[tuple[str, torch.Tensor, int | 
         writer.write_tensors_to_file()
     finally:
         writer.close()
+
+
+def file_size(kv: KV, tensors: list[tuple[str, tuple[int, ...], int]]) -> int:
+    """Bytes :func:`write_file` writes for ``kv`` and tensors of these (name, shape, data bytes):
+    the header, metadata and tensor infos (measured by writing them), then every tensor's data
+    padded to the file's alignment. Writes no tensor data."""
+    import tempfile
+
+    import numpy as np
+    from gguf import GGUFWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        writer = _writer(path, kv, 0)
+        for name, shape, nbytes in tensors:
+            writer.add_tensor_info(name, shape, np.dtype(np.float16), nbytes)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        header = path.stat().st_size
+    align = writer.data_alignment
+    return GGUFWriter.ggml_pad(header, align) + sum(
+        GGUFWriter.ggml_pad(n, align) for _, _, n in tensors
+    )
 
 
 def gguf_contents(

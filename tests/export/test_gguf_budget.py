@@ -1,0 +1,87 @@
+"""A size budget in MiB for the GGUF files (``gguf_budget``, ``compress_model(budget_mb=)``).
+Oracles: the files ``export_gguf`` then writes — every byte but the targets' codes is what the
+budget counted, exactly, and the two files fit the budget."""
+
+import pytest
+import torch
+from conftest import tiny_causal
+from gguf import GGUFWriter
+
+import lorq
+from lorq.export.gguf import MIB, adapter_path, export_gguf, gguf_budget
+from lorq.layers import targets_of
+from lorq.models import LoadedModel, ModelSource
+from lorq.nn.dense import weight_shape
+
+RANK = 4
+
+
+def shapes(model, config=None):
+    config = config or lorq.CompressConfig(candidates="gguf", budget=5.0, rank=RANK)
+    return {name: weight_shape(m) for name, m in targets_of(model, config).items()}
+
+
+def padded_codes(model, targets) -> int:
+    """Bytes of the targets' codes as the base file stores them (each padded to 32)."""
+    layers = lorq.nn.packed_linears(model)
+    return sum(GGUFWriter.ggml_pad(layers[name].q.nbytes, 32) for name in targets)
+
+
+def megabytes_at(model, bits: float, embeddings=None) -> float:
+    """The MiB at which the codes may take ``bits`` bits/param."""
+    probe = gguf_budget(model, shapes(model), 1024.0, RANK, embeddings=embeddings)
+    fixed = probe.base_bytes + probe.adapter_bytes + probe.padding_bytes
+    return (fixed + probe.target_params * bits / 8) / MIB
+
+
+@pytest.mark.parametrize("embeddings", [None, "q8_0"])
+def test_every_byte_but_the_codes_is_counted_and_the_files_fit(embeddings, tmp_path):
+    model = tiny_causal("llama")
+    quant = lorq.QuantConfig.preset(embeddings) if embeddings else None
+    megabytes = megabytes_at(model, 5.2, quant)
+    targets = shapes(model)
+    budget = gguf_budget(model, targets, megabytes, RANK, embeddings=quant)
+    assert budget.bits == pytest.approx(5.2)
+    config = lorq.CompressConfig(
+        budget=budget.bits, candidates="gguf", rank=RANK, iters=1, embeddings=embeddings
+    )
+    lorq.compress(model, config)
+    out = export_gguf(model, tmp_path / "m.gguf")
+    base, adapter = out.stat().st_size, adapter_path(out).stat().st_size
+    assert base - padded_codes(model, targets) == budget.base_bytes
+    assert adapter == budget.adapter_bytes
+    assert base + adapter <= megabytes * MIB
+
+
+def test_budget_mb_is_one_call_of_the_job(tmp_path):
+    model = tiny_causal("llama")
+    megabytes = megabytes_at(model, 4.8)
+    loaded = LoadedModel(model, None, ModelSource("tiny", ""))
+    config = lorq.CompressConfig(candidates="gguf", rank=RANK, iters=1, budget_mb=megabytes)
+    result = lorq.compress_model(loaded, config, eval_blocks=0)
+    recorded = result.metadata["gguf_budget"]
+    assert recorded["megabytes"] == megabytes and recorded["bits"] == pytest.approx(4.8)
+    assert result.plan is not None and result.plan.achieved_bits <= recorded["bits"]
+    out = export_gguf(result.model, tmp_path / "m.gguf")
+    assert out.stat().st_size + adapter_path(out).stat().st_size <= megabytes * MIB
+
+
+def test_a_budget_below_the_fixed_bytes_is_refused_naming_them():
+    model = tiny_causal("llama")
+    probe = gguf_budget(model, shapes(model), 1024.0, RANK)
+    small = (probe.base_bytes + probe.adapter_bytes) / MIB * 0.9
+    with pytest.raises(ValueError, match=r"leaves nothing for the quantized layers.*give more"):
+        gguf_budget(model, shapes(model), small, RANK)
+    with pytest.raises(ValueError, match=r"exactly one of budget=4\.0 and budget_mb=1\.0"):
+        lorq.CompressConfig(budget=4.0, budget_mb=1.0)
+    with pytest.raises(ValueError, match="budget_mb= becomes bits/param in lorq"):
+        lorq.compress(model, lorq.CompressConfig(budget_mb=1.0))
+
+
+def test_an_f32_adapter_is_counted_at_four_bytes_a_value():
+    model = tiny_causal("llama")
+    half = gguf_budget(model, shapes(model), 1024.0, RANK)
+    full = gguf_budget(model, shapes(model), 1024.0, RANK, adapter_dtype="fp32")
+    values = sum(RANK * (o + i) for o, i in shapes(model).values())
+    assert full.adapter_bytes - half.adapter_bytes == pytest.approx(2 * values, abs=32 * 28)
+    assert torch.tensor(full.bits) < torch.tensor(half.bits)
