@@ -206,9 +206,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _packed_gguf(source: ModelSource, config) -> Path | None:
     """The local GGUF file of ``source`` when lorq can load it with Q4_1 layers kept packed
     (``config``: transformers' reading of its metadata, so the file is not parsed again)."""
-    from lorq.io.gguf import ARCHITECTURE
+    from lorq.io.gguf import READ_ARCHITECTURES
 
-    if source.gguf_file is None or getattr(config, "model_type", None) != ARCHITECTURE:
+    if source.gguf_file is None or getattr(config, "model_type", None) not in READ_ARCHITECTURES:
         return None
     path = Path(source.path) / source.gguf_file
     return path if path.is_file() else None

@@ -12,8 +12,10 @@ llama.cpp permutes the rows of attn_q / attn_k for its RoPE kernel (h < heads, d
 
 Groups run along the input dimension, so the permutation moves whole rows of blocks. Tensor names
 come from the ``gguf`` package's ``TensorNameMap`` applied to the parameter names of the
-transformers model, as transformers' GGUF loader does. Only the LLaMA architecture is supported.
-Writing is ``lorq.io.gguf_write``.
+transformers model, as transformers' GGUF loader does. Read: the architectures of LLaMA's tensor
+layout (``READ_ARCHITECTURES``: llama — Mistral's GGUFs are written as llama — and qwen2, whose
+attn_q / attn_k rows llama.cpp does not permute and whose q/k/v have biases). Written: llama
+(``lorq.io.gguf_write``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch
 from lorq.atomic import has_magic
 from lorq.quant import QuantConfig, QuantizedTensor, format_of, gguf_config
 
-ARCHITECTURE = "llama"
+ARCHITECTURE = "llama"  # what lorq writes
+READ_ARCHITECTURES = ("llama", "qwen2")  # what lorq reads packed (LLaMA's tensor layout)
+ROPE_PERMUTED = ("llama",)  # architectures whose attn_q / attn_k rows llama.cpp permutes
 MAGIC = b"GGUF"
 DENSE_ROWS = 4096  # rows of a dense tensor dequantized at once
 MAX_LISTED = 5  # names quoted in an error message
@@ -53,10 +57,10 @@ def open_gguf(path: Path):
             f"{path} is a big-endian GGUF file; only little-endian files are supported"
         )
     architecture = field_value(reader, "general.architecture")
-    if architecture != ARCHITECTURE:
+    if architecture not in READ_ARCHITECTURES:
         raise ValueError(
             f"{path}: GGUF architecture {architecture!r} is not supported yet; "
-            f"supported: {ARCHITECTURE!r} (LLaMA-family models)"
+            f"supported: {', '.join(READ_ARCHITECTURES)} (LLaMA-family models)"
         )
     return reader
 
@@ -87,19 +91,37 @@ def rope_heads(gguf_name: str, heads: int, kv_heads: int) -> int | None:
     return kv_heads if ".attn_k." in gguf_name else None
 
 
+def _architecture(name: str) -> tuple[Any, Any, Any]:
+    """(transformers config class, model class, gguf MODEL_ARCH) of a readable architecture."""
+    import transformers
+    from gguf import MODEL_ARCH
+
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, MODEL_ARCH.LLAMA),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, MODEL_ARCH.QWEN2),
+    }
+    if name not in classes:
+        raise ValueError(
+            f"GGUF architecture {name!r} is not supported yet; supported: "
+            f"{', '.join(READ_ARCHITECTURES)} (LLaMA-family models)"
+        )
+    return classes[name]
+
+
 def gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """GGUF name and shape of every parameter of the transformers model ``config`` describes.
+    """GGUF name and shape of every parameter of the transformers model ``config`` describes
+    (its ``model_type``: llama when absent, or qwen2).
 
     The model is built on the meta device (nothing allocated); tied parameters are listed under
     every name (``lm_head.weight`` too).
     """
-    import transformers
-    from gguf import MODEL_ARCH, get_tensor_name_map
+    from gguf import get_tensor_name_map
 
+    config_cls, model_cls, arch = _architecture(config.get("model_type") or ARCHITECTURE)
     fields = {k: v for k, v in config.items() if k != "model_type"}
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-    name_map = get_tensor_name_map(MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+        model = model_cls(config_cls(**fields))
+    name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -176,13 +198,16 @@ class LlamaTensor:
 
 
 def llama_tensors(path: str | Path) -> list[LlamaTensor]:
-    """Every tensor of a LLaMA GGUF file with its transformers parameter name."""
+    """Every tensor of a LLaMA-family GGUF file with its transformers parameter name."""
     path = Path(path)
     reader = open_gguf(path)
-    heads = int_field(reader, "llama.attention.head_count", path)
-    kv_heads = int_field(reader, "llama.attention.head_count_kv", path, heads)
-    names = gguf_names({"num_hidden_layers": int_field(reader, "llama.block_count", path)})
+    arch = field_value(reader, "general.architecture")
+    heads = int_field(reader, f"{arch}.attention.head_count", path)
+    kv_heads = int_field(reader, f"{arch}.attention.head_count_kv", path, heads)
+    layers = int_field(reader, f"{arch}.block_count", path)
+    names = gguf_names({"model_type": arch, "num_hidden_layers": layers})
     to_param = {gguf: hf for hf, (gguf, _) in names.items()}
+    permuted = arch in ROPE_PERMUTED
     return [
         LlamaTensor(
             param=to_param.get(t.name),
@@ -192,7 +217,7 @@ def llama_tensors(path: str | Path) -> list[LlamaTensor]:
             path=path,
             offset=int(t.data_offset),
             nbytes=int(t.n_bytes),
-            rope_heads=rope_heads(t.name, heads, kv_heads),
+            rope_heads=rope_heads(t.name, heads, kv_heads) if permuted else None,
         )
         for t in reader.tensors
     ]

@@ -1,4 +1,5 @@
-"""A LLaMA GGUF file as a transformers model whose packed layers stay packed.
+"""A LLaMA-family GGUF file (llama, qwen2) as a transformers model whose packed layers stay
+packed.
 
     W = d_g · code + m_g      per 32-value group g (fp16 d, m; float32 result)
 
@@ -47,9 +48,11 @@ def _pack(model: nn.Module, tensor: LlamaTensor, output: nn.Module | None, dtype
     """Replace the nn.Linear (or nn.Embedding) holding ``tensor`` by a QuantLinear (or
     QuantEmbedding) over its codes; False if none (or if it is ``output``, the output layer,
     which stays dense unless tied to a packed embedding)."""
-    module_name = (tensor.param or "").removesuffix(".weight")
-    module = model.get_submodule(module_name) if tensor.param else None
-    if tensor.packed_config is None or module is output:
+    if tensor.packed_config is None or not (tensor.param or "").endswith(".weight"):
+        return False  # biases and tensors of no lorq format are read densely
+    module_name = tensor.param.removesuffix(".weight")
+    module = model.get_submodule(module_name)
+    if module is output:
         return False
     if isinstance(module, nn.Embedding):
         set_module(model, module_name, QuantEmbedding(tensor.quantized(), dtype))
@@ -84,11 +87,11 @@ def load_packed(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    tensors = [t for t in llama_tensors(path) if t.param is not None]  # a bad file fails here
     if config is None:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = [t for t in llama_tensors(path) if t.param is not None]
     output = model.get_output_embeddings()
     dense = [t for t in tensors if not _pack(model, t, output, dtype)]
     for tensor in dense:
