@@ -138,6 +138,7 @@ CASES = [
     ([*COMPRESS, "--fisher", "--weighting", "activations"], "--fisher is --weighting fisher"),
     ([*COMPRESS, "--gptq", "--rounding", "nearest"], "--gptq is --rounding gptq"),
     ([*COMPRESS, "--rounding", "gptq", "--quant", "bnb-nf4"], "GPTQ rounding is not available"),
+    ([*COMPRESS, "--rounding", "weighted", "--quant", "nf4"], "weighted rounding is not available"),
     ([*COMPRESS, "--budget-mb", "0"], "budget_mb=0.0 is not supported; allowed: MiB > 0"),
     ([*COMPRESS, "--quant", "q4_k"], "self_attn.q_proj: q4_k stores blocks of 256 weights"),
     ([*COMPRESS, "--method", "qa-lora", "--budget-mb", "50"], "budget_mb=50.0 is not supported"),

@@ -81,10 +81,10 @@ def plain_decomposition(
     config: CompressConfig,
     hessian: torch.Tensor | None = None,
 ) -> Decomposition:
-    """Plain quantization (GPTQ on ``hessian`` with ``config.gptq``) with LoRA's own init:
-    B = 0, A ~ Kaiming-uniform (seeded)."""
+    """Plain quantization (GPTQ or importance-weighted on ``hessian`` as ``config.rounding``
+    says) with LoRA's own init: B = 0, A ~ Kaiming-uniform (seeded)."""
     dc = config.decompose_config(quant)
-    q = Rounding(dc, hessian if config.gptq else None, weight.device)(weight, quant)
+    q = Rounding(dc, hessian if config.rounds_with_h else None, weight.device)(weight, quant)
     lora_A = kaiming_uniform(config.rank, weight.shape[1], config.seed).to(weight.device)
     lora_B = torch.zeros(weight.shape[0], config.rank, device=weight.device)
     error = float(torch.linalg.vector_norm(weight - q.dequantize()))
@@ -200,7 +200,7 @@ def _decompose_layers(
         scores = fisher.pop(name, None) if fisher else None
         hessian = hessians.pop(name, None) if hessians else None
         scores = scores if uses_fisher(config.weighting) else None  # the plan's only
-        hessian = hessian if uses_activations(config.weighting) or config.gptq else None
+        hessian = hessian if uses_activations(config.weighting) or config.rounds_with_h else None
         if config.method == "plain":
             d = plain_decomposition(weight, quant, config, hessian)
         else:

@@ -38,7 +38,7 @@ class _Serializable:
 
 DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # docs/algorithms.md §2.2 (T = 5), §2.3 (T_max = 20)
 WEIGHTINGS = ("none", "fisher", "activations", "both")
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "weighted", "gptq")
 DAMP = 0.01  # λ of H_λ = H + λ·mean(diag H)·I (docs/algorithms.md §5)
 
 
@@ -77,7 +77,9 @@ class DecomposeConfig(_Serializable):
     ``weighting`` (docs/algorithms.md §2.3, §5): the error the low-rank step and the stopping
     rule minimise — "none" ‖R‖_F, "fisher" ‖√F ⊙ R‖_F (two-sided SVD heuristic), "activations"
     the H-norm ‖R·L‖_F (H_λ = L·Lᵀ, closed-form low-rank step), "both" ‖diag(ρ)·R·L‖_F.
-    ``rounding``: Q by round to nearest or by GPTQ on H (``damp`` is λ of H_λ for both).
+    ``rounding``: Q by round to nearest, by round to nearest with each block's scales searched
+    under the importance diag H ("weighted": llama.cpp's imatrix use, on its types) or by GPTQ
+    on H (``damp`` is λ of H_λ for both).
     """
 
     method: Literal["loftq", "lq"] = "lq"
@@ -89,7 +91,7 @@ class DecomposeConfig(_Serializable):
     svd: Literal["exact", "randomized", "auto"] = "auto"
     seed: int = 0
     weighting: Literal["none", "fisher", "activations", "both"] = "none"
-    rounding: Literal["nearest", "gptq"] = "nearest"
+    rounding: Literal["nearest", "weighted", "gptq"] = "nearest"
     damp: float = DAMP
 
     def __post_init__(self) -> None:
@@ -148,7 +150,9 @@ class CompressConfig(_Serializable):
     the plan's costs minimise — "none" the weight error, "fisher" the Fisher-weighted weight
     error (causal LMs), "activations" the layers' output error on the calibration inputs
     (H = XᵀX/N; any model), "both" the output error with Fisher row weights. ``rounding``:
-    Q by round to nearest or by GPTQ on H ("gptq"); ``damp`` is λ of H_λ = H + λ·mean(diag H)·I.
+    Q by round to nearest, with llama.cpp's types' scales searched under the importance diag H
+    ("weighted", as llama.cpp uses an imatrix) or by GPTQ on H ("gptq"); ``damp`` is λ of
+    H_λ = H + λ·mean(diag H)·I.
     For qa-lora, "activations" initialises the pooled adapter by the closed form (else B = 0)
     and "gptq" rounds the base. ``plan_weighting`` (with a budget): another error for the plan's
     costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions.
@@ -173,7 +177,7 @@ class CompressConfig(_Serializable):
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] | None = None
     seed: int = 0
-    rounding: Literal["nearest", "gptq"] = "nearest"
+    rounding: Literal["nearest", "weighted", "gptq"] = "nearest"
     embeddings: str | QuantConfig | None = None
     factor_bits: int | None = None
     damp: float = DAMP
@@ -255,11 +259,16 @@ class CompressConfig(_Serializable):
     def activations(self) -> bool:
         """True when the job needs the layers' input statistics H (weighting, plan or GPTQ)."""
         weighted = uses_activations(self.weighting) or uses_activations(self.cost_weighting)
-        return weighted or self.rounding == "gptq"
+        return weighted or self.rounding != "nearest"
 
     @property
     def gptq(self) -> bool:
         return self.rounding == "gptq"
+
+    @property
+    def rounds_with_h(self) -> bool:
+        """True when Q's rounding uses H (GPTQ, or the importance diag H)."""
+        return self.rounding != "nearest"
 
     def _check_qa_lora(self) -> None:
         """qa-lora only with a uniform affine preset, without the Fisher."""

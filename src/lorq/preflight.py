@@ -84,10 +84,13 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
 
 
 def _check_rounding(config: CompressConfig, quants) -> None:
-    """GPTQ rounding needs a GPTQ grid in every format it may round to."""
-    if config.gptq:
-        for quant in quants:
+    """GPTQ rounding needs a GPTQ grid in every format it may round to, importance-weighted
+    rounding an importance-weighted search."""
+    for quant in quants:
+        if config.gptq:
             format_of(quant).check_gptq(quant)
+        if config.rounding == "weighted":
+            format_of(quant).check_weighted(quant)
 
 
 def check_plan(

@@ -25,7 +25,7 @@ from lorq.layers import LayerStep, relative_error
 from lorq.nn import QALoraLinear, QuantLinear
 from lorq.nn.qa_lora_linear import check_qa_base
 from lorq.progress import Progress
-from lorq.quant import QuantConfig, QuantizedTensor, as_config, quantize
+from lorq.quant import QuantConfig, QuantizedTensor, as_config, format_of, quantize
 from lorq.quant.gptq import damped_cholesky, gptq_quantize
 from lorq.quant.tensor import MergeError
 from lorq.surgery import dense_weight, set_module, weight_shape
@@ -67,7 +67,10 @@ def gguf_base(
 
 
 def _base_of(weight: torch.Tensor, config: CompressConfig, quant: QuantConfig, hessian):
-    """Q of one matrix: GPTQ with its Hessian, else round to nearest."""
+    """Q of one matrix: GPTQ with its Hessian, round to nearest under its diagonal ("weighted"),
+    else round to nearest."""
+    if config.rounding == "weighted":
+        return format_of(quant).quantize_weighted(weight, quant, hessian.diagonal().float())
     if not config.gptq:
         return quantize(weight, quant)
     return gptq_quantize(weight, hessian.float().to(weight.device), quant, config.damp)

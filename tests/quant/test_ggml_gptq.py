@@ -1,7 +1,9 @@
-"""GPTQ rounding on llama.cpp's block types (``ggml.BlockGrid``). Oracles: the ``gguf`` package's
-decoder (the codes written into a head decode to that head's levels; re-writing a block's own
-codes gives its bytes back), llama.cpp's reference encoder (with a diagonal H the heads are its
-heads and no weight is rounded worse), and a lower output error than it on correlated inputs."""
+"""Data-aware rounding on llama.cpp's block types: GPTQ (``ggml.BlockGrid``) and the importance-
+weighted scale search (``quantize_weighted``, llama.cpp's imatrix use). Oracles: the ``gguf``
+package's decoder (the codes written into a head decode to that head's levels; re-writing a
+block's own codes gives its bytes back; every result decodes as lorq decodes it), llama.cpp's
+reference encoder (with a diagonal H GPTQ keeps its heads and rounds no weight worse; both
+methods beat its output / importance-weighted error)."""
 
 import numpy as np
 import pytest
@@ -90,3 +92,59 @@ def test_beats_llama_cpp_rounding_on_correlated_inputs(name):
     q = gptq_quantize(w, 2 / x.shape[0] * x.T @ x, QuantConfig.preset(name))
     ratio = output_error(x, w, q) / output_error(x, w, quantize(w, name))
     assert ratio < 0.95, ratio
+
+
+def importance(size=512, seed=3) -> torch.Tensor:
+    """Per-column importance spread over two orders of magnitude, as diag H of real layers is."""
+    return torch.exp(2.5 * torch.randn(size, generator=torch.Generator().manual_seed(seed)))
+
+
+def weighted_error(w, q, imp) -> float:
+    return float(((w - q.dequantize()) ** 2 * imp).sum())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_importance_weighted_rounding_beats_the_reference_where_it_searches(name):
+    w, imp = weight(size=512), importance()
+    config = QuantConfig.preset(name)
+    q = config.format.quantize_weighted(w, config, imp)
+    reference = quantize(w, name)
+    rows = q.buffers["blocks"].view(w.shape[0], -1)
+    assert torch.equal(q.dequantize(), gguf_decode(rows, name))
+    if not TYPES[name].weighted:  # Q8_0 and Q5_1 keep the reference
+        assert torch.equal(q.buffers["blocks"], reference.buffers["blocks"])
+        return
+    ratio = weighted_error(w, q, imp) / weighted_error(w, reference, imp)
+    assert ratio < 0.97, ratio
+    uniform = config.format.quantize_weighted(w, config, torch.ones_like(imp))
+    ratio = weighted_error(w, q, imp) / weighted_error(w, uniform, imp)
+    assert ratio < 0.97, ratio  # the importance itself is what lowers it
+
+
+def test_weighted_rounding_without_importance_is_the_reference_and_bad_input_is_named():
+    w = weight(size=512)
+    config = QuantConfig.preset("iq4_nl")
+    plain = config.format.quantize_weighted(w, config, None)
+    assert torch.equal(plain.buffers["blocks"], quantize(w, "iq4_nl").buffers["blocks"])
+    with pytest.raises(ValueError, match=r"importance must be 512 finite values"):
+        config.format.quantize_weighted(w, config, torch.ones(256))
+    nf4 = QuantConfig.preset("nf4")
+    with pytest.raises(ValueError, match="importance-weighted rounding is not available for nf4"):
+        nf4.format.quantize_weighted(w, nf4, importance())
+
+
+def test_lq_lora_with_weighted_rounding_lowers_the_output_error():
+    """The decomposition's H-norm error with the importance diag H below round to nearest's."""
+    from lorq import DecomposeConfig, decompose
+
+    x, w = correlated_inputs(size=256), weight(size=256)
+    x = x * importance(256, seed=5).sqrt()  # features of very different scales
+    h = x.T @ x / x.shape[0]
+    errors = {}
+    for rounding in ("nearest", "weighted"):
+        config = DecomposeConfig(
+            rank=4, quant="q4_0", weighting="activations", rounding=rounding, iters=2
+        )
+        d = decompose(w, config, hessian=h)
+        errors[rounding] = (x @ (w - d.reconstruct()).T).norm().item()
+    assert errors["weighted"] < 0.97 * errors["nearest"], errors

@@ -42,7 +42,10 @@ CandidatesOption = Annotated[
 ]
 RoundingOption = Annotated[
     str | None,
-    typer.Option(help="Q by round to nearest | gptq (on the calibration text); default: nearest"),
+    typer.Option(
+        help="Q by round to nearest | weighted (llama.cpp's types: scales under the importance "
+        "diag H, as with an imatrix) | gptq (on the calibration text); default: nearest"
+    ),
 ]
 CalibrationTokensOption = Annotated[
     int | None,

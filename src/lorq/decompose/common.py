@@ -17,7 +17,7 @@ import torch
 
 from lorq.config import DecomposeConfig, uses_activations, uses_fisher
 from lorq.decompose.svd import LowRank, activation_svd, truncated_svd, weighted_svd
-from lorq.quant import QuantConfig, QuantizedTensor, quantize
+from lorq.quant import QuantConfig, QuantizedTensor, format_of, quantize
 from lorq.quant.base import check_weight
 from lorq.quant.gptq import (
     check_hessian,
@@ -106,7 +106,8 @@ class Weighting:
 
 
 class Rounding:
-    """Q of a target: round to nearest, or GPTQ with U = chol(H_λ⁻¹) computed once per matrix."""
+    """Q of a target: round to nearest (with the importance diag H: "weighted"), or GPTQ with
+    U = chol(H_λ⁻¹) computed once per matrix."""
 
     def __init__(
         self,
@@ -117,6 +118,10 @@ class Rounding:
     ) -> None:
         """``lower``: L of H_λ when the weighting has it already (one factorisation, not two)."""
         self.upper = None
+        self.importance = None
+        if config.rounding == "weighted":
+            assert hessian is not None
+            self.importance = hessian.diagonal().to(device)
         if config.rounding == "gptq" and lower is not None:
             self.upper = inverse_upper(lower)
         elif config.rounding == "gptq":
@@ -124,6 +129,8 @@ class Rounding:
             self.upper = inverse_cholesky(hessian.to(device), config.damp)
 
     def __call__(self, target: torch.Tensor, quant: QuantConfig) -> QuantizedTensor:
+        if self.importance is not None:
+            return format_of(quant).quantize_weighted(target, quant, self.importance)
         if self.upper is None:
             return quantize(target, quant)
         return gptq_round(target, self.upper, quant)
@@ -137,7 +144,7 @@ def check_statistics(
 ) -> None:
     """The Fisher iff the weighting uses it; H iff the weighting or the rounding uses it (and its
     shape; the Fisher's values are checked where it is used)."""
-    needs_h = uses_activations(config.weighting) or config.rounding == "gptq"
+    needs_h = uses_activations(config.weighting) or config.rounding != "nearest"
     for name, given, needed in (
         ("fisher", fisher, uses_fisher(config.weighting)),
         ("hessian", hessian, needs_h),

@@ -139,6 +139,23 @@ class QuantFormat:
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def quantize_weighted(
+        self, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None
+    ) -> QuantizedTensor:
+        """Round to nearest with each block's scales chosen under per-column ``importance``
+        (in,), as llama.cpp uses an importance matrix; formats without such a search raise."""
+        if importance is None:
+            return self.quantize(weight, config)
+        self.check_weighted(config)
+        raise NotImplementedError
+
+    def check_weighted(self, config: QuantConfig) -> None:
+        """Raise ValueError unless :meth:`quantize_weighted` takes an importance."""
+        raise ValueError(
+            f"importance-weighted rounding is not available for {config.name}; it is for "
+            "llama.cpp's types (q4_0, iq4_nl, q4_k, …): use rounding='nearest' or 'gptq'"
+        )
+
     def buffer_keys(self, config: QuantConfig) -> tuple[str, ...]:
         raise NotImplementedError
 

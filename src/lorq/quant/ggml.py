@@ -105,8 +105,14 @@ def _signed_codes(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Ten
     return d, q.to(torch.uint8)
 
 
-def _encode_q4_0(x: torch.Tensor) -> torch.Tensor:
-    d, q = _signed_codes(x, 8)
+def _weighted_codes(x: torch.Tensor, w: torch.Tensor, levels: int):
+    """Q4_0 / Q5_0 with importance weights (llama.cpp's imatrix path): make_qx_quants."""
+    scale, codes = kquants.make_qx_quants(x, levels, w)
+    return scale[:, None], (codes + levels).to(torch.uint8)
+
+
+def _encode_q4_0(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    d, q = _signed_codes(x, 8) if w is None else _weighted_codes(x, w, 8)
     return torch.cat([fp16_bytes(d), _nibbles(q)], 1)
 
 
@@ -119,8 +125,8 @@ def _decode_q4_0(raw: torch.Tensor) -> torch.Tensor:
     return (_unnibble(raw[:, 2:]).float() - 8) * fp16_at(raw, 0)
 
 
-def _encode_q5_0(x: torch.Tensor) -> torch.Tensor:
-    d, q = _signed_codes(x, 16)
+def _encode_q5_0(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    d, q = _signed_codes(x, 16) if w is None else _weighted_codes(x, w, 16)
     return torch.cat([fp16_bytes(d), _high_bits(q), _nibbles(q)], 1)
 
 
@@ -196,9 +202,9 @@ def iq4nl_scale(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(tiny, torch.zeros_like(d), d)[:, None]
 
 
-def _encode_iq4_nl(x: torch.Tensor) -> torch.Tensor:
+def _encode_iq4_nl(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     values = torch.tensor(IQ4NL_VALUES, dtype=torch.float32, device=x.device)
-    d = iq4nl_scale(x, x * x)
+    d = iq4nl_scale(x, x * x if w is None else w)
     q = _best_index(x * _safe_inverse(d), values).to(torch.uint8)
     return torch.cat([fp16_bytes(d), _nibbles(q)], 1)
 
@@ -214,11 +220,12 @@ class BlockType(NamedTuple):
 
     bits: int
     nbytes: int  # per block of ``block`` weights
-    encode: Callable[[torch.Tensor], torch.Tensor]  # (n, block) float32 → (n, nbytes) uint8
+    encode: Callable[..., torch.Tensor]  # (n, block) float32 [, weights] → (n, nbytes) uint8
     decode: Callable[[torch.Tensor], torch.Tensor]  # (n, nbytes) uint8 → (n, block) float32
     put: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (raw, codes) → raw, new codes
     levels: tuple[int, ...] = ()  # the level of each code, increasing; () for 0 … 2^bits − 1
     block: int = BLOCK  # weights per block along a row: 32, or 256 for the K-quants
+    weighted: bool = True  # ``encode(x, w)`` searches its scales under importance weights w
 
     def level_values(self, device: torch.device) -> torch.Tensor:
         levels = self.levels or tuple(range(1 << self.bits))
@@ -227,10 +234,12 @@ class BlockType(NamedTuple):
 
 K = kquants
 TYPES: dict[str, BlockType] = {
-    "q8_0": BlockType(8, 34, _encode_q8_0, _decode_q8_0, _put_q8_0, tuple(range(-128, 128))),
+    "q8_0": BlockType(
+        8, 34, _encode_q8_0, _decode_q8_0, _put_q8_0, tuple(range(-128, 128)), weighted=False
+    ),
     "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0, _put_nibbles),
     "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0, _put_q5_0),
-    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1, _put_q5_1),
+    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1, _put_q5_1, weighted=False),
     "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl, _put_nibbles, IQ4NL_VALUES),
     "q4_k": BlockType(4, 144, K.encode_q4_k, K.decode_q4_k, K.put_q4_k, block=K.SUPER),
     "q5_k": BlockType(5, 176, K.encode_q5_k, K.decode_q5_k, K.put_q5_k, block=K.SUPER),
@@ -260,6 +269,18 @@ class GGMLConfig(QuantConfig):
     @property
     def block_type(self) -> BlockType:
         return TYPES[self.ggml_type]
+
+
+def _importance_weights(values: torch.Tensor, importance: torch.Tensor, shape) -> torch.Tensor:
+    """importance_j · sqrt(σ² + x_j²) for blocks ``values`` (n, block) of a matrix of ``shape``."""
+    if tuple(importance.shape) != (shape[1],) or not torch.isfinite(importance).all():
+        raise ValueError(
+            f"importance must be {shape[1]} finite values (one per input column, e.g. diag H), "
+            f"got shape {tuple(importance.shape)}"
+        )
+    columns = importance.float().to(values.device).clamp(min=0).expand(shape[0], -1)
+    sigma2 = 2 * (values * values).mean(1, keepdim=True)
+    return columns.reshape(values.shape) * torch.sqrt(sigma2 + values * values)
 
 
 def _chunks(values: torch.Tensor, step: int = CHUNK_BLOCKS):
@@ -333,6 +354,15 @@ class GGMLBlocks(QuantFormat):
         return ("blocks",)
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+        return self.quantize_weighted(weight, config, None)
+
+    def quantize_weighted(
+        self, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None
+    ) -> QuantizedTensor:
+        """With ``importance`` (in,), e.g. diag H: each block's scales searched under the weights
+        importance_j · sqrt(σ² + x_j²), σ² = 2·mean(x²) of the block, as llama.cpp's imatrix
+        path weighs them. Q8_0 (llama.cpp ignores an imatrix there) and Q5_1 (its imatrix search,
+        make_qkx3_quants, is not ported) stay the reference."""
         assert isinstance(config, GGMLConfig)
         check_weight(weight)
         shape = (weight.shape[0], weight.shape[1])
@@ -340,9 +370,14 @@ class GGMLBlocks(QuantFormat):
         values = weight.detach().float().reshape(-1, config.block_size)
         if not torch.isfinite(values).all():
             raise ValueError("weight contains NaN or Inf values; quantize only finite weights")
-        encode = config.block_type.encode
-        blocks = torch.cat([encode(chunk) for chunk in _chunks(values)]).reshape(-1)
-        return QuantizedTensor(config, shape, {"blocks": blocks})
+        block_type = config.block_type
+        if importance is None or not block_type.weighted:
+            encoded = [block_type.encode(chunk) for chunk in _chunks(values)]
+        else:
+            weights = _importance_weights(values, importance, shape)
+            pairs = zip(_chunks(values), _chunks(weights), strict=True)
+            encoded = [block_type.encode(chunk, w) for chunk, w in pairs]
+        return QuantizedTensor(config, shape, {"blocks": torch.cat(encoded).reshape(-1)})
 
     def _raw(self, q: QuantizedTensor) -> torch.Tensor:
         assert isinstance(q.config, GGMLConfig)
@@ -365,6 +400,9 @@ class GGMLBlocks(QuantFormat):
 
     def check_gptq(self, config: QuantConfig) -> None:
         """Every llama.cpp type takes GPTQ rounding (:class:`BlockGrid`)."""
+
+    def check_weighted(self, config: QuantConfig) -> None:
+        """Every llama.cpp type takes an importance (Q8_0 and Q5_1 leave it unused)."""
 
     def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> BlockGrid:
         assert isinstance(config, GGMLConfig)

@@ -140,11 +140,13 @@ def _weights(x: torch.Tensor) -> torch.Tensor:
     return rms[:, None] + x.abs()
 
 
-def _encode_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """Scale bytes (n, 16: d, dmin, scales[12]) and codes (n, 256) of super-blocks ``x``."""
+def _encode_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int, w: torch.Tensor | None = None):
+    """Scale bytes (n, 16: d, dmin, scales[12]) and codes (n, 256) of super-blocks ``x``
+    (sub-block fits weighted by rms + |x|, or by the importance weights ``w``)."""
     n = x.shape[0]
     sub = x.reshape(-1, SUB)
-    scale, low, codes = make_qkx2_quants(sub, _weights(sub), nmax, rmin, nstep)
+    weights = _weights(sub) if w is None else w.reshape(-1, SUB)
+    scale, low, codes = make_qkx2_quants(sub, weights, nmax, rmin, nstep)
     scale, low, codes = scale.view(n, 8), low.view(n, 8), codes.view(n, 8, SUB)
     max_scale = torch.clamp(scale.amax(1), min=0)
     max_min = torch.clamp(low.amax(1), min=0)
@@ -177,8 +179,8 @@ def _fifth_bits(codes: torch.Tensor) -> torch.Tensor:
     return (fifth << shifts[None, :, :, None].to(codes.device)).sum((1, 2), dtype=torch.uint8)
 
 
-def encode_q4_k(x: torch.Tensor) -> torch.Tensor:
-    head, codes = _encode_k(x, 15, -1.0, 20)
+def encode_q4_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    head, codes = _encode_k(x, 15, -1.0, 20, w)
     return put_q4_k(head, codes)
 
 
@@ -187,8 +189,8 @@ def put_q4_k(raw: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([raw[:, :16], _low_nibbles(codes)], 1)
 
 
-def encode_q5_k(x: torch.Tensor) -> torch.Tensor:
-    head, codes = _encode_k(x, 31, -0.5, 15)
+def encode_q5_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    head, codes = _encode_k(x, 31, -0.5, 15, w)
     return put_q5_k(head, codes)
 
 
@@ -214,11 +216,14 @@ def decode_q5_k(raw: torch.Tensor) -> torch.Tensor:
     return _decode_k(raw, _from_nibbles(raw[:, 48:176]) | (fifth << 4).to(torch.uint8))
 
 
-def make_qx_quants(x: torch.Tensor, nmax: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """llama.cpp's make_qx_quants (weights x², 18 trial scales) on rows of ``x`` (m, 16):
-    (scale, signed codes in [−nmax, nmax − 1])."""
+def make_qx_quants(
+    x: torch.Tensor, nmax: int = 32, w: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's make_qx_quants (rmse_type 1: weights x², or the importance weights ``w`` of
+    its imatrix path; 18 trial scales) on rows of ``x`` (m, n): (scale, signed codes in
+    [−nmax, nmax − 1])."""
     largest = x.gather(1, x.abs().argmax(1, keepdim=True))[:, 0]
-    w = x * x
+    w = x * x if w is None else w
 
     def trial(iscale: torch.Tensor):
         codes = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
@@ -239,10 +244,10 @@ def make_qx_quants(x: torch.Tensor, nmax: int = 32) -> tuple[torch.Tensor, torch
     return scale, torch.where(tiny[:, None], torch.full_like(codes, -nmax), codes)
 
 
-def encode_q6_k(x: torch.Tensor) -> torch.Tensor:
+def encode_q6_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Q6_K (210 bytes per 256): ql[128], qh[64], int8 scales[16] of 16-value sub-blocks, d."""
     n = x.shape[0]
-    scale, codes = make_qx_quants(x.reshape(-1, 16))
+    scale, codes = make_qx_quants(x.reshape(-1, 16), 32, None if w is None else w.reshape(-1, 16))
     scale, codes = scale.view(n, 16), codes.view(n, 16, 16)
     pick = scale.abs().argmax(1, keepdim=True)
     max_scale = scale.gather(1, pick)
@@ -291,13 +296,14 @@ def _four_bits(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
     return (torch.round(inverse[:, None] * values).to(torch.int64) & 0xFF).to(torch.uint8)
 
 
-def encode_q2_k(x: torch.Tensor) -> torch.Tensor:
+def encode_q2_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Q2_K (84 bytes per 256): scales[16] (scale low nibble, min high), qs[64], d, dmin; 16
     sub-blocks of 16, w = d·s_j·q − dmin·m_j, q ∈ [0, 3]; make_qkx2_quants with weights |x|,
     absolute error, 16 trials from nmax − 0.5."""
     n = x.shape[0]
     sub = x.reshape(-1, 16)
-    scale, low, codes = make_qkx2_quants(sub, sub.abs(), 3, -0.5, 15, mad=True)
+    weights = sub.abs() if w is None else w.reshape(-1, 16)
+    scale, low, codes = make_qkx2_quants(sub, weights, 3, -0.5, 15, mad=True)
     scale, low, codes = scale.view(n, 16), low.view(n, 16), codes.view(n, 16, 16)
     max_scale = torch.clamp(scale.amax(1), min=0)
     max_min = torch.clamp(low.amax(1), min=0)
@@ -354,11 +360,17 @@ def make_q3_quants(x: torch.Tensor, nmax: int = 4) -> tuple[torch.Tensor, torch.
     return torch.where(tiny, torch.zeros_like(scale), scale), codes + nmax
 
 
-def encode_q3_k(x: torch.Tensor) -> torch.Tensor:
+def encode_q3_k(x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Q3_K (110 bytes per 256): hmask[32], qs[64], 6-bit signed scales[12], d; 16 sub-blocks
-    of 16, w = d·sc_j·(q − 4), q ∈ [0, 7] (two low bits in qs, the third in hmask)."""
+    of 16, w = d·sc_j·(q − 4), q ∈ [0, 7] (two low bits in qs, the third in hmask). With
+    importance weights ``w``, llama.cpp's imatrix path: make_qx_quants instead of
+    make_q3_quants."""
     n = x.shape[0]
-    scale, codes = make_q3_quants(x.reshape(-1, 16))
+    if w is None:
+        scale, codes = make_q3_quants(x.reshape(-1, 16))
+    else:
+        scale, codes = make_qx_quants(x.reshape(-1, 16), 4, w.reshape(-1, 16))
+        codes = codes + 4
     scale, codes = scale.view(n, 16), codes.view(n, 16, 16)
     max_scale = scale.gather(1, scale.abs().argmax(1, keepdim=True))
     iscale = torch.where(max_scale != 0, -32 / max_scale, torch.zeros_like(max_scale))
