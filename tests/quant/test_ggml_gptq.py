@@ -81,7 +81,7 @@ def test_diagonal_hessian_keeps_the_reference_heads_and_rounds_no_weight_worse(n
     codes = torch.zeros(ours.shape[0], block.block, dtype=torch.uint8)
     assert torch.equal(block.put(ours, codes), block.put(theirs, codes))  # same heads
     error, reference_error = (w - q.dequantize()).abs(), (w - reference.dequantize()).abs()
-    assert (error <= reference_error * (1 + 1e-6) + 1e-7).all()
+    assert (error <= reference_error + 1e-6).all()  # float rounding at exact ties only
     rows = q.buffers["blocks"].view(w.shape[0], -1)
     assert torch.equal(q.dequantize(), gguf_decode(rows, name))
 
