@@ -124,5 +124,5 @@ def test_fisher_plan_with_activation_decompositions(llama):
             weights[entry.name], config.decompose_config(entry.config), None, hessians[entry.name]
         )
         assert torch.equal(llama.get_submodule(entry.name).lora_A, d.lora_A)
-    with pytest.raises(ValueError, match="plan_weighting='fisher' weights the costs of a budget"):
+    with pytest.raises(ValueError, match="plan_weighting='fisher' shapes the costs of a budget"):
         CompressConfig(plan_weighting="fisher")

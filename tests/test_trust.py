@@ -146,7 +146,7 @@ CASES = [
     ([*COMPRESS, "--weighting", "activations", "--calibration-tokens", "0"], "calibration-tokens"),
     ([*COMPRESS, "--weighting", "activations", "--calibration", "IN/none.txt"], "not found"),
     ([*COMPRESS, "--method", "qa-lora", "--weighting", "both"], "weighting='both'"),
-    ([*COMPRESS, "--plan-weighting", "fisher"], "plan_weighting='fisher' weights the costs"),
+    ([*COMPRESS, "--plan-weighting", "fisher"], "plan_weighting='fisher' shapes the costs"),
     ([*COMPRESS, "--budget", "3", "--plan-weighting", "hessian"], "plan_weighting='hessian'"),
     # compress: the output
     ([*COMPRESS, "--out", "TINY", "--overwrite"], "input"),

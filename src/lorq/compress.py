@@ -103,7 +103,7 @@ def plan_budgets_for(
     table; pass each to :func:`compress` as ``plan=`` with ``config.budget`` set to its budget.
     ``fisher`` / ``hessians``: the statistics ``config.weighting`` and ``rounding`` need."""
     weighting = config.cost_weighting
-    needs_h = uses_activations(weighting) or config.gptq
+    needs_h = uses_activations(weighting) or config.cost_rounding != "nearest"
     return plan_budgets(
         DenseWeights(targets_of(model, config)),
         budgets,
@@ -115,7 +115,7 @@ def plan_budgets_for(
         progress=progress,
         hessians=hessians if needs_h else None,
         weighting=weighting,
-        rounding=config.rounding,
+        rounding=config.cost_rounding,
     )
 
 

@@ -154,7 +154,9 @@ class CompressConfig(_Serializable):
     ("weighted", as llama.cpp uses an imatrix) or by GPTQ on H ("gptq"); ``damp`` is λ of
     H_λ = H + λ·mean(diag H)·I.
     For qa-lora, "activations" initialises the pooled adapter by the closed form (else B = 0)
-    and "gptq" rounds the base. ``plan_weighting`` (with a budget): another error for the plan's
+    and "gptq" rounds the base. ``plan_rounding`` (with a budget): another rounding for the plan's
+    costs, e.g. "weighted" costs (fast) for a "gptq" decomposition. ``plan_weighting``: another
+    error for the plan's
     costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions.
     ``include`` / ``exclude`` are regexes on module names
     (default: every linear layer of the blocks, no LM head). ``embeddings``: a preset or config
@@ -183,16 +185,19 @@ class CompressConfig(_Serializable):
     damp: float = DAMP
     plan_weighting: Literal["none", "fisher", "activations", "both"] | None = None
     budget_mb: float | None = None
+    plan_rounding: Literal["nearest", "weighted", "gptq"] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
         _check_weighting(self.weighting, self.rounding, self.damp)
         _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
-        if self.plan_weighting is not None and not self.budgeted:
-            raise ValueError(
-                f"plan_weighting={self.plan_weighting!r} weights the costs of a budget plan; "
-                "give budget= (bits/param) or leave plan_weighting unset"
-            )
+        _check_choice("plan_rounding", self.plan_rounding, (None, *ROUNDINGS))
+        for field in ("plan_weighting", "plan_rounding"):
+            if getattr(self, field) is not None and not self.budgeted:
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} shapes the costs of a budget plan; "
+                    f"give budget= (bits/param) or leave {field} unset"
+                )
         object.__setattr__(self, "method", LEGACY_METHODS.get(self.method, self.method))
         if isinstance(self.embeddings, dict):
             object.__setattr__(self, "embeddings", QuantConfig.from_dict(self.embeddings))
@@ -251,6 +256,11 @@ class CompressConfig(_Serializable):
         return self.plan_weighting or self.weighting
 
     @property
+    def cost_rounding(self) -> str:
+        """How the plan's costs round Q: ``plan_rounding``, else ``rounding``."""
+        return self.plan_rounding or self.rounding
+
+    @property
     def fisher(self) -> bool:
         """True when the decomposition or the plan needs the Fisher information."""
         return uses_fisher(self.weighting) or uses_fisher(self.cost_weighting)
@@ -259,7 +269,7 @@ class CompressConfig(_Serializable):
     def activations(self) -> bool:
         """True when the job needs the layers' input statistics H (weighting, plan or GPTQ)."""
         weighted = uses_activations(self.weighting) or uses_activations(self.cost_weighting)
-        return weighted or self.rounding != "nearest"
+        return weighted or self.rounding != "nearest" or self.cost_rounding != "nearest"
 
     @property
     def gptq(self) -> bool:

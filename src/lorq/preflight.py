@@ -86,10 +86,11 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
 def _check_rounding(config: CompressConfig, quants) -> None:
     """GPTQ rounding needs a GPTQ grid in every format it may round to, importance-weighted
     rounding an importance-weighted search."""
+    roundings = {config.rounding, config.cost_rounding if config.budgeted else "nearest"}
     for quant in quants:
-        if config.gptq:
+        if "gptq" in roundings:
             format_of(quant).check_gptq(quant)
-        if config.rounding == "weighted":
+        if "weighted" in roundings:
             format_of(quant).check_weighted(quant)
 
 

@@ -85,3 +85,27 @@ def test_an_f32_adapter_is_counted_at_four_bytes_a_value():
     values = sum(RANK * (o + i) for o, i in shapes(model).values())
     assert full.adapter_bytes - half.adapter_bytes == pytest.approx(2 * values, abs=32 * 28)
     assert torch.tensor(full.bits) < torch.tensor(half.bits)
+
+
+def test_plan_rounding_shapes_the_costs_only():
+    """plan_rounding="weighted" with GPTQ decompositions: the plan is the one a cost table of
+    weighted rounding gives (made separately), the layers are rounded by GPTQ."""
+    from lorq.budget import plan_budgets
+    from lorq.hessian import estimate_hessians
+    from lorq.surgery import DenseWeights
+
+    model = tiny_causal("llama")
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    common = dict(budget=5.0, candidates="gguf", weighting="activations", rank=RANK, iters=1)
+    config = lorq.CompressConfig(**common, rounding="gptq", plan_rounding="weighted")
+    targets = targets_of(model, config)
+    hessians = estimate_hessians(model, blocks, targets)
+    (expected,) = plan_budgets(
+        DenseWeights(targets), [5.0], "gguf", "lq", RANK, None, hessians=hessians,
+        weighting="activations", rounding="weighted",
+    )  # fmt: skip
+    result = lorq.compress(model, config, hessians=hessians)
+    assert result.plan.rounding == "weighted" and result.config.rounding == "gptq"
+    assert [e.config for e in result.plan.entries] == [e.config for e in expected.entries]
+    with pytest.raises(ValueError, match="plan_rounding='weighted' shapes the costs"):
+        lorq.CompressConfig(plan_rounding="weighted")

@@ -337,6 +337,19 @@ class FloatMins(Affine):
     def label(self, config: QuantConfig) -> str:
         return f"int{config.bits}-g{config.block_size}-fmin"
 
+    def check_weighted(self, config: QuantConfig) -> None:
+        """``q4_1`` takes an importance as llama.cpp's other types do and leaves it unused (its
+        imatrix search, make_qkx3_quants, is not ported): Q is the reference rounding."""
+        if self.gguf_type(config) is None:
+            super().check_weighted(config)
+
+    def quantize_weighted(
+        self, weight: torch.Tensor, config: QuantConfig, importance: torch.Tensor | None
+    ) -> QuantizedTensor:
+        if importance is not None:
+            self.check_weighted(config)
+        return self.quantize(weight, config)
+
     def gguf_config(self, ggml_type: int) -> QuantConfig | None:
         from gguf import GGMLQuantizationType
 
