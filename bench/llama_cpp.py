@@ -62,10 +62,13 @@ REFERENCE = "F16 (reference)"
 IMATRIX = " + imatrix"  # the label suffix of llama.cpp's rows quantized with the imatrix
 LINEAR = re.compile(r"blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight")
 ACT = {"method": "lq", "weighting": "activations"}  # LQ-LoRA, activation-weighted (§5)
-GPTQ = {**ACT, "rounding": "gptq"}  # … with GPTQ rounding of the base on the same H
+GPTQ = {**ACT, "rounding": "gptq", "iters": 2}  # … GPTQ-rounded on the same H, 2 iterations
 # the ILP over llama.cpp's types, a budget in MiB: costs by importance-weighted rounding (one
-# encode per candidate), the chosen types then GPTQ-rounded, 3 LQ-LoRA iterations
-GGUF_ILP = {**GPTQ, "candidates": "gguf", "plan_rounding": "weighted", "iters": 3}
+# encode per candidate), the chosen types then GPTQ-rounded; the costs' error is the layers' output
+# error (act) or LQ-LoRA's Fisher (the CLI's default for a causal LM's plan)
+GGUF_ILP = {**GPTQ, "candidates": "gguf", "plan_rounding": "weighted"}
+# (the Fisher loads the model densely: its embedding table is packed in Q8_0 again)
+FISHER_ILP = {**GGUF_ILP, "plan_weighting": "fisher", "embeddings": "q8_0"}
 LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq export --dtype)
     ("lorq plain q4_0 (no adapter)", {"method": "plain", "quant": "q4_0"}),
     ("lorq LoftQ q4_0 r16", {"method": "loftq", "quant": "q4_0", "iters": 1, "adapter": "fp32"}),
@@ -74,10 +77,11 @@ LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq 
     ("lorq LQ-LoRA + act iq4_nl r16", {**ACT, "quant": "iq4_nl"}),
     ("lorq LQ-LoRA + act + GPTQ iq4_nl r16", {**GPTQ, "quant": "iq4_nl"}),
     ("lorq LQ-LoRA + act + GPTQ iq4_nl r8", {**GPTQ, "quant": "iq4_nl", "rank": 8}),
-    ("lorq ILP gguf + GPTQ 84.1 MiB r4", {**GGUF_ILP, "budget_mb": 84.1, "rank": 4}),
-    ("lorq ILP gguf + GPTQ 87.5 MiB r8", {**GGUF_ILP, "budget_mb": 87.5, "rank": 8}),
-    ("lorq ILP gguf + GPTQ 89.2 MiB r8", {**GGUF_ILP, "budget_mb": 89.2, "rank": 8}),
-    ("lorq ILP gguf + GPTQ 100.6 MiB r16", {**GGUF_ILP, "budget_mb": 100.6}),
+    ("lorq ILP gguf + GPTQ, act plan 89.2 MiB r8", {**GGUF_ILP, "budget_mb": 89.2, "rank": 8}),
+    ("lorq ILP gguf + GPTQ, Fisher plan 84.1 MiB r4", {**FISHER_ILP, "budget_mb": 84.1, "rank": 4}),
+    ("lorq ILP gguf + GPTQ, Fisher plan 87.5 MiB r8", {**FISHER_ILP, "budget_mb": 87.5, "rank": 8}),
+    ("lorq ILP gguf + GPTQ, Fisher plan 89.2 MiB r8", {**FISHER_ILP, "budget_mb": 89.2, "rank": 8}),
+    ("lorq ILP gguf + GPTQ, Fisher plan 100.6 MiB r16", {**FISHER_ILP, "budget_mb": 100.6}),
 )
 
 

@@ -23,16 +23,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from lorq.budget import BudgetPlan, plan_budgets
+from lorq.budget.cost import feasible_range, shape_bits
+from lorq.budget.grid import candidate_grid
 from lorq.config import JOB_STATISTICS, CompressConfig, uses_activations, uses_fisher
 from lorq.data import TextConfig, load_blocks
 from lorq.decompose import Decomposition, decompose
 from lorq.decompose.common import Rounding
 from lorq.evaluate import Measurement, evaluation_blocks, evaluation_summary, measure
-from lorq.export.gguf import GGUFBudget, gguf_budget
+from lorq.export.gguf import MIB, GGUFBudget, gguf_budget
 from lorq.fisher import estimate_fisher
 from lorq.hessian import Hessians, estimate_hessians
 from lorq.io.native import set_model_meta
@@ -366,7 +369,24 @@ def _megabyte_budget(loaded: LoadedModel, config: CompressConfig):
         loaded.model, shapes, config.budget_mb, config.rank, embeddings=embeddings,
         tokenizer=loaded.tokenizer, source=gguf,
     )  # fmt: skip
-    return replace(config, budget=budget.bits, budget_mb=None), budget
+    return replace(config, budget=_feasible_bits(budget, config, shapes), budget_mb=None), budget
+
+
+def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes) -> float:
+    """The budget's bits/param, at most what the largest candidates take; ValueError in MiB when
+    even the smallest do not fit."""
+    grid = candidate_grid(config.candidates)
+    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
+    low, high = feasible_range(bits, np.array([o * i for o, i in shapes.values()], np.int64))
+    if budget.bits < low:
+        other = (budget.base_bytes + budget.adapter_bytes) / MIB
+        raise ValueError(
+            f"budget_mb={budget.megabytes:g} leaves {budget.bits:.3f} bits/param for the "
+            f"quantized layers after {other:.1f} MiB of other bytes (metadata, embeddings, norms, "
+            f"the rank-{config.rank} adapter); the candidates need at least {low:.3f}: give at "
+            f"least {budget.megabytes_for(low):.1f} MiB, or pack the embeddings (embeddings=)"
+        )
+    return min(budget.bits, high)
 
 
 def _job_statistics(model, config, targets, blocks: torch.Tensor | None, progress):

@@ -109,3 +109,15 @@ def test_plan_rounding_shapes_the_costs_only():
     assert [e.config for e in result.plan.entries] == [e.config for e in expected.entries]
     with pytest.raises(ValueError, match="plan_rounding='weighted' shapes the costs"):
         lorq.CompressConfig(plan_rounding="weighted")
+
+
+def test_a_budget_the_smallest_candidates_miss_is_refused_in_mib():
+    model = tiny_causal("llama")
+    megabytes = megabytes_at(model, 1.0)  # below q4_0's 4.5 bits: no plan fits
+    loaded = LoadedModel(model, None, ModelSource("tiny", ""))
+    config = lorq.CompressConfig(candidates="q4_0,q8_0", rank=RANK, budget_mb=megabytes)
+    with pytest.raises(ValueError, match=r"leaves 1\.000 bits/param .* give at least [0-9.]+ MiB"):
+        lorq.compress_model(loaded, config, eval_blocks=0)
+    roomy = lorq.CompressConfig(candidates="q4_0,q8_0", rank=RANK, budget_mb=megabytes * 10)
+    result = lorq.compress_model(loaded, roomy, eval_blocks=0)  # more than q8_0 everywhere
+    assert {e.config.name for e in result.plan.entries} == {"q8_0"}

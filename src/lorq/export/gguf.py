@@ -109,6 +109,11 @@ class GGUFBudget:
     def bits(self) -> float:
         return 8 * self.code_bytes / self.target_params
 
+    def megabytes_for(self, bits: float) -> float:
+        """The MiB at which the codes get ``bits`` bits/param."""
+        fixed = self.base_bytes + self.adapter_bytes + self.padding_bytes
+        return (fixed + bits * self.target_params / 8) / MIB
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bits": self.bits}
 
