@@ -30,8 +30,7 @@ def padded_codes(model, targets) -> int:
 def megabytes_at(model, bits: float, embeddings=None) -> float:
     """The MiB at which the codes may take ``bits`` bits/param."""
     probe = gguf_budget(model, shapes(model), 1024.0, RANK, embeddings=embeddings)
-    fixed = probe.base_bytes + probe.adapter_bytes + probe.padding_bytes
-    return (fixed + probe.target_params * bits / 8) / MIB
+    return probe.megabytes_for(bits)
 
 
 @pytest.mark.parametrize("embeddings", [None, "q8_0"])

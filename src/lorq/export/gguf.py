@@ -101,9 +101,13 @@ class GGUFBudget:
     adapter_dtype: str
 
     @property
+    def fixed_bytes(self) -> int:
+        """Every byte of the two files but the targets' codes (padding room included)."""
+        return self.base_bytes + self.adapter_bytes + self.padding_bytes
+
+    @property
     def code_bytes(self) -> float:
-        fixed = self.base_bytes + self.adapter_bytes + self.padding_bytes
-        return self.megabytes * MIB - fixed
+        return self.megabytes * MIB - self.fixed_bytes
 
     @property
     def bits(self) -> float:
@@ -111,8 +115,7 @@ class GGUFBudget:
 
     def megabytes_for(self, bits: float) -> float:
         """The MiB at which the codes get ``bits`` bits/param."""
-        fixed = self.base_bytes + self.adapter_bytes + self.padding_bytes
-        return (fixed + bits * self.target_params / 8) / MIB
+        return (self.fixed_bytes + bits * self.target_params / 8) / MIB
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "bits": self.bits}
