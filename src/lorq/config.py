@@ -154,10 +154,10 @@ class CompressConfig(_Serializable):
     ("weighted", as llama.cpp uses an imatrix) or by GPTQ on H ("gptq"); ``damp`` is λ of
     H_λ = H + λ·mean(diag H)·I.
     For qa-lora, "activations" initialises the pooled adapter by the closed form (else B = 0)
-    and "gptq" rounds the base. ``plan_rounding`` (with a budget): another rounding for the plan's
-    costs, e.g. "weighted" costs (fast) for a "gptq" decomposition. ``plan_weighting``: another
-    error for the plan's
-    costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions.
+    and "gptq" rounds the base. ``plan_weighting`` (with a budget): another error for the plan's
+    costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions;
+    ``plan_rounding``: another rounding for them, e.g. "weighted" costs (one encode per
+    candidate) for "gptq" decompositions.
     ``include`` / ``exclude`` are regexes on module names
     (default: every linear layer of the blocks, no LM head). ``embeddings``: a preset or config
     for the token embedding table (and an untied output layer) — stored packed, no adapter;

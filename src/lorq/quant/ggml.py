@@ -302,7 +302,8 @@ class BlockGrid:
         self.group = self.type.block
         self.shape = (weight.shape[0], weight.shape[1])
         self.levels = self.type.level_values(weight.device)
-        self.span = (int(self.levels[0]), int(self.levels[-1]) + 1)
+        span = range(int(self.levels[0]), int(self.levels[-1]) + 1)
+        self.uniform = not self.type.levels or self.type.levels == tuple(span)  # step-1 integers
         self.midpoints = (self.levels[1:] + self.levels[:-1]) / 2  # nearest level: count ≤
         blocks = (self.shape[0], self.shape[1] // self.group, self.type.nbytes)
         self.heads = torch.empty(blocks, dtype=torch.uint8, device=weight.device)
@@ -326,11 +327,11 @@ class BlockGrid:
         flat = scale == 0  # every code decodes to the offset
         target = (column - offset) / torch.where(flat, torch.ones_like(scale), scale)
         target = torch.where(flat, torch.zeros_like(target), target)
-        if self.type.levels and self.type.levels != tuple(range(*self.span)):
-            codes = torch.bucketize(target, self.midpoints, right=True)  # IQ4_NL's levels
-        else:  # consecutive integer levels: the nearest one directly (the upper one on a tie)
+        if self.uniform:  # consecutive integer levels: the nearest one (the upper one on a tie)
             top = self.levels.numel() - 1
             codes = torch.floor(target - self.levels[0] + 0.5).clamp_(0, top).long()
+        else:  # IQ4_NL's levels
+            codes = torch.bucketize(target, self.midpoints, right=True)
         self.codes[:, j] = codes.to(torch.uint8)
         return scale * self.levels[codes] + offset
 
