@@ -43,8 +43,9 @@ def tiny_bert(seed: int = 0):
     return BertModel(config).eval()
 
 
-def tiny_causal(family: str, seed: int = 0):
-    """A tiny random causal LM of a transformers family (LLaMA, Mistral, Qwen2, OPT)."""
+def tiny_causal(family: str, seed: int = 0, **sizes):
+    """A tiny random causal LM of a transformers family (LLaMA, Mistral, Qwen2, OPT); ``sizes``
+    override the config's fields (not for OPT)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -59,9 +60,8 @@ def tiny_causal(family: str, seed: int = 0):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
-    config = config_cls(
-        **common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64
-    )
+    fields = dict(common, intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64)
+    config = config_cls(**{**fields, **sizes})
     return model_cls(config).eval()
 
 

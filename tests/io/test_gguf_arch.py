@@ -5,6 +5,7 @@ encoding of the original weight in the file's type."""
 
 import pytest
 import torch
+from conftest import tiny_causal
 
 import lorq
 from lorq.io.gguf_model import load_packed
@@ -26,19 +27,8 @@ TYPES = {  # module suffix → GGUF type of its weight
 
 
 def tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    """256-wide rows, so that every K-quant fits."""
+    model = tiny_causal("qwen2", hidden_size=256, intermediate_size=512)
     with torch.no_grad():  # q/k/v biases start at 0: give them values the oracle can see
         for name, param in model.named_parameters():
             if name.endswith(".bias"):

@@ -121,19 +121,14 @@ class GGUFBudget:
         return {**asdict(self), "bits": self.bits}
 
 
-def _other_sizes(model: nn.Module, embeddings, tokenizer, source: Path | None) -> tuple:
+def _other_sizes(model: nn.Module, config, names, embeddings, tokenizer, source) -> tuple:
     """(metadata, [(GGUF name, shape, bytes)]) of the base file as the model would be exported
-    now, the token embeddings (and an untied output layer) counted in ``embeddings`` if given."""
-    config = hf_config(model)
-    if config is None:
-        raise ValueError("the model has no Hugging Face config; GGUF export needs one")
+    now, the token embeddings (and an untied output layer) counted in ``embeddings`` if given;
+    ``names``: :func:`gguf_names` of the model's ``config``."""
     layers = {name: layer.q for name, layer in packed_linears(model).items()}
     layers = {**layers, **packed_embeddings(model)}
     kv, tensors = gguf_contents(layers, other_tensors(model, layers), config, source, tokenizer)
-    names, tables = (
-        gguf_names(config),
-        (model.get_input_embeddings(), model.get_output_embeddings()),
-    )
+    tables = (model.get_input_embeddings(), model.get_output_embeddings())
     packed = {
         names[f"{n}.weight"][0]: format_of(embeddings).nbytes(embeddings, names[f"{n}.weight"][1])
         for n, m in model.named_modules()
@@ -157,8 +152,11 @@ def gguf_budget(
     may take so that its GGUF base and rank-``rank`` adapter in ``adapter_dtype`` fit ``megabytes``
     MiB; ValueError when the other bytes alone exceed it."""
     config = hf_config(model)
-    kv, tensors = _other_sizes(model, embeddings, tokenizer, source or source_gguf(model))
+    if config is None:
+        raise ValueError("the model has no Hugging Face config; GGUF export needs one")
     names = gguf_names(config)
+    source = source or source_gguf(model)
+    kv, tensors = _other_sizes(model, config, names, embeddings, tokenizer, source)
     own = {names[f"{t}.weight"][0] for t in targets}
     base = file_size(kv, [(n, shape, 0 if n in own else size) for n, shape, size in tensors])
     factors = {
