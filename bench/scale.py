@@ -1,0 +1,388 @@
+"""Memory and time of streaming ``lorq compress`` on synthetic 1B–7B LLaMA checkpoints.
+
+For each shape: the checkpoint (bench/synthetic.py, under /work/scale-ckpt by default) is written
+when absent, then ``lorq compress CKPT --stream ...`` runs as a subprocess under
+``/usr/bin/time -v`` (its "Maximum resident set size" and "Elapsed (wall clock) time"); the
+process group's summed RSS is also sampled every 0.5 s from /proc (for torchrun: all workers).
+Optional rows:
+
+- ``--resume-test``: a second run is SIGKILLed (its whole process group) once the output's
+  ``lorq-manifest.json`` lists half the shards the uninterrupted run wrote, then the same command
+  with ``--resume`` instead of ``--overwrite`` finishes it. Overhead =
+  (resumed wall − remaining work) / remaining work, remaining work = the uninterrupted run's wall
+  × (shards left / shards); the uninterrupted run's time from k shards listed to its end is
+  reported as a second estimate.
+- ``--world-sizes 1 2``: ``torchrun --standalone --nproc-per-node 2 -m lorq compress ...`` with
+  the same arguments (OMP_NUM_THREADS = --threads / world size per process), its wall time, and
+  whether every output file is byte-identical to the one-process run's (sha256).
+
+    python bench/scale.py                            # 1b 3b 7b
+    python bench/scale.py 1b --resume-test --world-sizes 1 2
+    python bench/scale.py 7b --method lq --quant nf3 --rank 64 -- --some-extra-flag
+
+Rows are merged into bench/results/scale.json by (shape, kind, world size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import synthetic
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results" / "scale.json"
+MANIFEST = "lorq-manifest.json"
+GB = 1e9
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_time_v(text: str) -> dict:
+    """Peak RSS (bytes) and wall time (s) from GNU time's ``-v`` report."""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    wall = re.search(r"Elapsed \(wall clock\) time \([^)]*\): ([\d:.]+)", text)
+    status = re.search(r"Exit status: (\d+)", text)
+    seconds = None
+    if wall:
+        seconds = 0.0
+        for part in wall.group(1).split(":"):
+            seconds = seconds * 60 + float(part)
+    return {
+        "max_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
+        "wall_s": seconds,
+        "exit_status": int(status.group(1)) if status else None,
+    }
+
+
+def group_rss(pgid: int) -> int:
+    """Summed resident bytes of the live processes in process group ``pgid``."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                total += int((proc / "statm").read_text().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def manifest_shards(out: Path) -> int | None:
+    """How many shards the output's manifest lists (None: no readable manifest yet)."""
+    try:
+        return len(json.loads((out / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, kill_at=None):
+    """Run ``cmd`` under ``/usr/bin/time -v`` in its own process group, output to ``log``.
+
+    Every 0.5 s: the group's RSS, and when ``watch`` is given the manifest's shard count there
+    (the time each count was first seen goes to ``timeline``); once it reaches ``kill_at`` the
+    group gets SIGKILL. Returns the run's measurements."""
+    timefile = log.with_suffix(".time")
+    timefile.unlink(missing_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["/usr/bin/time", "-v", "-o", str(timefile), *cmd],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        )  # fmt: skip
+        peak, timeline, killed = 0, {}, False
+        while proc.poll() is None:
+            peak = max(peak, group_rss(proc.pid))
+            shards = manifest_shards(watch) if watch else None
+            if shards is not None and shards not in timeline:
+                timeline[shards] = time.perf_counter() - began
+            if kill_at is not None and shards is not None and shards >= kill_at and not killed:
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.5)
+    seconds = time.perf_counter() - began
+    timed = parse_time_v(timefile.read_text()) if timefile.exists() else {}
+    return {
+        "command": cmd,
+        "returncode": proc.returncode,
+        "killed": killed,
+        "wall_s": timed.get("wall_s") or seconds,
+        "max_rss_bytes": timed.get("max_rss_bytes"),
+        "group_peak_rss_bytes": peak,
+        "timeline": {str(k): round(v, 2) for k, v in sorted(timeline.items())},
+        "log": str(log),
+    }
+
+
+def compress_args(ckpt: Path, out: Path, args, resume: bool = False) -> list[str]:
+    """``lorq compress`` arguments after the module name (the benchmark's fixed settings)."""
+    return [
+        "compress", str(ckpt), "--out", str(out), "--stream", "--device", "cpu",
+        "--eval-blocks", "0", "--no-baseline", "--method", args.method, "--quant", args.quant,
+        "--rank", str(args.rank), "--weighting", "none", "--rounding", "nearest",
+        "--resume" if resume else "--overwrite", *args.extra,
+    ]  # fmt: skip
+
+
+def launcher(world: int) -> list[str]:
+    python = Path(sys.executable)
+    if world == 1:
+        return [str(python), "-m", "lorq"]
+    torchrun = python.with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc-per-node", str(world), "-m", "lorq"]
+
+
+def environment(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    result = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        result[str(path.relative_to(folder))] = h.hexdigest()
+    return result
+
+
+def ensure_checkpoint(shape: str, root: Path, logs: Path) -> dict:
+    """The shape's checkpoint folder, written by bench/synthetic.py when it has no index yet;
+    the write's measurements are kept next to it in ``SHAPE.write.json``."""
+    ckpt, record = root / shape, root / f"{shape}.write.json"
+    if not (ckpt / "model.safetensors.index.json").exists():
+        cmd = [sys.executable, str(HERE / "synthetic.py"), shape, "--out", str(ckpt)]
+        run = run_timed(cmd, logs / f"write-{shape}.log", environment(os.cpu_count() or 1))
+        if run["returncode"] != 0:
+            raise RuntimeError(f"writing {shape} failed, see {run['log']}")
+        record.write_text(json.dumps(run, indent=2) + "\n")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]
+    written = json.loads(record.read_text()) if record.exists() else {}
+    return {
+        "path": ckpt,
+        "params": index["total_parameters"],
+        "ckpt_bytes": index["total_size"],
+        "write_s": written.get("wall_s"),
+        "write_peak_rss_bytes": written.get("max_rss_bytes"),
+    }
+
+
+def compress_row(shape: str, ckpt: dict, args, world: int) -> dict:
+    """One full run at ``world`` processes into OUT_ROOT/SHAPE/w{world}."""
+    out = args.out_root / shape / f"w{world}"
+    cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
+    env = environment(max(1, args.threads // world))
+    run = run_timed(cmd, args.logs / f"compress-{shape}-w{world}.log", env, watch=out)
+    row = _row(shape, "compress", world, ckpt, run)
+    row["out_bytes"] = dir_bytes(out) if out.exists() else None
+    row["shards"] = manifest_shards(out)
+    return row
+
+
+def _row(shape: str, kind: str, world: int, ckpt: dict, run: dict) -> dict:
+    params = ckpt["params"]
+    return {
+        "shape": shape,
+        "kind": kind,
+        "world_size": world,
+        "params": params,
+        "ckpt_bytes": ckpt["ckpt_bytes"],
+        "write_s": ckpt["write_s"],
+        "peak_rss_bytes": run["max_rss_bytes"],
+        "group_peak_rss_bytes": run["group_peak_rss_bytes"],
+        "wall_s": run["wall_s"],
+        "us_per_param": run["wall_s"] / params * 1e6,
+        "ok": run["returncode"] == 0,
+        "returncode": run["returncode"],
+        "timeline": run["timeline"],
+        "command": " ".join(run["command"]),
+        "log": run["log"],
+    }
+
+
+def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
+    """Kill a run at half its shards, finish it with --resume; the overhead on the rest."""
+    total = full["shards"]
+    out = args.out_root / shape / "resume"
+    env, base = environment(args.threads), launcher(1)
+    killed = run_timed(
+        [*base, *compress_args(ckpt["path"], out, args)],
+        args.logs / f"resume-{shape}-killed.log", env, watch=out, kill_at=max(1, total // 2),
+    )  # fmt: skip
+    done = manifest_shards(out) or 0
+    resumed = run_timed(
+        [*base, *compress_args(ckpt["path"], out, args, resume=True)],
+        args.logs / f"resume-{shape}-resumed.log", env, watch=out,
+    )  # fmt: skip
+    rate_estimate = full["wall_s"] * (total - done) / total
+    seen = full["timeline"].get(str(done))
+    tail_estimate = full["wall_s"] - seen if seen is not None else None
+    row = _row(shape, "resume", 1, ckpt, resumed)
+    row |= {
+        "shards": total,
+        "shards_before_kill": done,
+        "killed_run_wall_s": killed["wall_s"],
+        "killed": killed["killed"],
+        "remaining_estimate_s": rate_estimate,
+        "overhead": (resumed["wall_s"] - rate_estimate) / rate_estimate,
+        "remaining_tail_s": tail_estimate,
+        "overhead_vs_tail": (resumed["wall_s"] - tail_estimate) / tail_estimate
+        if tail_estimate
+        else None,
+        "identical_to_uninterrupted": _compare(args.out_root / shape / "w1", out),
+    }
+    return row
+
+
+def _compare(a: Path, b: Path) -> dict:
+    """Whether every file under a and b is byte-identical; the differing paths when not."""
+    da, db = digests(a), digests(b)
+    differ = sorted(k for k in da.keys() | db.keys() if da.get(k) != db.get(k))
+    return {"identical": not differ, "files": len(da), "differing": differ[:20]}
+
+
+def world_row(shape: str, ckpt: dict, args, world: int, single: dict) -> dict:
+    row = compress_row(shape, ckpt, args, world)
+    row["speedup_vs_w1"] = single["wall_s"] / row["wall_s"]
+    row["identical_to_w1"] = _compare(
+        args.out_root / shape / "w1", args.out_root / shape / f"w{world}"
+    )
+    return row
+
+
+def bench_shape(shape: str, args) -> list[dict]:
+    ckpt = ensure_checkpoint(shape, args.ckpt_root, args.logs)
+    rows = [compress_row(shape, ckpt, args, 1)]
+    _report(rows[-1])
+    if not rows[0]["ok"]:
+        return rows
+    for world in args.world_sizes:
+        if world > 1:
+            rows.append(world_row(shape, ckpt, args, world, rows[0]))
+            _report(rows[-1])
+    if args.resume_test:
+        rows.append(resume_row(shape, ckpt, args, rows[0]))
+        _report(rows[-1])
+    return rows
+
+
+def _report(row: dict) -> None:
+    print(
+        json.dumps({k: v for k, v in row.items() if k not in ("timeline", "command")}), flush=True
+    )
+
+
+def save(rows: list[dict], args) -> None:
+    """Merge rows into the results file, replacing those with the same (shape, kind, world)."""
+    key = lambda r: (r["shape"], r["kind"], r["world_size"])  # noqa: E731
+    old = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    new = {key(r) for r in rows}
+    merged = [r for r in old if key(r) not in new] + rows
+    order = {s: i for i, s in enumerate(synthetic.SHAPES)}
+    merged.sort(key=lambda r: (order.get(r["shape"], 99), r["kind"], r["world_size"]))
+    result = {
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "ram_bytes": _ram(),
+                    "python": platform.python_version()},
+        "updated": datetime.datetime.now().isoformat(timespec="seconds"),
+        "settings": {"method": args.method, "quant": args.quant, "rank": args.rank,
+                     "extra": args.extra, "threads": args.threads},
+        "rows": merged,
+    }  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def _ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of the README's Scale section."""
+    lines = [
+        "| shape | run | params | checkpoint GB | peak RSS GB | group peak RSS GB | wall s "
+        "| µs/param | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rss = r["peak_rss_bytes"] / GB if r["peak_rss_bytes"] else float("nan")
+        lines.append(
+            f"| {r['shape']} | {r['kind']} ×{r['world_size']} | {r['params'] / 1e9:.2f} B "
+            f"| {r['ckpt_bytes'] / GB:.2f} | {rss:.2f} | {r['group_peak_rss_bytes'] / GB:.2f} "
+            f"| {r['wall_s']:.0f} | {r['us_per_param']:.3f} | {_note(r)} |"
+        )
+    return "\n".join(lines)
+
+
+def _note(r: dict) -> str:
+    if not r["ok"]:
+        return f"failed (exit {r['returncode']}), see {r['log']}"
+    if r["kind"] == "resume":
+        return (
+            f"killed at {r['shards_before_kill']}/{r['shards']} shards; overhead "
+            f"{r['overhead']:+.1%} of the remaining work; identical: "
+            f"{r['identical_to_uninterrupted']['identical']}"
+        )
+    if "identical_to_w1" in r:
+        same = r["identical_to_w1"]
+        return f"speed-up {r['speedup_vs_w1']:.2f}×; byte-identical to ×1: {same['identical']}"
+    return f"{r['shards']} shards out, {(r['out_bytes'] or 0) / GB:.2f} GB"
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("shapes", nargs="*", default=["1b", "3b", "7b"])
+    parser.add_argument("--method", default="loftq")
+    parser.add_argument("--quant", default="nf4")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--resume-test", action="store_true")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ckpt-root", type=Path, default=synthetic.DEFAULT_ROOT)
+    parser.add_argument("--out-root", type=Path, default=Path("/work/scale-out"))
+    parser.add_argument("--logs", type=Path, default=Path("/work/scale-out/logs"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.extra = argv[split + 1 :]  # more lorq compress flags, after --
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = []
+    for shape in args.shapes:
+        rows += bench_shape(shape, args)
+        save(rows, args)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
