@@ -9,8 +9,10 @@ the ILP then minimises the sum of the layers' output MSEs (docs/algorithms.md §
 
 Methods: "plain" (plain quantization, no low-rank part), "lq" and "loftq" (docs/algorithms.md §2).
 With ``iters=1`` LQ-LoRA's first step, svd_r(W), does not depend on the config: it is computed once
-per matrix and reused for every candidate, so the table costs one SVD and C quantizations per
-matrix. ``iters > 1`` (or LoftQ) runs the full decomposition per candidate.
+per matrix and reused for every candidate. Rounded to nearest, the NF candidates of a matrix also
+share their quantization work (``lorq.budget.shared``: scales once per block size, one level
+search for NF2–NF4, no packing): the same Q, bit for bit, as quantizing and decoding each one.
+``iters > 1`` (or LoftQ) runs the full decomposition per candidate.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorq.budget.shared import nf_dequantized
 from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.decompose import decompose
 from lorq.decompose.common import LowRankStep, Rounding, Weighting, check_rank
@@ -88,20 +91,41 @@ def shape_bits(name: str, shape: tuple[int, int], candidates: Sequence[QuantConf
     ]
 
 
-def _row_lq_shared(
+def _error(
+    weighting: Weighting, weight: torch.Tensor, q: torch.Tensor, low_rank: torch.Tensor | None
+) -> float:
+    """err(W − Q − s·B·A)², the residual formed left to right (W − Q first)."""
+    residual = weight - q
+    if low_rank is not None:
+        residual -= low_rank
+    return weighting.error(residual) ** 2
+
+
+def _costs(
     weight: torch.Tensor,
+    low_rank: torch.Tensor | None,
     candidates: Sequence[QuantConfig],
-    config: DecomposeConfig,
     weighting: Weighting,
     rounding: Rounding,
+    shared_work: bool,
 ) -> tuple[list[float], list[float]]:
-    low_rank = LowRankStep(config, weighting, weight)(weight).dense()
-    bits, cost = [], []
-    for candidate in candidates:
-        q = rounding(weight - low_rank, candidate)
-        bits.append(8.0 * q.nbytes)
-        cost.append(weighting.error(weight - q.dequantize() - low_rank) ** 2)
-    return bits, cost
+    """Bits and cost of Q = round(W − s·B·A) (``low_rank`` None: of W) for every candidate;
+    NF candidates rounded to nearest from shared work (``lorq.budget.shared``) when
+    ``shared_work``, the others quantized and decoded one by one."""
+    target = weight if low_rank is None else weight - low_rank
+    bits, cost = {}, {}
+    if shared_work and rounding.nearest:
+        shape = (weight.shape[0], weight.shape[1])
+        for i, dense in nf_dequantized(target, candidates):
+            bits[i] = 8.0 * storage_nbytes(candidates[i], shape)
+            cost[i] = _error(weighting, weight, dense, low_rank)
+    for i, candidate in enumerate(candidates):
+        if i not in cost:
+            q = rounding(target, candidate)
+            bits[i] = 8.0 * q.nbytes
+            cost[i] = _error(weighting, weight, q.dequantize(), low_rank)
+    order = range(len(candidates))
+    return [bits[i] for i in order], [cost[i] for i in order]
 
 
 def _row(
@@ -109,9 +133,10 @@ def _row(
     candidates: Sequence[QuantConfig],
     method: str,
     config: DecomposeConfig,
-    fisher: torch.Tensor | None,
-    hessian: torch.Tensor | None,
+    statistics: tuple[torch.Tensor | None, torch.Tensor | None],
+    shared_work: bool,
 ) -> tuple[list[float], list[float], float]:
+    fisher, hessian = statistics
     weight = weight.detach().float()
     if method != "plain":
         check_rank(weight, config.rank)
@@ -119,18 +144,16 @@ def _row(
     weighting = Weighting.build(weight, config, fisher, hessian)
     rounding = Rounding(config, hessian, weight.device, weighting.chol)
     norm = weighting.error(weight) ** 2
-    if method == "lq" and config.iterations == 1:
-        return (*_row_lq_shared(weight, candidates, config, weighting, rounding), norm)
+    if method == "plain" or (method == "lq" and config.iterations == 1):
+        # LQ-LoRA's first step, svd_r(W), does not depend on the config: one SVD per matrix
+        step = None if method == "plain" else LowRankStep(config, weighting, weight)
+        low = None if step is None else step(weight).dense()
+        return (*_costs(weight, low, candidates, weighting, rounding, shared_work), norm)
     bits, cost = [], []
     for candidate in candidates:
-        if method == "plain":
-            q = rounding(weight, candidate)
-            err = weighting.error(weight - q.dequantize())
-        else:
-            d = decompose(weight, dataclasses.replace(config, quant=candidate), fisher, hessian)
-            q, err = d.q, d.error
-        bits.append(8.0 * q.nbytes)
-        cost.append(err**2)
+        d = decompose(weight, dataclasses.replace(config, quant=candidate), fisher, hessian)
+        bits.append(8.0 * d.q.nbytes)
+        cost.append(d.error**2)
     return bits, cost, norm
 
 
@@ -142,13 +165,15 @@ def cost_table(
     fisher: Mapping[str, torch.Tensor] | None = None,
     progress: Progress = no_progress,
     hessians: Mapping[str, torch.Tensor] | None = None,
+    shared_work: bool = True,
 ) -> CostTable:
     """Bits and squared error of every matrix (out × in) under every candidate config.
 
     ``config`` gives rank, iterations, SVD, seed, weighting and rounding of the decomposition
     (its ``quant`` is replaced by each candidate); ``fisher``: {matrix name: F}, ``hessians``:
     {matrix name: H (in × in)}, each needed for every matrix when the weighting (or GPTQ
-    rounding) uses it.
+    rounding) uses it. ``shared_work=False`` quantizes and decodes every candidate on its own
+    (the reference the shared path equals, bit for bit: bench/cost_table.py).
     """
     method = LEGACY_METHODS.get(method, method)
     if method not in METHODS:
@@ -164,7 +189,7 @@ def cost_table(
         statistics = (fisher or {}).get(name), (hessians or {}).get(name)
         fit = fitting(name, (weight.shape[0], weight.shape[1]), candidates)
         usable = [c for c, ok in zip(candidates, fit, strict=True) if ok]
-        bits, cost, norm = _row(weight, usable, method, config, *statistics)
+        bits, cost, norm = _row(weight, usable, method, config, statistics, shared_work)
         rows.append((_spread(bits, fit), _spread(cost, fit), norm))
         numels.append(weight.numel())
         advance(1)

@@ -128,6 +128,11 @@ class Rounding:
             assert hessian is not None
             self.upper = inverse_cholesky(hessian.to(device), config.damp)
 
+    @property
+    def nearest(self) -> bool:
+        """Plain round to nearest: Q = ``quantize(target, quant)``."""
+        return self.upper is None and self.importance is None
+
     def __call__(self, target: torch.Tensor, quant: QuantConfig) -> QuantizedTensor:
         if self.importance is not None:
             return format_of(quant).quantize_weighted(target, quant, self.importance)
