@@ -1,26 +1,28 @@
 """Memory and time of streaming ``lorq compress`` on synthetic 1B–7B LLaMA checkpoints.
 
 For each shape: the checkpoint (bench/synthetic.py, under /work/scale-ckpt by default) is written
-when absent, then ``lorq compress CKPT --stream ...`` runs as a subprocess under
-``/usr/bin/time -v`` (its "Maximum resident set size" and "Elapsed (wall clock) time"); the
-process group's summed RSS is also sampled every 0.5 s from /proc (for torchrun: all workers).
-Optional rows:
+when absent, then ``lorq compress --model CKPT --stream ...`` runs as a subprocess under
+``/usr/bin/time -v`` (its "Maximum resident set size" and "Elapsed (wall clock) time": for
+torchrun, the largest single process); the summed RSS of its whole process tree is also sampled
+every 0.5 s from /proc (for torchrun: launcher and workers together). Optional rows:
 
-- ``--resume-test``: a second run is SIGKILLed (its whole process group) once the output's
+- ``--resume-test``: a second run is SIGKILLed (its whole process tree) once the output's
   ``lorq-manifest.json`` lists half the shards the uninterrupted run wrote, then the same command
   with ``--resume`` instead of ``--overwrite`` finishes it. Overhead =
   (resumed wall − remaining work) / remaining work, remaining work = the uninterrupted run's wall
   × (shards left / shards); the uninterrupted run's time from k shards listed to its end is
   reported as a second estimate.
 - ``--world-sizes 1 2``: ``torchrun --standalone --nproc-per-node 2 -m lorq compress ...`` with
-  the same arguments (OMP_NUM_THREADS = --threads / world size per process), its wall time, and
-  whether every output file is byte-identical to the one-process run's (sha256).
+  the same arguments and OMP_NUM_THREADS = --threads / 2 per process: its wall time against one
+  process with --threads threads, and whether every output file (sha256) equals that of one
+  process with as many threads as each worker (a run added for it) and of the first one.
 
     python bench/scale.py                            # 1b 3b 7b
     python bench/scale.py 1b --resume-test --world-sizes 1 2
     python bench/scale.py 7b --method lq --quant nf3 --rank 64 -- --some-extra-flag
 
-Rows are merged into bench/results/scale.json by (shape, kind, world size).
+Outputs go to /work/scale-out/SHAPE/w{processes}t{threads}; rows are merged into
+bench/results/scale.json by (shape, kind, processes, threads).
 """
 
 from __future__ import annotations
@@ -65,19 +67,42 @@ def parse_time_v(text: str) -> dict:
     }
 
 
-def group_rss(pgid: int) -> int:
-    """Summed resident bytes of the live processes in process group ``pgid``."""
-    total = 0
+def process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (torchrun's workers run in sessions of their own, so a
+    process group would miss them)."""
+    children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def tree_rss(pids: list[int]) -> int:
+    """Summed resident bytes of those of ``pids`` still alive."""
+    total = 0
+    for pid in pids:
         try:
-            stat = (proc / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                total += int((proc / "statm").read_text().split()[1]) * PAGE
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def kill_tree(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
 
 
 def manifest_shards(out: Path) -> int | None:
@@ -89,11 +114,11 @@ def manifest_shards(out: Path) -> int | None:
 
 
 def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, kill_at=None):
-    """Run ``cmd`` under ``/usr/bin/time -v`` in its own process group, output to ``log``.
+    """Run ``cmd`` under ``/usr/bin/time -v``, output to ``log``.
 
-    Every 0.5 s: the group's RSS, and when ``watch`` is given the manifest's shard count there
-    (the time each count was first seen goes to ``timeline``); once it reaches ``kill_at`` the
-    group gets SIGKILL. Returns the run's measurements."""
+    Every 0.5 s: the summed RSS of its process tree, and when ``watch`` is given the manifest's
+    shard count there (the time each count was first seen goes to ``timeline``); once that
+    reaches ``kill_at`` the whole tree gets SIGKILL. Returns the run's measurements."""
     timefile = log.with_suffix(".time")
     timefile.unlink(missing_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -101,19 +126,23 @@ def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, k
     with open(log, "w") as out:
         proc = subprocess.Popen(
             ["/usr/bin/time", "-v", "-o", str(timefile), *cmd],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )  # fmt: skip
         peak, timeline, killed = 0, {}, False
         while proc.poll() is None:
-            peak = max(peak, group_rss(proc.pid))
+            pids = process_tree(proc.pid)
+            peak = max(peak, tree_rss(pids))
             shards = manifest_shards(watch) if watch else None
             if shards is not None and shards not in timeline:
                 timeline[shards] = time.perf_counter() - began
             if kill_at is not None and shards is not None and shards >= kill_at and not killed:
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(pids)
                 killed = True
             time.sleep(0.5)
     seconds = time.perf_counter() - began
+    shards = manifest_shards(watch) if watch else None
+    if shards is not None and shards not in timeline:
+        timeline[shards] = seconds
     timed = parse_time_v(timefile.read_text()) if timefile.exists() else {}
     return {
         "command": cmd,
@@ -121,7 +150,7 @@ def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, k
         "killed": killed,
         "wall_s": timed.get("wall_s") or seconds,
         "max_rss_bytes": timed.get("max_rss_bytes"),
-        "group_peak_rss_bytes": peak,
+        "tree_peak_rss_bytes": peak,
         "timeline": {str(k): round(v, 2) for k, v in sorted(timeline.items())},
         "log": str(log),
     }
@@ -130,7 +159,7 @@ def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, k
 def compress_args(ckpt: Path, out: Path, args, resume: bool = False) -> list[str]:
     """``lorq compress`` arguments after the module name (the benchmark's fixed settings)."""
     return [
-        "compress", str(ckpt), "--out", str(out), "--stream", "--device", "cpu",
+        "compress", "--model", str(ckpt), "--out", str(out), "--stream", "--device", "cpu",
         "--eval-blocks", "0", "--no-baseline", "--method", args.method, "--quant", args.quant,
         "--rank", str(args.rank), "--weighting", "none", "--rounding", "nearest",
         "--resume" if resume else "--overwrite", *args.extra,
@@ -188,29 +217,35 @@ def ensure_checkpoint(shape: str, root: Path, logs: Path) -> dict:
     }
 
 
-def compress_row(shape: str, ckpt: dict, args, world: int) -> dict:
-    """One full run at ``world`` processes into OUT_ROOT/SHAPE/w{world}."""
-    out = args.out_root / shape / f"w{world}"
+def compress_row(shape: str, ckpt: dict, args, world: int, threads: int) -> dict:
+    """One full run of ``world`` processes with ``threads`` threads each, into
+    OUT_ROOT/SHAPE/w{world}t{threads}."""
+    out = run_dir(args, shape, world, threads)
     cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
-    env = environment(max(1, args.threads // world))
-    run = run_timed(cmd, args.logs / f"compress-{shape}-w{world}.log", env, watch=out)
-    row = _row(shape, "compress", world, ckpt, run)
+    log = args.logs / f"compress-{shape}-w{world}t{threads}.log"
+    run = run_timed(cmd, log, environment(threads), watch=out)
+    row = _row(shape, "compress", world, threads, ckpt, run)
     row["out_bytes"] = dir_bytes(out) if out.exists() else None
     row["shards"] = manifest_shards(out)
     return row
 
 
-def _row(shape: str, kind: str, world: int, ckpt: dict, run: dict) -> dict:
+def run_dir(args, shape: str, world: int, threads: int) -> Path:
+    return args.out_root / shape / f"w{world}t{threads}"
+
+
+def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict) -> dict:
     params = ckpt["params"]
     return {
         "shape": shape,
         "kind": kind,
         "world_size": world,
+        "threads": threads,
         "params": params,
         "ckpt_bytes": ckpt["ckpt_bytes"],
         "write_s": ckpt["write_s"],
         "peak_rss_bytes": run["max_rss_bytes"],
-        "group_peak_rss_bytes": run["group_peak_rss_bytes"],
+        "tree_peak_rss_bytes": run["tree_peak_rss_bytes"],
         "wall_s": run["wall_s"],
         "us_per_param": run["wall_s"] / params * 1e6,
         "ok": run["returncode"] == 0,
@@ -225,7 +260,7 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     """Kill a run at half its shards, finish it with --resume; the overhead on the rest."""
     total = full["shards"]
     out = args.out_root / shape / "resume"
-    env, base = environment(args.threads), launcher(1)
+    env, base = environment(full["threads"]), launcher(1)
     killed = run_timed(
         [*base, *compress_args(ckpt["path"], out, args)],
         args.logs / f"resume-{shape}-killed.log", env, watch=out, kill_at=max(1, total // 2),
@@ -238,7 +273,7 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     rate_estimate = full["wall_s"] * (total - done) / total
     seen = full["timeline"].get(str(done))
     tail_estimate = full["wall_s"] - seen if seen is not None else None
-    row = _row(shape, "resume", 1, ckpt, resumed)
+    row = _row(shape, "resume", 1, full["threads"], ckpt, resumed)
     row |= {
         "shards": total,
         "shards_before_kill": done,
@@ -250,7 +285,7 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
         "overhead_vs_tail": (resumed["wall_s"] - tail_estimate) / tail_estimate
         if tail_estimate
         else None,
-        "identical_to_uninterrupted": _compare(args.out_root / shape / "w1", out),
+        "identical_to_uninterrupted": _compare(run_dir(args, shape, 1, full["threads"]), out),
     }
     return row
 
@@ -262,25 +297,37 @@ def _compare(a: Path, b: Path) -> dict:
     return {"identical": not differ, "files": len(da), "differing": differ[:20]}
 
 
-def world_row(shape: str, ckpt: dict, args, world: int, single: dict) -> dict:
-    row = compress_row(shape, ckpt, args, world)
-    row["speedup_vs_w1"] = single["wall_s"] / row["wall_s"]
-    row["identical_to_w1"] = _compare(
-        args.out_root / shape / "w1", args.out_root / shape / f"w{world}"
-    )
-    return row
+def world_rows(shape: str, ckpt: dict, args, world: int, single: dict) -> list[dict]:
+    """``world`` processes sharing args.threads, against one process with all of them (wall
+    time) and one process with as many threads as each worker has (bytes: a thread count can
+    change float reductions, so only equal per-process threads are expected to agree)."""
+    threads = max(1, args.threads // world)
+    rows = [compress_row(shape, ckpt, args, world, threads)]
+    if threads != single["threads"]:
+        rows.insert(0, compress_row(shape, ckpt, args, 1, threads))
+    same = run_dir(args, shape, 1, threads)
+    rows[-1] |= {
+        "speedup_vs_w1": single["wall_s"] / rows[-1]["wall_s"],
+        "identical_to_w1_same_threads": _compare(same, run_dir(args, shape, world, threads)),
+        "identical_to_w1": _compare(
+            run_dir(args, shape, 1, single["threads"]), run_dir(args, shape, world, threads)
+        ),
+    }
+    return rows
 
 
 def bench_shape(shape: str, args) -> list[dict]:
     ckpt = ensure_checkpoint(shape, args.ckpt_root, args.logs)
-    rows = [compress_row(shape, ckpt, args, 1)]
+    rows = [compress_row(shape, ckpt, args, 1, args.threads)]
     _report(rows[-1])
     if not rows[0]["ok"]:
         return rows
     for world in args.world_sizes:
         if world > 1:
-            rows.append(world_row(shape, ckpt, args, world, rows[0]))
-            _report(rows[-1])
+            new = world_rows(shape, ckpt, args, world, rows[0])
+            rows += new
+            for row in new:
+                _report(row)
     if args.resume_test:
         rows.append(resume_row(shape, ckpt, args, rows[0]))
         _report(rows[-1])
@@ -294,13 +341,16 @@ def _report(row: dict) -> None:
 
 
 def save(rows: list[dict], args) -> None:
-    """Merge rows into the results file, replacing those with the same (shape, kind, world)."""
-    key = lambda r: (r["shape"], r["kind"], r["world_size"])  # noqa: E731
-    old = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    """Merge rows into the results file, replacing those of the same shape, kind, world size
+    and threads."""
+    key = lambda r: (r["shape"], r["kind"], r["world_size"], r.get("threads"))  # noqa: E731
+    old = json.loads(args.results.read_text())["rows"] if args.results.exists() else []
     new = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new] + rows
     order = {s: i for i, s in enumerate(synthetic.SHAPES)}
-    merged.sort(key=lambda r: (order.get(r["shape"], 99), r["kind"], r["world_size"]))
+    merged.sort(
+        key=lambda r: (order.get(r["shape"], 99), r["kind"], r["world_size"], -r["threads"])
+    )
     result = {
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "ram_bytes": _ram(),
                     "python": platform.python_version()},
@@ -309,8 +359,8 @@ def save(rows: list[dict], args) -> None:
                      "extra": args.extra, "threads": args.threads},
         "rows": merged,
     }  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _cpu() -> str:
@@ -327,15 +377,16 @@ def _ram() -> int:
 def table(rows: list[dict]) -> str:
     """The markdown table of the README's Scale section."""
     lines = [
-        "| shape | run | params | checkpoint GB | peak RSS GB | group peak RSS GB | wall s "
+        "| shape | run | params | checkpoint GB | peak RSS GB | all processes' RSS GB | wall s "
         "| µs/param | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rss = r["peak_rss_bytes"] / GB if r["peak_rss_bytes"] else float("nan")
         lines.append(
-            f"| {r['shape']} | {r['kind']} ×{r['world_size']} | {r['params'] / 1e9:.2f} B "
-            f"| {r['ckpt_bytes'] / GB:.2f} | {rss:.2f} | {r['group_peak_rss_bytes'] / GB:.2f} "
+            f"| {r['shape']} | {r['kind']} {r['world_size']}×{r['threads']} thr "
+            f"| {r['params'] / 1e9:.2f} B "
+            f"| {r['ckpt_bytes'] / GB:.2f} | {rss:.2f} | {r['tree_peak_rss_bytes'] / GB:.2f} "
             f"| {r['wall_s']:.0f} | {r['us_per_param']:.3f} | {_note(r)} |"
         )
     return "\n".join(lines)
@@ -351,8 +402,11 @@ def _note(r: dict) -> str:
             f"{r['identical_to_uninterrupted']['identical']}"
         )
     if "identical_to_w1" in r:
-        same = r["identical_to_w1"]
-        return f"speed-up {r['speedup_vs_w1']:.2f}×; byte-identical to ×1: {same['identical']}"
+        return (
+            f"speed-up {r['speedup_vs_w1']:.2f}× on 1 process; byte-identical to 1 process at "
+            f"{r['threads']} thr: {r['identical_to_w1_same_threads']['identical']}, at all "
+            f"threads: {r['identical_to_w1']['identical']}"
+        )
     return f"{r['shards']} shards out, {(r['out_bytes'] or 0) / GB:.2f} GB"
 
 
@@ -368,6 +422,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--ckpt-root", type=Path, default=synthetic.DEFAULT_ROOT)
     parser.add_argument("--out-root", type=Path, default=Path("/work/scale-out"))
     parser.add_argument("--logs", type=Path, default=Path("/work/scale-out/logs"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
