@@ -169,11 +169,21 @@ def target_groups(
 def shared_inputs(
     model: nn.Module, token_blocks: torch.Tensor, targets: Mapping[str, nn.Module]
 ) -> dict[str, str]:
+    """{target: the first target (in ``targets`` order) that reads the same input tensor}, from
+    one forward of the first row's first 8 tokens."""
+    device = next(model.parameters()).device
+
+    def forward() -> None:
+        model(input_ids=token_blocks[:1, :8].to(device))
+
+    return input_leaders(targets, forward)
+
+
+def input_leaders(targets: Mapping[str, nn.Module], forward: Callable[[], Any]) -> dict[str, str]:
     """{target: the first target (in ``targets`` order) that reads the same input tensor}.
 
-    One forward of the first row's first 8 tokens with hooks that keep every input alive, so an
-    identical storage pointer means the very same tensor (no freed memory can be reused).
-    """
+    ``forward()`` runs the targets once under hooks that keep every input alive, so an identical
+    storage pointer means the very same tensor (no freed memory can be reused)."""
     seen: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -182,11 +192,10 @@ def shared_inputs(
 
         return keep
 
-    device = next(model.parameters()).device
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in targets.items()]
     try:
         with torch.no_grad():
-            model(input_ids=token_blocks[:1, :8].to(device))
+            forward()
     finally:
         for handle in handles:
             handle.remove()
@@ -209,30 +218,25 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _collect(
-    model: nn.Module,
-    token_blocks: torch.Tensor,
+def collect(
     group: Mapping[str, nn.Module],
     leaders: Mapping[str, str],
-    advance: Callable[[int], None],
-) -> dict[str, torch.Tensor]:
-    """Run every calibration block once with hooks on the input leaders of ``group``; returns
-    {leader: (in, H's lower triangle)}."""
+    forward: Callable[[], Any],
+) -> dict[str, tuple[int, torch.Tensor]]:
+    """Run ``forward()`` (every calibration forward, no grad) with hooks on the input leaders of
+    ``group``; returns {leader: (in, H's lower triangle)}."""
     accumulators = {
         name: _Accumulator(weight_shape(m)[1], device_of(m))
         for name, m in group.items()
         if leaders.get(name, name) == name
     }
-    device = next(model.parameters()).device
     handles = [
         group[name].register_forward_pre_hook(acc.hook, with_kwargs=True)
         for name, acc in accumulators.items()
     ]
     try:
         with torch.no_grad():
-            for row in token_blocks:
-                model(input_ids=row[None].to(device))
-                advance(1)
+            forward()
     finally:
         for handle in handles:
             handle.remove()
@@ -243,6 +247,18 @@ def _collect(
         packed[name] = (h.shape[0], h[rows, cols])
         del h
     return packed
+
+
+def _rows(model: nn.Module, token_blocks: torch.Tensor, advance: Callable[[int], None]):
+    """A forward of every calibration block, one row at a time."""
+    device = next(model.parameters()).device
+
+    def forward() -> None:
+        for row in token_blocks:
+            model(input_ids=row[None].to(device))
+            advance(1)
+
+    return forward
 
 
 def estimate_hessians(
@@ -266,5 +282,5 @@ def estimate_hessians(
         advance = progress("Hessians", len(groups) * token_blocks.shape[0])
         packed: dict[str, tuple[int, torch.Tensor]] = {}
         for group in groups:
-            packed.update(_collect(model, token_blocks, group, leaders, advance))
+            packed.update(collect(group, leaders, _rows(model, token_blocks, advance)))
     return Hessians(packed, {name: leaders.get(name, name) for name in targets})

@@ -5,7 +5,6 @@ Each verb maps its options onto one library call and prints what it returns.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +64,30 @@ EmbeddingsOption = Annotated[
 ]
 GGUFCodesOption = Annotated[
     bool, typer.Option(help="qa-lora q4_1 from a GGUF: keep the file's own Q4_1 codes")
+]
+StreamOption = Annotated[
+    bool,
+    typer.Option(
+        help="one transformer block at a time from a safetensors checkpoint, into a sharded, "
+        "resumable directory (models larger than memory; torchrun for many processes)"
+    ),
+]
+ResumeOption = Annotated[
+    bool, typer.Option(help="finish the partial streamed run in --out (implies --stream)")
+]
+DeviceOption = Annotated[
+    str, typer.Option(help="auto (the GPU when there is one) | cpu | cuda[:N]")
+]
+DtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        help="the loaded original's dtype: fp32 | bf16 | fp16 (default: "
+        "bf16 on a GPU, fp32 on a CPU)"
+    ),
+]
+OffloadOption = Annotated[
+    bool | None,
+    typer.Option(help="calibration activations in a disk file (default: when they are large)"),
 ]
 FactorBitsOption = Annotated[
     int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
@@ -261,6 +284,11 @@ def compress(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("lorq-out"),
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
     allow_pickle: AllowPickleOption = False,
+    stream: StreamOption = False,
+    resume: ResumeOption = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+    offload_activations: OffloadOption = None,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.compress import compress_model
@@ -269,24 +297,47 @@ def compress(
     from lorq.preflight import check_compress
 
     with user_errors() as stage:
-        given = saved_plan(plan_file, budget_mb)
-        budget = given.budget if given and budget is None and quant is None else budget
+        given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
         new_plan = (model, None if given else budget or budget_mb)
         statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting, new_plan)
-        config = CompressConfig(
-            method, quant, budget, candidates, rank, budget_mb=budget_mb, **statistics
-        )
-        config = replace(config, embeddings=embeddings, factor_bits=factor_bits)
+        extra = {"embeddings": embeddings, "factor_bits": factor_bits, "budget_mb": budget_mb}
+        config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **extra)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle)
+        if stream or resume:
+            run = (resume, overwrite, eval_blocks, device, dtype, offload_activations)
+            return streamed(model, out, config, text, given, run, stage)
         check_out_dir(out, overwrite, model)
         loaded = load_quietly(model, packed=not config.fisher, allow_pickle=allow_pickle)
-        jobs = {"eval_blocks": eval_blocks, "baseline": baseline, "gguf_codes": gguf_codes}
-        result = compress_model(
-            loaded, config, calibration=text, plan=given, progress=stage, **jobs
-        )
+        job = {"eval_blocks": eval_blocks, "baseline": baseline, "gguf_codes": gguf_codes}
+        result = compress_model(loaded, config, calibration=text, plan=given, progress=stage, **job)
         saved = save(result, out, overwrite=overwrite)
     console.print(results_table(f"{model} → {out}", result.measurements, loaded.source, saved))
+    console.print(f"saved to {out}")
+
+
+def plan_and_budget(plan_file, budget_mb, budget, quant):
+    """(the saved plan, if any; the budget: the plan's unless one or a preset is given)."""
+    given = saved_plan(plan_file, budget_mb)
+    return given, given.budget if given and budget is None and quant is None else budget
+
+
+def streamed(model, out, config, text, plan, run, stage) -> None:
+    """``lorq compress --stream``: one library call, then the evaluation of what it wrote."""
+    from lorq.compress_stream import compress_streaming
+    from lorq.evaluate import evaluate_saved
+
+    resume, overwrite, eval_blocks, device, dtype, offload = run
+    result = compress_streaming(
+        model, out, config, calibration=text, plan=plan, resume=resume, overwrite=overwrite,
+        progress=stage, device=device, dtype=dtype, offload_activations=offload,
+    )  # fmt: skip
+    rows, _ = evaluate_saved(out, eval_blocks, True, stage) if eval_blocks > 0 else ([], None)
+    if result.reused:
+        kept, done = len(result.reused), len(result.computed)
+        console.print(f"resumed: {kept} finished shards kept, {done} computed")
+    if rows:
+        console.print(results_table(f"{model} → {out}", rows))
     console.print(f"saved to {out}")
 
 

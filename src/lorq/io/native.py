@@ -278,18 +278,40 @@ def check_format_version(version: Any, written_by: Any, file: Path | str) -> Non
         raise ValueError(f"{file}: format_version {version!r} is not supported")
 
 
-def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of ``path``, read only after the header matched lorq.json (io.verify)."""
-    file = path / WEIGHTS_FILE
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found; the lorq model directory is incomplete")
-    check_header(meta, read_header(file), file)
+INDEX_FILE = "model.safetensors.index.json"  # a sharded directory (``lorq.compress_streaming``)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a lorq directory: model.safetensors, or the shards its index names."""
+    index = path / INDEX_FILE
+    if (path / WEIGHTS_FILE).exists() or not index.exists():
+        return [path / WEIGHTS_FILE]
     try:
-        return load_file(file)
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(
-            f"{file} is corrupted or truncated ({err}); re-run lorq compress"
-        ) from None
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in dict.fromkeys(weight_map.values())]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index} is corrupted ({err}); re-run lorq compress") from None
+
+
+def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (one file or shards), read only after the headers matched
+    lorq.json (io.verify)."""
+    files = weight_files(path)
+    header = {}
+    for file in files:
+        if not file.exists():
+            raise FileNotFoundError(f"{file} not found; the lorq model directory is incomplete")
+        header.update(read_header(file))
+    check_header(meta, header, files[0] if len(files) == 1 else path / INDEX_FILE)
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(load_file(file))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(
+                f"{file} is corrupted or truncated ({err}); re-run lorq compress"
+            ) from None
+    return tensors
 
 
 def _skeleton(meta: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,113 @@
+"""``lorq compress --stream`` and ``python -m lorq``: the library call behind flags, errors as one
+line with exit code 2. Oracles: the in-memory CLI's saved tensors, the error text."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from tests.stream.test_stream import assert_same_bytes, shard_tensors
+from tests.test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
+
+FLAGS = ["--method", "lq", "--quant", "nf3", "--rank", "4", "--calibration-tokens", "256",
+         "--seq-len", "32", "--weighting", "activations", "--eval-blocks", "0"]  # fmt: skip
+
+
+def test_stream_flag_writes_what_the_library_call_writes(tiny_dir, tmp_path):  # noqa: F811
+    """--stream with --eval-blocks 0 gives a sharded directory; its tensors are those of
+    compress_streaming with the same settings; with evaluation it prints the table."""
+    from lorq.compress import Calibration
+    from lorq.compress_stream import compress_streaming
+    from lorq.config import CompressConfig
+
+    result = run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--device", "cpu",
+                 "--out", tmp_path / "cli")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations")
+    compress_streaming(
+        str(tiny_dir), tmp_path / "lib", config, calibration=Calibration("builtin", 32, 8),
+        device="cpu",
+    )  # fmt: skip
+    assert_same_bytes(shard_tensors(tmp_path / "lib"), shard_tensors(tmp_path / "cli"))
+    evaluated = run("compress", "--model", tiny_dir, *FLAGS[:-2], "--eval-blocks", "1",
+                    "--stream", "--out", tmp_path / "cli", "--overwrite")  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "perplexity" in evaluated.output.lower() or "ppl" in evaluated.output.lower()
+
+
+def test_stream_errors_are_one_line(tiny_dir, tmp_path):  # noqa: F811
+    if not torch.cuda.is_available():
+        one_line_error(
+            run(
+                "compress",
+                "--model",
+                tiny_dir,
+                *FLAGS,
+                "--stream",
+                "--device",
+                "cuda",
+                "--out",
+                tmp_path / "a",
+            ),
+            "no CUDA GPU is visible",
+        )
+    assert not (tmp_path / "a").exists()
+    one_line_error(
+        run(
+            "compress",
+            "--model",
+            tiny_dir,
+            *FLAGS,
+            "--stream",
+            "--device",
+            "tpu",
+            "--out",
+            tmp_path / "a",
+        ),
+        "device='tpu' is not supported",
+    )
+    one_line_error(
+        run(
+            "compress",
+            "--model",
+            tiny_dir,
+            *FLAGS,
+            "--stream",
+            "--weighting",
+            "fisher",
+            "--out",
+            tmp_path / "a",
+        ),
+        "needs the Fisher",
+    )
+    done = run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--out", tmp_path / "b")
+    assert done.exit_code == 0, done.output
+    (tmp_path / "b" / "lorq.json").unlink()  # a run killed before its end
+    one_line_error(
+        run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--out", tmp_path / "b"),
+        "pass resume=True (--resume)",
+    )
+    resumed = run("compress", "--model", tiny_dir, *FLAGS, "--resume", "--out", tmp_path / "b")
+    assert resumed.exit_code == 0 and "3 finished shards kept, 0 computed" in resumed.output
+
+
+def test_python_dash_m_lorq():
+    """``python -m lorq`` is the command line (as ``torchrun -m lorq`` needs)."""
+    done = subprocess.run([sys.executable, "-m", "lorq", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "compress" in done.stdout
+
+
+def test_loaded_shards_match_the_manifest_tensors(tiny_dir, tmp_path):  # noqa: F811
+    """Each shard holds exactly the tensors lorq.json lists for it (load checks the headers)."""
+    import json
+
+    done = run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--out", tmp_path / "c")
+    assert done.exit_code == 0, done.output
+    meta = json.loads((tmp_path / "c" / "lorq.json").read_text())
+    stored = {}
+    for file in sorted((tmp_path / "c").glob("model-*.safetensors")):
+        stored.update(load_file(file))
+    assert sorted(stored) == sorted(meta["tensors"])
