@@ -130,11 +130,18 @@ def check_room(out: Path, nbytes: int) -> None:
 
 def check_out_dir(out: Path, overwrite: bool, model: str) -> None:
     """Refuse an output path that is not a lorq directory, exists without --overwrite, is
-    ``model``'s own folder or has no room for about the source's size."""
+    ``model``'s own folder, holds a partial streamed run (finished by --stream --resume) or has
+    no room for about the source's size."""
     from lorq.atomic import check_output
     from lorq.io.native import is_lorq_dir
     from lorq.models import local_files, resolve, source_nbytes
+    from lorq.stream.writer import LORQ_FILE, MANIFEST_FILE
 
+    if (out / MANIFEST_FILE).is_file() and not (out / LORQ_FILE).is_file():
+        raise ValueError(
+            f"{out} holds a partial streamed run ({MANIFEST_FILE} without {LORQ_FILE}); finish "
+            "it with --stream --resume, or start it again with --stream --overwrite"
+        )
     source = resolve(model)
     inputs, nbytes = local_files(source), source_nbytes(source)
     check_output(out, overwrite, is_lorq_dir, "lorq model", inputs=inputs, nbytes=nbytes)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,28 @@ class StreamSource:
         }
 
 
+def hub_cache() -> str | None:
+    """The hub cache the environment names now (huggingface_hub reads HF_HUB_CACHE and HF_HOME
+    once, at import); None: huggingface_hub's default."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return os.path.expandvars(os.path.expanduser(os.environ[variable]))
+    home = os.environ.get("HF_HOME")
+    return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub") if home else None
+
+
 def _hub_folder(name: str) -> Path:
     """The local snapshot of hub id ``name``: the cache first, then a download."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    cache = hub_cache()
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        return Path(
+            snapshot_download(
+                name, allow_patterns=HUB_PATTERNS, local_files_only=True, cache_dir=cache
+            )
+        )
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
     if not hub_reachable():
@@ -50,7 +66,7 @@ def _hub_folder(name: str) -> Path:
             "local folder"
         )
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, cache_dir=cache))
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise FileNotFoundError(f"model {name!r} could not be downloaded ({err})") from None
 
