@@ -112,6 +112,15 @@ def test_nf_dequantized_is_quantize_dequantize_bit_for_bit(grid, shape):
     assert seen == set(range(len(candidates)))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nf_dequantized_on_cuda_is_quantize_dequantize_there():
+    candidates = NF_GRIDS["default"]
+    target = awkward_target((96, 384), seed=2).cuda()
+    for i, dense in nf_dequantized(target, candidates):
+        assert dense.is_cuda
+        assert torch.equal(dense, quantize(target, candidates[i]).dequantize()), candidates[i]
+
+
 def test_nf_dequantized_skips_other_formats():
     candidates = candidate_grid(MIXED)
     target = awkward_target((16, 256), seed=1)
@@ -123,9 +132,8 @@ def test_nf_dequantized_skips_other_formats():
 def test_one_level_search_serves_nf2_to_nf4():
     assert bit_groups((2, 3, 4, 8)) == ((2, 3, 4), (8,))
     assert bit_groups((8, 4)) == ((4,), (8,))
-    grid, tables = merged_levels((2, 3, 4))
     g = torch.Generator().manual_seed(0)
-    mids = torch.cat([nf_midpoints(k) for k in (2, 3, 4)])
+    mids = torch.cat([nf_midpoints(k) for k in (2, 3, 4, 8)])
     y = torch.cat(
         [
             torch.rand(100_000, generator=g) * 2.4 - 1.2,  # beyond ±1 too
@@ -135,10 +143,12 @@ def test_one_level_search_serves_nf2_to_nf4():
             torch.tensor([-1.0, 0.0, -0.0, 1.0]),
         ]
     )
-    code = grid.codes(y).int()
-    for k in (2, 3, 4):
-        expected = nf_levels(k)[torch.bucketize(y, nf_midpoints(k))]
-        assert torch.equal(tables[k][code], expected), k
+    for group in bit_groups((2, 3, 4, 8)):
+        grid, tables = merged_levels(group)
+        code = grid.codes(y).int()
+        for k in group:
+            expected = nf_levels(k)[torch.bucketize(y, nf_midpoints(k))]
+            assert torch.equal(tables[k][code], expected), k
 
 
 def test_bits_are_what_the_quantized_tensor_stores():

@@ -114,5 +114,5 @@ def nf_dequantized(
             grid, tables = merged_levels(group)
             code = grid.codes(y).reshape(-1).int()
             for k in group:
-                values = tables[k].index_select(0, code).view(blocks.shape)
+                values = tables[k].to(code.device).index_select(0, code).view(blocks.shape)
                 yield by_bits[k], values.mul_(used[:, None]).view(target.shape)
