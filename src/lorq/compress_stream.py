@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from lorq._version import __version__
 from lorq.budget import BudgetPlan
 from lorq.calibrate.blocks import BlockInputs, capture_inputs, run_block
 from lorq.compress import Calibration, _decompose_layers
-from lorq.config import JOB_STATISTICS, CompressConfig
+from lorq.config import JOB_STATISTICS, CompressConfig, uses_fisher
 from lorq.hessian import DEFAULT_MAX_BYTES, Hessians, collect, input_leaders, target_groups
 from lorq.io.native import FORMAT, FORMAT_VERSION, LORQ_FILE, hf_config, write_config
 from lorq.layers import targets_of
@@ -40,6 +41,7 @@ from lorq.progress import Progress, no_progress
 from lorq.stream import dist
 from lorq.stream.checkpoint import INDEX_FILE
 from lorq.stream.devices import activation_offload, resolve_device, resolve_dtype
+from lorq.stream.fisher import FISHER_DIR, fisher_done, read_fisher, stream_fisher
 from lorq.stream.shards import load_shard_into, shard_payload
 from lorq.stream.skeleton import (
     Blocks,
@@ -47,6 +49,7 @@ from lorq.stream.skeleton import (
     materialize,
     outside_blocks,
     release,
+    release_parts,
     skeleton,
 )
 from lorq.stream.source import StreamSource, stream_source
@@ -166,7 +169,7 @@ def compress_streaming(
     )
     run.statistics = on_statistics
     _check_targets(run)
-    used = calibration if config.activations else None
+    used = calibration if config.activations or uses_fisher(config.weighting) else None
     settings = _settings(run, used)
     with shard_writer(out, settings, resume, overwrite, source.inputs, world) as writer:
         names = shard_names(len(blocks) + 1)
@@ -174,23 +177,33 @@ def compress_streaming(
         offload = activation_offload(
             offload_activations, writer.out, used, source.config.hidden_size
         )
+        _fisher(run, writer.out, used, offload)
         run.advance = progress("decomposing", -(-len(run.targets) // world.size))
-        inputs = _outside(run, writer, names[0], used, offload)
+        inputs = _outside(run, writer, names[0], used if config.activations else None, offload)
         for index in range(len(blocks)):
             inputs = _block(run, writer, index, names[index + 1], inputs)
         metadata = _finish(run, writer, names, used)
     return StreamResult(Path(out), config, run.errors, tuple(run.computed), reused, metadata)
 
 
+def _fisher(run: _Run, out: Path, calibration, offload: Path | None) -> None:
+    """The Fisher pass (rank 0, before any block is compressed), unless a killed run finished it
+    (``lorq.stream.fisher``)."""
+    if not uses_fisher(run.config.weighting):
+        return
+    if run.world.is_writer and not fisher_done(out, len(run.blocks)):
+        tokens = _tokens(calibration, run.source.folder)
+        stream_fisher(
+            run.model, run.blocks, run.source.checkpoint, run.targets, tokens, run.device, out,
+            offload,
+        )  # fmt: skip
+    dist.barrier(run.world)
+
+
 def _check_streamable(config: CompressConfig, plan: BudgetPlan | None) -> None:
     """What the streaming job does not do (yet), refused before any work."""
     if config.method == "qa-lora":
         raise ValueError("method='qa-lora' is not streamed; compress without stream (--stream)")
-    if config.fisher:
-        raise ValueError(
-            f"weighting={config.cost_weighting!r} needs the Fisher, which the streaming job does "
-            "not estimate; use weighting='activations' or compress without stream (--stream)"
-        )
     if config.budgeted and plan is None:
         raise ValueError(
             "a budget streams with a plan made beforehand (lorq plan … --out plan.json, then "
@@ -252,8 +265,7 @@ def _outside(
             module.to(run.dtype)
         tokens = _tokens(calibration, run.source.folder)
         inputs = capture_inputs(run.model, run.blocks.modules[0], tokens, run.device, offload)
-    for _, module, _ in parts:
-        release(module, recurse=False)
+    release_parts(parts)
     return inputs
 
 
@@ -285,7 +297,8 @@ def _block(run: _Run, writer: ShardWriter, index: int, shard: str, inputs: Block
     hessians, original = _statistics(run, block, targets, inputs)
     if run.statistics is not None and hessians is not None:
         run.statistics(index, hessians)
-    _compress_block(run, targets, hessians)
+    fisher = read_fisher(writer.out, index) if uses_fisher(run.config.weighting) else None
+    _compress_block(run, targets, (fisher, hessians))
     _finalize(run, block)
     if inputs is not None:
         inputs = (
@@ -303,7 +316,7 @@ def _statistics(run: _Run, block: nn.Module, targets, inputs: BlockInputs | None
     the config needs no statistics."""
     if inputs is None or not run.config.activations:
         return None, None
-    first = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
+    first = inputs.row(0)
     leaders = input_leaders(targets, lambda: run_block(block, first))
     original = None if run.sequential else torch.empty_like(inputs.hidden)
     packed: dict[str, tuple[int, torch.Tensor]] = {}
@@ -312,12 +325,12 @@ def _statistics(run: _Run, block: nn.Module, targets, inputs: BlockInputs | None
     return Hessians(packed, {name: leaders.get(name, name) for name in targets}), original
 
 
-def _compress_block(run: _Run, targets: dict[str, nn.Module], hessians) -> None:
+def _compress_block(run: _Run, targets: dict[str, nn.Module], statistics) -> None:
     """Decompose the targets this rank owns, then give every rank every layer."""
     names = list(targets)
     mine = {n: targets[n] for i, n in enumerate(names) if run.world.owns(i)}
     progress = lambda label, total: run.advance  # noqa: E731  one bar for the whole run
-    errors = _decompose_layers(run.model, run.config, mine, run.plan, (None, hessians), progress)
+    errors = _decompose_layers(run.model, run.config, mine, run.plan, statistics, progress)
     run.errors.update(errors)
     if run.world.size == 1:
         return
@@ -343,8 +356,7 @@ def _forward(run: _Run, block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     mine = [i for i in range(len(inputs)) if run.world.owns(i)]
     rows = {}
     for i in mine:
-        part = BlockInputs(inputs.hidden[i : i + 1], inputs.kwargs[i : i + 1])
-        rows[i] = run_block(block, part)[0]
+        rows[i] = run_block(block, inputs.row(i))[0]
     for i, row in dist.gather_rows(rows, run.world).items():
         out[i] = row.to(out.device)
     return replace(inputs, hidden=out)
@@ -402,6 +414,8 @@ def _finish(run: _Run, writer: ShardWriter, names: list[str], calibration) -> di
             tmp.replace(out / "config.json")
         if any(run.source.folder.glob("tokenizer*")):
             _tokenizer(run.source.folder).save_pretrained(out)
+        for scratch in (FISHER_DIR, ".activations"):
+            shutil.rmtree(out / scratch, ignore_errors=True)
         write_json(out / LORQ_FILE, meta)  # last: the directory is finished
     dist.barrier(run.world)
     return meta

@@ -76,12 +76,12 @@ def test_stream_errors_are_one_line(tiny_dir, tmp_path):  # noqa: F811
             tiny_dir,
             *FLAGS,
             "--stream",
-            "--weighting",
-            "fisher",
+            "--embeddings",
+            "q8_0",
             "--out",
             tmp_path / "a",
         ),
-        "needs the Fisher",
+        "is not streamed",
     )
     done = run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--out", tmp_path / "b")
     assert done.exit_code == 0, done.output

@@ -28,10 +28,15 @@ class _Captured(Exception):
 
 @dataclass
 class BlockInputs:
-    """X (n × L × d) and the keyword inputs every block gets, per calibration sequence."""
+    """X (n × L × d) and the other inputs every block gets (positional after X, keyword), per
+    calibration sequence."""
 
     hidden: torch.Tensor
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    kwargs: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
+
+    def row(self, i: int) -> BlockInputs:
+        """Sequence ``i`` alone."""
+        return BlockInputs(self.hidden[i : i + 1], self.kwargs[i : i + 1])
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -69,11 +74,12 @@ def capture_inputs(
 ) -> BlockInputs:
     """Run the model on each calibration sequence (n × L token ids) up to ``first_block`` and
     keep what it receives; only the modules before it need real weights."""
-    seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    seen: list[tuple[torch.Tensor, tuple[tuple, dict[str, Any]]]] = []
 
     def keep(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        seen.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        seen.append((hidden, (tuple(args[1:]), kwargs)))
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(keep, with_kwargs=True)
@@ -107,6 +113,6 @@ def run_block(
     like X when None); returns it."""
     out = torch.empty_like(inputs.hidden) if out is None else out
     with torch.no_grad():
-        for i, kwargs in enumerate(inputs.kwargs):
-            out[i] = _first(block(inputs.hidden[i : i + 1], **kwargs))[0]
+        for i, (args, kwargs) in enumerate(inputs.kwargs):
+            out[i] = _first(block(inputs.hidden[i : i + 1], *args, **kwargs))[0]
     return out

@@ -129,15 +129,21 @@ def _read(model, name, tensor, checkpoint: Checkpoint, dtype, device) -> torch.T
     return value.to(dtype if value.is_floating_point() else value.dtype).to(device)
 
 
-def release(module: nn.Module, recurse: bool = True) -> None:
-    """Every parameter and buffer of ``module`` (its own only unless ``recurse``) back on the
-    meta device."""
-    for _, owner, leaf, tensor, is_param in list(tensors_of(module, "", recurse)):
-        meta = torch.empty_like(tensor, device="meta")
-        if is_param:
-            owner._parameters[leaf] = nn.Parameter(meta, requires_grad=False)
-        else:
-            owner._buffers[leaf] = meta
+def release(module: nn.Module) -> None:
+    """Every parameter of ``module`` back on the meta device (see :func:`release_parts`)."""
+    release_parts([("", module, True)])
+
+
+def release_parts(parts: list[tuple[str, nn.Module, bool]]) -> None:
+    """Every parameter of ``parts`` ((name, module, recurse)) back on the meta device, a tied one
+    still one object at all its names; buffers stay (small; some are not in the checkpoint)."""
+    meta: dict[int, nn.Parameter] = {}
+    for prefix, module, recurse in parts:
+        for _, owner, leaf, tensor, is_param in list(tensors_of(module, prefix, recurse)):
+            if is_param:
+                empty = torch.empty_like(tensor, device="meta")
+                new = meta.setdefault(id(tensor), nn.Parameter(empty, requires_grad=False))
+                owner._parameters[leaf] = new
 
 
 def outside_blocks(model: nn.Module, blocks: Blocks) -> list[tuple[str, nn.Module, bool]]:
