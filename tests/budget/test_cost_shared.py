@@ -129,26 +129,35 @@ def test_nf_dequantized_skips_other_formats():
     assert set(got) == nf and len(nf) < len(candidates)
 
 
+def ulps(x, n):
+    """x and its n float32 neighbours on either side."""
+    out, up, down = [x], x, x
+    for _ in range(n):
+        up, down = torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)
+        out += [up, down]
+    return torch.cat(out)
+
+
 def test_one_level_search_serves_nf2_to_nf4():
     assert bit_groups((2, 3, 4, 8)) == ((2, 3, 4), (8,))
     assert bit_groups((8, 4)) == ((4,), (8,))
     g = torch.Generator().manual_seed(0)
     mids = torch.cat([nf_midpoints(k) for k in (2, 3, 4, 8)])
-    y = torch.cat(
-        [
-            torch.rand(100_000, generator=g) * 2.4 - 1.2,  # beyond ±1 too
-            mids,
-            torch.nextafter(mids, torch.full_like(mids, 2.0)),
-            torch.nextafter(mids, torch.full_like(mids, -2.0)),
-            torch.tensor([-1.0, 0.0, -0.0, 1.0]),
-        ]
-    )
     for group in bit_groups((2, 3, 4, 8)):
         grid, tables = merged_levels(group)
+        edges = torch.linspace(-1.0, 1.0, grid.cells + 1)  # where the cell arithmetic rounds
+        y = torch.cat(
+            [
+                torch.rand(200_000, generator=g) * 2.4 - 1.2,  # beyond ±1 too
+                ulps(mids, 4),
+                ulps(edges, 2),
+                torch.tensor([-1.0, 0.0, -0.0, 1.0, -3.0, 3.0]),
+            ]
+        )
         code = grid.codes(y).int()
         for k in group:
             expected = nf_levels(k)[torch.bucketize(y, nf_midpoints(k))]
-            assert torch.equal(tables[k][code], expected), k
+            assert torch.equal(tables[k][code], expected), (group, k)
 
 
 def test_bits_are_what_the_quantized_tensor_stores():

@@ -9,7 +9,8 @@
 Since midpoints_k ⊂ M, the interval of M that holds y fixes its interval of midpoints_k, so
 code_k is a lookup of j, which a LevelGrid over M finds (``lorq.quant.codebook``: ties low, as
 bucketize). Bit widths whose merged midpoints one LevelGrid of ≤ MAX_CELLS cells separates share
-j (NF2, NF3 and NF4 do; NF8's 255 midpoints lie too close to theirs and get their own).
+j: NF2, NF3 and NF4 do. NF8 gets its own: its 255 midpoints fill the grid's uint8 codes (and lie
+too close to the others' for its cells).
 
 Every step is the float arithmetic of ``quantize(T, c).dequantize()`` for an NF config c
 (``lorq.quant.normal_float``), so Q_k is bit-identical to it; what is skipped is computing the
@@ -33,8 +34,11 @@ MAX_CELLS = 4096  # NF8 alone needs 512 cells (lorq.quant.codebook.nf_grid)
 
 
 def _merged_grid(bits: tuple[int, ...]) -> LevelGrid | None:
-    """The LevelGrid over the merged midpoints of ``bits``; None when no ≤ MAX_CELLS does."""
+    """The LevelGrid over the merged midpoints of ``bits``; None when no ≤ MAX_CELLS does or
+    its codes would not fit in uint8 (more than 255 midpoints)."""
     merged = torch.unique(torch.cat([nf_midpoints(k) for k in bits]))
+    if merged.numel() > 255:
+        return None
     cells = 256
     while cells <= MAX_CELLS and (grid := _build_grid(merged, cells)) is None:
         cells *= 2
