@@ -21,12 +21,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lorq.atomic import check_not_input, exclusive
@@ -35,6 +37,7 @@ MANIFEST_FILE = "lorq-manifest.json"
 MANIFEST_FORMAT = "lorq-partial"
 LORQ_FILE = "lorq.json"
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error shows its errno
 
 
 def shard_names(count: int) -> list[str]:
@@ -155,16 +158,26 @@ def _fsync(file: Path) -> None:
         os.close(fd)
 
 
+def _errno(err: Exception) -> int | None:
+    """An OSError's errno, or the one safetensors' writer names ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = RUST_OS_ERROR.search(str(err))
+    return int(found.group(1)) if found else None
+
+
 @contextlib.contextmanager
 def _room(tmp: Path, nbytes: int) -> Iterator[None]:
-    """A write that runs out of disk removes its hidden file and says so in one line."""
+    """A write that fails removes its hidden file; one that runs out of disk (an OSError, or
+    the SafetensorError safetensors raises for it) says so in one line."""
     try:
         yield
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
-        if err.errno in NO_ROOM:
+        number = _errno(err)
+        if number in NO_ROOM:
             raise OSError(
-                err.errno,
+                number,
                 f"no room on the disk ({nbytes / 2**20:.1f} MiB to write); free space and re-run "
                 "with --resume: the finished shards are kept",
                 str(tmp.parent / tmp.name.strip(".").removesuffix(".tmp")),
