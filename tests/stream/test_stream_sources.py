@@ -108,3 +108,25 @@ def test_in_memory_compress_names_a_partial_streamed_run(tiny_dir, tmp_path):  #
     assert (tmp_path / "out" / MANIFEST_FILE).is_file()
     resumed = run("compress", "--model", tiny_dir, *flags, "--stream", "--resume")
     assert resumed.exit_code == 0 and (tmp_path / "out" / "lorq.json").is_file(), resumed.output
+
+
+@pytest.mark.parametrize("factor_bits", [None, 8], ids=["factors-fp", "factors-int8"])
+def test_from_pretrained_reads_a_streamed_directory(tmp_path, factor_bits):
+    """``AutoModelForCausalLM.from_pretrained`` (after ``import lorq``) on the shards and index
+    compress_streaming writes gives lorq.load's logits exactly (torch.equal), with 8-bit
+    factors decoded from their shard too."""
+    import transformers
+
+    import lorq
+
+    tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    config = CompressConfig(method="lq", quant="nf4", rank=4, factor_bits=factor_bits)
+    compress_streaming(str(tmp_path / "src"), tmp_path / "out", config, device="cpu")
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) == 4
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reference = lorq.load(tmp_path / "out")
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference(input_ids=ids)[0])
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in reference.named_parameters() if p.requires_grad}

@@ -8,7 +8,9 @@ stored in 8 bits, the trainable parameters), so ``AutoModelForCausalLM.from_pret
 
     config.json          LorqConfig: the fields' JSON types; a format_version newer than this lorq
                          reads → ValueError naming both versions: upgrade lorq
-    before the weights   model.safetensors' header checked against the layers (lorq.io.verify);
+    before the weights   the weights' headers (model.safetensors, or the shards that
+                         model.safetensors.index.json names, as compress_streaming writes them)
+                         checked against the layers (lorq.io.verify);
                          every packed layer swapped in on the meta device with its tensors shaped
                          and typed as stored; every tensor of the model stored or an alias
     transformers         loads each stored tensor by name (dense ones cast to the model's dtype,
@@ -37,6 +39,7 @@ MISSING and lorq's packed tensors as UNEXPECTED). That model is wrong: import lo
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 from pathlib import Path
@@ -61,6 +64,7 @@ from lorq.io.native import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
+    INDEX_FILE,
     LORQ_FILE,
     QUANTIZATION_FIELDS,
     WEIGHTS_FILE,
@@ -87,6 +91,7 @@ from lorq.surgery import set_module
 
 STORED_DTYPES = {name: dtype for dtype, name in TORCH_TO_SAFETENSORS.items()}
 FACTOR_SCALES = r"\.lora_[AB]\.scales$"  # the scales of 8-bit factors: no tensor of the model
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # compress_streaming's shards
 
 
 def factor_scales(spec: dict[str, Any]) -> set[str]:
@@ -132,7 +137,8 @@ class LorqHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: LorqConfig, **kwargs: Any):
         super().__init__(quantization_config, **kwargs)
-        self.file = Path()
+        self.files: list[Path] = []
+        self.where: dict[str, Path] = {}  # tensor name → the file that stores it
         self.header: Header = {}
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -143,19 +149,20 @@ class LorqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(
         self, model: nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> nn.Module:
-        self.file = weights_file(checkpoint_files)
+        self.files = weights_files(checkpoint_files)
         spec = self.quantization_config.spec()
         check_model_class(model, spec)
-        self.header = read_stored_header(self.file, spec)
+        self.header, self.where = read_stored_header(self.files, spec)
         build_skeleton(model, spec, self.header)
-        check_stored(model, spec, self.header, self.file)
+        check_stored(model, spec, self.header, described(self.files))
         expect_native_keys(model, spec, self.header)
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        fill_native(model, self.quantization_config.spec(), self.header, self.file)
-        if (self.file.parent / LORQ_FILE).is_file():
-            set_model_meta(model, read_meta(self.file.parent))
+        fill_native(model, self.quantization_config.spec(), self.header, self.where)
+        folder = self.files[0].parent
+        if (folder / LORQ_FILE).is_file():
+            set_model_meta(model, read_meta(folder))
         model.save_pretrained = types.MethodType(save_pretrained, model)
         return model
 
@@ -173,12 +180,25 @@ class LorqHfQuantizer(HfQuantizer):
         return bool(self.quantization_config.trainable)
 
 
-def weights_file(checkpoint_files: list[str] | None) -> Path:
-    """The one weights file transformers resolved (lorq never shards)."""
-    files = list(checkpoint_files or [])
-    if len(files) != 1 or Path(files[0]).name != WEIGHTS_FILE:
-        raise ValueError(f"a lorq directory holds one {WEIGHTS_FILE}; found {files}")
-    return Path(files[0])
+def weights_files(checkpoint_files: list[str] | None) -> list[Path]:
+    """The weight files transformers resolved: one model.safetensors (``lorq.save``), or the
+    shards of one folder that model.safetensors.index.json names (``compress_streaming``)."""
+    files = [Path(f) for f in checkpoint_files or []]
+    single = len(files) == 1 and files[0].name == WEIGHTS_FILE
+    shards = bool(files) and all(
+        SHARD_NAME.fullmatch(f.name) and f.parent == files[0].parent for f in files
+    )
+    if not (single or shards):
+        raise ValueError(
+            f"a lorq directory holds one {WEIGHTS_FILE} or the shards {INDEX_FILE} names; found "
+            f"{[str(f) for f in files]}"
+        )
+    return files
+
+
+def described(files: list[Path]) -> Path:
+    """How errors name the weights: the one file, or the index of the shards."""
+    return files[0] if len(files) == 1 else files[0].parent / INDEX_FILE
 
 
 def check_model_class(model: nn.Module, spec: dict[str, Any]) -> None:
@@ -190,11 +210,17 @@ def check_model_class(model: nn.Module, spec: dict[str, Any]) -> None:
         )
 
 
-def read_stored_header(file: Path, spec: dict[str, Any]) -> Header:
-    """model.safetensors' header, checked against the layers before a tensor is read."""
-    header = read_header(file)
-    check_header(spec, header, file)
-    return header
+def read_stored_header(files: list[Path], spec: dict[str, Any]) -> tuple[Header, dict]:
+    """The weight files' headers (one header) and where each tensor is stored, checked
+    against the layers before a tensor is read."""
+    header: Header = {}
+    where: dict[str, Path] = {}
+    for file in files:
+        stored = read_header(file)
+        header.update(stored)
+        where.update(dict.fromkeys(stored, file))
+    check_header(spec, header, described(files))
+    return header, where
 
 
 def build_skeleton(model: nn.Module, spec: dict[str, Any], header: Header) -> None:
@@ -260,18 +286,27 @@ def expect_native_keys(model: nn.Module, spec: dict[str, Any], header: Header) -
     model.all_tied_weights_keys = {t: s for t, s in tied.items() if t in params and s in params}
 
 
-def fill_native(model: nn.Module, spec: dict[str, Any], header: Header, file: Path) -> None:
+def fill_native(
+    model: nn.Module, spec: dict[str, Any], header: Header, where: dict[str, Path]
+) -> None:
     """After transformers loaded the stored tensors by name: decode the 8-bit factors, restore
-    the non-persistent buffers lorq stores, place the aliases, set requires_grad."""
+    the non-persistent buffers lorq stores, place the aliases, set requires_grad. ``where``:
+    the file of each stored tensor."""
     keys, factor_scale_names = set(model.state_dict()), factor_scales(spec)
     factors = set(spec["int8_factors"])
-    with safe_open(file, "pt") as stored:
+    files = list(dict.fromkeys(where.values()))
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, "pt")) for file in files}
+
+        def stored(name: str) -> torch.Tensor:
+            return handles[where[name]].get_tensor(name)
+
         for name in header:
             if name in factors:
-                codes, scales = stored.get_tensor(name), stored.get_tensor(f"{name}.scales")
+                codes, scales = stored(name), stored(f"{name}.scales")
                 value = Int8Rows(codes, scales).dequantize()
             elif name not in keys and name not in factor_scale_names:
-                value = stored.get_tensor(name)  # a non-persistent buffer
+                value = stored(name)  # a non-persistent buffer
             else:
                 continue
             current = model.get_parameter_or_buffer(name)
@@ -283,7 +318,7 @@ def fill_native(model: nn.Module, spec: dict[str, Any], header: Header, file: Pa
     trainable = set(spec["trainable"])
     for name, param in model.named_parameters(remove_duplicate=False):
         param.requires_grad_(name in trainable)
-    check_finite(named_tensors(model), spec["layers"], file)
+    check_finite(named_tensors(model), spec["layers"], described(files))
 
 
 def save_pretrained(
