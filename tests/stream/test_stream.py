@@ -134,3 +134,34 @@ def test_manifest_records_every_shard(tmp_path):
     for name, record in manifest["shards"].items():
         assert record["size"] == (tmp_path / "out" / name).stat().st_size
     assert (tmp_path / "out" / "lorq.json").exists()
+
+
+BUDGET = CompressConfig(
+    method="lq", budget=3.0, rank=4, weighting="activations", plan_weighting="fisher"
+)
+
+
+def test_streamed_budget_plan_equals_in_memory(tmp_path):
+    """The cost table built block by block (Fisher-weighted costs from the block-wise Fisher)
+    gives the in-memory job's plan, and the compressed tensors are the in-memory job's bytes;
+    plan_streaming returns the same plan."""
+    from lorq.budget import BudgetPlan
+    from lorq.compress_stream import plan_streaming
+    from lorq.stream.planning import PLAN_FILE
+
+    tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    compress_streaming(
+        str(tmp_path / "src"), tmp_path / "out", BUDGET, calibration=tokens(), device="cpu",
+        sequential=False,
+    )  # fmt: skip
+    memory = compress(tiny_causal("llama", 0, num_hidden_layers=3), BUDGET, tokens())
+    streamed = BudgetPlan.load(tmp_path / "out" / PLAN_FILE)
+    assert [e.config for e in streamed.entries] == [e.config for e in memory.plan.entries]
+    assert [e.error for e in streamed.entries] == [e.error for e in memory.plan.entries]
+    assert len({e.config for e in streamed.entries}) > 1  # a mixed plan, not one preset
+    lorq.save(memory, tmp_path / "mem")
+    assert_same_bytes(
+        load_file(tmp_path / "mem" / "model.safetensors"), shard_tensors(tmp_path / "out")
+    )
+    alone = plan_streaming(str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu")
+    assert alone.to_dict() == streamed.to_dict()

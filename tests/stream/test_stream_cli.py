@@ -111,3 +111,16 @@ def test_loaded_shards_match_the_manifest_tensors(tiny_dir, tmp_path):  # noqa: 
     for file in sorted((tmp_path / "c").glob("model-*.safetensors")):
         stored.update(load_file(file))
     assert sorted(stored) == sorted(meta["tensors"])
+
+
+def test_plan_stream_flag(tiny_dir, tmp_path):  # noqa: F811
+    """``lorq plan --stream`` writes the plan the in-memory ``lorq plan`` writes."""
+    import json
+
+    flags = ["--budget", "3", "--rank", "4", "--weighting", "none", "--model", tiny_dir]
+    streamed = run("plan", *flags, "--stream", "--device", "cpu", "--out", tmp_path / "s.json")
+    assert streamed.exit_code == 0, streamed.output
+    memory = run("plan", *flags, "--out", tmp_path / "m.json")
+    assert memory.exit_code == 0, memory.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "m.json"))
+    assert [e["config"] for e in a["entries"]] == [e["config"] for e in b["entries"]]

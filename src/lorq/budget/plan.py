@@ -174,26 +174,39 @@ def plan_budgets(
         for budget_bits in budgets:
             check_budget(bits, numels, budget_bits)
     start = time.perf_counter()
-    config = DecomposeConfig(
+    config = table_config(method, rank, iters, weighting, rounding)
+    table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
+    seconds = time.perf_counter() - start
+    job = (method, rank, (weighting, rounding))
+    return plans_of_table(table, shapes, budgets, job, seconds, time_limit)
+
+
+def table_config(
+    method: str, rank: int, iters: int, weighting: str, rounding: str
+) -> DecomposeConfig:
+    """The decomposition a cost table measures each candidate with (its quant replaced)."""
+    return DecomposeConfig(
         method="loftq" if method == "loftq" else "lq",
         rank=rank,
         iters=iters,
         weighting=weighting,  # type: ignore[arg-type]
         rounding=rounding,  # type: ignore[arg-type]
     )
-    table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
-    table_seconds = time.perf_counter() - start
+
+
+def plans_of_table(
+    table: CostTable,
+    shapes: Mapping[str, tuple[int, int]],
+    budgets: Sequence[float],
+    job: tuple[str, int, tuple[str, str]],
+    table_seconds: float,
+    time_limit: float = 60.0,
+) -> list[BudgetPlan]:
+    """The ILP's plan at each budget from a finished cost table (e.g. built block by block);
+    ``job``: (method, rank, (weighting, rounding)) the table was made with."""
+    method, rank, statistics = job
     return [
-        _solve_plan(
-            shapes,
-            table,
-            budget_bits,
-            method,
-            rank,
-            time_limit,
-            table_seconds,
-            (weighting, rounding),
-        )
+        _solve_plan(shapes, table, budget_bits, method, rank, time_limit, table_seconds, statistics)
         for budget_bits in budgets
     ]
 

@@ -208,6 +208,10 @@ def plan(
         "plan.json"
     ),
     allow_pickle: AllowPickleOption = False,
+    stream: Annotated[
+        bool, typer.Option(help="the cost table one block at a time (models larger than memory)")
+    ] = False,
+    device: DeviceOption = "auto",
 ) -> None:
     """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
     from lorq.compress import plan_model
@@ -231,16 +235,33 @@ def plan(
         _check_plan_target(out)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, allow_pickle=allow_pickle)
-        calibrated = config.fisher or config.activations
-        loaded = load_quietly(
-            model, with_tokenizer=calibrated, packed=not config.fisher, allow_pickle=allow_pickle
+        result = (
+            streamed_plan(model, config, text, device, stage)
+            if stream
+            else plan_model(
+                loaded_for(model, config, allow_pickle), config, calibration=text, progress=stage
+            )
         )
-        result = plan_model(loaded, config, calibration=text, progress=stage)
         result.save(out)
         plan_heatmap(result, out.with_suffix(".png"))
     for table in plan_tables(result):
         console.print(table)
     console.print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def loaded_for(model: str, config, allow_pickle: bool):
+    """The model as ``lorq plan`` needs it: with a tokenizer when it calibrates."""
+    calibrated = config.fisher or config.activations
+    return load_quietly(
+        model, with_tokenizer=calibrated, packed=not config.fisher, allow_pickle=allow_pickle
+    )
+
+
+def streamed_plan(model: str, config, text, device: str, stage):
+    """``lorq plan --stream``: the cost table block by block (lorq.plan_streaming)."""
+    from lorq.compress_stream import plan_streaming
+
+    return plan_streaming(model, config, calibration=text, device=device, progress=stage)
 
 
 def saved_plan(plan_file: Path | None, budget_mb: float | None):

@@ -1,0 +1,111 @@
+"""The passes over the blocks before the first one is compressed — the Fisher
+(``lorq.stream.fisher``), the budget's plan (``lorq.stream.planning``) — and shard 1 with the
+calibration inputs X_0."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from lorq.budget import BudgetPlan
+from lorq.budget.grid import candidate_grid
+from lorq.calibrate.blocks import BlockInputs, capture_inputs
+from lorq.compress_stream.state import Run, tokens_of
+from lorq.config import uses_fisher
+from lorq.stream import dist
+from lorq.stream.fisher import fisher_done, read_fisher, stream_fisher
+from lorq.stream.planning import (
+    PLAN_FILE,
+    block_costs,
+    needs_hessians,
+    plan_blocks,
+    plan_of_rows,
+)
+from lorq.stream.shards import shard_payload
+from lorq.stream.skeleton import (
+    materialize,
+    outside_blocks,
+    release,
+    release_parts,
+)
+from lorq.stream.writer import ShardWriter
+from lorq.surgery import weight_shape
+
+
+def fisher_pass(run: Run, out: Path, calibration, offload: Path | None) -> None:
+    """The Fisher pass (rank 0, before any block is compressed), unless a killed run finished it
+    (``lorq.stream.fisher``)."""
+    if not run.config.fisher:
+        return
+    if run.world.is_writer and not fisher_done(out, len(run.blocks)):
+        tokens = tokens_of(calibration, run.source.folder)
+        stream_fisher(
+            run.model, run.blocks, run.source.checkpoint, run.targets, tokens, run.device, out,
+            offload,
+        )  # fmt: skip
+    dist.barrier(run.world)
+
+
+def outside_shard(
+    run: Run, writer: ShardWriter, shard: str, calibration, offload
+) -> BlockInputs | None:
+    """Shard 1 (the tensors outside the blocks, as stored) and the calibration inputs of block
+    1; the embeddings are released again before the first block loads."""
+    parts = outside_blocks(run.model, run.blocks)
+    if shard not in writer.finished:
+        materialize(run.model, parts, run.source.checkpoint, torch.float32, run.device)
+        writer.write(shard, *shard_payload(run.model, parts))
+        run.computed.append(shard)
+        release_parts(parts)
+    return capture(run, calibration, offload) if calibration is not None else None
+
+
+def capture(run: Run, calibration, offload) -> BlockInputs:
+    """X_0 of the calibration tokens (the embeddings resident meanwhile)."""
+    parts = outside_blocks(run.model, run.blocks)
+    materialize(run.model, parts, run.source.checkpoint, torch.float32, run.device)
+    try:
+        for _, module, _ in parts:
+            module.to(run.dtype)
+        tokens = tokens_of(calibration, run.source.folder)
+        return capture_inputs(run.model, run.blocks.modules[0], tokens, run.device, offload)
+    finally:
+        release_parts(parts)
+
+
+def plan_pass(run: Run, out: Path, calibration, offload) -> None:
+    """The budget's plan, made block by block (``lorq.stream.planning``) by rank 0 unless a
+    killed run left it; then every rank reads it."""
+    config = run.config
+    if not config.budgeted or run.plan is not None:
+        return
+    file = out / PLAN_FILE
+    if run.world.is_writer and not file.is_file():
+        grid = candidate_grid(config.candidates)
+        inputs = capture(run, calibration, offload) if needs_hessians(config) else None
+        step = functools.partial(_plan_step, run, out, grid)
+        tables = plan_blocks(len(run.blocks), step, inputs, out, grid)
+        shapes = {name: weight_shape(m) for name, m in run.targets.items()}
+        plan_of_rows(tables, shapes, config).save(file)
+    dist.barrier(run.world)
+    run.plan = BudgetPlan.load(file)
+
+
+def _plan_step(run: Run, out: Path, grid, index: int, inputs: BlockInputs | None):
+    """Block ``index``'s cost rows and, when statistics flow, its original output."""
+    block = run.blocks.modules[index]
+    materialize(
+        run.model,
+        [(run.blocks.name(index), block, True)],
+        run.source.checkpoint,
+        run.dtype,
+        run.device,
+    )
+    targets = {n: m for n, m in run.targets.items() if run.blocks.index_of(n) == index}
+    fisher = read_fisher(out, index) if uses_fisher(run.config.cost_weighting) else None
+    table, output = block_costs(block, targets, run.config, grid, (fisher, inputs))
+    release(block)
+    return table, (replace(inputs, hidden=output) if inputs is not None else None)
