@@ -253,22 +253,28 @@ def evaluate_saved(
     eval_blocks: int = 16,
     reference: bool = True,
     progress: Progress = no_progress,
+    device: str = "cpu",
 ) -> tuple[list[Measurement], str | None]:
-    """The ``lorq eval`` job: rows for a saved lorq model (and its source, for KL / cosine).
+    """The ``lorq eval`` job: rows for a saved lorq model (and its source, for KL / cosine),
+    both run on ``device`` (auto, cpu, cuda, cuda:N).
 
     Returns the rows and, when the source was wanted but could not be loaded, why not.
     """
     from lorq.io import load_with_tokenizer
     from lorq.io.native import model_meta
     from lorq.models import load_model, recorded_model
+    from lorq.stream.devices import resolve_device
 
+    where = resolve_device(device)
     model, tokenizer = load_with_tokenizer(path)
+    model = model.to(where)
     blocks = evaluation_blocks(tokenizer, eval_blocks)
     source = recorded_model(model_meta(model).get("source") or {})
     original, missing = None, None
     if reference and source:
         try:
             original = load_model(source, with_tokenizer=False, packed=True, hub=False).model
+            original = original.to(where)
         except (FileNotFoundError, ValueError) as err:
             missing = str(err)
     rows = []

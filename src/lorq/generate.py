@@ -18,12 +18,13 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
     else:
         text = prompt
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template)
+    device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids["input_ids"],
-            attention_mask=ids["attention_mask"],
+            input_ids=ids["input_ids"].to(device),
+            attention_mask=ids["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :].cpu(), skip_special_tokens=True)

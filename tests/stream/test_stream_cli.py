@@ -124,3 +124,36 @@ def test_plan_stream_flag(tiny_dir, tmp_path):  # noqa: F811
     assert memory.exit_code == 0, memory.output
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("s.json", "m.json"))
     assert [e["config"] for e in a["entries"]] == [e["config"] for e in b["entries"]]
+
+
+def test_a_model_larger_than_half_the_free_memory_streams(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Without --stream, a checkpoint whose fp32 weights exceed half the free memory streams
+    (as it would on a small machine); here the free memory is said to be 1 kB."""
+    import lorq.stream.devices as devices
+
+    monkeypatch.setattr(devices, "available_memory", lambda: 1000)
+    done = run("compress", "--model", tiny_dir, *FLAGS, "--device", "cpu", "--out", tmp_path / "o")
+    assert done.exit_code == 0, done.output
+    assert "streaming one block at a time (its weights take" in done.output
+    assert (tmp_path / "o" / "lorq-manifest.json").exists()
+    builtin = run("compress", "--model", "smollm2", "--device", "cuda", "--out", tmp_path / "g")
+    if not torch.cuda.is_available():
+        one_line_error(builtin, "no CUDA GPU is visible")
+
+
+def test_streamed_directory_evaluates_and_exports(tiny_dir, tmp_path):  # noqa: F811
+    """The sharded directory is a lorq directory to the other verbs: lorq eval and lorq export
+    --format peft read it (the PEFT adapter's factors are the streamed ones)."""
+    from safetensors.torch import load_file as read
+
+    done = run("compress", "--model", tiny_dir, *FLAGS, "--stream", "--out", tmp_path / "s")
+    assert done.exit_code == 0, done.output
+    evaluated = run("eval", tmp_path / "s", "--eval-blocks", "1", "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    exported = run("export", tmp_path / "s", "--out", tmp_path / "p", "--format", "peft")
+    assert exported.exit_code == 0, exported.output
+    adapter = read(next((tmp_path / "p" / "adapter").glob("*.safetensors")))
+    shards = shard_tensors(tmp_path / "s")
+    name = "model.layers.0.self_attn.q_proj.lora_A"
+    peft_name = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k)
+    torch.testing.assert_close(adapter[peft_name].float(), shards[name].float())

@@ -313,6 +313,7 @@ def compress(
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.compress import compress_model
+    from lorq.compress_stream import stream_reason
     from lorq.config import CompressConfig
     from lorq.io import save
     from lorq.preflight import check_compress
@@ -325,9 +326,9 @@ def compress(
         config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **extra)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle)
-        if stream or resume:
+        if reason := stream_reason(model, config, device, asked=stream or resume):
             run = (resume, overwrite, eval_blocks, device, dtype, offload_activations)
-            return streamed(model, out, config, text, given, run, stage)
+            return streamed(model, out, config, text, given, run, stage, reason)
         check_out_dir(out, overwrite, model)
         loaded = load_quietly(model, packed=not config.fisher, allow_pickle=allow_pickle)
         job = {"eval_blocks": eval_blocks, "baseline": baseline, "gguf_codes": gguf_codes}
@@ -343,8 +344,12 @@ def plan_and_budget(plan_file, budget_mb, budget, quant):
     return given, given.budget if given and budget is None and quant is None else budget
 
 
-def streamed(model, out, config, text, plan, run, stage) -> None:
+def streamed(model, out, config, text, plan, run, stage, reason) -> None:
     """``lorq compress --stream``: one library call, then the evaluation of what it wrote."""
+    from lorq.compress_stream import ASKED
+
+    if reason != ASKED:
+        errors.print(f"streaming one block at a time ({reason})")
     from lorq.compress_stream import compress_streaming
     from lorq.evaluate import evaluate_saved
 
@@ -353,7 +358,7 @@ def streamed(model, out, config, text, plan, run, stage) -> None:
         model, out, config, calibration=text, plan=plan, resume=resume, overwrite=overwrite,
         progress=stage, device=device, dtype=dtype, offload_activations=offload,
     )  # fmt: skip
-    rows, _ = evaluate_saved(out, eval_blocks, True, stage) if eval_blocks > 0 else ([], None)
+    rows = evaluate_saved(out, eval_blocks, True, stage, device)[0] if eval_blocks > 0 else []
     if result.reused:
         kept, done = len(result.reused), len(result.computed)
         console.print(f"resumed: {kept} finished shards kept, {done} computed")
@@ -367,12 +372,13 @@ def eval_(
     path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
     eval_blocks: Annotated[int, typer.Option(help="evaluation blocks of 256 tokens")] = 16,
     reference: Annotated[bool, typer.Option(help="compare with the source model if found")] = True,
+    device: DeviceOption = "auto",
 ) -> None:
     """Perplexity, bits/param, size and KL to the source model of a saved lorq model."""
     from lorq.evaluate import evaluate_saved
 
     with user_errors() as stage:
-        rows, missing = evaluate_saved(path, eval_blocks, reference, stage)
+        rows, missing = evaluate_saved(path, eval_blocks, reference, stage, device)
     if missing:
         errors.print(f"source model not available, no KL: {missing}")
     console.print(results_table(f"{path}", rows))
@@ -383,14 +389,17 @@ def generate(
     path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
     prompt: Annotated[str, typer.Option(help="the prompt (the chat template is applied if any)")],
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+    device: DeviceOption = "auto",
 ) -> None:
     """Generate text from a saved lorq model (greedy)."""
     from lorq.generate import generate_text
     from lorq.io import load_with_tokenizer
+    from lorq.stream.devices import resolve_device
 
     with user_errors():
+        where = resolve_device(device)
         model, tokenizer = load_with_tokenizer(path)
-        text = generate_text(model, tokenizer, prompt, max_new_tokens)
+        text = generate_text(model.to(where), tokenizer, prompt, max_new_tokens)
     console.print(text)
 
 

@@ -48,7 +48,13 @@ from lorq.stream.fisher import FISHER_DIR
 from lorq.stream.planning import COSTS_DIR
 from lorq.stream.writer import ShardWriter, shard_names, shard_writer, write_json
 
-__all__ = ["StreamResult", "TokenBlocks", "compress_streaming", "plan_streaming"]
+__all__ = [
+    "StreamResult",
+    "TokenBlocks",
+    "compress_streaming",
+    "plan_streaming",
+    "stream_reason",
+]
 
 
 @dataclass(frozen=True)
@@ -165,3 +171,46 @@ def _finish(run: Run, writer: ShardWriter, names: list[str], calibration) -> dic
         write_json(out / LORQ_FILE, meta)  # last: the directory is finished
     dist.barrier(run.world)
     return meta
+
+
+ASKED = "asked"
+
+
+def stream_reason(
+    model: str, config: CompressConfig, device: str = "auto", asked: bool = False
+) -> str | None:
+    """Why ``lorq compress`` streams ``model``: ``ASKED`` (``asked``), or unasked because the GPU
+    is to be used (it works one block at a time) or the checkpoint's weights in fp32 would take
+    more than half of the free memory. None when loading it whole is fine or it cannot stream (a
+    GGUF file, a hub id not on this machine, qa-lora, packed embeddings, a budget in MiB)."""
+    if asked:
+        return ASKED
+    from lorq.models import resolve
+    from lorq.stream.checkpoint import Checkpoint
+    from lorq.stream.devices import available_memory, resolve_device
+
+    gpu = resolve_device(device).type == "cuda"
+    source = resolve(model)
+    folder = Path(source.path)
+    unstreamable = config.method == "qa-lora" or config.budget_mb or config.embeddings
+    if source.gguf_file or not folder.is_dir() or unstreamable:
+        if gpu and str(device).startswith("cuda"):
+            raise ValueError(
+                f"device={device!r} compresses safetensors checkpoints one block at a time; "
+                f"{model!r} cannot stream (a GGUF file, a hub id not on this machine, qa-lora, "
+                "packed embeddings or a budget in MiB): pass device='cpu'"
+            )
+        return None
+    try:
+        checkpoint = Checkpoint(folder)
+    except (OSError, ValueError):
+        return None
+    if gpu:
+        return "the GPU compresses one block at a time"
+    need, free = 4 * checkpoint.numel, available_memory()
+    if need > free // 2:
+        return (
+            f"its weights take {need / 1e9:.1f} GB in fp32, more than half of the "
+            f"{free / 1e9:.1f} GB free"
+        )
+    return None

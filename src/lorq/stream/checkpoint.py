@@ -118,6 +118,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(entry.nbytes for entry in self.entries.values())
 
+    @property
+    def numel(self) -> int:
+        return sum(
+            entry.nbytes // ITEM_BYTES.get(entry.dtype, 4) for entry in self.entries.values()
+        )
+
     def dtype(self) -> torch.dtype:
         """The floating dtype most of the checkpoint's bytes are stored in."""
         totals: dict[str, int] = {}

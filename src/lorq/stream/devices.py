@@ -17,8 +17,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def resolve_device(device: str, world) -> torch.device:
-    """``device`` checked against this machine; ValueError naming what to pass instead."""
+def resolve_device(device: str | torch.device, world=None) -> torch.device:
+    """``device`` checked against this machine; ValueError naming what to pass instead. A bare
+    ``cuda`` is this process's GPU (LOCAL_RANK under torchrun)."""
     name = str(device).strip().lower()
     has_cuda = torch.cuda.is_available()
     if name == "auto":
@@ -33,7 +34,8 @@ def resolve_device(device: str, world) -> torch.device:
             "pass device='cpu' (--device cpu) or 'auto'"
         )
     if name == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", world.rank)) % torch.cuda.device_count()
+        rank = world.rank if world is not None else 0
+        local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
         return torch.device("cuda", local)
     try:
         index = int(name.split(":", 1)[1])
