@@ -162,3 +162,11 @@ def test_two_processes_write_the_bytes_of_one(tmp_path):
     two = run_script(src, tmp_path / "two", "new", launcher=torchrun)
     assert two.wait(300) == 0, two.stderr.read()
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
+    # a one-process run killed late, resumed with two processes (the manifest is per shard)
+    (tmp_path / "one" / "lorq.json").unlink()
+    for shard in ("model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"):
+        (tmp_path / "one" / shard).unlink()
+    resumed = run_script(src, tmp_path / "one", "resume", launcher=torchrun)
+    assert resumed.wait(300) == 0, resumed.stderr.read()
+    assert "COMPUTED model-00003-of-00004.safetensors,model-00004-of-00004" in resumed.stdout.read()
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")

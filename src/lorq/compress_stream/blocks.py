@@ -13,6 +13,7 @@ from lorq.compress import _decompose_layers
 from lorq.compress_stream.state import Run
 from lorq.config import uses_fisher
 from lorq.pack import round_factors
+from lorq.runtime import release_free_memory
 from lorq.stream import dist
 from lorq.stream.fisher import read_fisher
 from lorq.stream.shards import load_shard_into, shard_payload
@@ -51,6 +52,7 @@ def block_step(run: Run, writer: ShardWriter, index: int, shard: str, inputs: Bl
     writer.write(shard, tensors, {**record, "errors": {n: run.errors[n] for n in targets}})
     run.computed.append(shard)
     release(block)
+    release_free_memory()  # the block's temporaries fragment the heap
     return inputs
 
 

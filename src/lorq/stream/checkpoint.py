@@ -124,14 +124,6 @@ class Checkpoint:
             entry.nbytes // ITEM_BYTES.get(entry.dtype, 4) for entry in self.entries.values()
         )
 
-    def dtype(self) -> torch.dtype:
-        """The floating dtype most of the checkpoint's bytes are stored in."""
-        totals: dict[str, int] = {}
-        for entry in self.entries.values():
-            totals[entry.dtype] = totals.get(entry.dtype, 0) + entry.nbytes
-        name = max((d for d in totals if d in FLOATS), key=totals.__getitem__, default="F32")
-        return FLOATS[name]
-
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``name`` (a copy in ``dtype`` when given), read from its shard alone."""
         entry = self.entries.get(name)
@@ -146,6 +138,3 @@ class Checkpoint:
                 "copy the shard again"
             ) from None
         return tensor.to(dtype) if dtype is not None else tensor
-
-
-FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
