@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import synthetic
@@ -113,47 +114,80 @@ def manifest_shards(out: Path) -> int | None:
         return None
 
 
-def run_timed(cmd: list[str], log: Path, env: dict, watch: Path | None = None, kill_at=None):
-    """Run ``cmd`` under ``/usr/bin/time -v``, output to ``log``.
+@dataclass
+class Watch:
+    """What :func:`run_timed` follows while a run is alive, and when it kills it."""
 
-    Every 0.5 s: the summed RSS of its process tree, and when ``watch`` is given the manifest's
-    shard count there (the time each count was first seen goes to ``timeline``); once that
-    reaches ``kill_at`` the whole tree gets SIGKILL. Returns the run's measurements."""
+    out: Path | None = None  # the output folder whose manifest is read
+    kill_at: int | None = None  # SIGKILL once the manifest lists this many shards
+    max_rss: float | None = None  # SIGKILL once the process tree holds more bytes than this
+    peak: int = 0
+    timeline: dict = field(default_factory=dict)  # shards -> (seconds, tree RSS bytes)
+    killed: str | None = None  # why the run was killed
+
+    def poll(self, root: int, seconds: float) -> None:
+        pids = process_tree(root)
+        rss = tree_rss(pids)
+        self.peak = max(self.peak, rss)
+        shards = manifest_shards(self.out) if self.out else None
+        if shards is not None and shards not in self.timeline:
+            self.timeline[shards] = (round(seconds, 2), rss)
+        if self.killed is None:
+            if self.kill_at is not None and (shards or 0) >= self.kill_at:
+                self.killed = f"{shards} shards listed"
+            elif self.max_rss is not None and rss > self.max_rss:
+                self.killed = f"RSS {rss / GB:.2f} GB over the {self.max_rss / GB:.1f} GB cap"
+            if self.killed:
+                kill_tree(pids)
+
+    def finish(self, seconds: float) -> None:
+        shards = manifest_shards(self.out) if self.out else None
+        if shards is not None and shards not in self.timeline:
+            self.timeline[shards] = (round(seconds, 2), None)
+
+
+def run_timed(cmd: list[str], log: Path, env: dict, watch: Watch | None = None) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v``, output to ``log``, polling ``watch`` every
+    0.5 s (the summed RSS of the process tree, the manifest's shard count). Returns the run's
+    measurements."""
+    watch = watch or Watch()
     timefile = log.with_suffix(".time")
     timefile.unlink(missing_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
+    load_before, began = os.getloadavg()[0], time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             ["/usr/bin/time", "-v", "-o", str(timefile), *cmd],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )  # fmt: skip
-        peak, timeline, killed = 0, {}, False
         while proc.poll() is None:
-            pids = process_tree(proc.pid)
-            peak = max(peak, tree_rss(pids))
-            shards = manifest_shards(watch) if watch else None
-            if shards is not None and shards not in timeline:
-                timeline[shards] = time.perf_counter() - began
-            if kill_at is not None and shards is not None and shards >= kill_at and not killed:
-                kill_tree(pids)
-                killed = True
+            watch.poll(proc.pid, time.perf_counter() - began)
             time.sleep(0.5)
     seconds = time.perf_counter() - began
-    shards = manifest_shards(watch) if watch else None
-    if shards is not None and shards not in timeline:
-        timeline[shards] = seconds
+    watch.finish(seconds)
     timed = parse_time_v(timefile.read_text()) if timefile.exists() else {}
     return {
         "command": cmd,
         "returncode": proc.returncode,
-        "killed": killed,
+        "killed": watch.killed,
         "wall_s": timed.get("wall_s") or seconds,
         "max_rss_bytes": timed.get("max_rss_bytes"),
-        "tree_peak_rss_bytes": peak,
-        "timeline": {str(k): round(v, 2) for k, v in sorted(timeline.items())},
+        "tree_peak_rss_bytes": watch.peak,
+        "timeline": {str(k): list(v) for k, v in sorted(watch.timeline.items())},
+        "load_1min": [load_before, os.getloadavg()[0]],  # other work on the machine
         "log": str(log),
     }
+
+
+def rss_per_shard(timeline: dict) -> float | None:
+    """Least-squares slope of the tree's RSS (bytes) over the block shards (2, 3, …) listed."""
+    points = [(int(k), v[1]) for k, v in timeline.items() if int(k) >= 2 and v[1] is not None]
+    if len(points) < 3:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var
 
 
 def compress_args(ckpt: Path, out: Path, args, resume: bool = False) -> list[str]:
@@ -208,8 +242,10 @@ def ensure_checkpoint(shape: str, root: Path, logs: Path) -> dict:
         record.write_text(json.dumps(run, indent=2) + "\n")
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["metadata"]
     written = json.loads(record.read_text()) if record.exists() else {}
+    layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
     return {
         "path": ckpt,
+        "expected_shards": layers + 1,  # embeddings, norm and head; then one per block
         "params": index["total_parameters"],
         "ckpt_bytes": index["total_size"],
         "write_s": written.get("wall_s"),
@@ -223,7 +259,7 @@ def compress_row(shape: str, ckpt: dict, args, world: int, threads: int) -> dict
     out = run_dir(args, shape, world, threads)
     cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
     log = args.logs / f"compress-{shape}-w{world}t{threads}.log"
-    run = run_timed(cmd, log, environment(threads), watch=out)
+    run = run_timed(cmd, log, environment(threads), Watch(out, max_rss=args.max_rss_gb * GB))
     row = _row(shape, "compress", world, threads, ckpt, run)
     row["out_bytes"] = dir_bytes(out) if out.exists() else None
     row["shards"] = manifest_shards(out)
@@ -250,7 +286,11 @@ def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict)
         "us_per_param": run["wall_s"] / params * 1e6,
         "ok": run["returncode"] == 0,
         "returncode": run["returncode"],
+        "killed": run["killed"],
+        "expected_shards": ckpt["expected_shards"],
+        "rss_per_shard_bytes": rss_per_shard(run["timeline"]),
         "timeline": run["timeline"],
+        "load_1min": run["load_1min"],
         "command": " ".join(run["command"]),
         "log": run["log"],
     }
@@ -261,24 +301,25 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     total = full["shards"]
     out = args.out_root / shape / "resume"
     env, base = environment(full["threads"]), launcher(1)
+    cap = args.max_rss_gb * GB
     killed = run_timed(
         [*base, *compress_args(ckpt["path"], out, args)],
-        args.logs / f"resume-{shape}-killed.log", env, watch=out, kill_at=max(1, total // 2),
+        args.logs / f"resume-{shape}-killed.log", env, Watch(out, max(1, total // 2), cap),
     )  # fmt: skip
     done = manifest_shards(out) or 0
     resumed = run_timed(
         [*base, *compress_args(ckpt["path"], out, args, resume=True)],
-        args.logs / f"resume-{shape}-resumed.log", env, watch=out,
+        args.logs / f"resume-{shape}-resumed.log", env, Watch(out, max_rss=cap),
     )  # fmt: skip
     rate_estimate = full["wall_s"] * (total - done) / total
     seen = full["timeline"].get(str(done))
-    tail_estimate = full["wall_s"] - seen if seen is not None else None
+    tail_estimate = full["wall_s"] - seen[0] if seen is not None else None
     row = _row(shape, "resume", 1, full["threads"], ckpt, resumed)
     row |= {
         "shards": total,
         "shards_before_kill": done,
         "killed_run_wall_s": killed["wall_s"],
-        "killed": killed["killed"],
+        "killed_run": killed["killed"],
         "remaining_estimate_s": rate_estimate,
         "overhead": (resumed["wall_s"] - rate_estimate) / rate_estimate,
         "remaining_tail_s": tail_estimate,
@@ -393,6 +434,10 @@ def table(rows: list[dict]) -> str:
 
 
 def _note(r: dict) -> str:
+    slope = r.get("rss_per_shard_bytes")
+    growth = f"; RSS +{slope / 1e6:.0f} MB per block" if slope and slope > 20e6 else ""
+    if r["killed"] and r["kind"] != "resume":
+        return f"killed, {r['killed']}, at {r['shards']}/{r['expected_shards']} shards{growth}"
     if not r["ok"]:
         return f"failed (exit {r['returncode']}), see {r['log']}"
     if r["kind"] == "resume":
@@ -407,7 +452,7 @@ def _note(r: dict) -> str:
             f"{r['threads']} thr: {r['identical_to_w1_same_threads']['identical']}, at all "
             f"threads: {r['identical_to_w1']['identical']}"
         )
-    return f"{r['shards']} shards out, {(r['out_bytes'] or 0) / GB:.2f} GB"
+    return f"{r['shards']} shards out, {(r['out_bytes'] or 0) / GB:.2f} GB{growth}"
 
 
 def parse_args(argv: list[str] | None):
@@ -423,6 +468,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out-root", type=Path, default=Path("/work/scale-out"))
     parser.add_argument("--logs", type=Path, default=Path("/work/scale-out/logs"))
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--max-rss-gb", type=float, default=12.0, help="SIGKILL a run whose processes hold more"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])

@@ -54,7 +54,7 @@ def test_parses_gnu_time_reports(scale):
 def test_a_dummy_run_reports_its_peak_rss_and_shard_timeline(scale, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", WRITER, str(out)]
-    run = scale.run_timed(cmd, tmp_path / "run.log", {}, watch=out)
+    run = scale.run_timed(cmd, tmp_path / "run.log", {}, scale.Watch(out))
     assert run["returncode"] == 0 and not run["killed"]
     assert 200e6 < run["max_rss_bytes"] < 400e6
     assert 200e6 < run["tree_peak_rss_bytes"] < 400e6
@@ -66,7 +66,7 @@ def test_a_dummy_run_reports_its_peak_rss_and_shard_timeline(scale, tmp_path):
 def test_the_watched_run_is_killed_at_the_shard_count(scale, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-c", WRITER, str(out)]
-    run = scale.run_timed(cmd, tmp_path / "run.log", {}, watch=out, kill_at=3)
+    run = scale.run_timed(cmd, tmp_path / "run.log", {}, scale.Watch(out, kill_at=3))
     assert run["killed"] and run["returncode"] != 0
     assert 3 <= scale.manifest_shards(out) < 6
 
@@ -87,3 +87,17 @@ def test_compress_arguments_are_the_benchmarks(scale):
     assert "--resume" in line and "--overwrite" not in line
     assert line[line.index("--rank") + 1] == "8" and line[-2:] == ["--block-size", "64"]
     assert json.dumps(line)
+
+
+def test_a_run_over_the_rss_cap_is_killed(scale, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", WRITER, str(out)]
+    run = scale.run_timed(cmd, tmp_path / "run.log", {}, scale.Watch(out, max_rss=100e6))
+    assert "over the 0.1 GB cap" in run["killed"] and run["returncode"] != 0
+    assert (scale.manifest_shards(out) or 0) < 6
+
+
+def test_rss_growth_per_block_shard(scale):
+    timeline = {"1": [1.0, 5e9], "2": [2.0, 1e9], "3": [3.0, 1.25e9], "4": [4.0, 1.5e9]}
+    assert scale.rss_per_shard(timeline) == pytest.approx(0.25e9)
+    assert scale.rss_per_shard({"1": [1.0, 1e9], "7": [9.0, None]}) is None
