@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_causal, tiny_gpt2
 
 from lorq.calibrate.blocks import capture_inputs
 from lorq.calibrate.fisher import blockwise_fisher
 from lorq.fisher import estimate_fisher
 from lorq.stream.skeleton import decoder_blocks
 from lorq.surgery import find_targets
-from tests.conftest import tiny_causal, tiny_gpt2
 
 MODELS = {
     "llama": lambda: tiny_causal("llama", 0, num_hidden_layers=3),

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_bert, tiny_causal, tiny_gpt2
 from safetensors.torch import load_file
 
 import lorq
@@ -20,7 +21,6 @@ from lorq.config import CompressConfig
 from lorq.hessian import estimate_hessians
 from lorq.layers import targets_of
 from lorq.stream.writer import MANIFEST_FILE
-from tests.conftest import tiny_bert, tiny_causal, tiny_gpt2
 
 PLAIN = CompressConfig(method="lq", quant="nf4", rank=4)
 GPTQ_ACT = CompressConfig(
@@ -165,3 +165,19 @@ def test_streamed_budget_plan_equals_in_memory(tmp_path):
     )
     alone = plan_streaming(str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu")
     assert alone.to_dict() == streamed.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_checkpoints_stream_to_the_in_memory_bytes(tmp_path, dtype):
+    """A bf16 / fp16 checkpoint: the pass-through tensors are stored as lorq.save stores the
+    fp32 model loaded from it (narrowed to the first exact 16-bit dtype), without fp32 copies."""
+    model = tiny_causal("llama", 0).to(dtype)
+    model.save_pretrained(tmp_path / "src")
+    compress_streaming(str(tmp_path / "src"), tmp_path / "out", PLAIN, device="cpu")
+    reference = tiny_causal("llama", 0)  # what from_pretrained(dtype=fp32) loads from the file
+    for param in reference.parameters():
+        param.data = param.data.to(dtype).float()
+    expected = in_memory(reference, PLAIN, tmp_path / "mem")
+    assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
+    stored = shard_tensors(tmp_path / "out")["model.embed_tokens.weight"].dtype
+    assert stored in (torch.bfloat16, torch.float16)

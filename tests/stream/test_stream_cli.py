@@ -8,9 +8,8 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-
-from tests.stream.test_stream import assert_same_bytes, shard_tensors
-from tests.test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
+from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
+from test_stream import assert_same_bytes, shard_tensors
 
 FLAGS = ["--method", "lq", "--quant", "nf3", "--rank", "4", "--calibration-tokens", "256",
          "--seq-len", "32", "--weighting", "activations", "--eval-blocks", "0"]  # fmt: skip

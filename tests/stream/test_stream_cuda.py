@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_causal
 
 import lorq
 from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
-from tests.conftest import tiny_causal
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONFIG = CompressConfig(method="lq", quant="nf4", rank=4, weighting="activations", rounding="gptq")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_causal
 
 from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
 from lorq.stream.writer import MANIFEST_FILE
-from tests.conftest import tiny_causal
 
 CONFIG = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations", rounding="gptq")
 ROOT = Path(__file__).resolve().parents[2]

@@ -35,14 +35,7 @@ def peak_rss(report: str) -> int:
     return int(found.group(1)) * 1024
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the run keeps every block's original dense Linear modules (Run.targets, "
-    "compress_stream/state.py) after they are swapped out, so the fp32 weights of all blocks "
-    "stay resident: peak 4.86 GiB for this 2.05 GiB checkpoint; releasing them after each "
-    "block's shard (skeleton.release on each original target) fixes it",
-)
+@pytest.mark.scale
 @pytest.mark.skipif(not os.access(TIME, os.X_OK), reason="needs GNU time (/usr/bin/time -v)")
 def test_peak_rss_stays_below_the_checkpoint(tmp_path):
     """A 2.2 GB bf16 LLaMA-shaped checkpoint (TinyLlama-1.1B's shape: hidden 2048, intermediate

@@ -30,13 +30,13 @@ def block_step(run: Run, writer: ShardWriter, index: int, shard: str, inputs: Bl
     output is needed); returns the next block's calibration inputs."""
     block = run.blocks.modules[index]
     parts = [(run.blocks.name(index), block, True)]
+    targets = {n: m for n, m in run.targets.items() if run.blocks.index_of(n) == index}
     if shard in writer.finished:
         if inputs is not None:
             load_shard_into(run.model, writer.out / shard, writer.shards[shard], run.device)
             inputs = _forward(run, block, inputs)
-        release(block)
+        _drop(run, block, targets)
         return inputs
-    targets = {n: m for n, m in run.targets.items() if run.blocks.index_of(n) == index}
     materialize(run.model, parts, run.source.checkpoint, run.dtype, run.device)
     hessians, original = _statistics(run, block, targets, inputs)
     if run.statistics is not None and hessians is not None:
@@ -51,9 +51,17 @@ def block_step(run: Run, writer: ShardWriter, index: int, shard: str, inputs: Bl
     tensors, record = shard_payload(run.model, parts)
     writer.write(shard, tensors, {**record, "errors": {n: run.errors[n] for n in targets}})
     run.computed.append(shard)
+    _drop(run, block, targets)
+    return inputs
+
+
+def _drop(run: Run, block: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """Free the block: its original (meta) layers back in place of the compressed ones, which
+    go with their codes, and every weight back on the meta device."""
+    for name, module in targets.items():
+        set_module(run.model, name, module)
     release(block)
     release_free_memory()  # the block's temporaries fragment the heap
-    return inputs
 
 
 def _statistics(run: Run, block: nn.Module, targets, inputs: BlockInputs | None):

@@ -56,7 +56,7 @@ def outside_shard(
     1; the embeddings are released again before the first block loads."""
     parts = outside_blocks(run.model, run.blocks)
     if shard not in writer.finished:
-        materialize(run.model, parts, run.source.checkpoint, torch.float32, run.device)
+        materialize(run.model, parts, run.source.checkpoint, None, torch.device("cpu"))
         writer.write(shard, *shard_payload(run.model, parts))
         run.computed.append(shard)
         release_parts(parts)

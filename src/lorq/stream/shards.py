@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lorq.io.native import (
+    NARROW,
     PACKED,
     _decode_factors,
     _dedupe,
@@ -39,18 +40,34 @@ def gather(model: nn.Module, parts: list[tuple[str, nn.Module, bool]]) -> dict[s
     }
 
 
+def stored(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """(what ``lorq.save`` stores for the fp32 value of dense ``tensor``, the dtype to restore)
+    — ``narrowed``'s result, without an fp32 copy of a 16-bit table: bf16 holds itself, and an
+    fp16 value is bf16-exact when it survives the round trip."""
+    leaf = name.rpartition(".")[2]
+    if tensor.dtype not in NARROW or tensor.dim() < 2 or leaf.startswith(("q_", "lora_")):
+        one = {name: tensor.float()}
+        return one[name], narrowed(one).get(name)
+    if tensor.dtype == torch.float16:
+        small = tensor.to(torch.bfloat16)
+        tensor = small if torch.equal(small.to(torch.float16), tensor) else tensor
+    return tensor, "float32"
+
+
 def shard_payload(
     model: nn.Module, parts: list[tuple[str, nn.Module, bool]], factor_codes: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, record) of ``parts`` for one shard: the record holds what lorq.json gathers
     (tensors, layers, aliases, restore_dtypes, int8_factors, trainable). Dense float tensors are
-    stored from fp32, as the in-memory job holds them (then narrowed where exact)."""
+    stored from fp32, as the in-memory job holds them (then narrowed where exact), one at a time:
+    a 16-bit embedding table is never held twice in fp32."""
     packed = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, PACKED))
     tensors, aliases = _dedupe(gather(model, parts))
+    restore = {}
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not name.startswith(packed):
-            tensors[name] = tensor.float()
-    restore = narrowed(tensors)
+            tensors[name], restored = stored(name, tensor)
+            restore.update({name: restored} if restored else {})
     factors = int8_factors(tensors) if factor_codes else []
     layers = {}
     trainable = []

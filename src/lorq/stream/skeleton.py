@@ -93,12 +93,13 @@ def materialize(
     model: nn.Module,
     parts: list[tuple[str, nn.Module, bool]],
     checkpoint: Checkpoint,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     device: torch.device,
 ) -> None:
     """Give every meta tensor of ``parts`` ((qualified name, module, recurse)) its checkpoint
-    value, as ``dtype`` on ``device``; a tied tensor (one object at two names, e.g. a tied LM
-    head) is read once and placed at both; real buffers the checkpoint lacks keep their values."""
+    value, as ``dtype`` (None: as stored) on ``device``; a tied tensor (one object at two names,
+    e.g. a tied LM head) is read once and placed at both; real buffers the checkpoint lacks keep
+    their values."""
     placed: dict[int, torch.Tensor] = {}
     for prefix, module, recurse in parts:
         for name, owner, leaf, tensor, is_param in list(tensors_of(module, prefix, recurse)):
@@ -126,7 +127,9 @@ def _read(model, name, tensor, checkpoint: Checkpoint, dtype, device) -> torch.T
             f"checkpoint tensor {stored!r} has shape {list(value.shape)}, the config's "
             f"architecture needs {list(tensor.shape)}; config.json and the weights disagree"
         )
-    return value.to(dtype if value.is_floating_point() else value.dtype).to(device)
+    if dtype is not None and value.is_floating_point():
+        value = value.to(dtype)
+    return value.to(device)
 
 
 def release(module: nn.Module) -> None:
