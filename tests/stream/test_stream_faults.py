@@ -51,6 +51,9 @@ from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
 config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations",
                         rounding="gptq", iters=int(sys.argv[3]))
+if len(sys.argv) > 5:  # a budget: the cost table block by block, the Fisher for its costs
+    config = CompressConfig(method="lq", budget=3.0, rank=4, weighting="activations",
+                            plan_weighting="fisher", iters=int(sys.argv[3]))
 tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 r = compress_streaming(sys.argv[1], sys.argv[2], config, calibration=tokens, device="cpu",
                        resume=sys.argv[4] == "resume")
@@ -58,12 +61,15 @@ print("COMPUTED", ",".join(r.computed))
 """
 
 
-def run_script(src: Path, out: Path, mode: str, iters: int = 2, launcher=()) -> subprocess.Popen:
+def run_script(
+    src: Path, out: Path, mode: str, iters: int = 2, launcher=(), budget: bool = False
+) -> subprocess.Popen:
     """The job in a fresh Python process (or under ``launcher``, e.g. torchrun)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     script = out.parent / "job.py"
     script.write_text(SCRIPT)
-    command = [*(launcher or [sys.executable]), str(script), str(src), str(out), str(iters), mode]
+    args = [str(src), str(out), str(iters), mode, *(["budget"] if budget else [])]
+    command = [*(launcher or [sys.executable]), str(script), *args]
     return subprocess.Popen(
         command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
     )
@@ -170,3 +176,17 @@ def test_two_processes_write_the_bytes_of_one(tmp_path):
     assert resumed.wait(300) == 0, resumed.stderr.read()
     assert "COMPUTED model-00003-of-00004.safetensors,model-00004-of-00004" in resumed.stdout.read()
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
+def test_two_processes_plan_a_budget_as_one(tmp_path):
+    """A budget under torchrun: the Fisher pass on rank 0, each block's cost rows split over the
+    ranks and gathered in order, the same plan and the same files as one process."""
+    src = checkpoint(tmp_path / "src", layers=2)
+    one = run_script(src, tmp_path / "one", "new", budget=True)
+    assert one.wait(300) == 0, one.stderr.read()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]  # fmt: skip
+    two = run_script(src, tmp_path / "two", "new", launcher=torchrun, budget=True)
+    assert two.wait(300) == 0, two.stderr.read()
+    assert "lorq-plan.json" in digests(tmp_path / "one")
+    assert digests(tmp_path / "two") == digests(tmp_path / "one")

@@ -20,6 +20,7 @@ from lorq.stream.fisher import fisher_done, read_fisher, stream_fisher
 from lorq.stream.planning import (
     PLAN_FILE,
     block_costs,
+    in_order,
     needs_hessians,
     plan_blocks,
     plan_of_rows,
@@ -78,34 +79,34 @@ def capture(run: Run, calibration, offload) -> BlockInputs:
 
 def plan_pass(run: Run, out: Path, calibration, offload) -> None:
     """The budget's plan, made block by block (``lorq.stream.planning``) by rank 0 unless a
-    killed run left it; then every rank reads it."""
+    killed run left it; then every rank gets it from rank 0."""
     config = run.config
     if not config.budgeted or run.plan is not None:
         return
     file = out / PLAN_FILE
-    if run.world.is_writer and not file.is_file():
+    if not dist.broadcast(file.is_file(), 0, run.world):
         grid = candidate_grid(config.candidates)
         inputs = capture(run, calibration, offload) if needs_hessians(config) else None
         step = functools.partial(_plan_step, run, out, grid)
-        tables = plan_blocks(len(run.blocks), step, inputs, out, grid)
+        tables = plan_blocks(len(run.blocks), step, inputs, out, grid, run.world.is_writer)
         shapes = {name: weight_shape(m) for name, m in run.targets.items()}
-        plan_of_rows(tables, shapes, config).save(file)
-    dist.barrier(run.world)
-    run.plan = BudgetPlan.load(file)
+        if run.world.is_writer:
+            plan_of_rows(tables, shapes, config).save(file)
+    plan = BudgetPlan.load(file) if run.world.is_writer else None
+    run.plan = dist.broadcast(plan, 0, run.world)
 
 
-def _plan_step(run: Run, out: Path, grid, index: int, inputs: BlockInputs | None):
-    """Block ``index``'s cost rows and, when statistics flow, its original output."""
+def _plan_step(run: Run, out: Path, grid, index: int, inputs: BlockInputs | None, rows: bool):
+    """Block ``index``'s cost rows (each process those of its share of the targets, gathered in
+    order; none when ``rows`` is False) and, when statistics flow, its original output."""
     block = run.blocks.modules[index]
-    materialize(
-        run.model,
-        [(run.blocks.name(index), block, True)],
-        run.source.checkpoint,
-        run.dtype,
-        run.device,
-    )
+    part = [(run.blocks.name(index), block, True)]
+    materialize(run.model, part, run.source.checkpoint, run.dtype, run.device)
     targets = {n: m for n, m in run.targets.items() if run.blocks.index_of(n) == index}
-    fisher = read_fisher(out, index) if uses_fisher(run.config.cost_weighting) else None
-    table, output = block_costs(block, targets, run.config, grid, (fisher, inputs))
+    mine = {n: m for i, (n, m) in enumerate(targets.items()) if rows and run.world.owns(i)}
+    fisher = read_fisher(out, index) if rows and uses_fisher(run.config.cost_weighting) else None
+    table, output = block_costs(block, mine, run.config, grid, (fisher, inputs))
     release(block)
+    if rows:
+        table = in_order(dist.gather_objects(table, run.world), list(targets))
     return table, (replace(inputs, hidden=output) if inputs is not None else None)

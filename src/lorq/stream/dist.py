@@ -59,9 +59,17 @@ def gather_rows(rows: dict[int, torch.Tensor], w: World) -> dict[int, torch.Tens
     """Every rank's {sequence index: tensor} on every rank."""
     if w.size == 1:
         return rows
-    parts: list[Any] = [None] * w.size
-    torch_dist.all_gather_object(parts, {i: t.cpu() for i, t in rows.items()})
+    parts = gather_objects({i: t.cpu() for i, t in rows.items()}, w)
     return {i: t for part in parts for i, t in part.items()}
+
+
+def gather_objects(value: Any, w: World) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if w.size == 1:
+        return [value]
+    parts: list[Any] = [None] * w.size
+    torch_dist.all_gather_object(parts, value)
+    return parts
 
 
 def barrier(w: World) -> None:

@@ -75,12 +75,15 @@ def block_costs(
     config: CompressConfig,
     grid,
     statistics: tuple[dict | None, BlockInputs | None],
-) -> tuple[CostTable, torch.Tensor | None]:
-    """(cost rows of ``targets``, the original block's output X_{b+1} when inputs are given)."""
+) -> tuple[CostTable | None, torch.Tensor | None]:
+    """(cost rows of ``targets`` — None when there are none —, the original block's output
+    X_{b+1} when inputs are given)."""
     fisher, inputs = statistics
     hessians, output = (None, None)
     if inputs is not None:
         hessians, output = block_hessians(block, targets, inputs, keep_output=True)
+    if not targets:
+        return None, output
     weights = {name: dense_weight(m).float() for name, m in targets.items()}
     method, weighting, rounding = config.method, config.cost_weighting, config.cost_rounding
     decomposition = table_config(method, config.rank, config.plan_iters, weighting, rounding)
@@ -99,20 +102,33 @@ def plan_of_rows(
 
 def plan_blocks(
     count: int,
-    step: Callable[[int, BlockInputs | None], tuple[CostTable, BlockInputs | None]],
+    step: Callable[[int, BlockInputs | None, bool], tuple[CostTable | None, BlockInputs | None]],
     inputs: BlockInputs | None,
     out: Path,
     candidates,
+    save: bool = True,
 ) -> list[CostTable]:
-    """Every block's rows: read back when a killed run finished them and no later block needs
-    this one's output, else ``step(b, X_b)`` → (rows, X_{b+1}) and saved."""
+    """Every block's rows: ``step(b, X_b, rows wanted)`` → (rows, X_{b+1}); rows a killed run
+    finished are read back (the block still runs when a later block needs its output), new ones
+    saved (``save``: by the process that writes)."""
     tables = []
     for b in range(count):
         file = costs_file(out, b)
-        if file.is_file() and inputs is None:
-            tables.append(load_costs(file, candidates))
-            continue
-        table, inputs = step(b, inputs)
-        save_costs(table, file)
-        tables.append(table)
+        cached = load_costs(file, candidates) if file.is_file() else None
+        if cached is None or inputs is not None:
+            table, inputs = step(b, inputs, cached is None)
+        if cached is None and save:
+            save_costs(table, file)
+        tables.append(cached if cached is not None else table)
     return tables
+
+
+def in_order(tables: list[CostTable | None], names: list[str]) -> CostTable:
+    """One table of the rows of ``tables`` (each process's share of a block), in ``names``'
+    order."""
+    joined = join_tables([t for t in tables if t is not None])
+    rows = [joined.names.index(name) for name in names]
+    return CostTable(
+        tuple(names), joined.numels[rows], joined.candidates, joined.bits[rows],
+        joined.cost[rows], joined.norms[rows],
+    )  # fmt: skip
