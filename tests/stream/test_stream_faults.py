@@ -190,3 +190,11 @@ def test_two_processes_plan_a_budget_as_one(tmp_path):
     assert two.wait(300) == 0, two.stderr.read()
     assert "lorq-plan.json" in digests(tmp_path / "one")
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
+
+
+def test_a_format_that_does_not_fit_is_refused_before_any_work(tmp_path):
+    """The preflight (config.json alone) runs first: nothing is written."""
+    src = checkpoint(tmp_path / "src", layers=2)
+    with pytest.raises(ValueError, match="q4_k"):
+        compress_streaming(str(src), tmp_path / "out", CompressConfig(quant="q4_k"), device="cpu")
+    assert not (tmp_path / "out").exists()

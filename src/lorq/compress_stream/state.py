@@ -19,6 +19,7 @@ from lorq.config import CompressConfig
 from lorq.io.native import FORMAT_VERSION
 from lorq.layers import targets_of
 from lorq.models import is_causal
+from lorq.preflight import check_compress
 from lorq.progress import Progress
 from lorq.stream import dist
 from lorq.stream.devices import resolve_device, resolve_dtype
@@ -107,8 +108,9 @@ def prepare(model: str, config: CompressConfig, calibration, plan, where) -> tup
     world = dist.world()
     target_device = resolve_device(device, world)
     run_dtype = resolve_dtype(dtype, target_device)
-    source = stream_source(model)
     _check_streamable(config, plan)
+    check_compress(model, config, plan)  # formats against shapes, budget, plan: from config.json
+    source = stream_source(model)
     built = skeleton(source.config, is_causal(source.config))
     run = Run(
         source, built, decoder_blocks(built), config, plan, target_device, run_dtype,
