@@ -181,3 +181,15 @@ def test_16_bit_checkpoints_stream_to_the_in_memory_bytes(tmp_path, dtype):
     assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
     stored = shard_tensors(tmp_path / "out")["model.embed_tokens.weight"].dtype
     assert stored in (torch.bfloat16, torch.float16)
+
+
+def test_activations_offloaded_to_disk_give_the_same_bytes(tmp_path):
+    """X (and the Fisher pass's stored X_b) in disk files: the same directory as in memory."""
+    tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    for offload in (False, True):
+        compress_streaming(
+            str(tmp_path / "src"), tmp_path / f"out{offload}", FISHER, calibration=tokens(),
+            device="cpu", offload_activations=offload,
+        )  # fmt: skip
+    assert_same_bytes(shard_tensors(tmp_path / "outFalse"), shard_tensors(tmp_path / "outTrue"))
+    assert not (tmp_path / "outTrue" / ".activations").exists()  # scratch removed at the end

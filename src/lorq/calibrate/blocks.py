@@ -35,10 +35,17 @@ class BlockInputs:
 
     hidden: torch.Tensor
     kwargs: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
+    offload: Path | None = None  # where X's buffers are files (None: on the device)
 
     def row(self, i: int) -> BlockInputs:
         """Sequence ``i`` alone."""
         return BlockInputs(self.hidden[i : i + 1], self.kwargs[i : i + 1])
+
+    def empty(self) -> torch.Tensor:
+        """A new buffer like X, where X's buffers live (the device, or a disk file)."""
+        return activation_buffer(
+            tuple(self.hidden.shape), self.hidden.dtype, self.hidden.device, self.offload
+        )
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -95,7 +102,8 @@ def capture_inputs(
                 hidden, kwargs = seen.pop()
                 if inputs is None:
                     shape = (len(token_blocks), *hidden.shape[1:])
-                    inputs = BlockInputs(activation_buffer(shape, hidden.dtype, device, offload))
+                    buffer = activation_buffer(shape, hidden.dtype, device, offload)
+                    inputs = BlockInputs(buffer, offload=offload)
                 inputs.hidden[i] = hidden[0]
                 inputs.kwargs.append(kwargs)
     finally:
@@ -126,7 +134,7 @@ def block_hessians(
     """(H of ``targets`` inside ``block`` on X = ``inputs``, the block's output when
     ``keep_output``): the whole-model estimate's hooks and sums (``lorq.hessian``), one block."""
     leaders = input_leaders(targets, lambda: run_block(block, inputs.row(0)))
-    output = torch.empty_like(inputs.hidden) if keep_output else None
+    output = inputs.empty() if keep_output else None
     packed: dict[str, tuple[int, torch.Tensor]] = {}
     for group in target_groups(targets, DEFAULT_MAX_BYTES, leaders):
         packed.update(collect(group, leaders, lambda: run_block(block, inputs, output)))

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorq.calibrate.blocks import BlockInputs, activation_buffer, run_block
+from lorq.calibrate.blocks import BlockInputs, run_block
 from lorq.fisher import _accumulator, _causal_lm_loss, _only_targets_require_grad
 from lorq.nn.dense import weight_shape
 from lorq.surgery import is_conv1d
@@ -52,7 +51,7 @@ def top_gradients(
     """G_N (n × L × d): ∂ℓ_i/∂X_N of every sequence, through the model's own norm, head and loss
     (its blocks stand aside while it runs; they are put back)."""
     saved = list(blocks)
-    grads = torch.empty_like(top)
+    grads = torch.empty_like(top)  # one buffer of gradients at a time
     device = top.device
     try:
         for i, row in enumerate(tokens):
@@ -82,7 +81,7 @@ def block_fisher(
         name: torch.zeros(weight_shape(m), dtype=torch.float32, device=m.weight.device)
         for name, m in targets.items()
     }
-    out = torch.empty_like(grads)
+    out = inputs.empty()
     with _only_targets_require_grad(block, [m.weight for m in targets.values()]):
         handles = [
             m.weight.register_post_accumulate_grad_hook(_accumulator(fisher[n], is_conv1d(m)))
@@ -109,20 +108,17 @@ def blockwise_fisher(
     tokens: torch.Tensor,
     parts: tuple[Callable[[int], None], Callable[[int], None], Callable[[], None]],
     store: Callable[[int, dict[str, torch.Tensor]], None],
-    offload: Path | None = None,
 ) -> None:
     """F of every target, one block at a time (module docstring); ``store(b, {name: F})`` gets
-    each block's. ``inputs``: X_0 (from :func:`lorq.calibrate.capture_inputs`); ``parts``:
+    each block's. ``inputs``: X_0 (from :func:`lorq.calibrate.capture_inputs`; every X_b is
+    kept where it lives: on the device or in disk files); ``parts``:
     (load(b), release(b), load_head()) give a block's / the head's weights (the head, norm and
     embeddings for the loss at the top)."""
     load, release, load_head = parts
     xs = [inputs.hidden]
     for b in range(len(blocks)):
         load(b)
-        out = activation_buffer(
-            tuple(inputs.hidden.shape), inputs.hidden.dtype, inputs.hidden.device, offload
-        )
-        xs.append(run_block(blocks[b], replace(inputs, hidden=xs[-1]), out))
+        xs.append(run_block(blocks[b], replace(inputs, hidden=xs[-1]), inputs.empty()))
         release(b)
     load_head()
     grads = top_gradients(model, blocks, xs.pop(), tokens)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
 from torch import nn
 
 from lorq.calibrate.blocks import BlockInputs, block_hessians, run_block
@@ -99,7 +98,7 @@ def _finalize(run: Run, block: nn.Module) -> None:
 
 def _forward(run: Run, block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """X_b = block(X_{b−1}): each rank runs its sequences; all gather them."""
-    out = torch.empty_like(inputs.hidden)
+    out = inputs.empty()
     mine = [i for i in range(len(inputs)) if run.world.owns(i)]
     rows = {}
     for i in mine:

@@ -68,6 +68,6 @@ def stream_fisher(
     try:
         inputs = capture_inputs(model, blocks.modules[0], tokens, device, offload)
         steps = (load, lambda b: release(blocks.modules[b]), lambda: None)
-        blockwise_fisher(model, blocks.modules, of_block, inputs, tokens, steps, store, offload)
+        blockwise_fisher(model, blocks.modules, of_block, inputs, tokens, steps, store)
     finally:
         release_parts(parts)
