@@ -258,12 +258,25 @@ def compress_row(shape: str, ckpt: dict, args, world: int, threads: int) -> dict
     OUT_ROOT/SHAPE/w{world}t{threads}."""
     out = run_dir(args, shape, world, threads)
     cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
+    source = source_state()
     log = args.logs / f"compress-{shape}-w{world}t{threads}.log"
     run = run_timed(cmd, log, environment(threads), Watch(out, max_rss=args.max_rss_gb * GB))
     row = _row(shape, "compress", world, threads, ckpt, run)
     row["out_bytes"] = dir_bytes(out) if out.exists() else None
     row["shards"] = manifest_shards(out)
+    row["source"] = source
     return row
+
+
+def source_state() -> dict:
+    """The commit the run used and the files under src/ that differed from it (the working tree
+    is shared: a run uses what src/ holds when it starts)."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    status = subprocess.run(
+        [*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True
+    )
+    return {"head": head.stdout.strip(), "src_changes": status.stdout.splitlines()}
 
 
 def run_dir(args, shape: str, world: int, threads: int) -> Path:
@@ -300,7 +313,7 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     """Kill a run at half its shards, finish it with --resume; the overhead on the rest."""
     total = full["shards"]
     out = args.out_root / shape / "resume"
-    env, base = environment(full["threads"]), launcher(1)
+    env, base, source = environment(full["threads"]), launcher(1), source_state()
     cap = args.max_rss_gb * GB
     killed = run_timed(
         [*base, *compress_args(ckpt["path"], out, args)],
@@ -327,6 +340,7 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
         if tail_estimate
         else None,
         "identical_to_uninterrupted": _compare(run_dir(args, shape, 1, full["threads"]), out),
+        "source": source,
     }
     return row
 
