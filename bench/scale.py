@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,6 +258,7 @@ def compress_row(shape: str, ckpt: dict, args, world: int, threads: int) -> dict
     """One full run of ``world`` processes with ``threads`` threads each, into
     OUT_ROOT/SHAPE/w{world}t{threads}."""
     out = run_dir(args, shape, world, threads)
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's manifest would read as progress
     cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
     source = source_state()
     log = args.logs / f"compress-{shape}-w{world}t{threads}.log"
@@ -312,7 +314,8 @@ def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict)
 def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     """Kill a run at half its shards, finish it with --resume; the overhead on the rest."""
     total = full["shards"]
-    out = args.out_root / shape / "resume"
+    out = args.out_root / shape / f"resume-t{full['threads']}"
+    shutil.rmtree(out, ignore_errors=True)
     env, base, source = environment(full["threads"]), launcher(1), source_state()
     cap = args.max_rss_gb * GB
     killed = run_timed(
@@ -327,6 +330,8 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
     rate_estimate = full["wall_s"] * (total - done) / total
     seen = full["timeline"].get(str(done))
     tail_estimate = full["wall_s"] - seen[0] if seen is not None else None
+    first_new = resumed["timeline"].get(str(done + 1), [None])[0]
+    first_block = full["timeline"].get("2", [None])[0]
     row = _row(shape, "resume", 1, full["threads"], ckpt, resumed)
     row |= {
         "shards": total,
@@ -339,6 +344,10 @@ def resume_row(shape: str, ckpt: dict, args, full: dict) -> dict:
         "overhead_vs_tail": (resumed["wall_s"] - tail_estimate) / tail_estimate
         if tail_estimate
         else None,
+        # start to the first block written: resumed (start, verification, one block) against
+        # uninterrupted (start, embeddings' shard, one block): the fixed cost of resuming
+        "resumed_first_block_s": first_new,
+        "uninterrupted_first_block_s": first_block,
         "identical_to_uninterrupted": _compare(run_dir(args, shape, 1, full["threads"]), out),
         "source": source,
     }
