@@ -50,6 +50,7 @@ RESULTS = HERE / "results" / "scale.json"
 MANIFEST = "lorq-manifest.json"
 GB = 1e9
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TRACE_S = 2.0
 
 
 def parse_time_v(text: str) -> dict:
@@ -124,12 +125,15 @@ class Watch:
     max_rss: float | None = None  # SIGKILL once the process tree holds more bytes than this
     peak: int = 0
     timeline: dict = field(default_factory=dict)  # shards -> (seconds, tree RSS bytes)
+    trace: list = field(default_factory=list)  # (seconds, tree RSS bytes) every TRACE_S
     killed: str | None = None  # why the run was killed
 
     def poll(self, root: int, seconds: float) -> None:
         pids = process_tree(root)
         rss = tree_rss(pids)
         self.peak = max(self.peak, rss)
+        if not self.trace or seconds - self.trace[-1][0] >= TRACE_S:
+            self.trace.append((round(seconds, 1), rss))
         shards = manifest_shards(self.out) if self.out else None
         if shards is not None and shards not in self.timeline:
             self.timeline[shards] = (round(seconds, 2), rss)
@@ -175,6 +179,7 @@ def run_timed(cmd: list[str], log: Path, env: dict, watch: Watch | None = None) 
         "max_rss_bytes": timed.get("max_rss_bytes"),
         "tree_peak_rss_bytes": watch.peak,
         "timeline": {str(k): list(v) for k, v in sorted(watch.timeline.items())},
+        "rss_trace": [list(point) for point in watch.trace],
         "load_1min": [load_before, os.getloadavg()[0]],  # other work on the machine
         "log": str(log),
     }
@@ -305,6 +310,7 @@ def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict)
         "expected_shards": ckpt["expected_shards"],
         "rss_per_shard_bytes": rss_per_shard(run["timeline"]),
         "timeline": run["timeline"],
+        "rss_trace": run["rss_trace"],
         "load_1min": run["load_1min"],
         "command": " ".join(run["command"]),
         "log": run["log"],
@@ -491,6 +497,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out-root", type=Path, default=Path("/work/scale-out"))
     parser.add_argument("--logs", type=Path, default=Path("/work/scale-out/logs"))
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only the table and plot")
     parser.add_argument(
         "--max-rss-gb", type=float, default=12.0, help="SIGKILL a run whose processes hold more"
     )
@@ -501,13 +508,40 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """RSS of the process tree over each one-process run (sampled every TRACE_S)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["kind"] != "compress" or r["world_size"] != 1:
+            continue
+        trace = r.get("rss_trace") or [[0, 0]]
+        peak = (r["peak_rss_bytes"] or 0) / GB
+        label = f"{r['shape']}, {r['threads']} thr (peak {peak:.2f} GB, {r['wall_s']:.0f} s)"
+        ax.plot([t / r["wall_s"] for t, _ in trace], [b / GB for _, b in trace], label=label)
+    ax.axhline(2.5, color="grey", linestyle="--", label="target: 2.5 GB")
+    ax.set_xlabel("fraction of the run's wall time")
+    ax.set_ylabel(f"RSS of the process tree (GB, every {TRACE_S:.0f} s)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = []
-    for shape in args.shapes:
+    for shape in [] if args.report else args.shapes:
         rows += bench_shape(shape, args)
         save(rows, args)
-    print(table(rows))
+    merged = json.loads(args.results.read_text())["rows"]
+    plot(merged, args.results.with_suffix(".png"))
+    print(table(merged))
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_a_dummy_run_reports_its_peak_rss_and_shard_timeline(scale, tmp_path):
     assert 200e6 < run["tree_peak_rss_bytes"] < 400e6
     assert 1.5 < run["wall_s"] < 10
     assert list(run["timeline"])[-1] == "6"
+    assert max(rss for _, rss in run["rss_trace"]) > 200e6
     assert scale.manifest_shards(out) == 6
 
 
