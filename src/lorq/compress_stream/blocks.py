@@ -36,7 +36,10 @@ def block_step(run: Run, writer: ShardWriter, index: int, shard: str, inputs: Bl
             inputs = _forward(run, block, inputs)
         _drop(run, block, targets)
         return inputs
-    materialize(run.model, parts, run.source.checkpoint, run.dtype, run.device)
+    # without a forward the matrices stay as stored (bf16: half the memory); each is decomposed
+    # from its own fp32 copy either way
+    dtype = run.dtype if inputs is not None else None
+    materialize(run.model, parts, run.source.checkpoint, dtype, run.device)
     hessians, original = _statistics(run, block, targets, inputs)
     if run.statistics is not None and hessians is not None:
         run.statistics(index, hessians)

@@ -97,9 +97,9 @@ def materialize(
     device: torch.device,
 ) -> None:
     """Give every meta tensor of ``parts`` ((qualified name, module, recurse)) its checkpoint
-    value, as ``dtype`` (None: as stored) on ``device``; a tied tensor (one object at two names,
-    e.g. a tied LM head) is read once and placed at both; real buffers the checkpoint lacks keep
-    their values."""
+    value on ``device`` in ``dtype`` (None: matrices as stored, vectors — norms, biases — in
+    fp32); a tied tensor (one object at two names, e.g. a tied LM head) is read once and placed
+    at both; real buffers the checkpoint lacks keep their values."""
     placed: dict[int, torch.Tensor] = {}
     for prefix, module, recurse in parts:
         for name, owner, leaf, tensor, is_param in list(tensors_of(module, prefix, recurse)):
@@ -127,8 +127,8 @@ def _read(model, name, tensor, checkpoint: Checkpoint, dtype, device) -> torch.T
             f"checkpoint tensor {stored!r} has shape {list(value.shape)}, the config's "
             f"architecture needs {list(tensor.shape)}; config.json and the weights disagree"
         )
-    if dtype is not None and value.is_floating_point():
-        value = value.to(dtype)
+    if value.is_floating_point() and (dtype is not None or value.dim() < 2):
+        value = value.to(dtype or torch.float32)  # as stored: matrices; vectors in fp32
     return value.to(device)
 
 
