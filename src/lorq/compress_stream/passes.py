@@ -67,10 +67,8 @@ def outside_shard(
 def capture(run: Run, calibration, offload) -> BlockInputs:
     """X_0 of the calibration tokens (the embeddings resident meanwhile)."""
     parts = outside_blocks(run.model, run.blocks)
-    materialize(run.model, parts, run.source.checkpoint, torch.float32, run.device)
+    materialize(run.model, parts, run.source.checkpoint, run.dtype, run.device)
     try:
-        for _, module, _ in parts:
-            module.to(run.dtype)
         tokens = tokens_of(calibration, run.source.folder)
         return capture_inputs(run.model, run.blocks.modules[0], tokens, run.device, offload)
     finally:
