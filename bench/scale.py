@@ -401,6 +401,8 @@ def bench_shape(shape: str, args) -> list[dict]:
     if args.resume_test:
         rows.append(resume_row(shape, ckpt, args, rows[0]))
         _report(rows[-1])
+    for row in rows:
+        row["settings"] = settings_of(args)
     return rows
 
 
@@ -411,9 +413,9 @@ def _report(row: dict) -> None:
 
 
 def save(rows: list[dict], args) -> None:
-    """Merge rows into the results file, replacing those of the same shape, kind, world size
-    and threads."""
-    key = lambda r: (r["shape"], r["kind"], r["world_size"], r.get("threads"))  # noqa: E731
+    """Merge rows into the results file, replacing those of the same shape, kind, world size,
+    threads and settings."""
+    key = lambda r: (r["shape"], r["kind"], r["world_size"], r.get("threads"), _label(r))  # noqa: E731
     old = json.loads(args.results.read_text())["rows"] if args.results.exists() else []
     new = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new] + rows
@@ -425,8 +427,7 @@ def save(rows: list[dict], args) -> None:
         "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "ram_bytes": _ram(),
                     "python": platform.python_version()},
         "updated": datetime.datetime.now().isoformat(timespec="seconds"),
-        "settings": {"method": args.method, "quant": args.quant, "rank": args.rank,
-                     "extra": args.extra, "threads": args.threads},
+        "settings": {**settings_of(args), "threads": args.threads},  # the last run's
         "rows": merged,
     }  # fmt: skip
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -454,12 +455,24 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         rss = r["peak_rss_bytes"] / GB if r["peak_rss_bytes"] else float("nan")
         lines.append(
-            f"| {r['shape']} | {r['kind']} {r['world_size']}×{r['threads']} thr "
+            f"| {r['shape']} | {r['kind']} {r['world_size']}×{r['threads']} thr{_label(r)} "
             f"| {r['params'] / 1e9:.2f} B "
             f"| {r['ckpt_bytes'] / GB:.2f} | {rss:.2f} | {r['tree_peak_rss_bytes'] / GB:.2f} "
             f"| {r['wall_s']:.0f} | {r['us_per_param']:.3f} | {_note(r)} |"
         )
     return "\n".join(lines)
+
+
+def settings_of(args) -> dict:
+    return {"method": args.method, "quant": args.quant, "rank": args.rank, "extra": args.extra}
+
+
+def _label(r: dict) -> str:
+    """The row's settings where they differ from the defaults (loftq, nf4, rank 16)."""
+    settings = r.get("settings") or {}
+    default = {"method": "loftq", "quant": "nf4", "rank": 16}
+    words = [f"--{k} {v}" for k, v in default.items() if settings.get(k, v) != v]
+    return "".join(f" {w}" for w in [*words, *settings.get("extra", [])])
 
 
 def _note(r: dict) -> str:
