@@ -156,3 +156,20 @@ def test_streamed_directory_evaluates_and_exports(tiny_dir, tmp_path):  # noqa: 
     name = "model.layers.0.self_attn.q_proj.lora_A"
     peft_name = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k)
     torch.testing.assert_close(adapter[peft_name].float(), shards[name].float())
+
+
+def test_activations_go_to_disk_by_size():
+    """X stays in memory unless what is held at once exceeds a quarter of the free memory; the
+    Fisher pass holds every block's input (N + 2 buffers)."""
+    from pathlib import Path
+
+    from lorq.compress import Calibration
+    from lorq.stream.devices import activation_offload, available_memory
+
+    calibration, out = Calibration("builtin", 128, 64), Path("/nonexistent")
+    per_token = available_memory() // (4 * 4 * 128 * 64)  # values per token at a quarter
+    assert activation_offload(None, out, calibration, 2 * 64) is None
+    assert activation_offload(None, out, calibration, per_token + 1) == out / ".activations"
+    assert activation_offload(False, out, calibration, per_token + 1) is None
+    assert activation_offload(True, out, calibration, 8) == out / ".activations"
+    assert activation_offload(True, out, None, 8) is None  # no calibration: no X at all

@@ -107,9 +107,7 @@ def compress_streaming(
     with shard_writer(out, settings, resume, overwrite, source.inputs, world) as writer:
         names = shard_names(len(blocks) + 1)
         reused = tuple(n for n in names if n in writer.finished)
-        offload = activation_offload(
-            offload_activations, writer.out, used, source.config.hidden_size
-        )
+        offload = activation_offload(offload_activations, writer.out, used, _buffers(run))
         fisher_pass(run, writer.out, used, offload)
         plan_pass(run, writer.out, used, offload)
         run.advance = progress("decomposing", -(-len(run.targets) // world.size))
@@ -137,13 +135,17 @@ def plan_streaming(
     run, used = prepare(model, config, calibration, None, (device, dtype, False, progress))
     with tempfile.TemporaryDirectory(prefix="lorq-plan-") as work:
         scratch = Path(work)
-        offload = activation_offload(
-            offload_activations, scratch, used, run.source.config.hidden_size
-        )
+        offload = activation_offload(offload_activations, scratch, used, _buffers(run))
         fisher_pass(run, scratch, used, offload)
         plan_pass(run, scratch, used, offload)
     assert run.plan is not None
     return run.plan
+
+
+def _buffers(run: Run) -> int:
+    """Values of X held at once (n·L·d each): the Fisher pass keeps every block's input."""
+    count = len(run.blocks) + 2 if run.config.fisher else 2
+    return count * run.source.config.hidden_size
 
 
 def _finish(run: Run, writer: ShardWriter, names: list[str], calibration) -> dict[str, Any]:

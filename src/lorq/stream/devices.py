@@ -77,13 +77,13 @@ def available_memory() -> int:
     return 8 << 30
 
 
-def activation_offload(
-    offload: bool | None, out: Path, calibration, hidden_size: int
-) -> Path | None:
-    """The folder for X's disk file, or None to keep X in memory (see the module docstring)."""
+def activation_offload(offload: bool | None, out: Path, calibration, width: int) -> Path | None:
+    """The folder for X's disk files, or None to keep X in memory (see the module docstring);
+    ``width``: values per token held at once (2·d for X_{b−1} and X_b; (N + 2)·d while the Fisher
+    pass keeps every block's input)."""
     if calibration is None or offload is False:
         return None
-    need = 2 * calibration.blocks * calibration.seq_len * hidden_size * 4
+    need = calibration.blocks * calibration.seq_len * width * 4
     if offload is None and need <= available_memory() // 4:
         return None
     return out / ".activations"
