@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import synthetic
 
@@ -127,6 +129,7 @@ class Watch:
     timeline: dict = field(default_factory=dict)  # shards -> (seconds, tree RSS bytes)
     trace: list = field(default_factory=list)  # (seconds, tree RSS bytes) every TRACE_S
     killed: str | None = None  # why the run was killed
+    on_shard: Any = None  # called with the Watch and the seconds when a new shard appears
 
     def poll(self, root: int, seconds: float) -> None:
         pids = process_tree(root)
@@ -137,6 +140,8 @@ class Watch:
         shards = manifest_shards(self.out) if self.out else None
         if shards is not None and shards not in self.timeline:
             self.timeline[shards] = (round(seconds, 2), rss)
+            if self.on_shard:
+                self.on_shard(self, seconds)
         if self.killed is None:
             if self.kill_at is not None and (shards or 0) >= self.kill_at:
                 self.killed = f"{shards} shards listed"
@@ -263,16 +268,84 @@ def compress_row(shape: str, ckpt: dict, args, world: int, threads: int) -> dict
     """One full run of ``world`` processes with ``threads`` threads each, into
     OUT_ROOT/SHAPE/w{world}t{threads}."""
     out = run_dir(args, shape, world, threads)
-    shutil.rmtree(out, ignore_errors=True)  # an earlier run's manifest would read as progress
-    cmd = [*launcher(world), *compress_args(ckpt["path"], out, args)]
+    sidecar = out.with_name(f"{out.name}.segments.json")
+    segments = _earlier_segments(out, sidecar) if args.continue_killed else []
+    if not segments:
+        shutil.rmtree(out, ignore_errors=True)  # an earlier run's manifest would read as progress
     source = source_state()
     log = args.logs / f"compress-{shape}-w{world}t{threads}.log"
-    run = run_timed(cmd, log, environment(threads), Watch(out, max_rss=args.max_rss_gb * GB))
-    row = _row(shape, "compress", world, threads, ckpt, run)
+    while True:
+        resume = bool(segments)
+        cmd = [*launcher(world), *compress_args(ckpt["path"], out, args, resume)]
+        record = functools.partial(_record_segment, sidecar, list(segments), cmd)
+        watch = Watch(out, max_rss=args.max_rss_gb * GB, on_shard=record)
+        segments.append(
+            run_timed(cmd, log.with_suffix(f".{len(segments)}.log"), environment(threads), watch)
+        )
+        if not _killed_from_outside(segments, args.continue_killed):
+            break
+    sidecar.unlink(missing_ok=True)
+    row = _row(shape, "compress", world, threads, ckpt, _joined(segments))
     row["out_bytes"] = dir_bytes(out) if out.exists() else None
     row["shards"] = manifest_shards(out)
     row["source"] = source
     return row
+
+
+def _earlier_segments(out: Path, sidecar: Path) -> list[dict]:
+    """The segments of a run of this benchmark killed with this one (the sidecar written at each
+    shard) when ``out`` holds its unfinished output; else none."""
+    if sidecar.exists() and manifest_shards(out) and not (out / "lorq.json").exists():
+        return json.loads(sidecar.read_text())
+    sidecar.unlink(missing_ok=True)
+    return []
+
+
+def _record_segment(sidecar: Path, before: list[dict], cmd: list[str], watch, seconds) -> None:
+    """Save the segments so far, the running one as if killed now, for a later --continue-killed
+    (the benchmark itself may be killed with its run)."""
+    running = {
+        "command": cmd, "returncode": -9, "killed": None, "wall_s": seconds,
+        "max_rss_bytes": None, "tree_peak_rss_bytes": watch.peak,
+        "timeline": {str(k): list(v) for k, v in sorted(watch.timeline.items())},
+        "rss_trace": [list(point) for point in watch.trace], "log": "(killed with the benchmark)",
+    }  # fmt: skip
+    sidecar.write_text(json.dumps([*before, running]))
+
+
+def _killed_from_outside(segments: list[dict], allowed: int) -> bool:
+    """Whether the last run died of a signal it was not sent by this benchmark, after adding
+    shards, and may be finished with --resume (at most ``allowed`` times)."""
+    last = segments[-1]
+    shards = [max(map(int, s["timeline"]), default=0) for s in segments]
+    grew = len(shards) == 1 or shards[-1] > shards[-2]
+    signalled = last["returncode"] < 0 or last["returncode"] > 128  # time's or the job's death
+    return signalled and not last["killed"] and grew and len(segments) <= allowed
+
+
+def _joined(segments: list[dict]) -> dict:
+    """One run's measurements from a run and the --resume runs that finished it: walls added,
+    peaks the largest, each segment kept."""
+    last = segments[-1]
+    if len(segments) == 1:
+        return last
+    keys = ("wall_s", "max_rss_bytes", "tree_peak_rss_bytes", "returncode", "killed", "log")
+    timeline, trace, offset = {}, [], 0.0
+    for s in segments:
+        for k, (t, rss) in s["timeline"].items():
+            timeline.setdefault(k, [round(t + offset, 2), rss])
+        trace += [[round(t + offset, 1), rss] for t, rss in s["rss_trace"]]
+        offset += s["wall_s"]
+    return last | {
+        "timeline": timeline,
+        "rss_trace": trace,
+        "wall_s": offset,
+        "max_rss_bytes": max(s["max_rss_bytes"] or 0 for s in segments),
+        "tree_peak_rss_bytes": max(s["tree_peak_rss_bytes"] for s in segments),
+        "segments": [
+            {k: s[k] for k in keys} | {"shards": list(s["timeline"])[-1:]} for s in segments
+        ],
+    }
 
 
 def source_state() -> dict:
@@ -311,6 +384,7 @@ def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict)
         "rss_per_shard_bytes": rss_per_shard(run["timeline"]),
         "timeline": run["timeline"],
         "rss_trace": run["rss_trace"],
+        "segments": run.get("segments"),
         "load_1min": run["load_1min"],
         "command": " ".join(run["command"]),
         "log": run["log"],
@@ -482,6 +556,8 @@ def _note(r: dict) -> str:
         return f"killed, {r['killed']}, at {r['shards']}/{r['expected_shards']} shards{growth}"
     if not r["ok"]:
         return f"failed (exit {r['returncode']}), see {r['log']}"
+    if r.get("segments"):
+        growth += f"; killed from outside {len(r['segments']) - 1}×, finished with --resume"
     if r["kind"] == "resume":
         return (
             f"killed at {r['shards_before_kill']}/{r['shards']} shards; overhead "
@@ -511,6 +587,13 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--logs", type=Path, default=Path("/work/scale-out/logs"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="only the table and plot")
+    parser.add_argument(
+        "--continue-killed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="finish a run killed by a signal from outside with --resume, up to N times",
+    )
     parser.add_argument(
         "--max-rss-gb", type=float, default=12.0, help="SIGKILL a run whose processes hold more"
     )

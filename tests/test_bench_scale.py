@@ -102,3 +102,22 @@ def test_rss_growth_per_block_shard(scale):
     timeline = {"1": [1.0, 5e9], "2": [2.0, 1e9], "3": [3.0, 1.25e9], "4": [4.0, 1.5e9]}
     assert scale.rss_per_shard(timeline) == pytest.approx(0.25e9)
     assert scale.rss_per_shard({"1": [1.0, 1e9], "7": [9.0, None]}) is None
+
+
+def test_a_run_killed_from_outside_is_finished_with_resume(scale):
+    def run(code, shards, wall, peak, killed=None):
+        timeline = {str(k): [wall * k / shards[-1], peak] for k in shards}
+        trace = [[0.0, peak // 2], [wall, peak]]
+        return {"returncode": code, "killed": killed, "timeline": timeline, "rss_trace": trace,
+                "wall_s": wall, "max_rss_bytes": None if code < 0 else peak,
+                "tree_peak_rss_bytes": peak, "log": "x"}  # fmt: skip
+
+    first, second = run(-9, [1, 2, 3], 30.0, 2e9), run(0, [3, 4, 5], 20.0, 1e9)
+    assert scale._killed_from_outside([first], allowed=1)
+    assert not scale._killed_from_outside([first], allowed=0)
+    assert not scale._killed_from_outside([run(-9, [1, 2], 5.0, 1e9, killed="RSS")], allowed=3)
+    assert not scale._killed_from_outside([first, run(-9, [3], 5.0, 1e9)], allowed=3)
+    joined = scale._joined([first, second])
+    assert joined["wall_s"] == 50.0 and joined["tree_peak_rss_bytes"] == 2e9
+    assert joined["timeline"]["5"] == [50.0, 1e9] and joined["timeline"]["3"] == [30.0, 2e9]
+    assert joined["rss_trace"][-1] == [50.0, 1e9] and len(joined["segments"]) == 2
