@@ -53,11 +53,13 @@ MANIFEST = "lorq-manifest.json"
 GB = 1e9
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TRACE_S = 2.0
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def parse_time_v(text: str) -> dict:
-    """Peak RSS (bytes) and wall time (s) from GNU time's ``-v`` report."""
+    """Peak RSS (bytes), wall and CPU (user + system) time (s) from GNU time's ``-v`` report."""
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = [float(t) for t in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)]
     wall = re.search(r"Elapsed \(wall clock\) time \([^)]*\): ([\d:.]+)", text)
     status = re.search(r"Exit status: (\d+)", text)
     seconds = None
@@ -68,6 +70,7 @@ def parse_time_v(text: str) -> dict:
     return {
         "max_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
         "wall_s": seconds,
+        "cpu_s": sum(cpu) if len(cpu) == 2 else None,
         "exit_status": int(status.group(1)) if status else None,
     }
 
@@ -89,6 +92,15 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (None: gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
 def tree_rss(pids: list[int]) -> int:
@@ -130,11 +142,18 @@ class Watch:
     trace: list = field(default_factory=list)  # (seconds, tree RSS bytes) every TRACE_S
     killed: str | None = None  # why the run was killed
     on_shard: Any = None  # called with the Watch and the seconds when a new shard appears
+    cpu: dict = field(default_factory=dict)  # pid -> CPU seconds when last seen
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
 
     def poll(self, root: int, seconds: float) -> None:
         pids = process_tree(root)
         rss = tree_rss(pids)
         self.peak = max(self.peak, rss)
+        for pid in pids:
+            self.cpu[pid] = cpu_seconds(pid) or self.cpu.get(pid, 0.0)
         if not self.trace or seconds - self.trace[-1][0] >= TRACE_S:
             self.trace.append((round(seconds, 1), rss))
         shards = manifest_shards(self.out) if self.out else None
@@ -181,6 +200,7 @@ def run_timed(cmd: list[str], log: Path, env: dict, watch: Watch | None = None) 
         "returncode": proc.returncode,
         "killed": watch.killed,
         "wall_s": timed.get("wall_s") or seconds,
+        "cpu_s": timed.get("cpu_s") or watch.cpu_s,  # sampled: to the last poll
         "max_rss_bytes": timed.get("max_rss_bytes"),
         "tree_peak_rss_bytes": watch.peak,
         "timeline": {str(k): list(v) for k, v in sorted(watch.timeline.items())},
@@ -306,6 +326,7 @@ def _record_segment(sidecar: Path, before: list[dict], cmd: list[str], watch, se
     (the benchmark itself may be killed with its run)."""
     running = {
         "command": cmd, "returncode": -9, "killed": None, "wall_s": seconds,
+        "cpu_s": watch.cpu_s,
         "max_rss_bytes": None, "tree_peak_rss_bytes": watch.peak,
         "timeline": {str(k): list(v) for k, v in sorted(watch.timeline.items())},
         "rss_trace": [list(point) for point in watch.trace], "log": "(killed with the benchmark)",
@@ -329,7 +350,7 @@ def _joined(segments: list[dict]) -> dict:
     last = segments[-1]
     if len(segments) == 1:
         return last
-    keys = ("wall_s", "max_rss_bytes", "tree_peak_rss_bytes", "returncode", "killed", "log")
+    keys = ("wall_s", "cpu_s", "max_rss_bytes", "tree_peak_rss_bytes", "returncode", "killed")
     timeline, trace, offset = {}, [], 0.0
     for s in segments:
         for k, (t, rss) in s["timeline"].items():
@@ -340,10 +361,11 @@ def _joined(segments: list[dict]) -> dict:
         "timeline": timeline,
         "rss_trace": trace,
         "wall_s": offset,
+        "cpu_s": sum(s.get("cpu_s") or 0 for s in segments),
         "max_rss_bytes": max(s["max_rss_bytes"] or 0 for s in segments),
         "tree_peak_rss_bytes": max(s["tree_peak_rss_bytes"] for s in segments),
         "segments": [
-            {k: s[k] for k in keys} | {"shards": list(s["timeline"])[-1:]} for s in segments
+            {k: s.get(k) for k in keys} | {"shards": list(s["timeline"])[-1:]} for s in segments
         ],
     }
 
@@ -377,6 +399,8 @@ def _row(shape: str, kind: str, world: int, threads: int, ckpt: dict, run: dict)
         "tree_peak_rss_bytes": run["tree_peak_rss_bytes"],
         "wall_s": run["wall_s"],
         "us_per_param": run["wall_s"] / params * 1e6,
+        "cpu_s": run.get("cpu_s"),
+        "cpu_us_per_param": (run.get("cpu_s") or 0) / params * 1e6,
         "ok": run["returncode"] == 0,
         "returncode": run["returncode"],
         "killed": run["killed"],
@@ -522,17 +546,18 @@ def _ram() -> int:
 def table(rows: list[dict]) -> str:
     """The markdown table of the README's Scale section."""
     lines = [
-        "| shape | run | params | checkpoint GB | peak RSS GB | all processes' RSS GB | wall s "
-        "| µs/param | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | run | params | checkpoint GB | peak RSS GB | all processes' peak RSS GB "
+        "| wall s | µs/param (wall) | CPU s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rss = r["peak_rss_bytes"] / GB if r["peak_rss_bytes"] else float("nan")
+        cpu = f"{r['cpu_s']:.0f}" if r.get("cpu_s") else "–"
         lines.append(
             f"| {r['shape']} | {r['kind']} {r['world_size']}×{r['threads']} thr{_label(r)} "
             f"| {r['params'] / 1e9:.2f} B "
             f"| {r['ckpt_bytes'] / GB:.2f} | {rss:.2f} | {r['tree_peak_rss_bytes'] / GB:.2f} "
-            f"| {r['wall_s']:.0f} | {r['us_per_param']:.3f} | {_note(r)} |"
+            f"| {r['wall_s']:.0f} | {r['us_per_param']:.3f} | {cpu} | {_note(r)} |"
         )
     return "\n".join(lines)
 

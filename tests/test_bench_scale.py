@@ -44,6 +44,7 @@ def test_parses_gnu_time_reports(scale):
     assert scale.parse_time_v(text) == {
         "max_rss_bytes": 2048 * 1024,
         "wall_s": 3723.5,
+        "cpu_s": None,
         "exit_status": 0,
     }
     assert scale.parse_time_v("\tElapsed (wall clock) time (h:mm:ss or m:ss): 0:04.13")[
@@ -121,3 +122,11 @@ def test_a_run_killed_from_outside_is_finished_with_resume(scale):
     assert joined["wall_s"] == 50.0 and joined["tree_peak_rss_bytes"] == 2e9
     assert joined["timeline"]["5"] == [50.0, 1e9] and joined["timeline"]["3"] == [30.0, 2e9]
     assert joined["rss_trace"][-1] == [50.0, 1e9] and len(joined["segments"]) == 2
+
+
+def test_cpu_seconds_of_gnu_time_and_of_proc(scale):
+    text = "\tUser time (seconds): 1.25\n\tSystem time (seconds): 0.50\n"
+    assert scale.parse_time_v(text)["cpu_s"] == pytest.approx(1.75)
+    import os
+
+    assert 0 < scale.cpu_seconds(os.getpid()) < 3600
