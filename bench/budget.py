@@ -29,8 +29,8 @@ from lorq.budget import cost_table, plan_budget
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import solve
 from lorq.config import DecomposeConfig
-from lorq.models import load_model
-from lorq.surgery import dense_weight, find_targets
+from lorq.io.models import load_model
+from lorq.model.targets import dense_weight, find_targets
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from lorq.models import load_model
-from lorq.surgery import dense_weight, find_targets
+from lorq.io.models import load_model
+from lorq.model.targets import dense_weight, find_targets
 
 
 def model_weights(name: str) -> list[torch.Tensor]:

@@ -34,8 +34,8 @@ import torch
 from lorq.budget import cost_table, solve
 from lorq.budget.grid import candidate_grid
 from lorq.config import DecomposeConfig
-from lorq.models import load_model
-from lorq.surgery import dense_weight, find_targets
+from lorq.io.models import load_model
+from lorq.model.targets import dense_weight, find_targets
 
 ROOT = Path(__file__).resolve().parent
 BUDGETS = (2.5, 2.75, 3.0, 3.5, 4.127)

@@ -1,6 +1,6 @@
 """Decomposition benchmark: lorq LoftQ / LQ-LoRA against the reference LoftQ of PEFT.
 
-For every target linear weight (``lorq.surgery.find_targets``) of the built-in models SmolLM2
+For every target linear weight (``lorq.model.targets.find_targets``) of the built-in models SmolLM2
 (210 matrices) and MiniLM, at every (bits, rank) of ``--bits`` × ``--ranks``, it runs on the CPU,
 interleaved matrix by matrix (so that machine noise hits all methods alike):
 

@@ -5,7 +5,8 @@ fine-tuned the same steps on the built-in training text, beside full fp32 fine-t
 Every stage runs in its own process, so each peak RSS (``ru_maxrss``) is that stage's alone:
 
     compress  load SmolLM2 → (Fisher) → lorq.compress at --budget bits → lorq.save
-    train     lorq.load → lorq.train.finetune (--steps) → evaluation perplexity before / after
+    train     lorq.load → lorq.train.trainer.finetune (--steps) → evaluation perplexity
+              before / after
     full      the fp32 model, every parameter trained by AdamW: the same batches, a few steps
               (activation checkpointing on in both, unless --no-checkpointing)
 
@@ -47,9 +48,9 @@ def peak_mb() -> float:
 def stage_compress(args, work: Path, name: str) -> dict:
     import lorq
     from lorq.config import CompressConfig
-    from lorq.data import TextConfig, load_blocks
-    from lorq.evaluate import compressed_bits
-    from lorq.models import load_model
+    from lorq.evaluation.measure import compressed_bits
+    from lorq.io.models import load_model
+    from lorq.text.corpus import TextConfig, load_blocks
 
     loaded = load_model("smollm2")
     settings = METHODS[name]
@@ -72,7 +73,7 @@ def stage_train(args, work: Path, name: str) -> dict:
     from transformers import AutoTokenizer
 
     import lorq
-    from lorq.train import FinetuneConfig, finetune
+    from lorq.train.trainer import FinetuneConfig, finetune
 
     model = lorq.load(work / name)
     tokenizer = AutoTokenizer.from_pretrained(work / name)
@@ -95,8 +96,8 @@ def stage_train(args, work: Path, name: str) -> dict:
 
 def stage_full(args, work: Path, name: str) -> dict:
     """Full fp32 fine-tuning memory: every parameter trained by AdamW on the same batches."""
-    from lorq.data import TextConfig, load_blocks
-    from lorq.models import load_model
+    from lorq.io.models import load_model
+    from lorq.text.corpus import TextConfig, load_blocks
 
     loaded = load_model("smollm2")
     model = loaded.model.train()
@@ -118,7 +119,7 @@ STAGES = {"compress": stage_compress, "train": stage_train, "full": stage_full}
 
 
 def child(args) -> None:
-    from lorq.runtime import fixed_mmap_threshold
+    from lorq.util.runtime import fixed_mmap_threshold
 
     if args.low_memory:  # as lorq finetune --low-memory, in every stage (full fine-tuning too)
         fixed_mmap_threshold()

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 import lorq
-from lorq.data import TextConfig, load_blocks
-from lorq.evaluate import compressed_bits
-from lorq.models import load_model
+from lorq.evaluation.measure import compressed_bits
+from lorq.io.models import load_model
+from lorq.text.corpus import TextConfig, load_blocks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = [  # (label, method, preset, hand-offs)

@@ -49,12 +49,12 @@ import torch
 from gguf import GGUFReader
 
 import lorq
-from lorq.data import builtin_text
-from lorq.export.gguf import adapter_path, export_gguf
-from lorq.export.quantized import other_tensors
+from lorq.exporters.gguf import adapter_path, export_gguf
+from lorq.exporters.quantized import other_tensors
 from lorq.io.gguf_write import write_gguf
+from lorq.io.models import load_model
 from lorq.io.native import model_meta, set_model_meta
-from lorq.models import load_model
+from lorq.text.corpus import builtin_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ4_NL", "Q4_0")

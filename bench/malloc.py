@@ -21,14 +21,14 @@ THRESHOLDS = {"glibc's dynamic": 0, "4 MiB": 1 << 22, "1 MiB": 1 << 20, "64 KiB"
 
 
 def child(path: str, threshold: int) -> None:
-    from lorq.runtime import fixed_mmap_threshold
+    from lorq.util.runtime import fixed_mmap_threshold
 
     if threshold:
         fixed_mmap_threshold(threshold)
     import torch
 
     import lorq
-    from lorq.train import set_trainable
+    from lorq.train.trainer import set_trainable
 
     model = lorq.load(path)
     set_trainable(model)
@@ -53,7 +53,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         return child(sys.argv[2], int(sys.argv[3]))
     import lorq
-    from lorq.models import load_model
+    from lorq.io.models import load_model
 
     with tempfile.TemporaryDirectory(prefix="lorq-bench-malloc-") as tmp:
         loaded = load_model("smollm2")

@@ -74,16 +74,14 @@ def main() -> None:
 
     from lorq.cli import app
 
-    # modules by name: the package root re-exports functions named like them (lorq.compress)
-    compress, evaluate, io, models = map(
-        importlib.import_module, ("lorq.compress", "lorq.evaluate", "lorq.io", "lorq.models")
-    )
+    names = ("lorq.jobs.compress", "lorq.evaluation.measure", "lorq.io", "lorq.io.models")
+    compress, evaluate, io, models = map(importlib.import_module, names)
 
     after_imports = status()
     phases: list[dict] = []
     for module, name in (
         (models, "load_model"),
-        (compress, "compress"),
+        (compress, "run_pipeline"),
         (evaluate, "evaluate_model"),
         (io, "save"),
     ):

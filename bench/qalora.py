@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 
 import lorq
-from lorq.data import TextConfig, load_blocks
-from lorq.evaluate import compressed_bits, evaluate_model
-from lorq.export.gguf import export_gguf
+from lorq.evaluation.measure import compressed_bits, evaluate_model
+from lorq.exporters.gguf import export_gguf
 from lorq.io.gguf import read_gguf_quantized
+from lorq.io.models import load_model
 from lorq.io.native import model_meta, set_model_meta
-from lorq.models import load_model
-from lorq.qa_lora import merge_qa_lora
-from lorq.surgery import find_targets, shared_copy
-from lorq.train import FinetuneConfig, finetune
+from lorq.jobs.merge import merge_qa_lora
+from lorq.model.targets import find_targets, shared_copy
+from lorq.text.corpus import TextConfig, load_blocks
+from lorq.train.trainer import FinetuneConfig, finetune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASES = [  # (label, preset, gptq, GGUF codes)

@@ -35,14 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorq.compress import compress, plan_budgets_for
 from lorq.config import CompressConfig
-from lorq.data import TextConfig, load_blocks
-from lorq.evaluate import compressed_bits, evaluate_model
-from lorq.fisher import estimate_fisher
-from lorq.hessian import estimate_hessians
-from lorq.models import load_model
-from lorq.surgery import find_targets, set_module, shared_copy
+from lorq.evaluation.measure import compressed_bits, evaluate_model
+from lorq.io.models import load_model
+from lorq.jobs.compress import compress, plan_budgets_for
+from lorq.jobs.statistics import estimate_fisher, estimate_hessians
+from lorq.model.targets import find_targets, set_module, shared_copy
+from lorq.text.corpus import TextConfig, load_blocks
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -1,6 +1,6 @@
 """Quantizer benchmark: lorq presets against bitsandbytes NF4 on real and synthetic weights.
 
-For every target linear weight (``lorq.surgery.find_targets``) of the built-in models SmolLM2
+For every target linear weight (``lorq.model.targets.find_targets``) of the built-in models SmolLM2
 (210 matrices) and MiniLM (37 matrices), and for one synthetic 4096 × 11008 Gaussian fp32 matrix
 (an LLaMA-7B MLP shape), it measures per quantizer:
 

@@ -165,3 +165,15 @@ def train_b(model) -> None:
         for m in model.modules():
             if isinstance(m, QALoraLinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def compress_to(model, out, config, sequential=None, **options):
+    """``lorq.compress_model`` written to ``out`` as it goes (block by block), no evaluation;
+    ``sequential`` overrides the config's."""
+    from dataclasses import replace
+
+    import lorq
+
+    if sequential is not None:
+        config = replace(config, sequential=sequential)
+    return lorq.compress_model(model, config, out, eval_blocks=0, baseline=False, **options)

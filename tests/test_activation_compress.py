@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import captured_inputs, tiny_bert
 
-from lorq.compress import compress
 from lorq.config import CompressConfig
-from lorq.decompose import decompose
-from lorq.hessian import estimate_hessians
+from lorq.decomposition import decompose
+from lorq.jobs.compress import compress
+from lorq.jobs.statistics import estimate_hessians
+from lorq.model.targets import dense_weight, find_targets, shared_copy
 from lorq.nn import QALoraLinear
-from lorq.surgery import dense_weight, find_targets, shared_copy
 
 BLOCKS = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
 
@@ -105,8 +105,8 @@ def test_qa_lora_pooled_init_lowers_the_output_error(llama):
 def test_fisher_plan_with_activation_decompositions(llama):
     """plan_weighting="fisher": the plan is the Fisher-weighted one, the layers are the
     activation-weighted decompositions of their own H (no Fisher inside them)."""
-    from lorq.compress import plan_budgets_for
-    from lorq.fisher import estimate_fisher
+    from lorq.jobs.compress import plan_budgets_for
+    from lorq.jobs.statistics import estimate_fisher
 
     targets = find_targets(llama)
     weights = {n: dense_weight(m).detach().clone() for n, m in targets.items()}

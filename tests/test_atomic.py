@@ -1,4 +1,4 @@
-"""lorq.atomic: outputs checked before work, swapped in whole, one writer at a time.
+"""lorq.util.atomic: outputs checked before work, swapped in whole, one writer at a time.
 
 Oracles: the bytes at the path (old or new, never neither), the files left in the parent folder,
 the permission bits the umask gives, and the errors raised.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lorq.atomic import (
+from lorq.util.atomic import (
     _swap_in,
     atomic_directory,
     atomic_file,
@@ -56,8 +56,8 @@ def test_a_swap_killed_between_two_renames_is_undone_by_the_next_write(tmp_path,
     out = tmp_path / "out"
     write(out, "old")
     # the two-rename fallback, cut after its first rename (what a kill there leaves)
-    monkeypatch.setattr("lorq.atomic._exchange", lambda a, b: False)
-    monkeypatch.setattr("lorq.atomic.os.replace", _first_rename_only(os.replace))
+    monkeypatch.setattr("lorq.util.atomic._exchange", lambda a, b: False)
+    monkeypatch.setattr("lorq.util.atomic.os.replace", _first_rename_only(os.replace))
     with pytest.raises(KeyboardInterrupt), atomic_directory(out, True, is_ours, "test") as tmp:
         (tmp / "ours").write_text("new")
     monkeypatch.undo()
@@ -178,7 +178,7 @@ def test_the_exchange_keeps_both_sides(tmp_path):
 
 
 def test_an_output_beside_a_gguf_source_is_allowed_its_folder_is_not(tmp_path):
-    from lorq.models import ModelSource, local_files
+    from lorq.io.models import ModelSource, local_files
 
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     inputs = local_files(ModelSource("x.gguf", str(tmp_path), "x.gguf"))

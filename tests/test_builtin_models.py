@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
-from lorq.models import builtin_path, load_model
-from lorq.surgery import dense_weight, find_targets
+from lorq.io.models import builtin_path, load_model
+from lorq.model.targets import dense_weight, find_targets
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_default_output_is_smaller_than_its_source(tmp_path):
     stores the same shapes as LQ-LoRA) is smaller than the GGUF it came from, with the Q8_0
     token table kept as the source's own codes; 8-bit factors shrink it further."""
     import lorq
-    from lorq.models import resolve
+    from lorq.io.models import resolve
 
     source = resolve("smollm2")
     source_bytes = (builtin_path("smollm2") / source.gguf_file).stat().st_size
@@ -91,8 +91,8 @@ def test_gptq_on_nf_grids_never_worse_than_nearest_on_real_layers(name):
     """Real weights and real calibration inputs (the built-in text): in the H-norm
     tr((W − Q) H (W − Q)ᵀ), GPTQ's Q is at most round to nearest's for NF2/3/4, on an attention
     and an MLP layer of the first, middle and last blocks."""
-    from lorq.compress import Calibration
-    from lorq.hessian import estimate_hessians
+    from lorq.calibrate.tokens import Calibration
+    from lorq.jobs.statistics import estimate_hessians
     from lorq.quant.gptq import gptq_quantize
 
     loaded = load_model(name)

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from lorq.cli import app
-from lorq.models import builtin_path
+from lorq.io.models import builtin_path
 
 runner = CliRunner()
 

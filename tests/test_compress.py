@@ -5,12 +5,12 @@ recomputed here, GPTQ's proxy loss below RTN's, and merged vs unmerged logits.""
 import pytest
 import torch
 
-from lorq.compress import compress, plan_budgets_for
 from lorq.config import CompressConfig, QuantConfig
-from lorq.evaluate import compressed_bits, evaluate_model, model_nbytes
+from lorq.evaluation.measure import compressed_bits, evaluate_model, model_nbytes
+from lorq.jobs.compress import compress, plan_budgets_for
+from lorq.jobs.merge import merge_qa_lora
+from lorq.model.targets import find_targets, shared_copy
 from lorq.nn import QALoraLinear, QuantLinear, QuantLoraLinear
-from lorq.qa_lora import merge_qa_lora
-from lorq.surgery import find_targets, shared_copy
 
 
 def quant_layers(model):
@@ -190,7 +190,7 @@ def test_qa_lora_base_errors(llama):
         compress(llama, config, base={"model.nothing": quantize(weight, "q4_1")})
     with pytest.raises(ValueError, match="give a Q of the module's own shape"):
         compress(llama, config, base={name: quantize(weight.T.contiguous(), "q4_1")})
-    with pytest.raises(ValueError, match="not supported by QA-LoRA"):
+    with pytest.raises(ValueError, match="not supported with method='qa-lora'"):
         compress(llama, config, base={name: quantize(weight, "nf4")})
     with pytest.raises(ValueError, match="only used by method='qa-lora'"):
         compress(llama, CompressConfig(quant="nf4"), base={name: quantize(weight, "q4_1")})
@@ -210,7 +210,7 @@ def output_error(weight, q, hessian) -> float:
 
 def test_qa_lora_gptq_base(llama):
     from lorq import quantize
-    from lorq.hessian import estimate_hessians
+    from lorq.jobs.statistics import estimate_hessians
     from lorq.quant.gptq import gptq_quantize
 
     blocks = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -262,11 +262,12 @@ def test_merge_qa_lora_needs_qa_lora_layers(llama):
         merge_qa_lora(llama)
 
 
-def test_qa_lora_config_validation():
+def test_qa_lora_config_validation(llama):
     assert CompressConfig(method="qa-lora").quant == "q4_1"
     assert CompressConfig().quant == "nf3"
     with pytest.raises(ValueError, match=r"quant='nf4' is not supported with method='qa-lora'"):
-        CompressConfig(method="qa-lora", quant="nf4")
+        compress(llama, CompressConfig(method="qa-lora", quant="nf4"))  # before any work
+    assert not qa_layers(llama)
     with pytest.raises(ValueError, match=r"budget=3\.0 is not supported with method='qa-lora'"):
         CompressConfig(method="qa-lora", budget=3.0)
     for weighting in ("fisher", "both"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, QuantConfig, decompose, quantize
-from lorq.compress import compress
 from lorq.config import CompressConfig
+from lorq.jobs.compress import compress
 from lorq.nn import QuantLoraLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

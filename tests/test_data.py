@@ -1,4 +1,4 @@
-"""Tests for lorq.data: built-in splits, local files, hf: specs, token blocks. No network."""
+"""Tests for lorq.text.corpus: built-in splits, local files, hf: specs, token blocks. No network."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 
-from lorq import data
-from lorq.data import (
+from lorq.text import corpus as data
+from lorq.text.corpus import (
     SPLITS,
     HFSpec,
     TextConfig,
@@ -191,7 +191,7 @@ def test_hf_without_text_column_is_rejected(monkeypatch):
 @pytest.fixture(scope="module")
 def tokenizer():
     transformers = pytest.importorskip("transformers")
-    from lorq.models import builtin_path
+    from lorq.io.models import builtin_path
 
     try:
         path = builtin_path("minilm")

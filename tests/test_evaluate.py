@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import lorq.logits
-from lorq.evaluate import evaluate_model
+import lorq.evaluation.logits
+from lorq.evaluation.measure import evaluate_model
 
 
 def test_perplexity_equals_cross_entropy(llama):
@@ -31,7 +31,7 @@ def test_kl_equals_torch_kl_div_across_vocabulary_slices(llama, chunk, monkeypat
     with 48 columns per slice the 128-token vocabulary takes two whole slices and a partial one."""
     from conftest import tiny_llama
 
-    monkeypatch.setattr(lorq.logits, "VOCAB_CHUNK", chunk)
+    monkeypatch.setattr(lorq.evaluation.logits, "VOCAB_CHUNK", chunk)
     other = tiny_llama(seed=1)
     blocks = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(1))
     result = evaluate_model(other, blocks, llama)
@@ -59,7 +59,7 @@ def test_output_layer_is_restored(llama):
 
 def test_forward_keeps_no_key_value_cache(llama):
     """Oracle: the model's own call; evaluation runs each block once and needs no cache."""
-    from lorq.evaluate import _forward
+    from lorq.evaluation.measure import _forward
 
     blocks = torch.randint(0, 128, (2, 16))
     with torch.no_grad():

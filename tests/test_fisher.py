@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lorq.fisher import estimate_fisher
-from lorq.surgery import dense_weight, find_targets
+from lorq.jobs.statistics import estimate_fisher
+from lorq.model.targets import dense_weight, find_targets
 
 
 def naive_fisher(model, batches):

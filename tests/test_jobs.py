@@ -10,7 +10,7 @@ from conftest import Hostile
 from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (the module-scoped fixture)
 
 import lorq
-from lorq.compress import Calibration
+from lorq.calibrate.tokens import Calibration
 
 
 def lorq_json(path, timings: bool = True):
@@ -96,7 +96,7 @@ def test_merge_and_export_carry_the_provenance(tiny_dir, tmp_path):  # noqa: F81
 def test_finetune_resumes_with_the_same_settings(tiny_dir, tmp_path):  # noqa: F811
     from transformers import AutoTokenizer
 
-    from lorq.finetune import checkpoint_dir, prepare_checkpoints
+    from lorq.jobs.finetune import checkpoint_dir, prepare_checkpoints
 
     config = lorq.CompressConfig(rank=2, quant="nf4")
     lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")
@@ -133,12 +133,12 @@ def test_eval_finds_a_relative_source_from_anywhere_and_never_asks_the_hub(
     tmp_path,
     monkeypatch,
 ):
-    from lorq.evaluate import evaluate_saved
+    from lorq.jobs.evaluate import evaluate_saved
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked")
 
-    monkeypatch.setattr("lorq.models.hub_reachable", no_hub)
+    monkeypatch.setattr("lorq.io.models.hub_reachable", no_hub)
     monkeypatch.chdir(tiny_dir.parent)
     config = lorq.CompressConfig(rank=2, quant="nf4")
     lorq.save(lorq.compress_model(tiny_dir.name, config, eval_blocks=0), tmp_path / "m")
@@ -200,7 +200,7 @@ def test_a_hostile_checkpoint_file_is_refused_without_running(file, tiny_dir, tm
 def test_a_second_finetune_into_the_same_output_is_refused(tiny_dir, tmp_path):  # noqa: F811
     import threading
 
-    from lorq.atomic import exclusive
+    from lorq.util.atomic import exclusive
 
     config = lorq.CompressConfig(rank=2, quant="nf4")
     lorq.save(lorq.compress_model(str(tiny_dir), config, eval_blocks=0), tmp_path / "m")

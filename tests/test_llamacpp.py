@@ -18,10 +18,11 @@ import pytest
 import torch
 
 import lorq
-from lorq.data import builtin_text
-from lorq.export.gguf import export_gguf
+from lorq.exporters.gguf import export_gguf
+from lorq.io.gguf_types import from_gguf, to_gguf
+from lorq.io.models import load_model
 from lorq.io.native import model_meta, set_model_meta
-from lorq.models import load_model
+from lorq.text.corpus import builtin_text
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 BIN = os.environ.get("LORQ_LLAMA_CPP")
@@ -124,7 +125,7 @@ def test_lorq_encodes_every_llama_type_as_llama_quantize_does(preset, tools, tmp
     from gguf import GGMLQuantizationType
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorq.export.quantized import other_tensors
+    from lorq.exporters.quantized import other_tensors
     from lorq.io.gguf import open_gguf
     from lorq.io.gguf_write import write_gguf
     from lorq.quant import format_of, quantize
@@ -147,15 +148,13 @@ def test_lorq_encodes_every_llama_type_as_llama_quantize_does(preset, tools, tmp
             continue
         values = torch.from_numpy(source[tensor.name].data.astype("float32"))
         q = quantize(values.reshape(-1, values.shape[-1]), preset)
-        ours = format_of(q.config).to_gguf(q).numpy()
+        ours = to_gguf(q).numpy()
         theirs = np.asarray(tensor.data).reshape(ours.shape)
         nbytes = len(format_of(q.config)._raw(q)[0])
         same = (ours.reshape(-1, nbytes) == theirs.reshape(-1, nbytes)).all(1)
         blocks, differ = blocks + same.size, differ + int((~same).sum())
         if not same.all():  # a near-tie between two trial scales: both decode equally well
-            theirs_q = format_of(q.config).from_gguf(
-                torch.from_numpy(theirs.copy()), q.shape, q.config
-            )
+            theirs_q = from_gguf(torch.from_numpy(theirs.copy()), q.shape, q.config)
             ours_error = float((q.dequantize() - values).norm())
             assert ours_error <= float((theirs_q.dequantize() - values).norm()) * 1.001
     assert blocks >= 14 * 64  # the 14 block matrices at least

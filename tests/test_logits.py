@@ -1,4 +1,4 @@
-"""lorq.logits: log-likelihood and KL over vocabulary slices.
+"""lorq.evaluation.logits: log-likelihood and KL over vocabulary slices.
 
 Oracles: float64 log_softmax / kl_div over the whole vocabulary at once, and nn.Linear itself.
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import lorq.logits
-from lorq.logits import Head, token_sums
+import lorq.evaluation.logits
+from lorq.evaluation.logits import Head, token_sums
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -27,7 +27,7 @@ def reference_sums(logits, ids, ref_logits):
 @pytest.mark.parametrize("chunk", [1, 7, 100, 1000])
 def test_sums_equal_whole_vocabulary_computation(chunk, monkeypatch):
     """Logits spread over ±200 make every slice move the running maximum (the rescaling path)."""
-    monkeypatch.setattr(lorq.logits, "VOCAB_CHUNK", chunk)
+    monkeypatch.setattr(lorq.evaluation.logits, "VOCAB_CHUNK", chunk)
     logits = torch.randn(2, 9, 100, generator=GEN) * 80
     ref_logits = logits + torch.randn(2, 9, 100, generator=GEN) * 3
     ids = torch.randint(0, 100, (2, 9), generator=GEN)
@@ -39,7 +39,7 @@ def test_sums_equal_whole_vocabulary_computation(chunk, monkeypatch):
 
 
 def test_given_logits_are_left_unchanged(monkeypatch):
-    monkeypatch.setattr(lorq.logits, "VOCAB_CHUNK", 3)
+    monkeypatch.setattr(lorq.evaluation.logits, "VOCAB_CHUNK", 3)
     logits = torch.randn(1, 4, 10, generator=GEN)
     ref_logits = torch.randn(1, 4, 10, generator=GEN)
     before = logits.clone(), ref_logits.clone()
@@ -50,7 +50,7 @@ def test_given_logits_are_left_unchanged(monkeypatch):
 def test_masked_columns(monkeypatch):
     """A column at −inf in both models adds nothing (a whole slice of them included); one at −inf
     only in the model, where the reference gives it mass, makes the KL infinite."""
-    monkeypatch.setattr(lorq.logits, "VOCAB_CHUNK", 4)
+    monkeypatch.setattr(lorq.evaluation.logits, "VOCAB_CHUNK", 4)
     logits = torch.randn(1, 3, 12, generator=GEN)
     ref_logits = torch.randn(1, 3, 12, generator=GEN)
     ids = torch.tensor([[0, 5, 9]])

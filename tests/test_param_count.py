@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lorq import QuantConfig, QuantizedTensor
+from lorq.model.targets import dense_weight, find_targets, freeze_all_but_lora, set_module
 from lorq.nn import QALoraLinear, QuantLoraLinear
 from lorq.quant.packing import packed_nbytes
-from lorq.surgery import dense_weight, find_targets, freeze_all_but_lora, set_module
 
 PROJECTIONS = tuple(
     rf"\.{p}$"

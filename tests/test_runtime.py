@@ -9,13 +9,13 @@ import pytest
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_fixed_mmap_threshold_is_accepted_by_glibc():
-    code = "from lorq.runtime import fixed_mmap_threshold as f; print(f(), f(1 << 16))"
+    code = "from lorq.util.runtime import fixed_mmap_threshold as f; print(f(), f(1 << 16))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
 
 
 FRAGMENTED_HEAP = """
-from lorq.runtime import release_free_memory
+from lorq.util.runtime import release_free_memory
 
 def rss_mb():
     with open("/proc/self/status") as f:

@@ -8,8 +8,8 @@ from conftest import tied_llama, tiny_llama
 from safetensors import safe_open
 
 import lorq
-from lorq.compress import compress
 from lorq.config import CompressConfig
+from lorq.jobs.compress import compress
 from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
 from lorq.quant.factors import round_rows
 

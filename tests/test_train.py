@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_llama, tiny_tokenizer
 
 import lorq
-from lorq.train import FinetuneConfig, NonFiniteLoss, finetune, set_trainable
-from lorq.train_data import Collator, ExampleDataset, training_examples
+from lorq.train.data import Collator, ExampleDataset, training_examples
+from lorq.train.trainer import FinetuneConfig, NonFiniteLoss, finetune, set_trainable
 
 
 def compressed():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_tokenizer
 
-from lorq.train_data import IGNORE, Collator, chat_example, training_examples
+from lorq.train.data import IGNORE, Collator, chat_example, training_examples
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from conftest import Hostile
 from test_cli import run, tiny_dir  # noqa: F401  (the module-scoped fixture)
 
-from lorq.models import builtin_path
+from lorq.io.models import builtin_path
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -277,7 +277,7 @@ def test_the_table_is_long_enough():
 @pytest.mark.parametrize("writer", ["export_peft", "save_merged"])
 def test_the_export_writers_never_replace_the_model_folder(writer, inputs, tmp_path):
     import lorq
-    from lorq.export import hf, peft
+    from lorq.exporters import hf, peft
 
     folder = tmp_path / "lorq"
     shutil.copytree(inputs / "lorq", folder)

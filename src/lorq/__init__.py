@@ -1,28 +1,30 @@
 """lorq: quantized + low-rank adaptation and compression of large language models.
 
 W ≈ Q + s·B·A: a frozen, bit-packed quantized part Q and a small trainable low-rank part B·A.
-Every job is one call: ``compress_model`` (``compress_streaming`` for models larger than memory:
-one block at a time, resumable, on many processes), ``finetune``, ``merge``, ``export``;
-``save`` / ``load`` read and write lorq's own directory.
+Every job is one call: ``compress_model`` (any source, into memory or a directory written as it
+goes; ``compress`` on a model in memory, in place), ``plan_model``, ``finetune``, ``merge``,
+``export``; ``save`` / ``load`` read and write lorq's own directory.
 """
 
 from lorq._version import __version__
 from lorq.budget import BudgetPlan, plan_budget
-from lorq.compress import CompressResult, compress, compress_model
-from lorq.compress_stream import StreamResult, compress_streaming, plan_streaming
+from lorq.calibrate.tokens import Calibration
 from lorq.config import CompressConfig, DecomposeConfig
-from lorq.decompose import Decomposition, decompose
-from lorq.export import export, export_targets
-from lorq.finetune import finetune_model as finetune
-from lorq.fisher import estimate_fisher
+from lorq.decomposition import Decomposition, decompose
+from lorq.exporters import export_targets
 from lorq.io import hf_quantizer as _hf_quantizer  # noqa: F401 (registers quant_method "lorq")
 from lorq.io import load, save
-from lorq.merge import MergeResult, merge
+from lorq.jobs.compress import CompressResult, compress, compress_model, plan_model
+from lorq.jobs.export import export
+from lorq.jobs.finetune import finetune_model as finetune
+from lorq.jobs.merge import MergeResult, merge
+from lorq.jobs.statistics import estimate_fisher, estimate_hessians
 from lorq.quant import QuantConfig, QuantizedTensor, formats, presets, quantize
-from lorq.train import FinetuneConfig
+from lorq.train.trainer import FinetuneConfig
 
 __all__ = [
     "BudgetPlan",
+    "Calibration",
     "CompressConfig",
     "CompressResult",
     "DecomposeConfig",
@@ -31,13 +33,12 @@ __all__ = [
     "MergeResult",
     "QuantConfig",
     "QuantizedTensor",
-    "StreamResult",
     "__version__",
     "compress",
     "compress_model",
-    "compress_streaming",
     "decompose",
     "estimate_fisher",
+    "estimate_hessians",
     "export",
     "export_targets",
     "finetune",
@@ -45,7 +46,7 @@ __all__ = [
     "load",
     "merge",
     "plan_budget",
-    "plan_streaming",
+    "plan_model",
     "presets",
     "quantize",
     "save",

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from lorq.quant import NFConfig, QuantConfig, as_config, format_of, presets
+from lorq.quant import NFConfig, QuantConfig, as_config
 from lorq.quant.base import check_choice as _check_choice
 
 
@@ -40,6 +40,9 @@ DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # docs/algorithms.md §2.2 (T = 5),
 WEIGHTINGS = ("none", "fisher", "activations", "both")
 ROUNDINGS = ("nearest", "weighted", "gptq")
 DAMP = 0.01  # λ of H_λ = H + λ·mean(diag H)·I (docs/algorithms.md §5)
+# Block-sequential statistics by default (bench/README.md, "One pipeline": measured on the
+# default job and the budget grid).
+SEQUENTIAL = True
 
 
 # The main job's statistics (``compress_model``, ``lorq compress`` / ``plan``): the output-error
@@ -163,7 +166,10 @@ class CompressConfig(_Serializable):
     for the token embedding table (and an untied output layer) — stored packed, no adapter;
     None (default) keeps them as the source has them. ``factor_bits=8``: the initial factors
     are rounded to 8 bits per value (row-wise int8, docs/algorithms.md §1.9) and saved so; they
-    train and merge as floats.
+    train and merge as floats. ``sequential`` (docs/algorithms.md §6): each block's statistics
+    come from the outputs of the compressed earlier blocks (False: of the original ones).
+    ``gguf_codes`` (qa-lora): a source layer already packed in ``quant`` (a GGUF's Q4_1) keeps
+    its own codes as the base.
     """
 
     method: Literal["lq", "loftq", "plain", "qa-lora"] = "lq"
@@ -186,9 +192,13 @@ class CompressConfig(_Serializable):
     plan_weighting: Literal["none", "fisher", "activations", "both"] | None = None
     budget_mb: float | None = None
     plan_rounding: Literal["nearest", "weighted", "gptq"] | None = None
+    sequential: bool = SEQUENTIAL
+    gguf_codes: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
+        _check_choice("sequential", self.sequential, (True, False))
+        _check_choice("gguf_codes", self.gguf_codes, (True, False))
         _check_weighting(self.weighting, self.rounding, self.damp)
         _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
         _check_choice("plan_rounding", self.plan_rounding, (None, *ROUNDINGS))
@@ -296,12 +306,6 @@ class CompressConfig(_Serializable):
                 f"weighting={self.weighting!r} is not supported with method='qa-lora' (the Fisher "
                 "does not enter its base or adapter); use weighting='activations' and "
                 "rounding='gptq' for data-aware QA-LoRA"
-            )
-        if self.quant is not None and not format_of(as_config(self.quant)).shifts_zeros:
-            allowed = [n for n, c in presets().items() if format_of(c).shifts_zeros]
-            raise ValueError(
-                f"quant={self.quant!r} is not supported with method='qa-lora' (its codes have no "
-                f"zero point to merge the adapter into); allowed: {', '.join(allowed)}"
             )
 
     @property

@@ -16,6 +16,7 @@ from lorq.budget import (
     plan_budgets,
     solve,
 )
+from lorq.io.gguf_types import gguf_type
 from lorq.quant import IntConfig
 
 PRESETS = ["nf2", "nf3", "nf4", "int4-g32", "nf8"]
@@ -165,13 +166,12 @@ def test_many_budgets_check_each_before_the_table(matrices):
 
 
 def test_the_gguf_grid_is_what_a_gguf_file_holds():
-    from lorq.quant import format_of
 
     grid = candidate_grid("gguf")
     names = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
     names |= {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
     assert {c.name for c in grid} == names
-    assert all(format_of(c).gguf_type(c) is not None for c in grid)
+    assert all(gguf_type(c) is not None for c in grid)
 
 
 def test_candidates_that_do_not_tile_a_matrix_are_excluded_for_it():

@@ -13,7 +13,7 @@ from lorq.budget import candidate_grid, cost_table, solve
 from lorq.budget.cost import _spread, fitting
 from lorq.budget.grid import full_grid
 from lorq.budget.shared import bit_groups, merged_levels, nf_dequantized
-from lorq.decompose.common import LowRankStep, Rounding, Weighting, check_rank
+from lorq.decomposition.common import LowRankStep, Rounding, Weighting, check_rank
 from lorq.quant import NFConfig, quantize
 from lorq.quant.base import check_weight
 from lorq.quant.codebook import nf_levels, nf_midpoints

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_causal
 
 from lorq.calibrate.blocks import activation_buffer, capture_inputs, run_block
-from lorq.stream.skeleton import decoder_blocks
+from lorq.model.skeleton import decoder_blocks
 
 
 def test_blocks_run_one_by_one_give_the_model_hidden_states(tmp_path):

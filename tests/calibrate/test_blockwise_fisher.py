@@ -1,17 +1,16 @@
-"""The block-wise Fisher (lorq.calibrate.fisher) against the whole-model estimate
-(lorq.fisher.estimate_fisher): the same numbers, here bit for bit, on three architectures."""
+"""The Fisher, block by block (lorq.calibrate.fisher, through lorq.estimate_fisher), against a
+whole-model autograd estimate (tests/oracles.py): the same numbers, bit for bit, on three
+architectures, with an LM head among the targets, and on a packed GGUF model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_causal, tiny_gpt2
+from oracles import fisher_whole_model
 
-from lorq.calibrate.blocks import capture_inputs
-from lorq.calibrate.fisher import blockwise_fisher
-from lorq.fisher import estimate_fisher
-from lorq.stream.skeleton import decoder_blocks
-from lorq.surgery import find_targets
+from lorq.jobs.statistics import estimate_fisher
+from lorq.model.targets import find_targets
 
 MODELS = {
     "llama": lambda: tiny_causal("llama", 0, num_hidden_layers=3),
@@ -20,28 +19,41 @@ MODELS = {
 }
 
 
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_blockwise_fisher_equals_the_whole_model_fisher(family):
     model = MODELS[family]()
-    tokens = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
-    targets = find_targets(model)
-    expected = estimate_fisher(model, tokens, targets)
-    blocks = decoder_blocks(model)
-    inputs = capture_inputs(model, blocks.modules[0], tokens, torch.device("cpu"))
-    got: dict[str, torch.Tensor] = {}
-    order: list[int] = []
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    # an untied LM head too: its F comes from the top (a tied one's would mix in the embedding's)
+    targets = find_targets(model, exclude=(r"lm_head",) if tied else ())
+    assert tied or any(name.endswith("lm_head") for name in targets)
+    expected = fisher_whole_model(model, tokens(), targets)
+    got = estimate_fisher(model, tokens(), targets)
+    assert list(got) == list(targets)
+    for name in targets:
+        assert torch.equal(got[name], expected[name]), name
+    assert all(p.grad is None for p in model.parameters())
 
-    def of_block(b: int):
-        return {n: m for n, m in targets.items() if blocks.index_of(n) == b}
 
-    def store(b: int, fisher: dict[str, torch.Tensor]) -> None:
-        order.append(b)
-        got.update(fisher)
+def test_a_packed_model_is_differentiated_through_its_decoded_weights():
+    """QuantLinear layers (a GGUF's codes) are decoded for the Fisher: F equals the one of the
+    same model with those weights dense, and the packed layers are back afterwards."""
+    import lorq
+    from lorq.nn import QuantLinear
 
-    steps = (lambda b: None, lambda b: None, lambda: None)
-    blockwise_fisher(model, blocks.modules, of_block, inputs, tokens, steps, store)
-    assert order == list(reversed(range(len(blocks))))  # the backward pass runs top down
-    assert sorted(got) == sorted(expected)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=0)
-    assert all(m.weight.grad is None for m in targets.values())  # no gradient left behind
+    dense = MODELS["llama"]()
+    packed = MODELS["llama"]()
+    for name, module in find_targets(packed).items():
+        q = lorq.quantize(module.weight.detach(), "q4_1")
+        parent, _, leaf = name.rpartition(".")
+        setattr(packed.get_submodule(parent), leaf, QuantLinear(q))
+        with torch.no_grad():
+            dense.get_submodule(name).weight.copy_(q.dequantize())
+    got = estimate_fisher(packed, tokens())
+    expected = fisher_whole_model(dense, tokens(), find_targets(dense))
+    for name, f in expected.items():
+        assert torch.equal(got[name], f), name
+    assert all(isinstance(m, QuantLinear) for m in find_targets(packed).values())

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lorq import DecomposeConfig, decompose
-from lorq.decompose.pooled import pooled_low_rank
-from lorq.decompose.svd import activation_svd
+from lorq.decomposition.pooled import pooled_low_rank
+from lorq.decomposition.svd import activation_svd
 from lorq.quant.gptq import damped_cholesky
 
 

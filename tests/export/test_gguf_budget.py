@@ -8,9 +8,9 @@ from conftest import tiny_causal
 from gguf import GGUFWriter
 
 import lorq
-from lorq.export.gguf import MIB, adapter_path, export_gguf, gguf_budget
-from lorq.layers import targets_of
-from lorq.models import LoadedModel, ModelSource
+from lorq.exporters.gguf import MIB, adapter_path, export_gguf, gguf_budget
+from lorq.io.models import LoadedModel, ModelSource
+from lorq.model.targets import targets_of
 from lorq.nn.dense import weight_shape
 
 RANK = 4
@@ -90,8 +90,8 @@ def test_plan_rounding_shapes_the_costs_only():
     """plan_rounding="weighted" with GPTQ decompositions: the plan is the one a cost table of
     weighted rounding gives (made separately), the layers are rounded by GPTQ."""
     from lorq.budget import plan_budgets
-    from lorq.hessian import estimate_hessians
-    from lorq.surgery import DenseWeights
+    from lorq.jobs.statistics import estimate_hessians
+    from lorq.model.targets import DenseWeights
 
     model = tiny_causal("llama")
     blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import torch
 from conftest import adapted, tiny_causal
 
 import lorq
-from lorq.export.gguf import adapter_path, export_gguf
+from lorq.exporters.gguf import adapter_path, export_gguf
 from lorq.io.gguf import gguf_names, open_gguf, read_gguf_quantized, rope_heads, rope_rows
 
 

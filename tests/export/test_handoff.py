@@ -10,8 +10,8 @@ import torch
 from conftest import adapted, tied_llama, tiny_causal, tiny_gpt2
 
 import lorq
-from lorq.export.bnb import export_bnb
-from lorq.export.gptq import export_gptq
+from lorq.exporters.bnb import export_bnb
+from lorq.exporters.gptq import export_gptq
 from lorq.io.gptq import from_gptq
 
 BUILDERS = {"llama": lambda: tiny_causal("llama"), "gpt2": tiny_gpt2}

@@ -8,8 +8,8 @@ import torch
 from conftest import adapted, tiny_bert, tiny_causal, tiny_gpt2
 
 import lorq
-from lorq.export.hf import save_merged
-from lorq.export.peft import export_peft
+from lorq.exporters.hf import save_merged
+from lorq.exporters.peft import export_peft
 
 BUILDERS = {
     "llama": lambda: tiny_causal("llama"),

@@ -8,11 +8,11 @@ import torch
 from conftest import tiny_llama
 
 import lorq
-from lorq.export.gguf import export_gguf
-from lorq.export.gptq import export_gptq
+from lorq.exporters.gguf import export_gguf
+from lorq.exporters.gptq import export_gptq
 from lorq.io.gguf import read_gguf_quantized
 from lorq.io.gptq import from_gptq
-from lorq.qa_lora import merge_qa_lora
+from lorq.jobs.merge import merge_qa_lora
 
 
 def merged_qa_lora(quant: str):
@@ -70,7 +70,7 @@ def test_gguf_export_refuses_int_zero_layers(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["gguf", "gptq"])
 def test_registry_export_writes_the_same_files(fmt, tmp_path):
-    """lorq.export dispatches to the target: the same bytes as the target's own writer."""
+    """lorq.exporters dispatches to the target: the same bytes as the target's own writer."""
     model = merged_qa_lora("q4_1" if fmt == "gguf" else "int4-g32")
     direct = {"gguf": export_gguf, "gptq": export_gptq}[fmt]
     direct(model, tmp_path / "a")

@@ -202,7 +202,7 @@ def smollm2():
     """The built-in SmolLM2 loaded once by transformers' own GGUF loader (~20 s of CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from lorq.models import builtin_path
+    from lorq.io.models import builtin_path
 
     folder = str(builtin_path("smollm2"))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).eval()

@@ -9,9 +9,9 @@ from conftest import tiny_causal
 
 import lorq
 from lorq.io.gguf_model import load_packed
-from lorq.models import load_model
+from lorq.io.gguf_types import gguf_type, to_gguf
+from lorq.io.models import load_model
 from lorq.nn import QuantEmbedding, QuantLinear
-from lorq.quant import format_of
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 TYPES = {  # module suffix → GGUF type of its weight
@@ -60,8 +60,8 @@ def write_qwen2(model, path):
             writer.add_tensor(gguf_name, tensor.float().numpy())
             continue
         q = lorq.quantize(tensor.float(), kind)
-        raw = format_of(q.config).to_gguf(q)
-        writer.add_tensor(gguf_name, raw.numpy(), raw_dtype=format_of(q.config).gguf_type(q.config))
+        raw = to_gguf(q)
+        writer.add_tensor(gguf_name, raw.numpy(), raw_dtype=gguf_type(q.config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

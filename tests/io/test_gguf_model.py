@@ -11,13 +11,13 @@ from conftest import tied_llama, tiny_llama
 from test_gguf import export
 from torch import nn
 
-from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.io.gguf import llama_tensors
 from lorq.io.gguf_model import load_packed
-from lorq.models import load_model
+from lorq.io.models import load_model
+from lorq.jobs.compress import compress
+from lorq.model.targets import find_targets, shared_copy
 from lorq.nn import QuantLinear
-from lorq.surgery import find_targets, shared_copy
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -81,12 +81,20 @@ def test_compressing_packed_equals_compressing_dense(config, tmp_path):
     assert all(isinstance(m, QuantLinear) for m in find_targets(packed).values())  # untouched
 
 
-def test_fisher_refuses_packed_layers(tmp_path):
-    from lorq.fisher import estimate_fisher
+def test_fisher_of_a_packed_model_equals_the_dense_load(tmp_path):
+    """The Fisher differentiates packed layers through their decoded weights: the same F as the
+    model transformers' GGUF loader builds densely, and the packed layers are back after."""
+    from lorq.jobs.statistics import estimate_fisher
 
     _, path = export(tied_llama(), tmp_path / "m.gguf")
-    with pytest.raises(ValueError, match="packed=False"):
-        estimate_fisher(load_packed(path), IDS)
+    packed = load_packed(path)
+    dense = load_model(str(path), with_tokenizer=False).model
+    got = estimate_fisher(packed, IDS)
+    expected = estimate_fisher(dense, IDS)
+    assert list(got) == list(expected)
+    for name, f in expected.items():
+        assert torch.equal(got[name], f), name
+    assert all(isinstance(m, QuantLinear) for m in find_targets(packed).values())
 
 
 def test_incomplete_file_is_refused(tmp_path, monkeypatch):

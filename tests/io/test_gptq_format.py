@@ -18,8 +18,8 @@ from lorq.io.gptq import (
     to_gptq,
     write_gptq_checkpoint,
 )
+from lorq.model.targets import dense_weight, find_targets
 from lorq.quant import IntConfig
-from lorq.surgery import dense_weight, find_targets
 
 INT_PRESETS = ["int2-g32", "int3-g32", "int4-g32", "int8-g128"]
 

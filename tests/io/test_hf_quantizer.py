@@ -17,13 +17,13 @@ from transformers import AutoModel, AutoModelForCausalLM, Trainer, TrainingArgum
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import lorq
-from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.io import hf_quantizer
 from lorq.io.native import CONFIG_FILE, FORMAT_VERSION, LORQ_FILE, WEIGHTS_FILE, is_lorq_dir
 from lorq.io.native import payload as native_payload
+from lorq.jobs.compress import compress
+from lorq.jobs.merge import merge_qa_lora
 from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
-from lorq.qa_lora import merge_qa_lora
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_causal, train_b
 
-from lorq.compress import compress
 from lorq.config import CompressConfig
 from lorq.io import load, save
 from lorq.io.native import LORQ_FILE, WEIGHTS_FILE
+from lorq.jobs.compress import compress
+from lorq.jobs.merge import merge_qa_lora
 from lorq.nn import QuantLinear
-from lorq.qa_lora import merge_qa_lora
 
 
 def outputs(model, ids):

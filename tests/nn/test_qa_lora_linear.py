@@ -181,7 +181,7 @@ def _q(name: str) -> QuantConfig:
 
 
 def test_errors(linear):
-    with pytest.raises(ValueError, match="quant='nf4' is not supported by QA-LoRA"):
+    with pytest.raises(ValueError, match="quant='nf4' is not supported with method='qa-lora'"):
         QALoraLinear.from_linear(linear, _q("nf4"), RANK)
     with pytest.raises(ValueError, match="in_features=48 is not a multiple of"):
         QALoraLinear.from_linear(nn.Linear(48, 16), _q("int4-g32"), RANK)

@@ -4,7 +4,8 @@ tables, ``quantize_4bit``, ``dequantize_4bit``), and nearest-level rounding for 
 import pytest
 import torch
 
-from lorq.quant import BnbConfig, format_of, presets, quantize
+from lorq.io.bnb import as_bnb
+from lorq.quant import BnbConfig, presets, quantize
 from lorq.quant.bnb import block_absmax, code_table, dynamic_map
 
 bnb = pytest.importorskip("bitsandbytes.functional")
@@ -92,18 +93,18 @@ def test_storage_and_presets():
 def test_nf4_fp32_scales_is_bitsandbytes_nf4_without_double_quantization():
     w = awkward(3)
     q = quantize(w, "nf4-fp32-scales")
-    as_bnb = format_of(q.config).to_bnb(q)
-    assert as_bnb.config == BnbConfig(quant_type="nf4", double_quant=False)
-    assert as_bnb.codes is q.codes
-    assert torch.equal(as_bnb.dequantize(), q.dequantize())
-    assert torch.equal(as_bnb.codes, quantize(w, as_bnb.config).codes)
+    stored = as_bnb(q)
+    assert stored.config == BnbConfig(quant_type="nf4", double_quant=False)
+    assert stored.codes is q.codes
+    assert torch.equal(stored.dequantize(), q.dequantize())
+    assert torch.equal(stored.codes, quantize(w, stored.config).codes)
 
 
 @pytest.mark.parametrize("name", ["nf4", "nf3", "int4-g32", "q4_1"])
 def test_other_formats_have_no_bitsandbytes_layout(name):
     q = quantize(awkward(), name)
     with pytest.raises(ValueError, match="no bitsandbytes 4-bit equivalent"):
-        format_of(q.config).to_bnb(q)
+        as_bnb(q)
 
 
 @pytest.mark.parametrize(

@@ -1,26 +1,27 @@
-"""Streaming compression (lorq.compress_streaming) against the in-memory job.
+"""Compression written as it goes (``lorq.compress_model(..., out)``: a safetensors checkpoint
+read part by part into a sharded directory) against the same job in memory.
 
-Oracles: the in-memory ``lorq.compress`` + ``lorq.save`` (every tensor's bytes equal), a
-whole-model Hessian estimate on the compressed-so-far model (block-sequential statistics), and
-``lorq.load`` of the sharded directory.
+Oracles: the in-memory ``lorq.compress`` + ``lorq.save`` (every tensor's bytes equal, with and
+without block-sequential statistics), a whole-model Hessian estimate on the compressed-so-far
+model (block-sequential statistics), and ``lorq.load`` of the sharded directory.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_causal, tiny_gpt2
+from conftest import compress_to, tiny_bert, tiny_causal, tiny_gpt2
 from safetensors.torch import load_file
 
 import lorq
-from lorq.compress import compress
-from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
-from lorq.hessian import estimate_hessians
-from lorq.layers import targets_of
-from lorq.stream.writer import MANIFEST_FILE
+from lorq.jobs.compress import compress
+from lorq.jobs.statistics import estimate_hessians
+from lorq.model.targets import targets_of
+from lorq.pipeline.writer import MANIFEST_FILE
 
 PLAIN = CompressConfig(method="lq", quant="nf4", rank=4)
 GPTQ_ACT = CompressConfig(
@@ -65,27 +66,27 @@ def test_fisher_weighted_streaming_equals_in_memory(tmp_path, family):
     """The block-wise Fisher (forward, then backward block by block) weighs the decomposition
     exactly as the whole-model estimate does: every tensor equal to the in-memory job's."""
     MODELS[family]().save_pretrained(tmp_path / "src")
-    compress_streaming(
-        str(tmp_path / "src"), tmp_path / "out", FISHER, calibration=tokens(), device="cpu",
-        sequential=False,
-    )  # fmt: skip
+    compress_to(str(tmp_path / "src"), tmp_path / "out", FISHER, calibration=tokens(), device="cpu")
     expected = in_memory(MODELS[family](), FISHER, tmp_path / "mem", tokens())
     assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
     assert not (tmp_path / "out" / ".fisher").exists()  # scratch removed when finished
 
 
 @pytest.mark.parametrize("family", sorted(MODELS))
-@pytest.mark.parametrize("config", [PLAIN, GPTQ_ACT], ids=["nf4", "nf3-gptq-act"])
+@pytest.mark.parametrize(
+    "config",
+    [PLAIN, GPTQ_ACT, replace(GPTQ_ACT, sequential=False)],
+    ids=["nf4", "nf3-gptq-act", "nf3-gptq-act-not-sequential"],
+)
 def test_streaming_equals_in_memory(tmp_path, family, config):
-    """Every tensor of the streamed directory has the in-memory job's bytes (statistics from the
-    original blocks, as the in-memory job estimates them), from a sharded checkpoint."""
+    """Every tensor of the directory written as it goes has the in-memory job's bytes, from a
+    sharded checkpoint, with block-sequential statistics or the original model's."""
     MODELS[family]().save_pretrained(tmp_path / "src", max_shard_size="60KB")
     assert (tmp_path / "src" / "model.safetensors.index.json").exists()
     calibration = tokens() if config.activations else None
-    streamed = compress_streaming(
-        str(tmp_path / "src"), tmp_path / "out", config, calibration=calibration,
-        device="cpu", sequential=False,
-    )  # fmt: skip
+    streamed = compress_to(
+        str(tmp_path / "src"), tmp_path / "out", config, calibration=calibration, device="cpu"
+    )
     expected = in_memory(MODELS[family](), config, tmp_path / "mem", calibration)
     assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
     assert streamed.reused == ()
@@ -101,7 +102,7 @@ def test_sequential_hessians_match_the_compressed_so_far_model(tmp_path):
     gives (estimate_hessians on that model)."""
     tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
     seen = {}
-    compress_streaming(
+    compress_to(
         str(tmp_path / "src"), tmp_path / "out", GPTQ_ACT, calibration=tokens(), device="cpu",
         on_statistics=lambda block, h: seen.update({n: h[n].clone() for n in h}),
     )  # fmt: skip
@@ -127,7 +128,7 @@ def test_sequential_hessians_match_the_compressed_so_far_model(tmp_path):
 def test_manifest_records_every_shard(tmp_path):
     """The manifest lists each shard with its size and sha256; lorq.json is written."""
     tiny_causal("llama", 0).save_pretrained(tmp_path / "src")
-    compress_streaming(str(tmp_path / "src"), tmp_path / "out", PLAIN, device="cpu")
+    compress_to(str(tmp_path / "src"), tmp_path / "out", PLAIN, device="cpu")
     manifest = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())
     files = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
     assert sorted(manifest["shards"]) == files
@@ -144,16 +145,12 @@ BUDGET = CompressConfig(
 def test_streamed_budget_plan_equals_in_memory(tmp_path):
     """The cost table built block by block (Fisher-weighted costs from the block-wise Fisher)
     gives the in-memory job's plan, and the compressed tensors are the in-memory job's bytes;
-    plan_streaming returns the same plan."""
+    lorq.plan_model(stream=True) returns the same plan."""
     from lorq.budget import BudgetPlan
-    from lorq.compress_stream import plan_streaming
-    from lorq.stream.planning import PLAN_FILE
+    from lorq.pipeline.passes import PLAN_FILE
 
     tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
-    compress_streaming(
-        str(tmp_path / "src"), tmp_path / "out", BUDGET, calibration=tokens(), device="cpu",
-        sequential=False,
-    )  # fmt: skip
+    compress_to(str(tmp_path / "src"), tmp_path / "out", BUDGET, calibration=tokens(), device="cpu")
     memory = compress(tiny_causal("llama", 0, num_hidden_layers=3), BUDGET, tokens())
     streamed = BudgetPlan.load(tmp_path / "out" / PLAN_FILE)
     assert [e.config for e in streamed.entries] == [e.config for e in memory.plan.entries]
@@ -163,7 +160,9 @@ def test_streamed_budget_plan_equals_in_memory(tmp_path):
     assert_same_bytes(
         load_file(tmp_path / "mem" / "model.safetensors"), shard_tensors(tmp_path / "out")
     )
-    alone = plan_streaming(str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu")
+    alone = lorq.plan_model(
+        str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu", stream=True
+    )
     assert alone.to_dict() == streamed.to_dict()
 
 
@@ -173,7 +172,7 @@ def test_16_bit_checkpoints_stream_to_the_in_memory_bytes(tmp_path, dtype):
     fp32 model loaded from it (narrowed to the first exact 16-bit dtype), without fp32 copies."""
     model = tiny_causal("llama", 0).to(dtype)
     model.save_pretrained(tmp_path / "src")
-    compress_streaming(str(tmp_path / "src"), tmp_path / "out", PLAIN, device="cpu")
+    compress_to(str(tmp_path / "src"), tmp_path / "out", PLAIN, device="cpu")
     reference = tiny_causal("llama", 0)  # what from_pretrained(dtype=fp32) loads from the file
     for param in reference.parameters():
         param.data = param.data.to(dtype).float()
@@ -187,7 +186,7 @@ def test_activations_offloaded_to_disk_give_the_same_bytes(tmp_path):
     """X (and the Fisher pass's stored X_b) in disk files: the same directory as in memory."""
     tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
     for offload in (False, True):
-        compress_streaming(
+        compress_to(
             str(tmp_path / "src"), tmp_path / f"out{offload}", FISHER, calibration=tokens(),
             device="cpu", offload_activations=offload,
         )  # fmt: skip

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_causal
+from conftest import compress_to, tiny_causal
 
 import lorq
-from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,11 +23,11 @@ def tokens() -> torch.Tensor:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_gpu_matches_cpu_within_tolerance(tmp_path, dtype):
     tiny_causal("llama", 0, num_hidden_layers=2).save_pretrained(tmp_path / "src")
-    cpu = compress_streaming(
+    cpu = compress_to(
         str(tmp_path / "src"), tmp_path / "cpu", CONFIG, calibration=tokens(), device="cpu"
     )
     seen = []
-    gpu = compress_streaming(
+    gpu = compress_to(
         str(tmp_path / "src"), tmp_path / "gpu", CONFIG, calibration=tokens(), device="cuda",
         dtype=dtype, on_statistics=lambda block, h: seen.append(next(iter(h.values())).device),
     )  # fmt: skip

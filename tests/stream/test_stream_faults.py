@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_causal
+from conftest import compress_to, tiny_causal
 
-from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
-from lorq.stream.writer import MANIFEST_FILE
+from lorq.pipeline.writer import MANIFEST_FILE
 
 CONFIG = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations", rounding="gptq")
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +46,7 @@ def tokens() -> torch.Tensor:
 
 SCRIPT = """
 import sys, torch
-from lorq.compress_stream import compress_streaming
+import lorq
 from lorq.config import CompressConfig
 config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations",
                         rounding="gptq", iters=int(sys.argv[3]))
@@ -55,8 +54,8 @@ if len(sys.argv) > 5:  # a budget: the cost table block by block, the Fisher for
     config = CompressConfig(method="lq", budget=3.0, rank=4, weighting="activations",
                             plan_weighting="fisher", iters=int(sys.argv[3]))
 tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-r = compress_streaming(sys.argv[1], sys.argv[2], config, calibration=tokens, device="cpu",
-                       resume=sys.argv[4] == "resume")
+r = lorq.compress_model(sys.argv[1], config, sys.argv[2], calibration=tokens, device="cpu",
+                        eval_blocks=0, baseline=False, resume=sys.argv[4] == "resume")
 print("COMPUTED", ",".join(r.computed))
 """
 
@@ -111,26 +110,26 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     src = checkpoint(tmp_path / "src", layers=2)
-    compress_streaming(str(src), tmp_path / "out", CONFIG, calibration=tokens(), device="cpu")
+    compress_to(str(src), tmp_path / "out", CONFIG, calibration=tokens(), device="cpu")
     (tmp_path / "out" / "lorq.json").unlink()  # as if killed before the end
     other = CompressConfig(method="lq", quant="nf3", rank=8, weighting="activations")
     with pytest.raises(ValueError, match=r"partial run of other settings .*rank: 4 → 8"):
-        compress_streaming(str(src), tmp_path / "out", other, calibration=tokens(), resume=True)
+        compress_to(str(src), tmp_path / "out", other, calibration=tokens(), resume=True)
     tiny_causal("llama", 5, num_hidden_layers=2).save_pretrained(tmp_path / "src2")
     with pytest.raises(ValueError, match=r"other settings .*source.folder"):
-        compress_streaming(
+        compress_to(
             str(tmp_path / "src2"), tmp_path / "out", CONFIG, calibration=tokens(), resume=True
         )
 
 
 def test_a_corrupted_shard_is_recomputed_on_resume(tmp_path):
     src = checkpoint(tmp_path / "src", layers=2)
-    compress_streaming(str(src), tmp_path / "whole", CONFIG, calibration=tokens(), device="cpu")
-    compress_streaming(str(src), tmp_path / "out", CONFIG, calibration=tokens(), device="cpu")
+    compress_to(str(src), tmp_path / "whole", CONFIG, calibration=tokens(), device="cpu")
+    compress_to(str(src), tmp_path / "out", CONFIG, calibration=tokens(), device="cpu")
     (tmp_path / "out" / "lorq.json").unlink()
     shard = tmp_path / "out" / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-10])  # a shard cut short (sha256 no longer matches)
-    result = compress_streaming(
+    result = compress_to(
         str(src), tmp_path / "out", CONFIG, calibration=tokens(), device="cpu", resume=True
     )
     assert result.computed == ("model-00002-of-00003.safetensors",)
@@ -144,10 +143,10 @@ def test_bad_checkpoints_are_named(tmp_path):
     for cut in (whole[:100], whole[:-10]):  # in the header, in the data
         shards[1].write_bytes(cut)
         with pytest.raises(ValueError, match=f"shard {shards[1]} is truncated"):
-            compress_streaming(str(src), tmp_path / "out", CONFIG, device="cpu")
+            compress_to(str(src), tmp_path / "out", CONFIG, device="cpu")
     shards[1].unlink()
     with pytest.raises(FileNotFoundError, match=f"shard {shards[1].name} .*is missing"):
-        compress_streaming(str(src), tmp_path / "out", CONFIG, device="cpu")
+        compress_to(str(src), tmp_path / "out", CONFIG, device="cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -155,7 +154,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     src = checkpoint(tmp_path / "src", layers=2)
     with pytest.raises(ValueError, match="no CUDA GPU is visible"):
-        compress_streaming(str(src), tmp_path / "out", CONFIG, device="cuda")
+        compress_to(str(src), tmp_path / "out", CONFIG, device="cuda")
 
 
 def test_two_processes_write_the_bytes_of_one(tmp_path):
@@ -196,5 +195,5 @@ def test_a_format_that_does_not_fit_is_refused_before_any_work(tmp_path):
     """The preflight (config.json alone) runs first: nothing is written."""
     src = checkpoint(tmp_path / "src", layers=2)
     with pytest.raises(ValueError, match="q4_k"):
-        compress_streaming(str(src), tmp_path / "out", CompressConfig(quant="q4_k"), device="cpu")
+        compress_to(str(src), tmp_path / "out", CompressConfig(quant="q4_k"), device="cpu")
     assert not (tmp_path / "out").exists()

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compress_to
 from safetensors.torch import load_file
 from test_stream import assert_same_bytes, shard_tensors
 
 import lorq
-from lorq.compress import compress
-from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
-from lorq.models import load_model
+from lorq.io.models import load_model
+from lorq.jobs.compress import compress
 
 pytestmark = pytest.mark.slow
 CONFIG = CompressConfig(method="plain", quant="nf3", rank=8, rounding="gptq")
@@ -24,9 +24,8 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     loaded.model.save_pretrained(tmp_path / "src", max_shard_size="100MB")
     loaded.tokenizer.save_pretrained(tmp_path / "src")
     tokens = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
-    streamed = compress_streaming(
+    streamed = compress_to(
         str(tmp_path / "src"), tmp_path / "out", CONFIG, calibration=tokens, device="cpu",
-        sequential=False,
     )  # fmt: skip
     assert len(streamed.errors) == 210  # every linear of the 30 blocks
     lorq.save(compress(loaded.model, CONFIG, tokens), tmp_path / "mem")

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_causal
+from conftest import compress_to, tiny_causal
 from safetensors.torch import load_file
 from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
 
-from lorq.compress_stream import compress_streaming
 from lorq.config import CompressConfig
-from lorq.stream.writer import MANIFEST_FILE
+from lorq.pipeline.writer import MANIFEST_FILE
 
 PLAIN = CompressConfig(method="lq", quant="nf4", rank=4)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -74,8 +73,8 @@ def test_a_hub_id_streams_from_the_cache(tmp_path, offline_cache):
     blobs/) and streams the same tensors as the snapshot folder itself (torch.equal)."""
     snapshot = hub_cache(offline_cache, "org/name", tiny_causal("llama", 0, num_hidden_layers=2))
     assert (snapshot / "model.safetensors.index.json").is_symlink()
-    by_id = compress_streaming("org/name", tmp_path / "by_id", PLAIN, device="cpu")
-    by_folder = compress_streaming(str(snapshot), tmp_path / "by_folder", PLAIN, device="cpu")
+    by_id = compress_to("org/name", tmp_path / "by_id", PLAIN, device="cpu")
+    by_folder = compress_to(str(snapshot), tmp_path / "by_folder", PLAIN, device="cpu")
     assert by_id.computed == by_folder.computed
     assert_same_tensors(shard_tensors(tmp_path / "by_folder"), shard_tensors(tmp_path / "by_id"))
 
@@ -84,7 +83,7 @@ def test_a_hub_id_absent_from_the_cache_is_named(tmp_path, offline_cache):
     """HF_HUB_OFFLINE=1 and nothing cached: FileNotFoundError naming the model; nothing
     written."""
     with pytest.raises(FileNotFoundError, match=r"model 'org/absent' is not in the Hugging Face"):
-        compress_streaming("org/absent", tmp_path / "out", PLAIN, device="cpu")
+        compress_to("org/absent", tmp_path / "out", PLAIN, device="cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -121,7 +120,7 @@ def test_from_pretrained_reads_a_streamed_directory(tmp_path, factor_bits):
 
     tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
     config = CompressConfig(method="lq", quant="nf4", rank=4, factor_bits=factor_bits)
-    compress_streaming(str(tmp_path / "src"), tmp_path / "out", config, device="cpu")
+    compress_to(str(tmp_path / "src"), tmp_path / "out", config, device="cpu")
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) == 4
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     reference = lorq.load(tmp_path / "out")

@@ -3,7 +3,7 @@
     bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
     cost[i, c] = err(W_i − Q_i − s·B_i·A_i)²                 the decomposition under config c
 
-err is the decomposition's own (``lorq.decompose.common``): Frobenius, Fisher-weighted, or the
+err is the decomposition's own (``lorq.decomposition.common``): Frobenius, Fisher-weighted, or the
 H-norm ‖R·L‖_F, whose square is the matrix's expected output error on the calibration inputs, so
 the ILP then minimises the sum of the layers' output MSEs (docs/algorithms.md §5).
 
@@ -26,12 +26,12 @@ import torch
 
 from lorq.budget.shared import nf_dequantized
 from lorq.config import LEGACY_METHODS, DecomposeConfig
-from lorq.decompose import decompose
-from lorq.decompose.common import LowRankStep, Rounding, Weighting, check_rank
-from lorq.progress import Progress, no_progress
+from lorq.decomposition import decompose
+from lorq.decomposition.common import LowRankStep, Rounding, Weighting, check_rank
 from lorq.quant import QuantConfig
 from lorq.quant.base import check_weight, fits
 from lorq.quant.tensor import storage_nbytes
+from lorq.util.progress import Progress, no_progress
 
 METHODS = ("plain", "lq", "loftq")
 

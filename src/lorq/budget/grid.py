@@ -6,17 +6,19 @@ full     LQ-LoRA's 432: b, b0 ∈ {2, 3, 4, 8} × b1 ∈ {fp16, bf16, fp32} × B
          × B1 ∈ {16, 64, 256}
 int      INT-k for QA-LoRA: b ∈ {2, 3, 4, 8} × G ∈ {32, 64, 128}, integer zeros
 gguf     llama.cpp's types lorq holds as GGUF blocks (q4_0 … q8_0, iq4_nl, q2_k … q6_k):
-         a plan that ``lorq export --format gguf`` writes as it is
+         a plan that ``lorq export --format gguf`` writes as it is (registered by
+         ``lorq.io.gguf_types``, which knows the GGUF identities)
 a list   preset names or QuantConfig objects
+
+Other units add named grids with :func:`register_grid`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lorq.quant import IntConfig, NFConfig, QuantConfig, as_config
-from lorq.quant.base import gguf_presets
 
 BITS = (2, 3, 4, 8)
 
@@ -38,11 +40,16 @@ def int_grid() -> tuple[QuantConfig, ...]:
     return tuple(IntConfig(bits=b, block_size=g) for b in BITS for g in (32, 64, 128))
 
 
-def gguf_grid() -> tuple[QuantConfig, ...]:
-    return tuple(gguf_presets().values())
+GRIDS: dict[str, Callable[[], tuple[QuantConfig, ...]]] = {
+    "default": default_grid,
+    "full": full_grid,
+    "int": int_grid,
+}
 
 
-GRIDS = {"default": default_grid, "full": full_grid, "int": int_grid, "gguf": gguf_grid}
+def register_grid(name: str, grid: Callable[[], tuple[QuantConfig, ...]]) -> None:
+    """Add the named candidate grid ``name`` (``candidates=name``, ``--candidates name``)."""
+    GRIDS[name] = grid
 
 
 def candidate_grid(candidates: str | Sequence[str | QuantConfig]) -> tuple[QuantConfig, ...]:

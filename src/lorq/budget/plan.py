@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.atomic import atomic_file
 from lorq.budget.cost import CostTable, cost_table, shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
 from lorq.config import LEGACY_METHODS, DecomposeConfig
-from lorq.progress import Progress, no_progress
 from lorq.quant import QuantConfig
+from lorq.util.atomic import atomic_file
+from lorq.util.progress import Progress, no_progress
 
 PLAN_VERSION = 1
 
@@ -166,7 +166,7 @@ def plan_budgets(
         weighting = "fisher" if fisher is not None else "none"
     method = LEGACY_METHODS.get(method, method)
     grid = candidate_grid(candidates)
-    # read once: a mapping may decode each matrix on access (lorq.surgery.DenseWeights)
+    # read once: a mapping may decode each matrix on access (lorq.model.targets.DenseWeights)
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
     if shapes:  # the feasible range depends on shapes only: fail before the expensive table
         bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])

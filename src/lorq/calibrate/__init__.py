@@ -1,6 +1,2 @@
-"""Calibration block by block: the inputs of the first transformer block, captured once, pushed
-through the blocks one at a time (ALGORITHMS.md §6)."""
-
-from lorq.calibrate.blocks import BlockInputs, capture_inputs, run_block
-
-__all__ = ["BlockInputs", "capture_inputs", "run_block"]
+"""Calibration, block by block (ALGORITHMS.md §5, §6): the tokens, the inputs of each transformer
+block, the layers' input statistics H and the Fisher."""

@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorq.hessian import DEFAULT_MAX_BYTES, Hessians, collect, input_leaders, target_groups
-
 
 class _Captured(Exception):
     """Raised by the hook at block 1 once its inputs are kept: the rest of the model never runs."""
@@ -67,7 +65,7 @@ def activation_buffer(
     return buffer.view(shape)
 
 
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     """``use_cache=False`` where the model's forward takes it (no KV cache is built)."""
     return (
         {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
@@ -92,7 +90,7 @@ def capture_inputs(
         raise _Captured
 
     handle = first_block.register_forward_pre_hook(keep, with_kwargs=True)
-    extra = _forward_kwargs(model)
+    extra = forward_kwargs(model)
     inputs = None
     try:
         with torch.no_grad():
@@ -126,16 +124,3 @@ def run_block(
         for i, (args, kwargs) in enumerate(inputs.kwargs):
             out[i] = _first(block(inputs.hidden[i : i + 1], *args, **kwargs))[0]
     return out
-
-
-def block_hessians(
-    block: nn.Module, targets: dict[str, nn.Module], inputs: BlockInputs, keep_output: bool
-) -> tuple[Hessians, torch.Tensor | None]:
-    """(H of ``targets`` inside ``block`` on X = ``inputs``, the block's output when
-    ``keep_output``): the whole-model estimate's hooks and sums (``lorq.hessian``), one block."""
-    leaders = input_leaders(targets, lambda: run_block(block, inputs.row(0)))
-    output = inputs.empty() if keep_output else None
-    packed: dict[str, tuple[int, torch.Tensor]] = {}
-    for group in target_groups(targets, DEFAULT_MAX_BYTES, leaders):
-        packed.update(collect(group, leaders, lambda: run_block(block, inputs, output)))
-    return Hessians(packed, {name: leaders.get(name, name) for name in targets}), output

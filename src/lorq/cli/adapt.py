@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorq.cli.app import app, check_room, console, errors, folder_nbytes, user_errors
-from lorq.export import export_targets
+from lorq.exporters import export_targets
 
 PathArgument = Annotated[Path, typer.Argument(help="a lorq model directory")]
 OverwriteOption = Annotated[bool, typer.Option(help="replace what lorq wrote there")]
@@ -103,15 +103,15 @@ def finetune(
     ] = False,
 ) -> None:
     """Fine-tune the low-rank factors of a compressed model (transformers.Trainer underneath)."""
-    from lorq.finetune import (
+    from lorq.io import load_with_tokenizer
+    from lorq.jobs.finetune import (
         check_finetune_out,
         default_finetune_out,
         finetune_model,
         is_main_process,
     )
-    from lorq.io import load_with_tokenizer
-    from lorq.runtime import fixed_mmap_threshold
-    from lorq.train import CONFIG_FIELDS, FinetuneConfig
+    from lorq.train.trainer import CONFIG_FIELDS, FinetuneConfig
+    from lorq.util.runtime import fixed_mmap_threshold
 
     if low_memory:
         fixed_mmap_threshold()
@@ -157,10 +157,10 @@ def merge(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Merge s·B·A into the weights: a dense Hugging Face model, or for QA-LoRA a quantized one."""
-    from lorq.export.hf import dense_nbytes, torch_dtype
+    from lorq.exporters.hf import dense_nbytes, torch_dtype
     from lorq.io import load_with_tokenizer
-    from lorq.merge import check_merge_out, merges_quantized
-    from lorq.merge import merge as merge_model
+    from lorq.jobs.merge import check_merge_out, merges_quantized
+    from lorq.jobs.merge import merge as merge_model
 
     with user_errors():
         torch_dtype(dtype)
@@ -190,10 +190,10 @@ def export(
 ) -> None:
     """Export: a PEFT adapter with its base (dense, or still compressed as a bitsandbytes /
     GPTQ base), a merged HF model, or a merged QA-LoRA model as GGUF / GPTQ."""
-    from lorq.export import check_export
-    from lorq.export import export as export_model
-    from lorq.export.hf import dense_nbytes
+    from lorq.exporters.hf import dense_nbytes
     from lorq.io import load_with_tokenizer
+    from lorq.jobs.export import check_export
+    from lorq.jobs.export import export as export_model
 
     with user_errors():
         check_export(out, format, dtype=dtype, overwrite=overwrite, inputs=(str(path),))

@@ -93,7 +93,7 @@ def error_line(err: BaseException) -> str:
 
 
 def load_quietly(
-    model: str, with_tokenizer: bool = True, packed: bool = True, allow_pickle: bool = False
+    model: str, with_tokenizer: bool | None = True, packed: bool = True, allow_pickle: bool = False
 ):
     """Load a model under a spinner (transformers' own progress bars off).
 
@@ -102,8 +102,8 @@ def load_quietly(
     """
     from transformers.utils import logging as hf_logging
 
-    from lorq.models import load_model
-    from lorq.runtime import release_free_memory
+    from lorq.io.models import load_model
+    from lorq.util.runtime import release_free_memory
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # lorq reports what matters itself
@@ -123,7 +123,7 @@ def folder_nbytes(path: Path) -> int:
 
 def check_room(out: Path, nbytes: int) -> None:
     """``out``'s file system has room for ``nbytes`` (checked after loading, before writing)."""
-    from lorq.atomic import check_location
+    from lorq.util.atomic import check_location
 
     check_location(out, nbytes)
 
@@ -132,10 +132,10 @@ def check_out_dir(out: Path, overwrite: bool, model: str) -> None:
     """Refuse an output path that is not a lorq directory, exists without --overwrite, is
     ``model``'s own folder, holds a partial streamed run (finished by --stream --resume) or has
     no room for about the source's size."""
-    from lorq.atomic import check_output
+    from lorq.io.models import local_files, resolve, source_nbytes
     from lorq.io.native import is_lorq_dir
-    from lorq.models import local_files, resolve, source_nbytes
-    from lorq.stream.writer import LORQ_FILE, MANIFEST_FILE
+    from lorq.pipeline.writer import LORQ_FILE, MANIFEST_FILE
+    from lorq.util.atomic import check_output
 
     if (out / MANIFEST_FILE).is_file() and not (out / LORQ_FILE).is_file():
         raise ValueError(

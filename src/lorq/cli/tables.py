@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from lorq.budget import BudgetPlan
-from lorq.evaluate import Measurement
-from lorq.models import ModelSource, source_nbytes
+from lorq.evaluation.measure import Measurement
+from lorq.io.models import ModelSource, source_nbytes
 
 RESULTS_CAPTION = (
     "bits: per parameter of the replaced linears (Q alone; with B, A in bf16); MB: all "

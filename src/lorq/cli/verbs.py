@@ -13,7 +13,8 @@ import typer
 from lorq._version import __version__
 from lorq.cli.app import app, check_out_dir, console, errors, load_quietly, user_errors
 from lorq.cli.tables import plan_tables, presets_table, quantize_report_table, results_table
-from lorq.models import DEFAULT_MODEL
+from lorq.config import SEQUENTIAL
+from lorq.io.models import DEFAULT_MODEL, resolve
 
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
 ModelOption = Annotated[str, typer.Option(help="built-in name, local folder, .gguf file or hub id")]
@@ -68,8 +69,9 @@ GGUFCodesOption = Annotated[
 StreamOption = Annotated[
     bool,
     typer.Option(
-        help="one transformer block at a time from a safetensors checkpoint, into a sharded, "
-        "resumable directory (models larger than memory; torchrun for many processes)"
+        help="write each transformer block as it finishes into a sharded, resumable directory, "
+        "never holding the model (chosen by itself for a model larger than half the free "
+        "memory; the same bytes either way; torchrun for many processes)"
     ),
 ]
 ResumeOption = Annotated[
@@ -88,6 +90,19 @@ DtypeOption = Annotated[
 OffloadOption = Annotated[
     bool | None,
     typer.Option(help="calibration activations in a disk file (default: when they are large)"),
+]
+TokenizerOption = Annotated[
+    str | None,
+    typer.Option(
+        help="a folder with tokenizer files, for a model without its own (default: the model's)"
+    ),
+]
+SequentialOption = Annotated[
+    bool,
+    typer.Option(
+        help="each block's statistics on the outputs of the compressed earlier blocks "
+        "(--no-sequential: of the original ones)"
+    ),
 ]
 FactorBitsOption = Annotated[
     int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
@@ -128,7 +143,7 @@ def job_plan_weighting(
     activation-weighted decompositions gave the lowest KL at 2.75 and 3.25 bits), else as given."""
     if plan_weighting is not None or weighting is not None or budget is None:
         return plan_weighting
-    from lorq.models import is_causal, resolve, source_config
+    from lorq.io.models import is_causal, resolve, source_config
 
     try:
         causal = is_causal(source_config(resolve(model)))
@@ -138,7 +153,7 @@ def job_plan_weighting(
 
 
 def calibration_of(source: str, seq_len: int, tokens: int | None):
-    from lorq.compress import CALIBRATION_BLOCKS, Calibration
+    from lorq.calibrate.tokens import CALIBRATION_BLOCKS, Calibration
 
     if tokens is not None and tokens <= 0:
         raise ValueError(f"--calibration-tokens {tokens} is not supported; allowed: > 0")
@@ -154,9 +169,9 @@ def quantize_report(
     ] = None,
 ) -> None:
     """Bits/param actually stored and relative error ‖W−Q‖/‖W‖ over a model's linear layers."""
-    from lorq.evaluate import quantization_report
+    from lorq.evaluation.measure import quantization_report
+    from lorq.model.targets import DenseWeights, find_targets
     from lorq.quant import as_config
-    from lorq.surgery import DenseWeights, find_targets
 
     with user_errors() as stage:
         configs = [as_config(name) for name in preset or DEFAULT_REPORT_PRESETS]
@@ -169,9 +184,9 @@ def quantize_report(
 
 def _check_plan_target(path: Path) -> None:
     """Refuse to overwrite a file that is not a lorq plan, or a PNG beside it that is not ours."""
-    from lorq.atomic import check_output
     from lorq.budget import BudgetPlan
-    from lorq.plots import is_png
+    from lorq.cli.plots import is_png
+    from lorq.util.atomic import check_output
 
     def is_plan(file: Path) -> bool:
         try:
@@ -212,12 +227,13 @@ def plan(
         bool, typer.Option(help="the cost table one block at a time (models larger than memory)")
     ] = False,
     device: DeviceOption = "auto",
+    sequential: SequentialOption = SEQUENTIAL,
 ) -> None:
     """Choose bits per matrix under a budget (LQ-LoRA's integer linear program)."""
-    from lorq.compress import plan_model
+    from lorq.cli.plots import plan_heatmap
     from lorq.config import CompressConfig
-    from lorq.plots import plan_heatmap
-    from lorq.preflight import check_compress
+    from lorq.jobs.compress import plan_model
+    from lorq.pipeline.guards import check_compress
 
     with user_errors() as stage:
         if budget is None and budget_mb is None:
@@ -228,19 +244,17 @@ def plan(
             budget_mb=budget_mb,
             rank=rank,
             candidates=candidates,
+            sequential=sequential,
             **statistics_options(
                 weighting, fisher, rounding, False, plan_weighting, (model, budget or budget_mb)
             ),
         )
         _check_plan_target(out)
         text = calibration_of(calibration, seq_len, calibration_tokens)
-        check_compress(model, config, allow_pickle=allow_pickle)
-        result = (
-            streamed_plan(model, config, text, device, stage)
-            if stream
-            else plan_model(
-                loaded_for(model, config, allow_pickle), config, calibration=text, progress=stage
-            )
+        check_compress(model, config, allow_pickle=allow_pickle, calibration=text)
+        source = model if stream else loaded_for(model, config, allow_pickle)
+        result = plan_model(
+            source, config, calibration=text, progress=stage, device=device, stream=stream
         )
         result.save(out)
         plan_heatmap(result, out.with_suffix(".png"))
@@ -253,15 +267,8 @@ def loaded_for(model: str, config, allow_pickle: bool):
     """The model as ``lorq plan`` needs it: with a tokenizer when it calibrates."""
     calibrated = config.fisher or config.activations
     return load_quietly(
-        model, with_tokenizer=calibrated, packed=not config.fisher, allow_pickle=allow_pickle
+        model, with_tokenizer=calibrated or None, packed=True, allow_pickle=allow_pickle
     )
-
-
-def streamed_plan(model: str, config, text, device: str, stage):
-    """``lorq plan --stream``: the cost table block by block (lorq.plan_streaming)."""
-    from lorq.compress_stream import plan_streaming
-
-    return plan_streaming(model, config, calibration=text, device=device, progress=stage)
 
 
 def saved_plan(plan_file: Path | None, budget_mb: float | None):
@@ -310,61 +317,67 @@ def compress(
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
     offload_activations: OffloadOption = None,
+    sequential: SequentialOption = SEQUENTIAL,
+    tokenizer: TokenizerOption = None,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
-    from lorq.compress import compress_model
-    from lorq.compress_stream import stream_reason
     from lorq.config import CompressConfig
-    from lorq.io import save
-    from lorq.preflight import check_compress
+    from lorq.pipeline.guards import check_compress, check_where
 
     with user_errors() as stage:
         given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
         new_plan = (model, None if given else budget or budget_mb)
         statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting, new_plan)
         extra = {"embeddings": embeddings, "factor_bits": factor_bits, "budget_mb": budget_mb}
+        extra.update(sequential=sequential, gguf_codes=gguf_codes)
         config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **extra)
         text = calibration_of(calibration, seq_len, calibration_tokens)
-        check_compress(model, config, given, allow_pickle)
-        if reason := stream_reason(model, config, device, asked=stream or resume):
-            run = (resume, overwrite, eval_blocks, device, dtype, offload_activations)
-            return streamed(model, out, config, text, given, run, stage, reason)
-        check_out_dir(out, overwrite, model)
-        loaded = load_quietly(model, packed=not config.fisher, allow_pickle=allow_pickle)
-        job = {"eval_blocks": eval_blocks, "baseline": baseline, "gguf_codes": gguf_codes}
-        result = compress_model(loaded, config, calibration=text, plan=given, progress=stage, **job)
-        saved = save(result, out, overwrite=overwrite)
-    console.print(results_table(f"{model} → {out}", result.measurements, loaded.source, saved))
+        check_compress(model, config, given, allow_pickle, text)
+        check_where(device, dtype, out, resume)
+        job = dict(eval_blocks=eval_blocks, baseline=baseline, calibration=text, plan=given)
+        job.update(progress=stage, device=device, dtype=dtype, allow_pickle=allow_pickle)
+        job.update(resume=resume, overwrite=overwrite, offload_activations=offload_activations)
+        result = compress_job(model, config, out, {**job, "tokenizer": tokenizer}, stream or resume)
+    print_compressed(result, model, out)
+
+
+def print_compressed(result, model: str, out: Path) -> None:
+    """What ``lorq compress`` prints of its result."""
+    if result.reused:
+        kept, done = len(result.reused), len(result.computed)
+        console.print(f"resumed: {kept} finished shards kept, {done} computed")
+    if result.measurements:
+        table = results_table(f"{model} → {out}", result.measurements, resolve(model), out)
+        console.print(table)
     console.print(f"saved to {out}")
+
+
+def compress_job(model: str, config, out: Path, job: dict, stream: bool):
+    """``lorq compress``'s one library call: written block by block into ``out`` (asked, or a
+    model larger than half the free memory), or held and saved (the same bytes either way)."""
+    from lorq.io import save
+    from lorq.jobs.compress import compress_model
+    from lorq.pipeline.guards import ASKED, write_as_you_go
+
+    reason = write_as_you_go(model, asked=stream)
+    if reason:
+        if reason != ASKED:
+            errors.print(f"writing one block at a time ({reason})")
+        return compress_model(model, config, out, **job)
+    overwrite = job.pop("overwrite")
+    job.pop("resume"), job.pop("offload_activations")  # --resume streams (above)
+    check_out_dir(out, overwrite, model)
+    allow_pickle = job["allow_pickle"]
+    loaded = load_quietly(model, packed=True, allow_pickle=allow_pickle, with_tokenizer=None)
+    result = compress_model(loaded, config, **job)
+    save(result, out, overwrite=overwrite)
+    return result
 
 
 def plan_and_budget(plan_file, budget_mb, budget, quant):
     """(the saved plan, if any; the budget: the plan's unless one or a preset is given)."""
     given = saved_plan(plan_file, budget_mb)
     return given, given.budget if given and budget is None and quant is None else budget
-
-
-def streamed(model, out, config, text, plan, run, stage, reason) -> None:
-    """``lorq compress --stream``: one library call, then the evaluation of what it wrote."""
-    from lorq.compress_stream import ASKED
-
-    if reason != ASKED:
-        errors.print(f"streaming one block at a time ({reason})")
-    from lorq.compress_stream import compress_streaming
-    from lorq.evaluate import evaluate_saved
-
-    resume, overwrite, eval_blocks, device, dtype, offload = run
-    result = compress_streaming(
-        model, out, config, calibration=text, plan=plan, resume=resume, overwrite=overwrite,
-        progress=stage, device=device, dtype=dtype, offload_activations=offload,
-    )  # fmt: skip
-    rows = evaluate_saved(out, eval_blocks, True, stage, device)[0] if eval_blocks > 0 else []
-    if result.reused:
-        kept, done = len(result.reused), len(result.computed)
-        console.print(f"resumed: {kept} finished shards kept, {done} computed")
-    if rows:
-        console.print(results_table(f"{model} → {out}", rows))
-    console.print(f"saved to {out}")
 
 
 @app.command("eval")
@@ -375,7 +388,7 @@ def eval_(
     device: DeviceOption = "auto",
 ) -> None:
     """Perplexity, bits/param, size and KL to the source model of a saved lorq model."""
-    from lorq.evaluate import evaluate_saved
+    from lorq.jobs.evaluate import evaluate_saved
 
     with user_errors() as stage:
         rows, missing = evaluate_saved(path, eval_blocks, reference, stage, device)
@@ -392,9 +405,9 @@ def generate(
     device: DeviceOption = "auto",
 ) -> None:
     """Generate text from a saved lorq model (greedy)."""
-    from lorq.generate import generate_text
     from lorq.io import load_with_tokenizer
-    from lorq.stream.devices import resolve_device
+    from lorq.jobs.generate import generate_text
+    from lorq.pipeline.devices import resolve_device
 
     with user_errors():
         where = resolve_device(device)

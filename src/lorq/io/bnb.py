@@ -23,6 +23,7 @@ import json
 
 import torch
 
+from lorq.quant import NFConfig, format_of
 from lorq.quant.bnb import NESTED_BLOCK, BnbConfig, code_table, dynamic_map
 from lorq.quant.tensor import QuantizedTensor
 
@@ -79,3 +80,19 @@ def quantization_config(
         llm_int8_skip_modules=dense,
     )
     return bnb.to_dict()
+
+
+def as_bnb(q: QuantizedTensor) -> QuantizedTensor:
+    """``q`` as bitsandbytes 4-bit storage (a ``BnbConfig`` tensor) with the same codes and
+    values, nothing requantized: bitsandbytes' own formats as they are, and NF4 with fp32
+    absmax scales (``nf4-fp32-scales``: bitsandbytes' NF4 without double quantization, byte for
+    byte: the same table, packing and scales); ValueError for anything else."""
+    if isinstance(q.config, BnbConfig):
+        return q
+    config = q.config
+    if isinstance(config, NFConfig) and format_of(config).name == "nf":
+        fp32 = config.scale_bits is None and config.scale_dtype == "fp32"
+        if config.bits == 4 and fp32 and config.block_size >= 32:
+            bnb = BnbConfig(block_size=config.block_size, quant_type="nf4", double_quant=False)
+            return QuantizedTensor(bnb, q.shape, {"codes": q.codes, "absmax": q.buffers["scales"]})
+    raise ValueError(f"{q.config.name} has no bitsandbytes 4-bit equivalent")

@@ -1,10 +1,9 @@
 """GGUF import and export of packed weights, straight from the codes (no dequantize / requantize).
 
-A matrix whose GGML type is the GGUF identity of a lorq format (``QuantFormat.gguf_type``; today
-Q4_1 ↔ preset ``q4_1``, docs/algorithms.md §1.4) is read and written as that format's codes:
-``QuantFormat.from_gguf`` / ``to_gguf`` convert its blocks. A GGUF tensor of ggml shape
-ne = (in, out) stores ``out`` rows of blocks along the input dimension, the row-major block order
-of a lorq ``QuantizedTensor`` of shape (out, in).
+A matrix whose GGML type is the GGUF identity of a lorq format (``lorq.io.gguf_types``: Q4_1 ↔
+``q4_1``, Q4_K ↔ ``q4_k``, …) is read and written as that format's codes. A GGUF tensor of ggml
+shape ne = (in, out) stores ``out`` rows of blocks along the input dimension, the row-major block
+order of a lorq ``QuantizedTensor`` of shape (out, in).
 
 llama.cpp permutes the rows of attn_q / attn_k for its RoPE kernel (h < heads, d < head_dim / 2):
 
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.atomic import has_magic
-from lorq.quant import QuantConfig, QuantizedTensor, format_of, gguf_config
+from lorq.io.gguf_types import from_gguf, gguf_config
+from lorq.quant import QuantConfig, QuantizedTensor
+from lorq.util.atomic import has_magic
 
 ARCHITECTURE = "llama"  # what lorq writes
 READ_ARCHITECTURES = ("llama", "qwen2")  # what lorq reads packed (LLaMA's tensor layout)
@@ -119,8 +119,9 @@ def gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]
 
     config_cls, model_cls, arch = _architecture(config.get("model_type") or ARCHITECTURE)
     fields = {k: v for k, v in config.items() if k != "model_type"}
-    with torch.device("meta"):
-        model = model_cls(config_cls(**fields))
+    from lorq.model.skeleton import skeleton
+
+    model = skeleton(config_cls(**fields), model_class=model_cls, real_buffers=False)
     name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -182,7 +183,7 @@ class LlamaTensor:
             raise ValueError(f"{self.name} ({self.tensor_type!r}) has no lorq format; decode it")
         raw = torch.from_numpy(self.read_rows())
         shape = (self.rows, self.shape[0])
-        return format_of(config).from_gguf(self.rows_in_hf_order(raw), shape, config)
+        return from_gguf(self.rows_in_hf_order(raw), shape, config)
 
     def dense(self) -> torch.Tensor:
         """The tensor dequantized to float32 in transformers' shape and row order (decoded

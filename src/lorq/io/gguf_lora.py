@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from lorq.atomic import atomic_file
 from lorq.io.gguf import gguf_names, is_gguf_file, rope_heads, rope_rows
 from lorq.io.gguf_write import check_llama_config, write_file
+from lorq.util.atomic import atomic_file
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module → (A, B, s)
 

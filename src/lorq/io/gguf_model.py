@@ -1,17 +1,16 @@
 """A LLaMA-family GGUF file (llama, qwen2) as a transformers model whose packed layers stay
-packed.
+packed, loaded whole or one part (a transformer block, the embeddings and head) at a time.
 
-    W = d_g · code + m_g      per 32-value group g (fp16 d, m; float32 result)
+    W = the file's own blocks       every linear of a lorq format (Q4_1, Q4_K, …) → QuantLinear
+    E = the file's own blocks       a token embedding of one (Q8_0) → QuantEmbedding (+ tied head)
+    everything else                 dequantized to float, one tensor at a time
 
-transformers' GGUF loader dequantizes every tensor of the file to a dense float tensor at once:
-for a Q4_1 file that is 6.4× the size of its Q4_1 tensors, all resident before anything else runs.
-Here the model's parameters start on the meta device; every linear weight of a lorq format (Q4_1)
-becomes a frozen :class:`~lorq.nn.QuantLinear` over the file's own codes, scales and mins (5
-bits/param, not 32), a token embedding of one (Q8_0) a :class:`~lorq.nn.QuantEmbedding` (with a
-tied output layer over the same buffers), and only the remaining tensors (norms, tensors of other
-types) are dequantized, one at a time. The packed layers decode exactly the float32 values
-transformers would hold, so the model computes the same logits; lorq's compression treats a plain
-QuantLinear as a frozen linear layer and dequantizes one weight at a time when it compresses it.
+transformers' GGUF loader dequantizes every tensor of the file at once: for a Q4_1 file that is
+6.4× the size of its Q4_1 tensors, all resident before anything else runs. Here the model's
+parameters start on the meta device and each part gets its weights when asked (``load``) and
+gives them back (``release``); the packed layers decode exactly the float32 values transformers
+would hold, so the model computes the same logits. ``dense=True`` decodes the linear layers too
+(what the Fisher differentiates).
 """
 
 from __future__ import annotations
@@ -24,85 +23,120 @@ import torch
 from torch import nn
 
 from lorq.io.gguf import MAX_LISTED, LlamaTensor, llama_tensors
+from lorq.model.skeleton import release_parts, skeleton, tensors_of
+from lorq.model.targets import set_module
 from lorq.nn import QuantEmbedding, QuantLinear
-from lorq.surgery import set_module
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-
-def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set parameter ``name`` (a meta placeholder) of ``model`` to ``value``."""
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    old = getattr(module, leaf)
-    if tuple(old.shape) != tuple(value.shape):
-        raise ValueError(
-            f"GGUF tensor for {name} has shape {tuple(value.shape)}, the model expects "
-            f"{tuple(old.shape)}; the file does not match its own metadata"
-        )
-    setattr(module, leaf, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
+Part = tuple[str, nn.Module, bool]  # (qualified name, module, its submodules too)
 
 
-def _pack(model: nn.Module, tensor: LlamaTensor, output: nn.Module | None, dtype) -> bool:
-    """Replace the nn.Linear (or nn.Embedding) holding ``tensor`` by a QuantLinear (or
-    QuantEmbedding) over its codes; False if none (or if it is ``output``, the output layer,
-    which stays dense unless tied to a packed embedding)."""
-    if tensor.packed_config is None or not (tensor.param or "").endswith(".weight"):
-        return False  # biases and tensors of no lorq format are read densely
-    module_name = tensor.param.removesuffix(".weight")
-    module = model.get_submodule(module_name)
-    if module is output:
-        return False
-    if isinstance(module, nn.Embedding):
-        set_module(model, module_name, QuantEmbedding(tensor.quantized(), dtype))
-        return True
-    if not isinstance(module, nn.Linear):
-        return False
-    layer = QuantLinear(tensor.quantized())
-    if module.bias is not None:  # filled from the file's own bias tensor in the dense pass
-        layer.bias = nn.Parameter(torch.empty_like(module.bias), requires_grad=False)
-    set_module(model, module_name, layer)
-    return True
+class GGUFModel:
+    """The causal LM of a LLaMA GGUF file on the meta device, filled part by part."""
+
+    def __init__(self, path: str | Path, config: PretrainedConfig | None = None):
+        from transformers import AutoConfig
+
+        self.path = Path(path)
+        tensors = [t for t in llama_tensors(self.path) if t.param is not None]  # bad file: here
+        self.tensors: dict[str, LlamaTensor] = {t.param: t for t in tensors}
+        if config is None:
+            config = AutoConfig.from_pretrained(
+                self.path.parent, gguf_file=self.path.name, local_files_only=True
+            )
+        self.model = skeleton(config, causal=True)
+        self.replaced: dict[str, nn.Module] = {}  # module name → the meta module it replaced
+        self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+
+    def load(self, parts: list[Part], dtype: torch.dtype, device, dense: bool = False) -> None:
+        """Give every tensor of ``parts`` its value: packed layers as their codes (unless
+        ``dense``), the rest decoded in ``dtype`` (vectors: fp32)."""
+        output = self.model.get_output_embeddings()
+        for prefix, module, recurse in parts:
+            for name, owner, leaf, tensor, is_param in list(tensors_of(module, prefix, recurse)):
+                packed = self.replaced.get(name.rpartition(".")[0]) is owner  # its bias with it
+                if is_param and tensor.is_meta and name in self.tensors and not packed:
+                    self._load_one(name, owner, leaf, dtype, device, dense or owner is output)
+        if self.tied and any(m is output or m is self.model for _, m, _ in parts):
+            self._tie()
+
+    def _load_one(self, name: str, owner: nn.Module, leaf: str, dtype, device, dense: bool):
+        tensor = self.tensors[name]
+        module_name = name.rpartition(".")[0]
+        packable = tensor.packed_config is not None and leaf == "weight"
+        if packable and not dense and isinstance(owner, (nn.Linear, nn.Embedding)):
+            self.replaced.setdefault(module_name, owner)
+            layer = self._packed(module_name, tensor, owner, dtype)
+            set_module(self.model, module_name, layer.to(device))
+            return
+        value = tensor.dense()
+        if tuple(value.shape) != tuple(owner._parameters[leaf].shape):
+            raise ValueError(
+                f"GGUF tensor for {name} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(owner._parameters[leaf].shape)}; the file does not match its metadata"
+            )
+        value = value.to(dtype if value.dim() >= 2 else torch.float32)
+        owner._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
+
+    def _packed(self, name: str, tensor: LlamaTensor, owner: nn.Module, dtype) -> nn.Module:
+        """The QuantEmbedding / QuantLinear over the file's codes (with the layer's bias)."""
+        if isinstance(owner, nn.Embedding):
+            return QuantEmbedding(tensor.quantized(), dtype)
+        bias = None
+        if owner.bias is not None:
+            stored = self.tensors.get(f"{name}.bias")
+            if stored is None:
+                raise ValueError(
+                    f"{self.path} has no tensor for {name}.bias; the file is incomplete"
+                )
+            bias = nn.Parameter(stored.dense().float(), requires_grad=False)
+        return QuantLinear(tensor.quantized(), bias)
+
+    def _tie(self) -> None:
+        """The output layer tied to the input embeddings: a packed table gets a QuantLinear head
+        over the same buffers, a dense one transformers' own tying."""
+        embedding = self.model.get_input_embeddings()
+        if isinstance(embedding, QuantEmbedding):
+            head_name = _name_of(self.model, self.model.get_output_embeddings())
+            self.replaced.setdefault(head_name, self.model.get_output_embeddings())
+            self.model.set_output_embeddings(embedding.tied_head())
+        else:
+            self.model.tie_weights()
+
+    def release(self, parts: list[Part]) -> None:
+        """Every tensor of ``parts`` back on the meta device, packed layers replaced back."""
+        prefixes = [p for p, _, _ in parts]
+        for name in [n for n in self.replaced if _within(n, prefixes)]:
+            set_module(self.model, name, self.replaced.pop(name))
+        release_parts(parts)
+
+    def whole(self, dtype: torch.dtype = torch.float32, dense: bool = False) -> nn.Module:
+        """The whole model (every part loaded), checked complete."""
+        self.load([("", self.model, True)], dtype, torch.device("cpu"), dense)
+        named = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+        missing = [name for name, t in named if t.is_meta]
+        if missing:
+            raise ValueError(
+                f"{self.path} has no tensor for {missing[:MAX_LISTED]} (of {len(missing)} "
+                "missing); the GGUF file is incomplete"
+            )
+        self.replaced.clear()
+        return self.model.eval()
 
 
-def _tie(model: nn.Module) -> None:
-    """Tie the output layer to the input embeddings: a packed table gets a QuantLinear head over
-    the same buffers, a dense one transformers' own tying."""
-    embedding = model.get_input_embeddings()
-    if isinstance(embedding, QuantEmbedding):
-        model.set_output_embeddings(embedding.tied_head())
-    else:
-        model.tie_weights()
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _within(name: str, prefixes: list[str]) -> bool:
+    return any(p == "" or name == p or name.startswith(f"{p}.") for p in prefixes)
 
 
 def load_packed(
     path: str | Path, dtype: torch.dtype = torch.float32, config: PretrainedConfig | None = None
 ) -> nn.Module:
-    """The causal LM of a LLaMA GGUF file, Q4_1 linears as QuantLinear, the rest in ``dtype``.
-
-    ``config``: transformers' config of the file when the caller has read it already.
-    """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    tensors = [t for t in llama_tensors(path) if t.param is not None]  # a bad file fails here
-    if config is None:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    output = model.get_output_embeddings()
-    dense = [t for t in tensors if not _pack(model, t, output, dtype)]
-    for tensor in dense:
-        _assign(model, tensor.param, tensor.dense())
-    if getattr(model.config, "tie_word_embeddings", False):
-        _tie(model)
-    tensors_of = itertools.chain(model.named_parameters(), model.named_buffers())
-    missing = [name for name, t in tensors_of if t.is_meta]
-    if missing:
-        raise ValueError(
-            f"{path} has no tensor for {missing[:MAX_LISTED]} (of {len(missing)} missing); "
-            "the GGUF file is incomplete"
-        )
-    return model.eval()
+    """The causal LM of a LLaMA GGUF file, its packed linears as QuantLinear, the rest in
+    ``dtype``. ``config``: transformers' config of the file when the caller has read it."""
+    return GGUFModel(path, config).whole(dtype)

@@ -1,6 +1,6 @@
 """Writing a LLaMA model as a GGUF file, packed layers as their codes (``lorq.io.gguf`` reads).
 
-Every QuantizedTensor whose format has a GGUF identity (``QuantFormat.gguf_type``: q4_1 → Q4_1,
+Every QuantizedTensor whose format has a GGUF identity (``lorq.io.gguf_types``: q4_1 → Q4_1,
 q8_0 → Q8_0) is written as its blocks, bit for bit; dense tensors as F32 (1-D: norms, biases) and
 F16 (2-D: embeddings, a dense LM head or any linear left unquantized). attn_q / attn_k rows are
 permuted for llama.cpp's RoPE. Metadata and tokenizer come from a source GGUF when given, else
@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from lorq.atomic import atomic_file, check_output
 from lorq.io.gguf import (
     ARCHITECTURE,
     MAX_LISTED,
@@ -26,8 +25,9 @@ from lorq.io.gguf import (
     rope_heads,
     rope_rows,
 )
-from lorq.quant import QuantizedTensor, format_of
-from lorq.quant.base import gguf_presets
+from lorq.io.gguf_types import gguf_presets, gguf_type, to_gguf
+from lorq.quant import QuantizedTensor
+from lorq.util.atomic import atomic_file, check_output
 
 # KV pairs that describe the source file itself, never copied to an exported one
 OWN_KEYS = (
@@ -44,6 +44,8 @@ KV = dict[str, tuple[Any, Any, Any]]  # key -> (value, GGUFValueType, array elem
 def _dense(tensor: torch.Tensor) -> torch.Tensor:
     """F32 for 1-D tensors (norms, biases), F16 for 2-D ones (embeddings, dense linears)."""
     dtype = torch.float32 if tensor.dim() == 1 else torch.float16
+    if tensor.is_meta:  # sizes only (a budget measured on a model read part by part)
+        return torch.empty(tensor.shape, dtype=dtype, device="meta")
     return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
@@ -191,14 +193,13 @@ def _tensors(
             raise ValueError(f"{name} has shape {tuple(item.shape)}, the config says {shape}")
         ggml_type = None
         if isinstance(item, QuantizedTensor):
-            fmt = format_of(item.config)
-            ggml_type = fmt.gguf_type(item.config)
+            ggml_type = gguf_type(item.config)
             if ggml_type is None:
                 raise ValueError(
                     f"GGUF export of {name} quantized as {item.config.name!r} is not supported: "
                     f"GGUF holds the presets {', '.join(gguf_presets())}; compress with one"
                 )
-            data = fmt.to_gguf(item)
+            data = to_gguf(item)
         else:
             data = _dense(item)
         rope = rope_heads(gguf_name, heads, kv_heads)

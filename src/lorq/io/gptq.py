@@ -33,10 +33,10 @@ import torch
 from safetensors.torch import save_file
 
 from lorq._version import __version__
-from lorq.atomic import atomic_directory
 from lorq.quant import IntConfig, QuantConfig, QuantizedTensor, format_of
 from lorq.quant.affine import block_scales, block_zeros, unpacked_codes
 from lorq.quant.packing import pack
+from lorq.util.atomic import atomic_directory
 
 PACK_VALUES = 32  # values per k int32 words
 GPTQ_BITS = (2, 3, 4, 8)
@@ -57,7 +57,16 @@ def _check_format(checkpoint_format: str) -> int:
 
 def check_gptq_config(config: QuantConfig) -> None:
     """ValueError unless ``config`` maps onto the GPTQ layout (INT-k, integer zeros, fp16)."""
-    format_of(config).check_gptq_layout(config)
+    if format_of(config).name != "int":
+        raise ValueError(
+            f"GPTQ stores affine INT-k codes with integer zeros; {config.name} cannot be "
+            "written as GPTQ: use an int preset such as int4-g32"
+        )
+    if config.scale_dtype != "fp16":
+        raise ValueError(
+            f"GPTQ stores fp16 scales; {config.name} has scale_dtype={config.scale_dtype!r}: "
+            "quantize with scale_dtype='fp16' (the default of the int presets)"
+        )
     if config.bits not in GPTQ_BITS:
         raise ValueError(f"bits={config.bits!r} is not supported by GPTQ; allowed: 2, 3, 4, 8")
 

@@ -59,7 +59,6 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lorq._version import __version__
-from lorq.atomic import atomic_file, output_lock
 from lorq.io.native import (
     CONFIG_FILE,
     FORMAT,
@@ -86,8 +85,9 @@ from lorq.io.verify import (
     check_types,
     read_header,
 )
+from lorq.model.targets import set_module
 from lorq.quant.factors import Int8Rows
-from lorq.surgery import set_module
+from lorq.util.atomic import atomic_file, output_lock
 
 STORED_DTYPES = {name: dtype for dtype, name in TORCH_TO_SAFETENSORS.items()}
 FACTOR_SCALES = r"\.lora_[AB]\.scales$"  # the scales of 8-bit factors: no tensor of the model

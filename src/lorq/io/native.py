@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorq._version import __version__
-from lorq.atomic import atomic_directory
 from lorq.io.verify import (
     check_dense_dtypes,
     check_finite,
@@ -39,10 +38,12 @@ from lorq.io.verify import (
     manifest,
     read_header,
 )
+from lorq.model.skeleton import skeleton
+from lorq.model.targets import set_module
 from lorq.nn import QALoraLinear, QuantEmbedding, QuantLinear, QuantLoraLinear
 from lorq.quant import QuantConfig
 from lorq.quant.factors import Int8Rows, exact_rows
-from lorq.surgery import set_module
+from lorq.util.atomic import atomic_directory
 
 FORMAT = "lorq"
 FORMAT_VERSION = 1
@@ -325,8 +326,7 @@ def _skeleton(meta: dict[str, Any]) -> nn.Module:
     cls = getattr(transformers, meta["model_class"], None)
     if cls is None:
         raise ValueError(f"transformers has no model class {meta['model_class']!r}; upgrade it")
-    with torch.device("meta"):
-        return cls._from_config(config)
+    return skeleton(config, model_class=cls, real_buffers=False)
 
 
 def build_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor]) -> nn.Module:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorq.config import DecomposeConfig
-from lorq.decompose import Decomposition, decompose
+from lorq.decomposition import Decomposition, decompose
 from lorq.nn.dense import dense_weight, device_of
 from lorq.nn.quant_linear import AdapterLinear
 

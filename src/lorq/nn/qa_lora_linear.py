@@ -29,7 +29,8 @@ from torch import nn
 from lorq.nn.dense import dense_weight, device_of
 from lorq.nn.lora_linear import kaiming_uniform
 from lorq.nn.quant_linear import AdapterLinear, QuantLinear
-from lorq.quant import QuantConfig, QuantizedTensor, format_of, quantize
+from lorq.nn.zero_shift import check_zero_shift, shift_zeros
+from lorq.quant import QuantConfig, QuantizedTensor, quantize
 from lorq.quant.tensor import MergeError, measure_merge
 
 
@@ -37,8 +38,7 @@ def check_qa_base(
     config: QuantConfig, shape: tuple[int, int], block_size: int | None = None
 ) -> None:
     """Raise ValueError unless a Q of ``config`` and ``shape`` can carry a QA-LoRA adapter."""
-    fmt = format_of(config)
-    fmt.check_zero_shift(config)
+    check_zero_shift(config)
     block = config.block_size
     if block_size is not None and block_size != block:
         raise ValueError(
@@ -73,7 +73,7 @@ def fold_delta(
     of the mins.
     """
     check_qa_base(q.config, q.shape)
-    return format_of(q.config).shift_zeros(q, delta, min_dtype)
+    return shift_zeros(q, delta, min_dtype)
 
 
 def check_factors(

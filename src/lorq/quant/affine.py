@@ -19,7 +19,6 @@ zeros. The float-min preset ``q4_1`` is GGUF's Q4_1 (its codes convert to GGUF b
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -189,8 +188,6 @@ class AffineGrid:
 class Affine(QuantFormat):
     """The operations both affine layouts share; ``config_type`` picks zeros or mins."""
 
-    shifts_zeros = True
-
     def check_shape(self, config: QuantConfig, shape: tuple[int, int]) -> None:
         if shape[1] % config.block_size:
             raise ValueError(
@@ -258,32 +255,6 @@ class Affine(QuantFormat):
         zero_bits = config.bits if config.ZERO == "int" else scale_bits
         return config.bits + (scale_bits + zero_bits) / config.block_size
 
-    def shift_zeros(
-        self, q: QuantizedTensor, delta: torch.Tensor, dtype: str | None
-    ) -> QuantizedTensor:
-        """Q' with Δ (out × in/G) added to every group: mins + Δ, or zeros − Δ/scale rounded.
-
-        ``dtype`` (float mins only): store the shifted mins, and the scales with them, in this
-        dtype instead of ``scale_dtype`` (the scales widen exactly: fp16 ⊂ fp32).
-        """
-        config = q.config
-        assert isinstance(config, AffineConfig)
-        if dtype is not None and config.ZERO == "float" and dtype != config.scale_dtype:
-            config = dataclasses.replace(config, scale_dtype=dtype)
-        shift = delta.detach().float().to(q.device).reshape(-1)  # row-major blocks = (o, g)
-        scales, zeros = block_scales(q), block_zeros(q)
-        if config.ZERO == "float":
-            new = zeros + shift
-        else:
-            new = torch.round(zeros - shift * safe_reciprocal(scales)).clamp_(0, 2**config.bits - 1)
-        shifted = affine_tensor(config, q.shape, q.codes, scales, new)
-        if not torch.isfinite(shifted.buffers["zeros"].float()).all():
-            raise ValueError(
-                f"a merged min overflows scale_dtype={config.scale_dtype}; the adapter is too "
-                "large to merge into this format: export a dense model instead"
-            )
-        return shifted
-
 
 class IntZeros(Affine):
     name = "int"
@@ -299,29 +270,15 @@ class IntZeros(Affine):
     def label(self, config: QuantConfig) -> str:
         return f"int{config.bits}-g{config.block_size}"
 
-    def check_gptq_layout(self, config: QuantConfig) -> None:
-        assert isinstance(config, IntConfig)
-        if config.scale_dtype != "fp16":
-            raise ValueError(
-                f"GPTQ stores fp16 scales; {config.name} has scale_dtype={config.scale_dtype!r}: "
-                "quantize with scale_dtype='fp16' (the default of the int presets)"
-            )
-
 
 INT_ZEROS = register_format(IntZeros())
 
-Q4_1_BYTES = 20  # fp16 d + fp16 m + 16 bytes of nibbles per block of 32 (ggml block_q4_1)
 Q4_1 = FloatMinConfig(bits=4, block_size=32)
 
 
 class FloatMins(Affine):
-    """Float mins; the preset ``q4_1`` (4 bits, G = 32, fp16) is GGUF's Q4_1 block:
-
-        bytes 0-1 d (fp16 scale), 2-3 m (fp16 min), 4-19 qs[j] = code[j] | code[j + 16] << 4
-
-    the same row-major groups as lorq's codes; only the nibble order differs (lorq packs the
-    high nibble first), so conversion moves nibbles and copies the fp16 scales and mins.
-    """
+    """Float mins; the preset ``q4_1`` (4 bits, G = 32, fp16) holds GGUF's Q4_1 codes, scales and
+    mins (``lorq.io.gguf_types`` converts the blocks)."""
 
     name = "fmin"
     config_type = FloatMinConfig
@@ -340,7 +297,7 @@ class FloatMins(Affine):
     def check_weighted(self, config: QuantConfig) -> None:
         """``q4_1`` takes an importance as llama.cpp's other types do and leaves it unused (its
         imatrix search, make_qkx3_quants, is not ported): Q is the reference rounding."""
-        if self.gguf_type(config) is None:
+        if config != Q4_1:
             super().check_weighted(config)
 
     def quantize_weighted(
@@ -349,53 +306,6 @@ class FloatMins(Affine):
         if importance is not None:
             self.check_weighted(config)
         return self.quantize(weight, config)
-
-    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
-        from gguf import GGMLQuantizationType
-
-        return Q4_1 if ggml_type == GGMLQuantizationType.Q4_1 else None
-
-    def gguf_type(self, config: QuantConfig) -> int | None:
-        from gguf import GGMLQuantizationType
-
-        return GGMLQuantizationType.Q4_1 if config == Q4_1 else None
-
-    def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
-        if self.gguf_type(q.config) is None:
-            raise ValueError(f"{q.config.name} is not GGUF's Q4_1 (that is preset q4_1)")
-        group = q.config.block_size
-        rows, groups = q.shape[0], q.shape[1] // group
-        codes = unpacked_codes(q).cpu().view(rows, groups, 2, group // 2)
-        out = torch.empty(rows, groups, Q4_1_BYTES, dtype=torch.uint8)
-        out[..., 0:2] = _fp16_bytes(q.buffers["scales"], rows, groups)
-        out[..., 2:4] = _fp16_bytes(q.buffers["zeros"], rows, groups)
-        nibbles = torch.bitwise_left_shift(codes[:, :, 1], 4).bitwise_or_(codes[:, :, 0])
-        out[..., 4:] = nibbles
-        return out.view(rows, groups * Q4_1_BYTES)
-
-    def from_gguf(
-        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
-    ) -> QuantizedTensor:
-        if config != Q4_1:
-            raise ValueError(f"{config.name} is not GGUF's Q4_1 (that is preset q4_1)")
-        group = config.block_size
-        rows, groups = shape[0], shape[1] // group
-        blocks = raw.reshape(rows, groups, Q4_1_BYTES)
-        halves = blocks[..., :4].contiguous().view(torch.float16)  # (rows, groups, 2): d, m
-        nibbles = blocks[..., 4:]
-        codes = torch.empty(rows, groups, 2, group // 2, dtype=torch.uint8)
-        torch.bitwise_and(nibbles, 0x0F, out=codes[:, :, 0])  # code[j]
-        torch.bitwise_right_shift(nibbles, 4, out=codes[:, :, 1])  # code[j + 16]
-        pairs = codes.view(-1, 2)  # lorq's 4-bit packing (lorq.quant.packing.pack's bytes)
-        packed = torch.bitwise_left_shift(pairs[:, 0], 4).bitwise_or_(pairs[:, 1])
-        scales = halves[..., 0].flatten().contiguous()
-        mins = halves[..., 1].flatten().contiguous()
-        return QuantizedTensor(config, shape, {"codes": packed, "scales": scales, "zeros": mins})
-
-
-def _fp16_bytes(values: torch.Tensor, rows: int, groups: int) -> torch.Tensor:
-    """The two bytes of each fp16 value, shape (rows, groups, 2)."""
-    return values.detach().cpu().contiguous().view(torch.uint8).view(rows, groups, 2)
 
 
 FLOAT_MINS = register_format(FloatMins())

@@ -5,11 +5,11 @@ A *format* turns a dense W (out × in) into named, bit-packed buffers and back:
     QuantFormat.quantize(W, config)  → QuantizedTensor(config, shape, {buffer name: tensor})
     QuantFormat.decode(q, dtype)     → Q (out × in)
 
-Every layer above (``QuantizedTensor``, ``QuantLinear`` buffers, save / load, the ILP grid, GGUF
-and GPTQ I/O, the CLI's preset list) asks the format of a config — ``format_of(config)`` — what
-it needs: its buffer names, its exact byte count, its nominal bits/param, the shapes it accepts,
-its presets and its identity in other tools' files (a GGUF tensor type, GPTQ's layout). Nothing
-outside a format's own module tests which format a config is.
+A format is a codec: ``format_of(config)`` gives what every layer above needs — its buffer
+names, its exact byte count, its nominal bits/param, the shapes it accepts, its presets, the grid
+GPTQ rounds to. Its identity in other tools' files (a GGUF tensor type, bitsandbytes' or GPTQ's
+layout) and QA-LoRA's shift of its zero points are tables kept by those units
+(``lorq.io.gguf_types``, ``lorq.exporters.bnb``, ``lorq.io.gptq``, ``lorq.nn.zero_shift``).
 
 The config type is the dispatch key (torchao style): each format module defines one frozen
 ``QuantConfig`` subclass and registers one ``QuantFormat`` for it. Adding a format is one file
@@ -120,7 +120,6 @@ class QuantFormat:
     name: ClassVar[str]
     config_type: ClassVar[type[QuantConfig]]
     description: ClassVar[str] = ""
-    shifts_zeros: ClassVar[bool] = False  # a per-block shift folds into Q (QA-LoRA's merge)
 
     def presets(self) -> dict[str, QuantConfig]:
         return {}
@@ -194,52 +193,6 @@ class QuantFormat:
         self.check_gptq(config)
         raise NotImplementedError
 
-    def gguf_type(self, config: QuantConfig) -> int | None:
-        """The ``gguf.GGMLQuantizationType`` whose blocks hold these codes as they are, if any."""
-        return None
-
-    def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
-        """GGUF blocks of ``q`` as uint8 (out × bytes per row), for ``gguf_type(q.config)``."""
-        raise ValueError(f"{q.config.name} has no GGUF type")
-
-    def from_gguf(
-        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
-    ) -> QuantizedTensor:
-        """Inverse of :meth:`to_gguf`: the blocks ``raw`` (rows × bytes) of ``config``'s type."""
-        raise ValueError(f"format {self.name!r} reads no GGUF type")
-
-    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
-        """The config whose codes are stored as GGUF type ``ggml_type`` blocks, if any."""
-        return None
-
-    def to_bnb(self, q: QuantizedTensor) -> QuantizedTensor:
-        """``q`` as bitsandbytes 4-bit storage (a ``BnbConfig`` tensor) with the same codes and
-        values, nothing requantized; ValueError when bitsandbytes has no such layout."""
-        raise ValueError(f"{q.config.name} has no bitsandbytes 4-bit equivalent")
-
-    def check_gptq_layout(self, config: QuantConfig) -> None:
-        """Raise ValueError unless the codes are GPTQ's layout (integer zeros, fp16 scales)."""
-        raise ValueError(
-            f"GPTQ stores affine INT-k codes with integer zeros; {config.name} cannot be "
-            "written as GPTQ: use an int preset such as int4-g32"
-        )
-
-    def check_zero_shift(self, config: QuantConfig) -> None:
-        """Raise ValueError unless a per-block shift Δ can fold into Q (QA-LoRA's merge)."""
-        if self.shifts_zeros:
-            return
-        raise ValueError(
-            f"quant={config.name!r} is not supported by QA-LoRA: its codes have no zero point "
-            "to merge the adapter into; use an affine INT preset (int4-g32, q4_1, …)"
-        )
-
-    def shift_zeros(
-        self, q: QuantizedTensor, delta: torch.Tensor, dtype: str | None
-    ) -> QuantizedTensor:
-        """Q' with Δ (one value per block) added to every value of its block."""
-        self.check_zero_shift(q.config)
-        raise NotImplementedError
-
 
 _FORMATS: dict[str, QuantFormat] = {}
 _BY_CONFIG: dict[type[QuantConfig], QuantFormat] = {}
@@ -300,15 +253,6 @@ def as_config(quant: QuantConfig | str) -> QuantConfig:
     raise ValueError(f"quant={quant!r} is not supported; pass a preset name or a QuantConfig")
 
 
-def gguf_config(ggml_type: int) -> QuantConfig | None:
-    """The config (of any registered format) stored as GGUF type ``ggml_type`` blocks, if any."""
-    for fmt in _FORMATS.values():
-        config = fmt.gguf_config(ggml_type)
-        if config is not None:
-            return config
-    return None
-
-
 def fits(config: QuantConfig, shape: tuple[int, int]) -> bool:
     """Whether a matrix of ``shape`` (out × in) can take ``config`` (its blocks tile the rows)."""
     try:
@@ -316,11 +260,6 @@ def fits(config: QuantConfig, shape: tuple[int, int]) -> bool:
     except ValueError:
         return False
     return True
-
-
-def gguf_presets() -> dict[str, QuantConfig]:
-    """The presets whose codes a GGUF tensor type holds as they are (llama.cpp's types)."""
-    return {name: c for name, c in presets().items() if format_of(c).gguf_type(c) is not None}
 
 
 def check_weight(weight: torch.Tensor) -> None:

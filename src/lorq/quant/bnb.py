@@ -161,9 +161,6 @@ class Bitsandbytes(QuantFormat):
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         return block_absmax(q)
 
-    def to_bnb(self, q: QuantizedTensor) -> QuantizedTensor:
-        return q
-
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         absmax = block_absmax(q)
 

@@ -432,25 +432,5 @@ class GGMLBlocks(QuantFormat):
         assert isinstance(config, GGMLConfig)
         return config.ggml_type
 
-    def gguf_config(self, ggml_type: int) -> QuantConfig | None:
-        from gguf import GGMLQuantizationType
-
-        name = GGMLQuantizationType(ggml_type).name.lower()
-        return GGMLConfig(ggml_type=name) if name in TYPES else None
-
-    def gguf_type(self, config: QuantConfig) -> int | None:
-        from gguf import GGMLQuantizationType
-
-        assert isinstance(config, GGMLConfig)
-        return GGMLQuantizationType[config.ggml_type.upper()]
-
-    def to_gguf(self, q: QuantizedTensor) -> torch.Tensor:
-        return q.buffers["blocks"].cpu().view(q.shape[0], -1)
-
-    def from_gguf(
-        self, raw: torch.Tensor, shape: tuple[int, int], config: QuantConfig
-    ) -> QuantizedTensor:
-        return QuantizedTensor(config, shape, {"blocks": raw.reshape(-1).contiguous()})
-
 
 GGML_BLOCKS = register_format(GGMLBlocks())

@@ -169,19 +169,6 @@ class NormalFloat(QuantFormat):
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         return nf_scales(q)
 
-    def to_bnb(self, q: QuantizedTensor) -> QuantizedTensor:
-        """NF4 with fp32 absmax scales (``nf4-fp32-scales``) is bitsandbytes' NF4 without
-        double quantization, byte for byte: the same table, packing and scales."""
-        from lorq.quant.bnb import BnbConfig  # registered after NF: `lorq presets` order
-
-        config = q.config
-        assert isinstance(config, NFConfig)
-        fp32 = config.scale_bits is None and config.scale_dtype == "fp32"
-        if config.bits != 4 or not fp32 or config.block_size < 32:
-            return super().to_bnb(q)
-        bnb = BnbConfig(block_size=config.block_size, quant_type="nf4", double_quant=False)
-        return QuantizedTensor(bnb, q.shape, {"codes": q.codes, "absmax": q.buffers["scales"]})
-
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         scales = nf_scales(q)
 

@@ -1,0 +1,66 @@
+"""A budget in MiB of the GGUF files (``budget_mb``) as the ILP's bits/param, measured on the
+source before any work:
+
+    bits/param = 8 · (M · 2²⁰ − every other byte of the base and adapter files) / P
+
+(``lorq.exporters.gguf.gguf_budget``: metadata, tokenizer, embeddings, norms, the rank-r adapter;
+P the targets' parameters), capped at what the largest candidates take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorq.budget.cost import feasible_range, shape_bits
+from lorq.budget.grid import candidate_grid
+from lorq.config import CompressConfig
+from lorq.exporters.gguf import MIB, GGUFBudget, gguf_budget
+from lorq.model.targets import targets_of, weight_shape
+from lorq.pipeline.sources import Source
+from lorq.quant import as_config
+
+
+def megabyte_budget(
+    source: Source, config: CompressConfig, tokenizer: Any
+) -> tuple[CompressConfig, GGUFBudget | None]:
+    """(``config`` with ``budget_mb`` turned into bits/param, its GGUFBudget); (config, None)
+    without a budget in MiB. The tensors outside the blocks are read meanwhile (their bytes
+    count), the blocks' are not."""
+    if config.budget_mb is None:
+        return config, None
+    shapes = {n: weight_shape(m) for n, m in targets_of(source.model, config).items()}
+    origin = source.origin
+    gguf = Path(origin.path) / origin.gguf_file if origin.gguf_file else None
+    embeddings = as_config(config.embeddings) if config.embeddings is not None else None
+    parts = source.outside_parts()
+    source.load(parts, None, torch.device("cpu"))
+    try:
+        budget = gguf_budget(
+            source.model, shapes, config.budget_mb, config.rank, embeddings=embeddings,
+            tokenizer=tokenizer, source=gguf,
+        )  # fmt: skip
+    finally:
+        source.release(parts)
+    return replace(config, budget=_feasible_bits(budget, config, shapes), budget_mb=None), budget
+
+
+def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes) -> float:
+    """The budget's bits/param, at most what the largest candidates take; ValueError in MiB when
+    even the smallest do not fit."""
+    grid = candidate_grid(config.candidates)
+    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
+    low, high = feasible_range(bits, np.array([o * i for o, i in shapes.values()], np.int64))
+    if budget.bits < low:
+        other = (budget.base_bytes + budget.adapter_bytes) / MIB
+        raise ValueError(
+            f"budget_mb={budget.megabytes:g} leaves {budget.bits:.3f} bits/param for the "
+            f"quantized layers after {other:.1f} MiB of other bytes (metadata, embeddings, norms, "
+            f"the rank-{config.rank} adapter); the candidates need at least {low:.3f}: give at "
+            f"least {budget.megabytes_for(low):.1f} MiB, or pack the embeddings (embeddings=)"
+        )
+    return min(budget.bits, high)

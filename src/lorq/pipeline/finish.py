@@ -1,0 +1,48 @@
+"""The files that finish a streamed directory: transformers' shard index and lorq.json.
+
+lorq.json holds what ``lorq.io.native.payload`` records for a whole model (layers, aliases,
+restored dtypes, int8 factors, trainable names, every tensor), gathered from the shards' records
+in the manifest, plus the job's provenance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lorq._version import __version__
+from lorq.io.native import FORMAT, FORMAT_VERSION, hf_config
+from lorq.io.safetensors import ITEM_BYTES
+
+
+def directory_meta(
+    model: nn.Module, shards: dict[str, dict], provenance: dict[str, Any]
+) -> dict[str, Any]:
+    """lorq.json of the finished directory: what ``lorq.io.native.payload`` records, gathered
+    from the shards' records, with the job's provenance."""
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "lorq_version": __version__,
+        "model_class": type(model).__name__,
+        "hf_config": hf_config(model),
+    }
+    for key in ("layers", "aliases", "restore_dtypes", "tensors"):
+        meta[key] = {k: v for record in shards.values() for k, v in record[key].items()}
+    for key in ("int8_factors", "trainable"):
+        meta[key] = sorted(v for record in shards.values() for v in record[key])
+    return {**meta, **provenance}
+
+
+def shard_index(shards: dict[str, dict]) -> dict[str, Any]:
+    """transformers' model.safetensors.index.json of the shards."""
+    weight_map, total = {}, 0
+    for shard, record in shards.items():
+        for name, (dtype, shape) in record["tensors"].items():
+            weight_map[name] = shard
+            count = 1
+            for n in shape:
+                count *= n
+            total += count * ITEM_BYTES.get(dtype, 4)
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -1,0 +1,268 @@
+"""Checks before work: what a job can learn from a model's config alone, before loading it.
+
+    config.json / GGUF metadata ─▶ the architecture on the meta device (no weight is read)
+        ─▶ target matrices and their shapes ─▶ rank, formats, budget feasibility, plan
+
+A job that fails here has spent a second, not the minutes of loading, calibrating and
+evaluating a model. A hub id that is not in the local cache is checked after loading instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from lorq.budget import BudgetPlan
+from lorq.budget.cost import shape_bits
+from lorq.budget.grid import candidate_grid
+from lorq.budget.ilp import check_budget
+from lorq.config import CompressConfig
+from lorq.io.models import (
+    ModelSource,
+    check_no_pickle,
+    is_causal,
+    resolve,
+    source_config,
+    unusable_as_value_error,
+)
+from lorq.model.packing import check_embeddings
+from lorq.model.skeleton import skeleton
+from lorq.model.targets import targets_of, weight_shape
+from lorq.nn.qa_lora_linear import check_qa_base
+from lorq.quant import QuantConfig, as_config, format_of
+
+Shapes = dict[str, tuple[int, int]]
+MAX_LISTED = 5  # names quoted in an error message
+
+
+def skeleton_of(source: ModelSource) -> nn.Module | None:
+    """``source``'s architecture on the meta device; None when its config is not on this machine."""
+    try:
+        with unusable_as_value_error(source.name):
+            config = source_config(source)
+    except OSError:
+        return None
+    return skeleton(config, bool(source.gguf_file) or is_causal(config))
+
+
+def _bits(quant: QuantConfig, shape: tuple[int, int]) -> float:
+    fmt = format_of(quant)
+    fmt.check_shape(quant, shape)
+    return 8.0 * fmt.nbytes(quant, shape)
+
+
+def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
+    """Rank below every matrix's sides; the uniform format fits every matrix, or the budget lies
+    in the range the candidates can reach."""
+    smallest = min(shapes.items(), key=lambda item: min(item[1]))
+    if config.method in ("lq", "loftq") and config.rank >= min(smallest[1]):
+        raise ValueError(
+            f"rank={config.rank} must be smaller than min(out, in) = {min(smallest[1])} of "
+            f"{smallest[0]} {smallest[1]}; choose a smaller rank"
+        )
+    if not config.budgeted:
+        quant = config.quant_config
+        for name, shape in shapes.items():
+            try:
+                _bits(quant, shape)
+                if config.method == "qa-lora":
+                    check_qa_base(quant, shape)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+        _check_rounding(config, [quant])
+        return
+    grid = candidate_grid(config.candidates)
+    _check_rounding(config, grid)
+    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
+    numels = np.array([out * inp for out, inp in shapes.values()], dtype=np.int64)
+    if config.budget is not None:  # a budget in MiB is checked once the model is loaded
+        check_budget(bits, numels, config.budget)
+
+
+def _check_rounding(config: CompressConfig, quants) -> None:
+    """GPTQ rounding needs a GPTQ grid in every format it may round to, importance-weighted
+    rounding an importance-weighted search."""
+    roundings = {config.rounding, config.cost_rounding if config.budgeted else "nearest"}
+    for quant in quants:
+        if "gptq" in roundings:
+            format_of(quant).check_gptq(quant)
+        if "weighted" in roundings:
+            format_of(quant).check_weighted(quant)
+
+
+def check_plan(
+    plan: BudgetPlan, config: CompressConfig, shapes: Mapping[str, tuple] | None = None
+) -> None:
+    """A given plan must be for this budget, method, rank and (when given, {name: (out, in)})
+    these target matrices."""
+    if config.budget != plan.budget or config.method != plan.method:
+        raise ValueError(
+            f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "
+            f"{config.method!r} at {config.budget}; make a plan with these settings (lorq plan)"
+        )
+    if config.method != "plain" and plan.rank != config.rank:
+        raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
+    if shapes is None:
+        return
+    planned = {e.name: e.shape for e in plan.entries}
+    if planned != {name: tuple(shape) for name, shape in shapes.items()}:
+        missing = sorted(set(shapes) ^ set(planned))[:MAX_LISTED]
+        raise ValueError(
+            "the plan's matrices are not this model's targets "
+            f"(e.g. {missing or 'a shape differs'}); make the plan for this model and targets"
+        )
+
+
+def check_compress(
+    model: str,
+    config: CompressConfig,
+    plan: BudgetPlan | None = None,
+    allow_pickle: bool = False,
+    calibration: Any = None,
+) -> None:
+    """Everything about compressing ``model`` (a name, folder, .gguf file or hub id) with
+    ``config`` (and ``plan``) that its config alone decides; ValueError naming the problem."""
+    source = resolve(model)
+    check_no_pickle(source, allow_pickle)
+    architecture = skeleton_of(source)
+    if architecture is None:
+        return
+    targets = targets_of(architecture, config)
+    shapes = {name: weight_shape(module) for name, module in targets.items()}
+    check_embeddings(architecture, config)
+    if plan is not None:
+        check_plan(plan, config, shapes)
+        _check_rounding(config, [entry.config for entry in plan.entries])
+    else:
+        check_shapes(config, shapes)
+
+
+def check_run(
+    model: nn.Module, config: CompressConfig, plan: BudgetPlan | None, given: Any
+) -> None:
+    """What a run checks of the model it is given (resident or a skeleton) before any work:
+    targets, embeddings, the plan against the targets, given bases and statistics."""
+    targets = targets_of(model, config)
+    check_embeddings(model, config)
+    if config.method == "qa-lora" and given.base is None:
+        for name, module in targets.items():
+            try:
+                check_qa_base(as_config(config.quant), weight_shape(module))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+    if plan is not None:
+        if config.method == "qa-lora":
+            raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
+        check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
+    if given.base is not None:
+        if config.method != "qa-lora":
+            raise ValueError(
+                f"base= (a precomputed Q) is only used by method='qa-lora', not {config.method!r}"
+            )
+        check_base(given.base, targets)
+
+
+def check_base(base: Mapping[str, Any], targets: Mapping[str, nn.Module]) -> None:
+    """``base`` must hold, per target name, a Q of the module's shape that can carry QA-LoRA."""
+    unknown = sorted(set(base) - set(targets))
+    if unknown:
+        raise ValueError(
+            f"base has entries for {unknown}, which are not targets of this compression; "
+            "give one entry per target module name (see include / exclude)"
+        )
+    for name, q in base.items():
+        shape = weight_shape(targets[name])
+        if q.shape != shape:
+            raise ValueError(
+                f"base[{name!r}] has shape {q.shape} but the module's weight is {shape} "
+                "(out × in); give a Q of the module's own shape"
+            )
+        check_qa_base(q.config, q.shape)
+
+
+ASKED = "asked"
+
+
+def write_as_you_go(model: str, asked: bool = False) -> str | None:
+    """Why ``lorq compress`` writes ``model`` block by block into its output instead of holding
+    it: ``ASKED`` (``asked``), or unasked because its weights in fp32 would take more than half
+    of the free memory. None: load it whole (the bytes are the same either way)."""
+    if asked:
+        return ASKED
+    from lorq.io.safetensors import Checkpoint
+    from lorq.pipeline.devices import available_memory
+
+    source = resolve(model)
+    folder = Path(source.path)
+    if source.gguf_file:
+        need = 4 * _gguf_params(folder / source.gguf_file)
+    elif folder.is_dir():
+        try:
+            need = 4 * Checkpoint(folder).numel
+        except (OSError, ValueError):
+            return None  # the load reports what is wrong with it
+    else:
+        return None
+    free = available_memory()
+    if need > free // 2:
+        return (
+            f"its weights take {need / 1e9:.1f} GB in fp32, more than half of the "
+            f"{free / 1e9:.1f} GB free"
+        )
+    return None
+
+
+def _gguf_params(path: Path) -> int:
+    """Parameters of a GGUF file's tensors (0 when it cannot be read: the load says why)."""
+    from lorq.io.gguf import llama_tensors
+
+    try:
+        total = 0
+        for tensor in llama_tensors(path):
+            count = 1
+            for n in tensor.shape:
+                count *= n
+            total += count
+        return total
+    except (OSError, ValueError):
+        return 0
+
+
+def text_needs(config: CompressConfig, calibration: Any, eval_blocks: int) -> list[str]:
+    """What in a compress job needs the model's tokenizer (its text), as the options that ask
+    for it; empty for, e.g., plain round-to-nearest without evaluation."""
+    needs = []
+    collects = config.activations or config.fisher
+    if collects and (calibration is None or calibration.needs_tokenizer):
+        needs.append(
+            f"the calibration text of weighting={config.weighting!r} / "
+            f"rounding={config.rounding!r} (--weighting, --rounding)"
+        )
+    if eval_blocks > 0:
+        needs.append("the evaluation (eval_blocks; --eval-blocks 0 skips it)")
+    return needs
+
+
+def require_tokenizer(tokenizer: Any, needs: list[str], model: str) -> None:
+    """ValueError naming what needs a tokenizer when there is none."""
+    if tokenizer is None and needs:
+        raise ValueError(
+            f"{needs[0]} needs a tokenizer and {model!r} has none; give one (tokenizer=PATH, "
+            "--tokenizer PATH: a folder with tokenizer files) or leave out what needs text"
+        )
+
+
+def check_where(device: Any, dtype: Any, out: Any, resume: bool) -> None:
+    """The device, dtype and output options, before any work."""
+    from lorq.pipeline.devices import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))
+    if resume and out is None:
+        raise ValueError(
+            "resume=True (--resume) finishes a run written block by block into a directory; "
+            "give out= (--out)"
+        )
