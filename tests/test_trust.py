@@ -45,8 +45,12 @@ def inputs(tiny_dir, tmp_path_factory):  # noqa: F811
 
 
 def _broken_models(tiny: Path, root: Path) -> None:
-    for name in ("trunc", "remote", "pickle", "badconfig", "evil"):
+    for name in ("trunc", "remote", "pickle", "badconfig", "evil", "notok", *HEADERS):
         shutil.copytree(tiny, root / name)
+    for name, damage in HEADERS.items():
+        damage(root / name / "model.safetensors")
+    for file in (root / "notok").glob("*token*"):
+        file.unlink()
     weights = root / "trunc" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     config = json.loads((root / "remote" / "config.json").read_text())
@@ -65,6 +69,49 @@ def _broken_models(tiny: Path, root: Path) -> None:
     with open(gguf, "rb") as source:
         (root / "cut.gguf").write_bytes(source.read(4096))
     (root / "fake.gguf").write_text("not a gguf")
+
+
+def _header_edit(edit):
+    """Damage a safetensors file's JSON header by ``edit`` (header dict → bytes)."""
+
+    def damage(file: Path) -> None:
+        data = file.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        header = edit(json.loads(data[8 : 8 + length]))
+        new = header if isinstance(header, bytes) else json.dumps(header).encode()
+        new = new.ljust(length) if len(new) <= length else new
+        file.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + length :])
+
+    return damage
+
+
+def _first(header: dict) -> dict:
+    return next(v for k, v in header.items() if k != "__metadata__")
+
+
+def _set(header: dict, key: str, value) -> dict:
+    _first(header)[key] = value
+    return header
+
+
+def _overlap(header: dict) -> dict:
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    entries[1]["data_offsets"] = list(entries[0]["data_offsets"])
+    return header
+
+
+def _length(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes((10**9).to_bytes(8, "little") + data[8:])
+
+
+HEADERS = {
+    "hdr-dtype": _header_edit(lambda h: _set(h, "dtype", "F99")),
+    "hdr-json": _header_edit(lambda h: b"{" + json.dumps(h).encode()[2:]),
+    "hdr-shape": _header_edit(lambda h: _set(h, "shape", [3, 5])),
+    "hdr-offsets": _header_edit(_overlap),
+    "hdr-length": _length,
+}
 
 
 def _tensors(path: Path):
@@ -96,6 +143,40 @@ def _broken_lorq_dirs(root: Path) -> None:
     factor = next(name for name in tensors if name.endswith("lora_B"))
     tensors[factor] = torch.full_like(tensors[factor], float("nan"))
     save_file(tensors, root / "lorq-nan" / "model.safetensors", metadata={"format": "pt"})
+    for name in ("lorq-int32", "lorq-extra", "lorq-nan"):  # consistent checksums: deeper checks
+        _rechecksum(root / name)
+    _flip_bytes(root)
+
+
+def _rechecksum(folder: Path) -> None:
+    """lorq.json (and config.json's copy) with the checksums of the files as they now are."""
+    from lorq.io.verify import file_checksums
+
+    record = file_checksums({"model.safetensors": folder / "model.safetensors"})
+    meta = json.loads((folder / "lorq.json").read_text())
+    (folder / "lorq.json").write_text(json.dumps({**meta, "checksums": record}))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["checksums"] = record
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _flip_bytes(root: Path) -> None:
+    """One byte flipped in the header, the first, a middle and the last tensor, and in the
+    checksum lorq.json records."""
+    from lorq.io.safetensors import read_header
+
+    entries = list(read_header(root / "lorq" / "model.safetensors").values())
+    offsets = {"head": 20, "first": entries[0].begin, "middle": entries[len(entries) // 2].begin,
+               "last": entries[-1].end - 1}  # fmt: skip
+    for where, offset in offsets.items():
+        file = root / f"lorq-flip-{where}" / "model.safetensors"
+        data = bytearray(file.read_bytes())
+        data[offset] ^= 0x10
+        file.write_bytes(bytes(data))
+    meta = json.loads((root / "lorq-flip-sum" / "lorq.json").read_text())
+    recorded = meta["checksums"]["files"]["model.safetensors"]
+    recorded["sha256"] = ("0" if recorded["sha256"][0] != "0" else "1") + recorded["sha256"][1:]
+    (root / "lorq-flip-sum" / "lorq.json").write_text(json.dumps(meta))
 
 
 def _files(root: Path) -> None:
@@ -113,7 +194,21 @@ COMPRESS = ["compress", "--model", "TINY", "--rank", "2", "--eval-blocks", "1", 
 CASES = [
     # compress: the model
     (["compress", "--model", "/no/such/model"], "not found"),
-    (["compress", "--model", "IN/trunc"], "unusable"),
+    (["compress", "--model", "IN/trunc"], "not a whole safetensors file"),
+    (["compress", "--model", "IN/hdr-dtype"], "has dtype 'F99'"),
+    (["compress", "--model", "IN/hdr-json"], "header is not JSON"),
+    (["compress", "--model", "IN/hdr-shape"], "spans bytes"),
+    (["compress", "--model", "IN/hdr-offsets"], "overlaps the one before"),
+    (["compress", "--model", "IN/hdr-length"], "a header of"),
+    ([*COMPRESS[:2], "IN/hdr-dtype", "--stream", *COMPRESS[3:]], "has dtype 'F99'"),
+    (
+        ["compress", "--model", "IN/notok", "--weighting", "activations", "--eval-blocks", "0"],
+        "needs a tokenizer",
+    ),
+    (
+        ["compress", "--model", "IN/notok", "--method", "plain", "--weighting", "none"],
+        "the evaluation (eval_blocks; --eval-blocks 0 skips it) needs a tokenizer",
+    ),
     (["compress", "--model", "IN/remote"], "own Python code"),
     (["compress", "--model", "IN/pickle"], "--allow-pickle"),
     (["compress", "--model", "IN/evil", "--allow-pickle"], "weights-only unpickler refused"),
@@ -165,7 +260,7 @@ CASES = [
     # eval, generate
     (["eval", "/no/such/dir"], "not a lorq model directory"),
     (["eval", "IN/lorq-list"], "not a lorq model description"),
-    (["eval", "IN/lorq-trunc"], "corrupted or truncated"),
+    (["eval", "IN/lorq-trunc"], "has the wrong size for lorq.json"),
     (["eval", "TINY"], "not a lorq model directory"),
     (["generate", "IN/lorq-nan", "--prompt", "hi"], "NaN"),
     (["generate", "/no/such/dir", "--prompt", "hi"], "not a lorq model directory"),
@@ -184,7 +279,7 @@ CASES = [
     (["merge", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
     (["merge", "IN/lorq", "--out", "IN/foreign", "--overwrite"], "not a lorq export directory"),
     (["merge", "IN/lorq", "--out", "o", "--dtype", "fp8"], "dtype='fp8'"),
-    (["merge", "IN/lorq-trunc", "--out", "o"], "corrupted or truncated"),
+    (["merge", "IN/lorq-trunc", "--out", "o"], "has the wrong size for lorq.json"),
     # export
     (["export", "IN/lorq", "--out", "IN/lorq", "--overwrite"], "input"),
     (["export", "IN/lorq", "--format", "gguf", "--out", "IN/notes.txt", "--overwrite"], "GGUF"),
@@ -200,7 +295,12 @@ CASES = [
 # every verb that reads a lorq directory × every way one is broken
 BROKEN = {
     "lorq-list": "not a lorq model description",
-    "lorq-trunc": "corrupted or truncated",
+    "lorq-trunc": "has the wrong size for lorq.json",
+    "lorq-flip-head": "lorq-flip-head/model.safetensors",
+    "lorq-flip-first": "is damaged (its sha256 differs)",
+    "lorq-flip-middle": "is damaged (its sha256 differs)",
+    "lorq-flip-last": "is damaged (its sha256 differs)",
+    "lorq-flip-sum": "its sha256 differs from lorq.json's",
     "lorq-nan": "NaN",
     "lorq-nofile": "not found",
     "lorq-nojson": "not a lorq model directory",

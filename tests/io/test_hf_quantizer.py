@@ -21,6 +21,7 @@ from lorq.config import CompressConfig
 from lorq.io import hf_quantizer
 from lorq.io.native import CONFIG_FILE, FORMAT_VERSION, LORQ_FILE, WEIGHTS_FILE, is_lorq_dir
 from lorq.io.native import payload as native_payload
+from lorq.io.verify import file_checksums
 from lorq.jobs.compress import compress
 from lorq.jobs.merge import merge_qa_lora
 from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
@@ -289,10 +290,13 @@ def test_altered_weights_are_refused_before_loading(lq_dir, tmp_path):
     ]:
         altered = tmp_path / "altered"
         altered.mkdir(exist_ok=True)
-        (altered / CONFIG_FILE).write_bytes((lq_dir / CONFIG_FILE).read_bytes())
         tensors = load_file(lq_dir / WEIGHTS_FILE)
         change(tensors)
         save_file(tensors, altered / WEIGHTS_FILE)
+        config = json.loads((lq_dir / CONFIG_FILE).read_text())  # checksums of the new weights:
+        record = file_checksums({WEIGHTS_FILE: altered / WEIGHTS_FILE})  # the deeper checks
+        config["quantization_config"]["checksums"] = record
+        (altered / CONFIG_FILE).write_text(json.dumps(config))
         with pytest.raises(ValueError, match=message):
             AutoModelForCausalLM.from_pretrained(altered)
 

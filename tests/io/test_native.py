@@ -104,7 +104,7 @@ def test_failed_save_leaves_nothing(llama, tmp_path, monkeypatch):
 def test_truncated_weights(saved):
     data = (saved / WEIGHTS_FILE).read_bytes()
     (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} is corrupted or truncated"):
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE} has the wrong size for lorq.json"):
         load(saved)
 
 

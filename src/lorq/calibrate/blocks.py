@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorq.nn import decoded_once
+
 
 class _Captured(Exception):
     """Raised by the hook at block 1 once its inputs are kept: the rest of the model never runs."""
@@ -120,7 +122,7 @@ def run_block(
     """block(X_i, **kwargs_i) of every sequence i, written into ``out`` (n × L × d; a new buffer
     like X when None); returns it."""
     out = torch.empty_like(inputs.hidden) if out is None else out
-    with torch.no_grad():
+    with torch.no_grad(), decoded_once(block):
         for i, (args, kwargs) in enumerate(inputs.kwargs):
             out[i] = _first(block(inputs.hidden[i : i + 1], *args, **kwargs))[0]
     return out

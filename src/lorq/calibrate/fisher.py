@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lorq.calibrate.blocks import BlockInputs, run_block
+from lorq.nn import decoded_once
 from lorq.nn.dense import is_conv1d, is_packed_linear, weight_shape
 
 Store = Callable[[int | None, dict[str, torch.Tensor]], None]  # (block, or None: outside; F)
@@ -177,7 +178,7 @@ def block_fisher(
     """(F of ``targets`` inside ``block``, G_b): the block recomputed on X_b = ``inputs`` with
     gradients, each sequence's ∂ℓ/∂X_{b+1} (``grads``) backpropagated."""
     out = inputs.empty()
-    with squared_gradients(block, targets) as fisher:
+    with squared_gradients(block, targets) as fisher, decoded_once(block):
         for i, (args, kwargs) in enumerate(inputs.kwargs):
             x = inputs.hidden[i : i + 1].detach().clone().requires_grad_(True)
             y = block(x, *args, **kwargs)

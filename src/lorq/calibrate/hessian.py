@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorq.calibrate.blocks import BlockInputs, run_block
+from lorq.nn import decoded_once
 from lorq.nn.dense import device_of, weight_shape
 from lorq.util import dist
 
@@ -249,9 +250,10 @@ def _collect_shared(
     ]
     kept, rows = {}, {}
     try:
-        for i in (i for i in range(len(inputs)) if world.owns(i)):
-            rows[i] = run_block(block, inputs.row(i))[0]
-            kept[i] = keep.take()
+        with decoded_once(block):
+            for i in (i for i in range(len(inputs)) if world.owns(i)):
+                rows[i] = run_block(block, inputs.row(i))[0]
+                kept[i] = keep.take()
     finally:
         for handle in handles:
             handle.remove()

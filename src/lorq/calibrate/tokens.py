@@ -32,6 +32,7 @@ class Calibration:
     seq_len: int = CALIBRATION_SEQ_LEN
     blocks: int = CALIBRATION_BLOCKS
     tokens: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    cut_ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.tokens is None:
@@ -63,10 +64,19 @@ class Calibration:
     def needs_tokenizer(self) -> bool:
         return self.tokens is None
 
+    def cut(self, tokenizer: Any) -> Calibration:
+        """This calibration with its text cut into token ids now (a bad file fails here, before
+        any work); its record stays the text's."""
+        if self.tokens is not None or self.cut_ids is not None:
+            return self
+        return dataclasses.replace(self, cut_ids=self.load(tokenizer))
+
     def load(self, tokenizer: Any) -> torch.Tensor:
         """The token ids (n × L, int64)."""
         if self.tokens is not None:
             return self.tokens.long()
+        if self.cut_ids is not None:
+            return self.cut_ids
         return load_blocks(
             tokenizer, TextConfig(self.source, self.seq_len, self.blocks), "calibration"
         )
@@ -74,6 +84,6 @@ class Calibration:
     def record(self) -> dict[str, Any]:
         """What an artifact records of it (JSON)."""
         if self.tokens is None:
-            return {k: v for k, v in dataclasses.asdict(self).items() if k != "tokens"}
+            return {"source": self.source, "seq_len": self.seq_len, "blocks": self.blocks}
         digest = hashlib.sha256(self.tokens.long().cpu().numpy().tobytes()).hexdigest()
         return {"tokens": list(self.tokens.shape), "sha256": digest}

@@ -322,7 +322,10 @@ def compress(
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.config import CompressConfig
-    from lorq.pipeline.guards import check_compress, check_where
+    from lorq.pipeline.guards import check_compress, check_text, check_where
+    from lorq.util.runtime import JOB_THRESHOLD_BYTES, fixed_mmap_threshold
+
+    fixed_mmap_threshold(JOB_THRESHOLD_BYTES)
 
     with user_errors() as stage:
         given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
@@ -334,6 +337,7 @@ def compress(
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle, text)
         check_where(device, dtype, out, resume)
+        tokenizer = check_text(model, config, text, eval_blocks, tokenizer)
         job = dict(eval_blocks=eval_blocks, baseline=baseline, calibration=text, plan=given)
         job.update(progress=stage, device=device, dtype=dtype, allow_pickle=allow_pickle)
         job.update(resume=resume, overwrite=overwrite, offload_activations=offload_activations)
@@ -367,8 +371,8 @@ def compress_job(model: str, config, out: Path, job: dict, stream: bool):
     overwrite = job.pop("overwrite")
     job.pop("resume"), job.pop("offload_activations")  # --resume streams (above)
     check_out_dir(out, overwrite, model)
-    allow_pickle = job["allow_pickle"]
-    loaded = load_quietly(model, packed=True, allow_pickle=allow_pickle, with_tokenizer=None)
+    allow_pickle, wanted = job["allow_pickle"], False if job["tokenizer"] else None
+    loaded = load_quietly(model, packed=True, allow_pickle=allow_pickle, with_tokenizer=wanted)
     result = compress_model(loaded, config, **job)
     save(result, out, overwrite=overwrite)
     return result

@@ -56,6 +56,13 @@ def open_gguf(path: Path):
         raise ValueError(
             f"{path} is a big-endian GGUF file; only little-endian files are supported"
         )
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+            raise ValueError(
+                f"{path} is truncated: tensor {tensor.name!r} ends past the file's {size} bytes; "
+                "copy or download it again"
+            )
     architecture = field_value(reader, "general.architecture")
     if architecture not in READ_ARCHITECTURES:
         raise ValueError(

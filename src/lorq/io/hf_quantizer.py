@@ -80,9 +80,11 @@ from lorq.io.native import (
 from lorq.io.verify import (
     TORCH_TO_SAFETENSORS,
     Header,
+    check_checksums,
     check_finite,
     check_header,
     check_types,
+    file_checksums,
     read_header,
 )
 from lorq.model.targets import set_module
@@ -111,6 +113,7 @@ class LorqConfig(QuantizationConfigMixin):
         aliases: dict[str, str] | None = None,
         int8_factors: list[str] | None = None,
         trainable: list[str] | None = None,
+        checksums: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         check_format_version(format_version, lorq_version, "quantization_config")
@@ -122,11 +125,18 @@ class LorqConfig(QuantizationConfigMixin):
         self.aliases = aliases or {}
         self.int8_factors = int8_factors or []
         self.trainable = trainable or []
+        self.checksums = checksums
         check_types(self.spec(), Path("quantization_config"))
 
     def spec(self) -> dict[str, Any]:
-        """The lorq.json fields this config repeats (what lorq.io.verify checks)."""
-        return {key: getattr(self, key) for key in QUANTIZATION_FIELDS}
+        """The lorq.json fields this config repeats (what lorq.io.verify checks); a directory
+        written before checksums has none."""
+        spec = {key: getattr(self, key) for key in QUANTIZATION_FIELDS}
+        return (
+            spec
+            if spec["checksums"] is not None
+            else {k: v for k, v in spec.items() if k != "checksums"}
+        )
 
 
 class LorqHfQuantizer(HfQuantizer):
@@ -213,6 +223,7 @@ def check_model_class(model: nn.Module, spec: dict[str, Any]) -> None:
 def read_stored_header(files: list[Path], spec: dict[str, Any]) -> tuple[Header, dict]:
     """The weight files' headers (one header) and where each tensor is stored, checked
     against the layers before a tensor is read."""
+    check_checksums(spec, files[0].parent, files)
     header: Header = {}
     where: dict[str, Path] = {}
     for file in files:
@@ -351,6 +362,7 @@ def save_in_place(model: nn.Module, folder: Path) -> None:
         (folder / LORQ_FILE).unlink(missing_ok=True)
         with atomic_file(folder / WEIGHTS_FILE) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
+            meta["checksums"] = file_checksums({WEIGHTS_FILE: tmp})
         with atomic_file(folder / CONFIG_FILE) as tmp:
             write_config(model, tmp, meta)
         with atomic_file(folder / LORQ_FILE) as tmp:

@@ -304,6 +304,7 @@ def load_model(
     """
     source = resolve(name_or_path)
     check_no_pickle(source, allow_pickle)
+    check_files(source)
     load = functools.partial(
         _from_pretrained, source, dtype, with_tokenizer, packed=packed, allow_pickle=allow_pickle
     )
@@ -371,3 +372,27 @@ def load_tokenizer(source: ModelSource | str, required: bool = True):
         raise ValueError(
             f"{source.name!r} has no usable tokenizer ({str(err).splitlines()[0]})"
         ) from None
+
+
+def check_files(source: ModelSource) -> None:
+    """The headers of ``source``'s weight files, before anything else reads them: every
+    safetensors header (``lorq.io.safetensors.read_header``: JSON, dtypes, shapes, offsets,
+    length) or the GGUF file's (``lorq.io.gguf.open_gguf``: header, tensor types and extents);
+    ValueError naming the file and the fault."""
+    files = [Path(f) for f in local_files(source)]
+    if files:
+        stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        _checked_files(source, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _checked_files(source: ModelSource, stamp: tuple) -> None:
+    """:func:`check_files`, once per process and version of the files (``stamp``)."""
+    from lorq.io.gguf import open_gguf
+    from lorq.io.safetensors import Checkpoint
+
+    path = Path(source.path)
+    if source.gguf_file:
+        open_gguf(path / source.gguf_file)
+    elif path.is_dir() and any(path.glob("*.safetensors")):
+        Checkpoint(path)

@@ -30,10 +30,12 @@ from torch import nn
 
 from lorq._version import __version__
 from lorq.io.verify import (
+    check_checksums,
     check_dense_dtypes,
     check_finite,
     check_header,
     check_types,
+    file_checksums,
     layer_names,
     manifest,
     read_header,
@@ -51,7 +53,7 @@ LORQ_FILE = "lorq.json"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 # the lorq.json fields that config.json's quantization_config repeats for from_pretrained
-QUANTIZATION_FIELDS = ("model_class", "layers", "aliases", "int8_factors", "trainable")
+QUANTIZATION_FIELDS = ("model_class", "layers", "aliases", "int8_factors", "trainable", "checksums")
 META_ATTR = "lorq_meta"  # the model attribute that carries its lorq.json provenance
 # what a saved model's lorq.json carries over to a model made from it (finetune, merge)
 CARRIED_META = ("source", "compress", "plan", "calibration", "evaluation", "finetune", "merge")
@@ -202,7 +204,8 @@ def payload(
 def quantization_config(meta: dict[str, Any]) -> dict[str, Any]:
     """config.json's ``quantization_config`` for a directory whose lorq.json is ``meta``."""
     versions = {key: meta[key] for key in ("format_version", "lorq_version")}
-    return {"quant_method": FORMAT, **versions, **{key: meta[key] for key in QUANTIZATION_FIELDS}}
+    fields = {key: meta[key] for key in QUANTIZATION_FIELDS if key in meta}
+    return {"quant_method": FORMAT, **versions, **fields}
 
 
 def write_config(model: nn.Module, file: Path, meta: dict[str, Any]) -> bool:
@@ -244,6 +247,7 @@ def save(
     inputs = input_paths(model)
     with atomic_directory(path, overwrite, is_lorq_dir, "lorq model", inputs) as tmp:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        meta["checksums"] = file_checksums({WEIGHTS_FILE: tmp / WEIGHTS_FILE})
         write_config(model, tmp / CONFIG_FILE, meta)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -295,13 +299,15 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _read_tensors(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` (one file or shards), read only after the headers matched
-    lorq.json (io.verify)."""
+    """The tensors of ``path`` (one file or shards), read only after their checksums and
+    headers matched lorq.json (io.verify)."""
     files = weight_files(path)
-    header = {}
     for file in files:
         if not file.exists():
             raise FileNotFoundError(f"{file} not found; the lorq model directory is incomplete")
+    check_checksums(meta, path, files)
+    header = {}
+    for file in files:
         header.update(read_header(file))
     check_header(meta, header, files[0] if len(files) == 1 else path / INDEX_FILE)
     tensors = {}

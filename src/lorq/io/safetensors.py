@@ -1,18 +1,27 @@
-"""A Hugging Face safetensors checkpoint read tensor by tensor, never whole.
+"""safetensors files: the one header reader every path uses, checksums, and a checkpoint read
+tensor by tensor, never whole.
+
+    file  = u64 n (little endian) ‖ n bytes of JSON header ‖ the tensors' bytes
+    header = {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {…}}
+
+``read_header`` checks all of it before anything uses it: the length, the JSON, every entry's
+dtype, shape and offsets (its bytes = its shape × its dtype's size; the entries tile the data
+with no gap or overlap), and that the data ends where the file ends. Every fault is one
+ValueError naming the file and the entry. ``checksums`` hashes a file (sha256) and each tensor's
+bytes in one pass (lorq.json records both; the loaders verify them).
 
     DIR/model.safetensors                         one file, or
     DIR/model.safetensors.index.json              {"weight_map": {tensor name: shard file}}
     DIR/model-0000k-of-0000n.safetensors          the shards it names
 
 ``Checkpoint.tensor(name)`` maps the one tensor it reads (``safe_open``); nothing else of the
-checkpoint is resident. Every fault is a ValueError / FileNotFoundError naming the shard and the
-tensor: an index naming a missing file, a truncated shard, a tensor the checkpoint lacks.
+checkpoint is resident.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,26 +30,132 @@ from safetensors import SafetensorError, safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ITEM_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+TORCH_TO_SAFETENSORS = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float32: "F32", torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
+ITEM_BYTES = {name: dtype.itemsize for dtype, name in TORCH_TO_SAFETENSORS.items()}
+
+
+MAX_HEADER = 100 << 20  # bytes: safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True)
 class Entry:
-    """Where one tensor lives: its shard, safetensors dtype and shape."""
+    """Where one tensor lives: its file, safetensors dtype, shape and byte range (from the file's
+    start)."""
 
     shard: Path
     dtype: str
     shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
 
     @property
     def nbytes(self) -> int:
         count = 1
         for n in self.shape:
             count *= n
-        return count * ITEM_BYTES.get(self.dtype, 4)
+        return count * ITEM_BYTES[self.dtype]
+
+
+def _damaged(file: Path, what: str) -> ValueError:
+    return ValueError(f"{file} is not a whole safetensors file ({what}); copy or write it again")
+
+
+def _header_json(file: Path, size: int) -> tuple[dict, int]:
+    """(the parsed header, where the data starts)."""
+    if size < 8:
+        raise _damaged(file, f"{size} bytes, shorter than the 8-byte header length")
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if length > MAX_HEADER or 8 + length > size:
+            raise _damaged(file, f"a header of {length} bytes in a file of {size}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _damaged(file, f"its header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _damaged(file, "its header is not a JSON object")
+    return header, 8 + length
+
+
+def _entry(file: Path, name: str, info: object, start: int) -> Entry:
+    """One header entry, checked: a known dtype, a shape of integers ≥ 0, offsets that span
+    exactly its bytes."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise _damaged(file, f"entry {name!r} is not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in ITEM_BYTES:
+        raise _damaged(file, f"entry {name!r} has dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise _damaged(file, f"entry {name!r} has shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+    ):
+        raise _damaged(file, f"entry {name!r} has data_offsets {offsets!r}")
+    entry = Entry(file, dtype, tuple(shape), start + offsets[0], start + offsets[1])
+    if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != entry.nbytes:
+        raise _damaged(
+            file, f"entry {name!r} spans bytes {offsets}, its shape needs {entry.nbytes}"
+        )
+    return entry
+
+
+def read_header(file: str | Path) -> dict[str, Entry]:
+    """Every tensor entry of the safetensors ``file``, in file order, checked (module
+    docstring); FileNotFoundError when it is missing."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    size = file.stat().st_size
+    header, start = _header_json(file, size)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _damaged(file, "its __metadata__ is not a JSON object")
+    entries = {name: _entry(file, name, info, start) for name, info in header.items()}
+    ordered = dict(sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)))
+    end = start
+    for name, entry in ordered.items():
+        if entry.begin != end:
+            what = "overlaps the one before" if entry.begin < end else "leaves a gap before it"
+            raise _damaged(file, f"entry {name!r} {what}")
+        end = entry.end
+    if end != size:
+        state = "truncated" if end > size else f"{size - end} bytes past its last tensor"
+        raise _damaged(file, f"{state}: {size} bytes, its header describes {end}")
+    return ordered
+
+
+def checksums(file: str | Path) -> tuple[str, dict[str, str]]:
+    """(sha256 of the whole file, {tensor: sha256 of its bytes}), in one read of the file."""
+    file = Path(file)
+    entries = read_header(file)
+    whole = hashlib.sha256()
+    tensors = {}
+    with open(file, "rb") as f:
+        start = min((e.begin for e in entries.values()), default=f.seek(0, 2))
+        f.seek(0)
+        whole.update(f.read(start))
+        for name, entry in entries.items():
+            own = hashlib.sha256()
+            for chunk in _chunks(f, entry.end - entry.begin):
+                own.update(chunk)
+                whole.update(chunk)
+            tensors[name] = own.hexdigest()
+    return whole.hexdigest(), tensors
+
+
+def _chunks(f, nbytes: int, size: int = 1 << 24):
+    while nbytes > 0:
+        chunk = f.read(min(size, nbytes))
+        if not chunk:
+            return
+        nbytes -= len(chunk)
+        yield chunk
 
 
 def _weight_map(folder: Path) -> dict[str, Path]:
@@ -60,39 +175,17 @@ def _weight_map(folder: Path) -> dict[str, Path]:
             f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}; streaming reads safetensors "
             "checkpoints (convert the weights with save_pretrained(safe_serialization=True))"
         )
-    return {name: single for name in _header(single)}
+    return {name: single for name in read_header(single)}
 
 
-def _header(shard: Path) -> dict[str, Entry]:
-    """The shard's tensor entries; names the shard when it is missing or not safetensors."""
+def _shard_header(shard: Path) -> dict[str, Entry]:
+    """A shard's entries; a missing shard is named with the index that names it."""
     if not shard.is_file():
         raise FileNotFoundError(
             f"shard {shard.name} (named by {INDEX_FILE}) is missing from {shard.parent}; "
             "download or copy it again"
         )
-    truncated = ValueError(f"shard {shard} is truncated; download or copy it again")
-    try:
-        with open(shard, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if os.path.getsize(shard) < 8 + size:
-                raise truncated
-            header = json.loads(f.read(size))
-    except (ValueError, OSError) as err:
-        if err is truncated:
-            raise
-        raise ValueError(f"shard {shard} is not a safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    entries = {}
-    end = 8 + size
-    for name, info in header.items():
-        entries[name] = Entry(shard, info["dtype"], tuple(info["shape"]))
-        end = max(end, 8 + size + info["data_offsets"][1])
-    if os.path.getsize(shard) < end:
-        raise ValueError(
-            f"shard {shard} is truncated ({os.path.getsize(shard)} bytes, its header needs "
-            f"{end}); download or copy it again"
-        )
-    return entries
+    return read_header(shard)
 
 
 class Checkpoint:
@@ -103,7 +196,7 @@ class Checkpoint:
         weight_map = _weight_map(self.folder)
         self.entries: dict[str, Entry] = {}
         for shard in dict.fromkeys(weight_map.values()):
-            for name, entry in _header(shard).items():
+            for name, entry in _shard_header(shard).items():
                 if weight_map.get(name) == shard:
                     self.entries[name] = entry
         missing = sorted(set(weight_map) - set(self.entries))
@@ -120,9 +213,7 @@ class Checkpoint:
 
     @property
     def numel(self) -> int:
-        return sum(
-            entry.nbytes // ITEM_BYTES.get(entry.dtype, 4) for entry in self.entries.values()
-        )
+        return sum(entry.nbytes // ITEM_BYTES[entry.dtype] for entry in self.entries.values())
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor ``name`` (a copy in ``dtype`` when given), read from its shard alone."""

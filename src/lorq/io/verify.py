@@ -13,25 +13,20 @@ safetensors checks the header against the bytes on disk.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from lorq.io.safetensors import ITEM_BYTES, TORCH_TO_SAFETENSORS, checksums
+from lorq.io.safetensors import read_header as safetensors_header
 from lorq.nn.quant_linear import buffer_name
 from lorq.quant import QuantConfig, format_of
 
 Header = dict[str, tuple[str, tuple[int, ...]]]  # name → (safetensors dtype, shape)
-TORCH_TO_SAFETENSORS = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-    torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float32: "F32", torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32",
-    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}  # fmt: skip
-ITEM_BYTES = {name: dtype.itemsize for dtype, name in TORCH_TO_SAFETENSORS.items()}
 FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "layers": dict,
     "aliases": dict,
@@ -43,6 +38,7 @@ FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "model_class": str,
 }
 RESTORABLE = ("float32", "float16", "bfloat16")
+log = logging.getLogger(__name__)
 
 
 def check_types(meta: dict[str, Any], file: Path) -> None:
@@ -58,20 +54,12 @@ def check_types(meta: dict[str, Any], file: Path) -> None:
 
 
 def read_header(file: Path) -> Header:
-    """Names, dtypes and shapes of a safetensors file, read without loading a tensor."""
+    """Names, dtypes and shapes of a safetensors file (``lorq.io.safetensors.read_header``:
+    every field checked), read without loading a tensor; ValueError naming the file."""
     try:
-        with safe_open(file, "pt") as handle:
-            return {
-                name: (
-                    handle.get_slice(name).get_dtype(),
-                    tuple(handle.get_slice(name).get_shape()),
-                )
-                for name in handle.keys()  # noqa: SIM118 (safe_open is not a mapping)
-            }
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{file} is corrupted or truncated ({err}); re-run lorq compress"
-        ) from None
+        return {name: (e.dtype, e.shape) for name, e in safetensors_header(file).items()}
+    except ValueError as err:
+        raise ValueError(f"{err}; re-run lorq compress") from None
 
 
 def tensor_bytes(entry: tuple[str, tuple[int, ...]]) -> int:
@@ -213,3 +201,46 @@ def check_dense_dtypes(model: torch.nn.Module, layers: dict[str, Any], file: Pat
     if len(dtypes) > 1:
         found = ", ".join(f"{name} {dtype}" for dtype, name in dtypes.items())
         raise ValueError(f"{file}: the dense tensors mix dtypes ({found}); re-run lorq compress")
+
+
+def file_checksums(files: dict[str, Path]) -> dict[str, Any]:
+    """lorq.json's ``checksums`` of the weight files ``files`` ({name in the directory: path}):
+    each file's size and sha256 and each tensor's sha256 (``lorq.io.safetensors.checksums``)."""
+    record: dict[str, Any] = {"algorithm": "sha256", "files": {}, "tensors": {}}
+    for name, path in files.items():
+        whole, tensors = checksums(path)
+        record["files"][name] = {"size": path.stat().st_size, "sha256": whole}
+        record["tensors"].update(tensors)
+    return record
+
+
+def check_checksums(meta: dict[str, Any], folder: Path, files: list[Path]) -> None:
+    """Every weight file of ``folder`` has the size and sha256 lorq.json records; ValueError
+    naming the file and, when one is, the damaged tensor. A directory written before lorq
+    recorded checksums loads with a one-line notice."""
+    record = meta.get("checksums")
+    if record is None:
+        log.warning("%s has no checksums (written by lorq before 0.3): not verified", folder)
+        return
+    recorded = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(f.name for f in files):
+        raise ValueError(f"{folder}: lorq.json's checksums do not list its weight files")
+    for file in files:
+        expected = recorded[file.name]
+        if not isinstance(expected, dict) or file.stat().st_size != expected.get("size"):
+            raise ValueError(f"{file} has the wrong size for lorq.json; {AGAIN}")
+        whole, tensors = checksums(file)
+        if whole != expected.get("sha256"):
+            raise ValueError(_damage(file, tensors, record.get("tensors") or {}))
+
+
+AGAIN = "the directory is damaged: copy it again or re-run lorq compress"
+
+
+def _damage(file: Path, tensors: dict[str, str], recorded: dict[str, str]) -> str:
+    """What differs in a file whose sha256 does not match: its first damaged tensor, or else
+    its header or lorq.json's record."""
+    for name, digest in tensors.items():
+        if recorded.get(name) != digest:
+            return f"{file}: tensor {name!r} is damaged (its sha256 differs); {AGAIN}"
+    return f"{file}: its sha256 differs from lorq.json's; {AGAIN}"

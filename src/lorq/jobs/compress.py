@@ -13,7 +13,7 @@ evaluation; ``plan_model`` stops after the plan.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from torch import nn
 from lorq.budget import BudgetPlan
 from lorq.calibrate.tokens import Calibration
 from lorq.config import JOB_STATISTICS, CompressConfig
-from lorq.evaluation.measure import Measurement
 from lorq.io.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -34,14 +33,15 @@ from lorq.io.models import (
     resolve,
     source_config,
 )
-from lorq.io.native import set_model_meta
-from lorq.jobs.evaluate import Evaluation, baseline_label, job_label
+from lorq.jobs.compress_run import CompressRun
+from lorq.jobs.result import CompressResult
 from lorq.model.targets import shared_copy
-from lorq.pipeline import Given, Outcome, ResidentSource, Where, plan_pipeline, run_pipeline
+from lorq.pipeline import Given, ResidentSource, Where, plan_pipeline, run_pipeline
 from lorq.pipeline.budget_mb import megabyte_budget
 from lorq.pipeline.guards import (
     check_compress,
     check_run,
+    check_text,
     check_where,
     require_tokenizer,
     text_needs,
@@ -49,29 +49,6 @@ from lorq.pipeline.guards import (
 from lorq.pipeline.sources import CheckpointSource, GGUFSource, Source
 from lorq.quant import QuantizedTensor
 from lorq.util.progress import Progress, no_progress
-from lorq.util.runtime import release_free_memory
-
-
-@dataclass(frozen=True)
-class CompressResult:
-    """A compressed model and what made it; ``lorq.save(result, dir)`` writes all of it.
-
-    ``model``: the compressed model in memory (None when it was written to ``path`` as it went).
-    ``metadata``: what ``lorq.json`` records beyond the layers (source, compress config, plan,
-    calibration, evaluation); ``measurements``: the evaluation rows; ``errors``: the unweighted
-    ‖W − Q − s·B·A‖ / ‖W‖ of every target; ``computed`` / ``reused``: the shards this run
-    computed or found finished (a directory)."""
-
-    model: nn.Module | None
-    config: CompressConfig
-    plan: BudgetPlan | None
-    errors: dict[str, float]
-    tokenizer: Any = None
-    measurements: tuple[Measurement, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
-    path: Path | None = None
-    computed: tuple[str, ...] = ()
-    reused: tuple[str, ...] = ()
 
 
 def compress(
@@ -154,6 +131,7 @@ def compress_model(
     check_where(device, dtype, out, resume)
     if isinstance(model, str):
         check_compress(model, config, plan, allow_pickle, calibration)
+        tokenizer = check_text(model, config, calibration, eval_blocks, tokenizer)
     loaded, source = _opened(model, tokenizer, config, out, allow_pickle)
     tokenizer = job_tokenizer(tokenizer, loaded, source)
     needs = text_needs(config, calibration, eval_blocks)
@@ -162,14 +140,16 @@ def compress_model(
         loaded = replace(loaded, model=shared_copy(loaded.model))  # the original, kept whole
     config, budget = megabyte_budget(source, config, tokenizer)
     check_run(source.model, config, plan, Given())
-    where = Where(device, dtype, offload_activations)
-    outcome = run_pipeline(
-        source, config, out=out, resume=resume, overwrite=overwrite, plan=plan,
-        calibration=calibration, tokenizer=tokenizer, where=where, progress=progress,
-        on_statistics=on_statistics,
-    )  # fmt: skip
-    result = _result(outcome, config, tokenizer, out, budget)
-    return _evaluated(result, loaded, source, (eval_blocks, baseline), progress)
+    if calibration is not None and (config.activations or config.fisher):
+        calibration = calibration.cut(tokenizer)  # before any work: a bad text fails first
+    job = CompressRun(
+        source, config, calibration, tokenizer, Where(device, dtype, offload_activations)
+    )
+    job.progress, job.options = progress, (eval_blocks, baseline)
+    if out is None:
+        return job.in_memory(loaded, plan, budget)
+    written = dict(out=out, resume=resume, overwrite=overwrite, on_statistics=on_statistics)
+    return job.written(plan, budget, written)
 
 
 def _opened(model, tokenizer, config: CompressConfig, out, allow_pickle: bool):
@@ -184,7 +164,8 @@ def _opened(model, tokenizer, config: CompressConfig, out, allow_pickle: bool):
     if not isinstance(model, str):
         raise ValueError(f"model={model!r} is not supported; pass a name, path or loaded model")
     if out is None:
-        loaded = load_model(model, with_tokenizer=None, packed=True, allow_pickle=allow_pickle)
+        wanted = None if tokenizer is None else False  # given, or the model's own when it has one
+        loaded = load_model(model, with_tokenizer=wanted, packed=True, allow_pickle=allow_pickle)
         return loaded, ResidentSource(loaded.model, loaded.source)
     return None, streamed_source(model)
 
@@ -215,83 +196,6 @@ def job_tokenizer(given: Any, loaded: LoadedModel | None, source: Source):
     if loaded is not None and loaded.tokenizer is not None:
         return loaded.tokenizer
     return load_tokenizer(source.origin, required=False) if source.origin.path else None
-
-
-def _result(outcome: Outcome, config, tokenizer, out, budget) -> CompressResult:
-    metadata = {**outcome.metadata, **({"gguf_budget": budget.to_dict()} if budget else {})}
-    model = outcome.model if out is None else None
-    if model is not None:
-        set_model_meta(model, metadata)
-    return CompressResult(
-        model, config, outcome.plan, outcome.errors, tokenizer, (), metadata,
-        Path(out) if out is not None else None, outcome.computed, outcome.reused,
-    )  # fmt: skip
-
-
-def _evaluated(
-    result: CompressResult, loaded: LoadedModel | None, source: Source, options, progress
-) -> CompressResult:
-    """``result`` with the evaluation rows (and lorq.json's ``evaluation``)."""
-    eval_blocks, baseline = options
-    if eval_blocks <= 0:
-        return result
-    text = Evaluation(result.tokenizer, eval_blocks)
-    original = loaded.model if loaded is not None else _reloaded(source)
-    compressed = result.model if result.model is not None else _saved(result.path)
-    wanted = baseline and result.config.method in ("lq", "loftq")
-    plain = _baseline(original, result) if wanted else None
-    codes = result.config.method == "qa-lora" and result.config.gguf_codes
-    label = job_label(result.config, codes and source.origin.gguf_file is not None)
-    rows = text.rows(original, compressed, label, progress, plain)
-    release_free_memory()
-    metadata = {**result.metadata, "evaluation": text.summary(rows)}
-    if result.model is not None:
-        set_model_meta(result.model, metadata)
-    else:
-        _record_evaluation(result.path, metadata["evaluation"])
-    return replace(result, measurements=tuple(rows), metadata=metadata)
-
-
-def _reloaded(source: Source) -> nn.Module:
-    """The original of a streamed source, whole (for the evaluation's reference)."""
-    origin = source.origin
-    name = str(Path(origin.path) / origin.gguf_file) if origin.gguf_file else origin.path
-    return load_model(name, with_tokenizer=False, packed=True, hub=False).model
-
-
-def _saved(path: Path | None) -> nn.Module:
-    from lorq.io.native import load
-
-    assert path is not None
-    return load(path)
-
-
-def _record_evaluation(path: Path | None, evaluation) -> None:
-    """lorq.json of a written directory with the evaluation added (replaced atomically)."""
-    import json
-
-    from lorq.io.native import LORQ_FILE
-    from lorq.pipeline.writer import write_json
-
-    assert path is not None
-    meta = json.loads((path / LORQ_FILE).read_text())
-    write_json(path / LORQ_FILE, {**meta, "evaluation": evaluation})
-
-
-def _baseline(original: nn.Module, result: CompressResult):
-    """A function giving plain round-to-nearest quantization of ``original`` in the result's
-    formats (its uniform preset or its plan) and its row label."""
-
-    def build() -> tuple[nn.Module, str]:
-        config = replace(
-            result.config, method="plain", iters=None, rounding="nearest", weighting="none",
-            plan_weighting=None, plan_rounding=None, embeddings=None, factor_bits=None,
-        )  # fmt: skip
-        plan = replace(result.plan, method="plain") if result.plan is not None else None
-        plain = compress(shared_copy(original), config, plan=plan).model
-        return plain, baseline_label(result.config)
-
-    return build
 
 
 def plan_model(

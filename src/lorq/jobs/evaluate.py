@@ -50,17 +50,29 @@ class Evaluation:
         baseline: Baseline | None = None,
     ) -> list[Measurement]:
         """The original (when given: also the reference), the baseline, the result."""
-        if self.blocks is None:
+        first = self.reference(original, progress, baseline)
+        return first + self.result(compressed, original, label, progress)
+
+    def reference(
+        self, original: nn.Module | None, progress: Progress, baseline: Baseline | None = None
+    ) -> list[Measurement]:
+        """The rows of the original and of the baseline (built, measured and freed)."""
+        if self.blocks is None or original is None:
             return []
-        rows = []
-        if original is not None:
-            rows.append(measure(original, self.blocks, None, "original", progress, False))
-        if baseline is not None and original is not None:
+        rows = [measure(original, self.blocks, None, "original", progress, False)]
+        if baseline is not None:
             plain, plain_label = baseline()
             rows.append(measure(plain, self.blocks, original, plain_label, progress))
             del plain
-        rows.append(measure(compressed, self.blocks, original, label, progress))
         return rows
+
+    def result(
+        self, compressed: nn.Module, original: nn.Module | None, label: str, progress: Progress
+    ) -> list[Measurement]:
+        """The row of the result (KL / cosine to ``original`` when given)."""
+        if self.blocks is None:
+            return []
+        return [measure(compressed, self.blocks, original, label, progress)]
 
     @staticmethod
     def summary(rows: list[Measurement]) -> dict[str, float | None] | None:

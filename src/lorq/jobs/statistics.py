@@ -61,8 +61,10 @@ def _model_run(model: nn.Module, tokens: torch.Tensor, names: list[str], weighti
     source = ResidentSource(model, ModelSource(type(model).__name__, ""))
     config = CompressConfig(weighting=weighting, sequential=False)
     device = next(model.parameters()).device
-    return Run(source, MemorySink(), config, names, None, Calibration.of(tokens), None, device,
-               progress=progress)  # fmt: skip
+    run = Run(source, MemorySink(), config, names, None, Calibration.of(tokens), None, device,
+              progress=progress)  # fmt: skip
+    run.fisher_folder = run.needs_fisher
+    return run
 
 
 def _check_tokens(tokens: torch.Tensor, least: int) -> None:

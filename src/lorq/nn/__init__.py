@@ -9,7 +9,7 @@ A :class:`QuantEmbedding` holds a packed token-embedding table (kind "embedding"
 from lorq.nn.lora_linear import QuantLoraLinear
 from lorq.nn.qa_lora_linear import MergeError, QALoraLinear
 from lorq.nn.quant_embedding import QuantEmbedding, packed_linears, tied_packed_head
-from lorq.nn.quant_linear import AdapterLinear, QuantLinear
+from lorq.nn.quant_linear import AdapterLinear, QuantLinear, decoded_once
 
 __all__ = [
     "AdapterLinear",
@@ -18,6 +18,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "QuantLoraLinear",
+    "decoded_once",
     "packed_linears",
     "tied_packed_head",
 ]

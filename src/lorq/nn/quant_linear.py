@@ -15,6 +15,8 @@ False) is what a merged QA-LoRA layer becomes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -67,6 +69,36 @@ class PackedBuffers(nn.Module):
     def quantized_nbytes(self) -> int:
         return sum(getattr(self, buffer_name(k)).nbytes for k in self._keys)
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Q (out × in) in ``dtype``: decoded for this call, or once while :func:`decoded_once`
+        holds this layer (the same values either way)."""
+        cache = self.__dict__.get(DECODED)
+        if cache is None:
+            return self.q.dequantize(dtype)
+        if dtype not in cache:
+            cache[dtype] = self.q.dequantize(dtype)
+        return cache[dtype]
+
+
+DECODED = "_lorq_decoded"  # the instance attribute of a layer's decoded Q while it is cached
+
+
+@contextlib.contextmanager
+def decoded_once(module: nn.Module) -> Iterator[None]:
+    """While active, every packed layer under ``module`` decodes its Q once and reuses it (a
+    block run on many calibration sequences); the dense copies go when it ends. No gradient
+    flows into Q, so the forward and backward compute the same values as without it."""
+    layers = [
+        m for m in module.modules() if isinstance(m, PackedBuffers) and DECODED not in m.__dict__
+    ]  # a layer an outer call holds keeps its cache
+    for layer in layers:
+        layer.__dict__[DECODED] = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop(DECODED, None)
+
 
 class QuantLinear(PackedBuffers):
     """Drop-in replacement of a linear layer by its frozen quantized weight Q (no adapter)."""
@@ -97,7 +129,7 @@ class QuantLinear(PackedBuffers):
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x Qᵀ + bias in ``x.dtype``; Q is dequantized for this call (and again in backward)."""
-        return quant_linear(x, self.q.dequantize, self.bias)
+        return quant_linear(x, self.dequantized, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantized_forward(x)

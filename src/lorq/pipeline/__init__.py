@@ -29,7 +29,7 @@ from lorq.io.native import FORMAT_VERSION, set_model_meta
 from lorq.model.targets import freeze_all_but_lora, targets_of
 from lorq.pipeline.devices import activation_offload, dtype_name, resolve_device, resolve_dtype
 from lorq.pipeline.driver import compress_blocks
-from lorq.pipeline.passes import cost_rows, fisher_pass, plans_of_rows
+from lorq.pipeline.passes import cost_rows, fisher_pass, needs_hessians, plans_of_rows
 from lorq.pipeline.run import Given, Run
 from lorq.pipeline.sinks import DirectorySink, MemorySink
 from lorq.pipeline.sources import CheckpointSource, GGUFSource, ResidentSource, Source
@@ -133,21 +133,23 @@ def _run(source, config, plan, text, where: Where, given: Given, progress) -> Ru
     calibration, tokenizer = text
     world = dist.world()
     device = resolve_device(where.device, world)
-    return Run(
-        source, None, config, list(targets_of(source.model, config)), plan,
-        _needed(config, calibration, given), tokenizer, device,
-        resolve_dtype(where.dtype, device), world, progress, given=given,
+    run = Run(
+        source, None, config, list(targets_of(source.model, config)), plan, None, tokenizer,
+        device, resolve_dtype(where.dtype, device), world, progress, given=given,
     )  # fmt: skip
+    run.fisher_folder = run.needs_fisher
+    run.calibration = _needed(run, calibration)
+    return run
 
 
-def _needed(config: CompressConfig, calibration, given: Given) -> Calibration | None:
+def _needed(run: Run, calibration) -> Calibration | None:
     """The calibration a run uses: none when it collects no statistics."""
-    collects = (config.activations and given.hessians is None) or (
-        config.fisher and given.fisher is None
-    )
+    planning = run.config.budgeted and run.plan is None and run.given.hessians is None
+    collects = run.needs_fisher or run.needs_inputs or (planning and needs_hessians(run))
     if not collects:
         return None
     if calibration is None:
+        config = run.config
         raise ValueError(
             f"weighting={config.weighting!r}, rounding={config.rounding!r} needs calibration "
             "tokens (calibration=) for the layers' statistics"
@@ -176,7 +178,7 @@ def _sink(run: Run, out, resume: bool, overwrite: bool) -> Iterator[Any]:
 
 def _offload(run: Run, offload: bool | None) -> Path | None:
     """The folder for X's disk files, or None (``lorq.pipeline.devices.activation_offload``)."""
-    count = len(run.blocks) + 2 if run.config.fisher else 2
+    count = len(run.blocks) + 2 if run.needs_fisher else 2
     width = count * run.model.config.hidden_size if hasattr(run.model, "config") else 0
     return activation_offload(offload, run.sink.scratch, run.calibration, width)
 

@@ -27,7 +27,8 @@ from lorq.calibrate.blocks import BlockInputs, run_block
 from lorq.calibrate.hessian import block_hessians
 from lorq.methods import Target, method_of
 from lorq.model.packing import pack_embeddings, round_factors
-from lorq.model.targets import freeze_all_but_lora, set_module
+from lorq.model.targets import freeze_all_but_lora, set_module, weight_shape
+from lorq.nn import decoded_once
 from lorq.pipeline.passes import FisherStore, fisher_pass, plan_pass, top_hessians
 from lorq.pipeline.run import Run
 from lorq.quant import as_config
@@ -39,7 +40,7 @@ def compress_blocks(run: Run) -> None:
     """Compress every target of ``run`` into its sink (module docstring)."""
     fisher_pass(run)
     plan_pass(run)
-    inputs = run.capture() if run.config.activations and not run.given.hessians else None
+    inputs = run.capture() if run.needs_inputs else None
     run.advance = run.progress("decomposing", -(-len(run.targets) // run.world.size))
     for index in range(len(run.blocks)):
         inputs = block_step(run, index, inputs)
@@ -85,8 +86,9 @@ def compress_targets(run: Run, targets: dict[str, nn.Module], hessians, fisher) 
     layer, in place; then every process gets every layer from its owner."""
     method = method_of(run.config.method)
     names = list(targets)
+    owners = run.world.deal([_numel(targets[n]) for n in names])
     for i, name in enumerate(names):
-        if not run.world.owns(i):
+        if owners[i] != run.world.rank:
             continue
         target = Target(
             name, targets[name], run.quant_of(name),
@@ -99,14 +101,18 @@ def compress_targets(run: Run, targets: dict[str, nn.Module], hessians, fisher) 
         run.errors[name] = done.error
         run.advance(1)
     if run.world.size > 1:
-        _share(run, names)
+        _share(run, names, owners)
 
 
-def _share(run: Run, names: list[str]) -> None:
+def _numel(module: nn.Module) -> int:
+    out, inp = weight_shape(module)
+    return out * inp
+
+
+def _share(run: Run, names: list[str], owners: list[int]) -> None:
     """Every layer (and its error) on every process, from the process that made it."""
-    for i, name in enumerate(names):
-        owner = i % run.world.size
-        layer = run.model.get_submodule(name).cpu() if run.world.owns(i) else None
+    for name, owner in zip(names, owners, strict=True):
+        layer = run.model.get_submodule(name).cpu() if owner == run.world.rank else None
         layer, error = dist.broadcast((layer, run.errors.get(name)), owner, run.world)
         set_module(run.model, name, layer.to(run.device))
         run.errors[name] = error
@@ -122,7 +128,9 @@ def _finalize(module: nn.Module, factor_bits: int | None) -> None:
 def _forward(run: Run, block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
     """X_b = block(X_{b−1}): each process runs its sequences; all gather them."""
     out = inputs.empty()
-    rows = {i: run_block(block, inputs.row(i))[0] for i in range(len(inputs)) if run.world.owns(i)}
+    with decoded_once(block):
+        mine = [i for i in range(len(inputs)) if run.world.owns(i)]
+        rows = {i: run_block(block, inputs.row(i))[0] for i in mine}
     for i, row in dist.gather_rows(rows, run.world).items():
         out[i] = row.to(out.device)
     return out

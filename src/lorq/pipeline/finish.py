@@ -32,6 +32,11 @@ def directory_meta(
         meta[key] = {k: v for record in shards.values() for k, v in record[key].items()}
     for key in ("int8_factors", "trainable"):
         meta[key] = sorted(v for record in shards.values() for v in record[key])
+    meta["checksums"] = {
+        "algorithm": "sha256",
+        "files": {name: {"size": r["size"], "sha256": r["sha256"]} for name, r in shards.items()},
+        "tensors": {k: v for r in shards.values() for k, v in r.get("tensor_sha256", {}).items()},
+    }
     return {**meta, **provenance}
 
 
@@ -44,5 +49,5 @@ def shard_index(shards: dict[str, dict]) -> dict[str, Any]:
             count = 1
             for n in shape:
                 count *= n
-            total += count * ITEM_BYTES.get(dtype, 4)
+            total += count * ITEM_BYTES[dtype]
     return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -23,6 +23,7 @@ from lorq.budget.ilp import check_budget
 from lorq.config import CompressConfig
 from lorq.io.models import (
     ModelSource,
+    check_files,
     check_no_pickle,
     is_causal,
     resolve,
@@ -128,6 +129,7 @@ def check_compress(
     ``config`` (and ``plan``) that its config alone decides; ValueError naming the problem."""
     source = resolve(model)
     check_no_pickle(source, allow_pickle)
+    check_files(source)
     architecture = skeleton_of(source)
     if architecture is None:
         return
@@ -190,23 +192,16 @@ ASKED = "asked"
 def write_as_you_go(model: str, asked: bool = False) -> str | None:
     """Why ``lorq compress`` writes ``model`` block by block into its output instead of holding
     it: ``ASKED`` (``asked``), or unasked because its weights in fp32 would take more than half
-    of the free memory. None: load it whole (the bytes are the same either way)."""
+    of the free memory (counted on the architecture its config builds on the meta device).
+    None: load it whole (the bytes are the same either way)."""
     if asked:
         return ASKED
-    from lorq.io.safetensors import Checkpoint
     from lorq.pipeline.devices import available_memory
 
-    source = resolve(model)
-    folder = Path(source.path)
-    if source.gguf_file:
-        need = 4 * _gguf_params(folder / source.gguf_file)
-    elif folder.is_dir():
-        try:
-            need = 4 * Checkpoint(folder).numel
-        except (OSError, ValueError):
-            return None  # the load reports what is wrong with it
-    else:
-        return None
+    architecture = skeleton_of(resolve(model))
+    if architecture is None:
+        return None  # a hub id not on this machine: the load says what it is
+    need = 4 * sum(p.numel() for p in architecture.parameters())
     free = available_memory()
     if need > free // 2:
         return (
@@ -214,22 +209,6 @@ def write_as_you_go(model: str, asked: bool = False) -> str | None:
             f"{free / 1e9:.1f} GB free"
         )
     return None
-
-
-def _gguf_params(path: Path) -> int:
-    """Parameters of a GGUF file's tensors (0 when it cannot be read: the load says why)."""
-    from lorq.io.gguf import llama_tensors
-
-    try:
-        total = 0
-        for tensor in llama_tensors(path):
-            count = 1
-            for n in tensor.shape:
-                count *= n
-            total += count
-        return total
-    except (OSError, ValueError):
-        return 0
 
 
 def text_needs(config: CompressConfig, calibration: Any, eval_blocks: int) -> list[str]:
@@ -266,3 +245,23 @@ def check_where(device: Any, dtype: Any, out: Any, resume: bool) -> None:
             "resume=True (--resume) finishes a run written block by block into a directory; "
             "give out= (--out)"
         )
+
+
+def check_text(
+    model: str, config: CompressConfig, calibration: Any, eval_blocks: int, tokenizer: Any = None
+) -> Any:
+    """Before loading ``model``: a tokenizer when the job needs text (``text_needs``) — the one
+    given (a folder path, or an object) or the model's own; returns it (None when no text is
+    needed and the model has none)."""
+    from lorq.io.models import load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(str(tokenizer))
+    source = resolve(model)
+    if source.gguf_file is None and not Path(source.path).is_dir():
+        return None  # a hub id: its tokenizer comes with it
+    found = load_tokenizer(source, required=False)
+    require_tokenizer(found, text_needs(config, calibration, eval_blocks), model)
+    return found

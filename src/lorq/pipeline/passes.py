@@ -57,7 +57,7 @@ class FisherStore:
     def of(cls, run: Run) -> FisherStore:
         if run.given.fisher is not None:
             return cls(None, dict(run.given.fisher))
-        return cls(run.sink.scratch / FISHER_DIR if run.config.fisher else None)
+        return cls(run.sink.scratch / FISHER_DIR if run.fisher_folder else None)
 
     def file(self, index: int | None) -> Path:
         assert self.folder is not None
@@ -100,7 +100,7 @@ def fisher_pass(run: Run) -> None:
     """Every block's F into the scratch folder (first process; the others wait), unless a killed
     run finished the pass or the Fisher was given."""
     store = FisherStore.of(run)
-    if store.folder is None or store.complete(len(run.blocks)):
+    if store.folder is None or not run.needs_fisher or store.complete(len(run.blocks)):
         return
     if run.world.is_writer:
         parts = run.source.outside_parts()
@@ -191,7 +191,9 @@ def _block_rows(run: Run, index: int | None, grid, inputs: BlockInputs | None, w
     run.load(parts, forward=inputs is not None)
     targets = run.block_targets(index)
     hessians, output = _original_statistics(run, index, targets, inputs)
-    mine = {n: m for i, (n, m) in enumerate(targets.items()) if want and run.world.owns(i)}
+    owners = run.world.deal([a * b for a, b in map(weight_shape, targets.values())])
+    mine = {n: m for (n, m), o in zip(targets.items(), owners, strict=True) if o == run.world.rank}
+    mine = mine if want else {}
     table = _costs_of(run, mine, grid, hessians, index) if mine else None
     run.source.release(parts)
     if want and targets:

@@ -14,7 +14,7 @@ from torch import nn
 from lorq.budget import BudgetPlan
 from lorq.calibrate.blocks import BlockInputs, capture_inputs
 from lorq.calibrate.tokens import Calibration
-from lorq.config import CompressConfig
+from lorq.config import CompressConfig, uses_activations, uses_fisher
 from lorq.pipeline.sources import Part, Source
 from lorq.quant import QuantConfig, QuantizedTensor, as_config
 from lorq.util import dist
@@ -49,6 +49,7 @@ class Run:
     errors: dict[str, float] = field(default_factory=dict)
     advance: Any = None  # the decomposition's progress, one step per target of this process
     on_statistics: Any = None  # callback(block index, Hessians) for tests and tools
+    fisher_folder: bool = False  # the Fisher of this run is computed into the scratch folder
     _tokens: torch.Tensor | None = None
 
     @property
@@ -58,6 +59,22 @@ class Run:
     @property
     def blocks(self):
         return self.source.blocks
+
+    @property
+    def needs_fisher(self) -> bool:
+        """Whether the run computes the Fisher: its decomposition weighs by it, or a plan it
+        makes costs by it (not when given)."""
+        config, planning = self.config, self.config.budgeted and self.plan is None
+        wanted = uses_fisher(config.weighting) or (planning and uses_fisher(config.cost_weighting))
+        return wanted and self.given.fisher is None
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the blocks' calibration inputs flow: the decomposition or Q's rounding uses H
+        (not when given)."""
+        config = self.config
+        wanted = uses_activations(config.weighting) or config.rounds_with_h
+        return wanted and self.given.hessians is None
 
     @property
     def sequential(self) -> bool:

@@ -82,10 +82,10 @@ class DirectorySink:
 
     def finish(self, model: nn.Module, provenance: dict[str, Any], tokenizer: Any) -> dict:
         """The index, config.json, tokenizer and, last, lorq.json (by the writing process)."""
+        if not self.writer.active:  # the first process writes; the others know the provenance
+            return provenance
         shards = {name: self.writer.shards[name] for name in self.names}
         meta = directory_meta(model, shards, provenance)
-        if not self.writer.active:
-            return meta
         out = self.writer.out
         write_json(out / INDEX_FILE, shard_index(shards))
         tmp = out / ".config.json.tmp"

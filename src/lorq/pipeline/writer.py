@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from lorq.io.safetensors import checksums
 from lorq.util.atomic import check_not_input, exclusive
 
 MANIFEST_FILE = "lorq-manifest.json"
@@ -133,7 +134,13 @@ class ShardWriter:
             save_file(tensors, tmp, metadata={"format": "pt"})
             _fsync(tmp)
             os.replace(tmp, final)
-        self.shards[shard] = {**record, "size": final.stat().st_size, "sha256": sha256(final)}
+        whole, tensors = checksums(final)
+        self.shards[shard] = {
+            **record,
+            "size": final.stat().st_size,
+            "sha256": whole,
+            "tensor_sha256": tensors,
+        }
         self.save_manifest()
 
     def save_manifest(self) -> None:

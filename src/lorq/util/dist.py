@@ -1,7 +1,8 @@
 """Many processes on torch.distributed (``torchrun``; NCCL on GPUs, gloo on CPUs).
 
-    targets of block b, in model order:  t_0 … t_{m−1};  rank r decomposes t_i with i mod W = r
-    every rank then holds every layer (broadcast from its owner), so all run the same block
+    targets of block b: dealt largest first to the least loaded rank (``World.deal``), each rank
+    decomposes its own; every rank then holds every layer (broadcast from its owner), so all run
+    the same block
     calibration sequences: rank r runs X_b for sequences i with i mod W = r; all gather them
 
 Every number a rank computes is computed as one process computes it (the same matrix, the same
@@ -33,6 +34,18 @@ class World:
 
     def owns(self, index: int) -> bool:
         return index % self.size == self.rank
+
+    def deal(self, sizes: list[int]) -> list[int]:
+        """The process of each of a list of jobs of ``sizes``: largest first, each to the least
+        loaded process (ties: the lower rank). Deterministic; which process computes a job
+        changes none of its numbers."""
+        load = [0] * self.size
+        owners = [0] * len(sizes)
+        for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+            owner = min(range(self.size), key=lambda r: (load[r], r))
+            owners[i] = owner
+            load[owner] += sizes[i]
+        return owners
 
 
 def world() -> World:
