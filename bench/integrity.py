@@ -1,8 +1,9 @@
 """What verifying a lorq directory's checksums costs when it is loaded.
 
 For each directory: ``lorq.load`` timed whole, and its checksum step alone
-(``lorq.io.verify.check_checksums``: each weight file's size, then one sha256 pass over the file
-that also hashes each tensor's bytes), each the median of ``--repeat`` runs after one warm-up (the
+(``lorq.io.verify.check_checksums``: each weight file's size, then its sha256, the files hashed
+by as many threads as there are cores; the tensors' own digests are computed only for a file
+that fails, to name the damaged tensor), each the median of ``--repeat`` runs after one warm-up (the
 files in the page cache, as a second load finds them). Directories:
 
 - ``smollm2``: the built-in model compressed by plain NF4 (``lorq compress --method plain

@@ -149,6 +149,13 @@ def checksums(file: str | Path) -> tuple[str, dict[str, str]]:
     return whole.hexdigest(), tensors
 
 
+def file_sha256(file: str | Path) -> str:
+    """The sha256 of the whole file: what a load verifies (the tensors' own digests are read
+    only to name the damaged one, :func:`checksums`)."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _chunks(f, nbytes: int, size: int = 1 << 24):
     while nbytes > 0:
         chunk = f.read(min(size, nbytes))

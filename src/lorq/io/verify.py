@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorq.io.safetensors import ITEM_BYTES, TORCH_TO_SAFETENSORS, checksums
+from lorq.io.safetensors import ITEM_BYTES, TORCH_TO_SAFETENSORS, checksums, file_sha256
 from lorq.io.safetensors import read_header as safetensors_header
 from lorq.nn.quant_linear import buffer_name
 from lorq.quant import QuantConfig, format_of
@@ -229,9 +231,12 @@ def check_checksums(meta: dict[str, Any], folder: Path, files: list[Path]) -> No
         expected = recorded[file.name]
         if not isinstance(expected, dict) or file.stat().st_size != expected.get("size"):
             raise ValueError(f"{file} has the wrong size for lorq.json; {AGAIN}")
-        whole, tensors = checksums(file)
-        if whole != expected.get("sha256"):
-            raise ValueError(_damage(file, tensors, record.get("tensors") or {}))
+    workers = min(len(files), os.cpu_count() or 1) or 1
+    with ThreadPoolExecutor(workers) as pool:  # hashlib lets go of the GIL while it hashes
+        digests = list(pool.map(file_sha256, files))
+    for file, digest in zip(files, digests, strict=True):
+        if digest != recorded[file.name].get("sha256"):
+            raise ValueError(_damage(file, checksums(file)[1], record.get("tensors") or {}))
 
 
 AGAIN = "the directory is damaged: copy it again or re-run lorq compress"
