@@ -40,6 +40,25 @@ DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # docs/algorithms.md §2.2 (T = 5),
 WEIGHTINGS = ("none", "fisher", "activations", "both")
 ROUNDINGS = ("nearest", "weighted", "gptq")
 DAMP = 0.01  # λ of H_λ = H + λ·mean(diag H)·I (docs/algorithms.md §5)
+# Block-wise recovery (docs/algorithms.md §9): Adam steps of 4 calibration sequences and the
+# factors' learning rate (EfficientQAT's Block-AP: ~1e-4 for the factors)
+RECOVER_STEPS = 100
+RECOVER_LR = 1e-4
+
+
+def _check_recovery(recover: str, steps: int, lr: float, method: str) -> None:
+    _check_choice("recover", recover, ("none", "block"))
+    if recover == "block" and method == "plain":
+        raise ValueError(
+            "recover='block' trains the low-rank factors, and method='plain' has none; "
+            "use --method lq, loftq or qa-lora, or --recover none"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"recover_steps={steps!r} is not supported; allowed: an integer ≥ 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise ValueError(f"recover_lr={lr!r} is not supported; allowed: 0 < lr < 1")
+
+
 # Block-sequential statistics by default (bench/README.md, "One pipeline": measured on the
 # default job and the budget grid).
 SEQUENTIAL = True
@@ -169,7 +188,9 @@ class CompressConfig(_Serializable):
     train and merge as floats. ``sequential`` (docs/algorithms.md §6): each block's statistics
     come from the outputs of the compressed earlier blocks (False: of the original ones).
     ``gguf_codes`` (qa-lora): a source layer already packed in ``quant`` (a GGUF's Q4_1) keeps
-    its own codes as the base.
+    its own codes as the base. ``recover="block"`` (docs/algorithms.md §9): after each block is
+    decomposed, its factors are trained toward the original block's output on the calibration
+    inputs (``recover_steps`` Adam steps at ``recover_lr``).
     """
 
     method: Literal["lq", "loftq", "plain", "qa-lora"] = "lq"
@@ -194,11 +215,15 @@ class CompressConfig(_Serializable):
     plan_rounding: Literal["nearest", "weighted", "gptq"] | None = None
     sequential: bool = SEQUENTIAL
     gguf_codes: bool = True
+    recover: Literal["none", "block"] = "none"
+    recover_steps: int = RECOVER_STEPS
+    recover_lr: float = RECOVER_LR
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
         _check_choice("sequential", self.sequential, (True, False))
         _check_choice("gguf_codes", self.gguf_codes, (True, False))
+        _check_recovery(self.recover, self.recover_steps, self.recover_lr, self.method)
         _check_weighting(self.weighting, self.rounding, self.damp)
         _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
         _check_choice("plan_rounding", self.plan_rounding, (None, *ROUNDINGS))
@@ -280,6 +305,11 @@ class CompressConfig(_Serializable):
         """True when the job needs the layers' input statistics H (weighting, plan or GPTQ)."""
         weighted = uses_activations(self.weighting) or uses_activations(self.cost_weighting)
         return weighted or self.rounding != "nearest" or self.cost_rounding != "nearest"
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the job needs calibration text: statistics, or block-wise recovery."""
+        return self.activations or self.fisher or self.recover == "block"
 
     @property
     def gptq(self) -> bool:

@@ -13,7 +13,7 @@ import typer
 from lorq._version import __version__
 from lorq.cli.app import app, check_out_dir, console, errors, load_quietly, user_errors
 from lorq.cli.tables import plan_tables, presets_table, quantize_report_table, results_table
-from lorq.config import SEQUENTIAL
+from lorq.config import RECOVER_LR, RECOVER_STEPS, SEQUENTIAL
 from lorq.io.models import DEFAULT_MODEL, resolve
 
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
@@ -91,6 +91,15 @@ OffloadOption = Annotated[
     bool | None,
     typer.Option(help="calibration activations in a disk file (default: when they are large)"),
 ]
+RecoverOption = Annotated[
+    str,
+    typer.Option(
+        help="none | block: after each block is decomposed, train its factors toward the "
+        "original block's output on the calibration text"
+    ),
+]
+RecoverStepsOption = Annotated[int, typer.Option(help="--recover block: Adam steps per block")]
+RecoverLrOption = Annotated[float, typer.Option(help="--recover block: learning rate")]
 TokenizerOption = Annotated[
     str | None,
     typer.Option(
@@ -319,10 +328,13 @@ def compress(
     offload_activations: OffloadOption = None,
     sequential: SequentialOption = SEQUENTIAL,
     tokenizer: TokenizerOption = None,
+    recover: RecoverOption = "none",
+    recover_steps: RecoverStepsOption = RECOVER_STEPS,
+    recover_lr: RecoverLrOption = RECOVER_LR,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.config import CompressConfig
-    from lorq.pipeline.guards import check_compress, check_text, check_where
+    from lorq.pipeline.guards import check_compress
     from lorq.util.runtime import JOB_THRESHOLD_BYTES, fixed_mmap_threshold
 
     fixed_mmap_threshold(JOB_THRESHOLD_BYTES)
@@ -331,13 +343,10 @@ def compress(
         given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
         new_plan = (model, None if given else budget or budget_mb)
         statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting, new_plan)
-        extra = {"embeddings": embeddings, "factor_bits": factor_bits, "budget_mb": budget_mb}
-        extra.update(sequential=sequential, gguf_codes=gguf_codes)
-        config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **extra)
+        fields = {k: v for k, v in locals().items() if k in CONFIG_FLAGS}
+        config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **fields)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle, text)
-        check_where(device, dtype, out, resume)
-        tokenizer = check_text(model, config, text, eval_blocks, tokenizer)
         job = dict(eval_blocks=eval_blocks, baseline=baseline, calibration=text, plan=given)
         job.update(progress=stage, device=device, dtype=dtype, allow_pickle=allow_pickle)
         job.update(resume=resume, overwrite=overwrite, offload_activations=offload_activations)
@@ -345,15 +354,35 @@ def compress(
     print_compressed(result, model, out)
 
 
+# the lorq compress options that are CompressConfig fields as they are
+CONFIG_FLAGS = ("embeddings", "factor_bits", "budget_mb", "sequential", "gguf_codes", "recover",
+                "recover_steps", "recover_lr")  # fmt: skip
+
+
 def print_compressed(result, model: str, out: Path) -> None:
     """What ``lorq compress`` prints of its result."""
     if result.reused:
         kept, done = len(result.reused), len(result.computed)
         console.print(f"resumed: {kept} finished shards kept, {done} computed")
+    recovery = result.metadata.get("recovery")
+    if recovery:
+        console.print(recovery_line(recovery))
     if result.measurements:
         table = results_table(f"{model} → {out}", result.measurements, resolve(model), out)
         console.print(table)
     console.print(f"saved to {out}")
+
+
+def recovery_line(blocks: dict) -> str:
+    """One line on a compress job's block-wise recovery: the blocks' summed output errors
+    before and after, how many kept their training, which stopped on a non-finite loss."""
+    before = sum(r["before"] for r in blocks.values())
+    after = sum(r["after"] for r in blocks.values())
+    kept = sum(r["kept"] for r in blocks.values())
+    line = f"block-wise recovery: summed block loss {before:.4g} → {after:.4g}, "
+    line += f"{kept} of {len(blocks)} blocks improved (the others keep their decomposition)"
+    stopped = [f"block {i} at step {r['stopped']}" for i, r in blocks.items() if r["stopped"]]
+    return line + (f"; loss not finite: {', '.join(stopped)}" if stopped else "")
 
 
 def compress_job(model: str, config, out: Path, job: dict, stream: bool):
@@ -361,8 +390,11 @@ def compress_job(model: str, config, out: Path, job: dict, stream: bool):
     model larger than half the free memory), or held and saved (the same bytes either way)."""
     from lorq.io import save
     from lorq.jobs.compress import compress_model
-    from lorq.pipeline.guards import ASKED, write_as_you_go
+    from lorq.pipeline.guards import ASKED, check_text, check_where, write_as_you_go
 
+    check_where(job["device"], job["dtype"], out, job["resume"])
+    args = (config, job["calibration"], job["eval_blocks"], job["tokenizer"])
+    job["tokenizer"] = check_text(model, *args)
     reason = write_as_you_go(model, asked=stream)
     if reason:
         if reason != ASKED:

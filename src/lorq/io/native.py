@@ -56,7 +56,8 @@ CONFIG_FILE = "config.json"
 QUANTIZATION_FIELDS = ("model_class", "layers", "aliases", "int8_factors", "trainable", "checksums")
 META_ATTR = "lorq_meta"  # the model attribute that carries its lorq.json provenance
 # what a saved model's lorq.json carries over to a model made from it (finetune, merge)
-CARRIED_META = ("source", "compress", "plan", "calibration", "evaluation", "finetune", "merge")
+CARRIED_META = ("source", "compress", "plan", "calibration", "evaluation", "pipeline", "recovery",
+                "finetune", "merge")  # fmt: skip
 
 
 def model_meta(model: nn.Module) -> dict[str, Any]:

@@ -140,7 +140,7 @@ def compress_model(
         loaded = replace(loaded, model=shared_copy(loaded.model))  # the original, kept whole
     config, budget = megabyte_budget(source, config, tokenizer)
     check_run(source.model, config, plan, Given())
-    if calibration is not None and (config.activations or config.fisher):
+    if calibration is not None and config.calibrated:
         calibration = calibration.cut(tokenizer)  # before any work: a bad text fails first
     job = CompressRun(
         source, config, calibration, tokenizer, Where(device, dtype, offload_activations)

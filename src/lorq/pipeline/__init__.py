@@ -207,6 +207,7 @@ def provenance(run: Run) -> dict[str, Any]:
         "calibration": run.calibration.record() if run.calibration else None,
         "evaluation": None,
         "pipeline": {"sequential": run.sequential, "dtype": dtype_name(run.dtype)},
+        "recovery": {str(i): r for i, r in sorted(run.recovered.items())} or None,
     }
 
 

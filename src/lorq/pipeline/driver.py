@@ -18,7 +18,7 @@ source, sink and process count gives the same bytes.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from lorq.nn import decoded_once
 from lorq.pipeline.passes import FisherStore, fisher_pass, plan_pass, top_hessians
 from lorq.pipeline.run import Run
 from lorq.quant import as_config
+from lorq.recovery.block import RECOVERY_BATCH, recover_block
 from lorq.util import dist
 from lorq.util.runtime import release_free_memory
 
@@ -41,6 +42,8 @@ def compress_blocks(run: Run) -> None:
     fisher_pass(run)
     plan_pass(run)
     inputs = run.capture() if run.needs_inputs else None
+    if inputs is not None and run.recovers and run.sequential:
+        run.reference = inputs.empty().copy_(inputs.hidden)  # the original model's stream
     run.advance = run.progress("decomposing", -(-len(run.targets) // run.world.size))
     for index in range(len(run.blocks)):
         inputs = block_step(run, index, inputs)
@@ -57,12 +60,17 @@ def block_step(run: Run, index: int, inputs: BlockInputs | None) -> BlockInputs 
     block = run.blocks.modules[index]
     targets = run.block_targets(index)
     hessians, original = _statistics(run, index, block, targets, inputs)
+    target = _original_output(run, block, inputs, original)
     compress_targets(run, targets, hessians, FisherStore.of(run).read(index))
+    extra = {"errors": {n: run.errors[n] for n in targets}}
+    if target is not None:
+        extra["recovery"] = _recover(run, index, block, inputs, target)
     _finalize(block, run.config.factor_bits)
     if inputs is not None:
         hidden = _forward(run, block, inputs) if run.sequential else original
         inputs = replace(inputs, hidden=hidden)
-    run.sink.write(index, run.model, part, {"errors": {n: run.errors[n] for n in targets}})
+        run.reference = target if run.reference is not None else None
+    run.sink.write(index, run.model, part, extra)
     _drop(run, part, targets)
     return inputs
 
@@ -75,10 +83,33 @@ def _statistics(run: Run, index: int, block, targets, inputs: BlockInputs | None
     if inputs is None:
         return None, None
     keep = not run.sequential
+    if not run.needs_hessians:  # the inputs flow for the recovery only
+        return None, (_forward(run, block, inputs) if keep else None)
     hessians, output = block_hessians(block, targets, inputs, keep, run.world)
     if run.on_statistics is not None:
         run.on_statistics(index, hessians)
     return hessians, output
+
+
+def _original_output(run: Run, block, inputs: BlockInputs | None, original):
+    """f_b(X) of the original block on the original model's inputs, the target of block-wise
+    recovery (None without recovery): the statistics' output when the stream is the original's,
+    else one more forward of the original block on the original stream."""
+    if not run.recovers or inputs is None:
+        return None
+    if run.reference is None:
+        return original
+    return _forward(run, block, replace(inputs, hidden=run.reference))
+
+
+def _recover(run: Run, index: int, block, inputs: BlockInputs, target) -> dict:
+    """Block-wise recovery of the compressed block (``lorq.recovery.block``), its losses."""
+    config = run.config
+    schedule = (config.recover_steps, config.recover_lr, RECOVERY_BATCH)
+    with decoded_once(block):
+        done = recover_block(block, inputs, target, *schedule)
+    run.recovered[index] = record = {"block": index, **asdict(done)}
+    return record
 
 
 def compress_targets(run: Run, targets: dict[str, nn.Module], hessians, fisher) -> None:
@@ -154,6 +185,10 @@ def _past_finished(run: Run, index: int, inputs: BlockInputs | None) -> BlockInp
     part = run.source.block_part(index)
     block = run.blocks.modules[index]
     targets = run.block_targets(index)
+    if run.reference is not None:  # the original stream moves through the original block
+        run.load(part, forward=True)
+        run.reference = _forward(run, block, replace(inputs, hidden=run.reference))
+        _drop(run, part, {})
     if run.sequential:
         run.sink.load_finished(run.model, index, run.device)
     else:

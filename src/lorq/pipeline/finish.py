@@ -37,7 +37,9 @@ def directory_meta(
         "files": {name: {"size": r["size"], "sha256": r["sha256"]} for name, r in shards.items()},
         "tensors": {k: v for r in shards.values() for k, v in r.get("tensor_sha256", {}).items()},
     }
-    return {**meta, **provenance}
+    records = [r["recovery"] for r in shards.values() if "recovery" in r]
+    recovery = {str(r["block"]): r for r in sorted(records, key=lambda r: r["block"])} or None
+    return {**meta, **provenance, "recovery": recovery}  # every block's, a resumed run's too
 
 
 def shard_index(shards: dict[str, dict]) -> dict[str, Any]:

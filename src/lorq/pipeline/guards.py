@@ -215,8 +215,7 @@ def text_needs(config: CompressConfig, calibration: Any, eval_blocks: int) -> li
     """What in a compress job needs the model's tokenizer (its text), as the options that ask
     for it; empty for, e.g., plain round-to-nearest without evaluation."""
     needs = []
-    collects = config.activations or config.fisher
-    if collects and (calibration is None or calibration.needs_tokenizer):
+    if config.calibrated and (calibration is None or calibration.needs_tokenizer):
         needs.append(
             f"the calibration text of weighting={config.weighting!r} / "
             f"rounding={config.rounding!r} (--weighting, --rounding)"

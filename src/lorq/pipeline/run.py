@@ -50,6 +50,8 @@ class Run:
     advance: Any = None  # the decomposition's progress, one step per target of this process
     on_statistics: Any = None  # callback(block index, Hessians) for tests and tools
     fisher_folder: bool = False  # the Fisher of this run is computed into the scratch folder
+    reference: torch.Tensor | None = None  # the original model's stream X (recovery, sequential)
+    recovered: dict = field(default_factory=dict)  # block index → its recovery (lorq.recovery)
     _tokens: torch.Tensor | None = None
 
     @property
@@ -69,12 +71,21 @@ class Run:
         return wanted and self.given.fisher is None
 
     @property
-    def needs_inputs(self) -> bool:
-        """Whether the blocks' calibration inputs flow: the decomposition or Q's rounding uses H
-        (not when given)."""
+    def needs_hessians(self) -> bool:
+        """Whether the decomposition or Q's rounding uses H (and it is not given)."""
         config = self.config
         wanted = uses_activations(config.weighting) or config.rounds_with_h
         return wanted and self.given.hessians is None
+
+    @property
+    def recovers(self) -> bool:
+        return self.config.recover == "block"
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the blocks' calibration inputs flow: the decomposition or Q's rounding uses H
+        (not when given), or the blocks are recovered."""
+        return self.needs_hessians or self.recovers
 
     @property
     def sequential(self) -> bool:
