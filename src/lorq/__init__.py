@@ -2,8 +2,8 @@
 
 W ≈ Q + s·B·A: a frozen, bit-packed quantized part Q and a small trainable low-rank part B·A.
 Every job is one call: ``compress_model`` (any source, into memory or a directory written as it
-goes; ``compress`` on a model in memory, in place), ``plan_model``, ``finetune``, ``merge``,
-``export``; ``save`` / ``load`` read and write lorq's own directory.
+goes; ``compress`` on a model in memory, in place), ``plan_model``, ``finetune``, ``recover``,
+``merge``, ``export``; ``save`` / ``load`` read and write lorq's own directory.
 """
 
 from lorq._version import __version__
@@ -18,9 +18,10 @@ from lorq.jobs.compress import CompressResult, compress, compress_model, plan_mo
 from lorq.jobs.export import export
 from lorq.jobs.finetune import finetune_model as finetune
 from lorq.jobs.merge import MergeResult, merge
+from lorq.jobs.recover import recover
 from lorq.jobs.statistics import estimate_fisher, estimate_hessians
 from lorq.quant import QuantConfig, QuantizedTensor, formats, presets, quantize
-from lorq.train.trainer import FinetuneConfig
+from lorq.train.trainer import FinetuneConfig, RecoverConfig
 
 __all__ = [
     "BudgetPlan",
@@ -33,6 +34,7 @@ __all__ = [
     "MergeResult",
     "QuantConfig",
     "QuantizedTensor",
+    "RecoverConfig",
     "__version__",
     "compress",
     "compress_model",
@@ -49,5 +51,6 @@ __all__ = [
     "plan_model",
     "presets",
     "quantize",
+    "recover",
     "save",
 ]

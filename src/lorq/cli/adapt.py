@@ -1,4 +1,4 @@
-"""Verbs that adapt and hand on a compressed model: finetune, merge, export.
+"""Verbs that adapt and hand on a compressed model: finetune, recover, merge, export.
 
 Each verb maps its options onto one library call and prints what it returns.
 """
@@ -30,7 +30,7 @@ class TrainingBar:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(
-                "loss {task.fields[loss]}  {task.fields[speed]} tok/s  ppl {task.fields[ppl]}"
+                "loss {task.fields[loss]}  {task.fields[speed]} tok/s  eval {task.fields[ppl]}"
             ),
             TimeElapsedColumn(),
             console=errors,
@@ -50,7 +50,8 @@ class TrainingBar:
                 speed=f"{values['tokens_per_s']:.0f}",
             )
         elif event == "eval" and self.task is not None:
-            self.bar.update(self.task, ppl=f"{values['perplexity']:.3f}")
+            value = values.get("perplexity", values.get("kl"))
+            self.bar.update(self.task, ppl=f"{value:.3f}")
 
     def close(self) -> None:
         self.bar.stop()
@@ -67,70 +68,138 @@ def _finetune_table(result, out: Path) -> Table:
     table.add_row("optimizer steps", str(result.steps))
     table.add_row("training loss (first → last step)", f"{first:.4f} → {last:.4f}")
     before, after = result.perplexity_before, result.perplexity_after
-    table.add_row("evaluation perplexity (before → after)", f"{before:.3f} → {after:.3f}")
+    metric = "KL to the original" if result.metric == "kl" else "perplexity"
+    table.add_row(f"evaluation {metric} (before → after)", f"{before:.4g} → {after:.4g}")
     table.add_row("tokens/s (training)", f"{result.tokens_per_second:.0f}")
     table.add_row("training time (s)", f"{result.seconds:.1f}")
     table.add_row("peak memory, whole process (MB)", f"{_peak_memory_mb():.0f}")
     return table
 
 
+DataOption = Annotated[
+    str, typer.Option(help="builtin, .txt, .jsonl (text/prompt/messages), hf:NAME")
+]
+StepsOption = Annotated[int | None, typer.Option(help="optimizer steps (default 100)")]
+EpochsOption = Annotated[float | None, typer.Option(help="epochs instead of --steps")]
+LrOption = Annotated[float, typer.Option(help="peak learning rate (cosine schedule)")]
+BatchOption = Annotated[int, typer.Option(help="sequences per device and step")]
+AccumOption = Annotated[int, typer.Option(help="gradient accumulation steps")]
+SeqLenOption = Annotated[int, typer.Option(help="tokens per training sequence")]
+RecomputeOption = Annotated[bool, typer.Option(help="recompute activations")]
+EvalEveryOption = Annotated[int, typer.Option(help="evaluate every N steps (0: before/after)")]
+EvalBlocksOption = Annotated[int, typer.Option(help="blocks of the built-in evaluation text")]
+SaveEveryOption = Annotated[int, typer.Option(help="checkpoint every N steps")]
+TrainableOption = Annotated[
+    list[str] | None, typer.Option(help="extra parameter-name regex to train (repeatable)")
+]
+ResumeOption = Annotated[bool, typer.Option(help="continue from OUT-checkpoints if present")]
+KeepOption = Annotated[bool, typer.Option(help="keep OUT-checkpoints at the end")]
+LowMemoryOption = Annotated[
+    bool, typer.Option(help="CPU: pin malloc's mmap threshold (less memory, slower steps)")
+]
+
+
 @app.command()
 def finetune(
     path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
-    data: Annotated[
-        str, typer.Option(help="builtin, .txt, .jsonl (text/prompt/messages), hf:NAME")
-    ] = ("builtin"),
-    steps: Annotated[int | None, typer.Option(help="optimizer steps (default 100)")] = None,
-    epochs: Annotated[float | None, typer.Option(help="epochs instead of --steps")] = None,
-    lr: Annotated[float, typer.Option(help="peak learning rate (cosine schedule)")] = 2e-4,
-    batch_size: Annotated[int, typer.Option(help="sequences per device and step")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
-    seq_len: Annotated[int, typer.Option(help="tokens per training sequence")] = 256,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="recompute activations")] = False,
-    eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0: before/after)")] = 0,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 25,
-    trainable: Annotated[
-        list[str] | None, typer.Option(help="extra parameter-name regex to train (repeatable)")
-    ] = None,
+    data: DataOption = "builtin",
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    lr: LrOption = 2e-4,
+    batch_size: BatchOption = 4,
+    grad_accum: AccumOption = 1,
+    seq_len: SeqLenOption = 256,
+    gradient_checkpointing: RecomputeOption = False,
+    eval_every: EvalEveryOption = 0,
+    eval_blocks: EvalBlocksOption = 16,
+    save_every: SaveEveryOption = 25,
+    trainable: TrainableOption = None,
     out: Annotated[
         Path | None, typer.Option(help="output directory (default: PATH-finetuned)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
-    resume: Annotated[bool, typer.Option(help="continue from OUT-checkpoints if present")] = True,
-    keep_checkpoints: Annotated[bool, typer.Option(help="keep OUT-checkpoints at the end")] = False,
-    low_memory: Annotated[
-        bool, typer.Option(help="CPU: pin malloc's mmap threshold (less memory, slower steps)")
-    ] = False,
+    resume: ResumeOption = True,
+    keep_checkpoints: KeepOption = False,
+    low_memory: LowMemoryOption = False,
 ) -> None:
     """Fine-tune the low-rank factors of a compressed model (transformers.Trainer underneath)."""
-    from lorq.io import load_with_tokenizer
-    from lorq.jobs.finetune import (
-        check_finetune_out,
-        default_finetune_out,
-        finetune_model,
-        is_main_process,
-    )
     from lorq.train.trainer import CONFIG_FIELDS, FinetuneConfig
+
+    with user_errors():
+        config = FinetuneConfig(**{k: v for k, v in locals().items() if k in CONFIG_FIELDS})
+    _train_job(path, config, out, dict(locals()), None)
+
+
+@app.command()
+def recover(
+    path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
+    top_k: Annotated[int, typer.Option(help="teacher tokens kept per position")] = 64,
+    teacher: Annotated[
+        str | None, typer.Option(help="the original model (default: lorq.json's source)")
+    ] = None,
+    data: DataOption = "builtin",
+    steps: StepsOption = None,
+    epochs: EpochsOption = None,
+    lr: LrOption = 1e-4,
+    batch_size: BatchOption = 4,
+    grad_accum: AccumOption = 1,
+    seq_len: SeqLenOption = 256,
+    gradient_checkpointing: RecomputeOption = False,
+    eval_every: EvalEveryOption = 0,
+    eval_blocks: EvalBlocksOption = 16,
+    save_every: SaveEveryOption = 25,
+    trainable: TrainableOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default: PATH-recovered)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing lorq directory")] = False,
+    resume: ResumeOption = True,
+    keep_checkpoints: KeepOption = False,
+    low_memory: LowMemoryOption = False,
+) -> None:
+    """Train the low-rank factors toward the original model's next-token distributions (KL on
+    its cached top-k), the fine-tune's conventions otherwise."""
+    from lorq.train.trainer import RECOVER_FIELDS, RecoverConfig
+
+    with user_errors():
+        config = RecoverConfig(**{k: v for k, v in locals().items() if k in RECOVER_FIELDS})
+    _train_job(path, config, out, dict(locals()), teacher or "")
+
+
+def _train_job(path: Path, config, out: Path | None, given: dict, teacher: str | None) -> None:
+    """``lorq finetune`` (``teacher`` None) or ``lorq recover`` (a teacher, "": the recorded
+    source): one library call, a table of what it did."""
+    from lorq.io import load_with_tokenizer
+    from lorq.jobs.finetune import check_finetune_out, default_finetune_out, is_main_process
     from lorq.util.runtime import fixed_mmap_threshold
 
-    if low_memory:
+    if given["low_memory"]:
         fixed_mmap_threshold()
     bar = TrainingBar()
     with user_errors():
-        config = FinetuneConfig(**{k: v for k, v in locals().items() if k in CONFIG_FIELDS})
-        out = out or default_finetune_out(path)
-        check_finetune_out(out, overwrite, inputs=[path])
+        suffix = "-finetuned" if teacher is None else "-recovered"
+        out = out or default_finetune_out(path, suffix)
+        check_finetune_out(out, given["overwrite"], inputs=[path])
         model, tokenizer = load_with_tokenizer(path)
         check_room(out, folder_nbytes(path))
-        options = dict(resume=resume, keep_checkpoints=keep_checkpoints, overwrite=overwrite)
-        options["source"] = str(path)
+        options = {k: given[k] for k in ("resume", "keep_checkpoints", "overwrite")}
         try:
-            result = finetune_model(model, tokenizer, config, out, monitor=bar, **options)
+            result = _train_call(model, tokenizer, config, out, options, str(path), teacher, bar)
         finally:
             bar.close()
     if is_main_process():
         console.print(_finetune_table(result, out))
         console.print(f"saved to {out}")
+
+
+def _train_call(model, tokenizer, config, out, options, source, teacher, bar):
+    from lorq.jobs.finetune import finetune_model
+    from lorq.jobs.recover import recover
+
+    if teacher is None:
+        return finetune_model(model, tokenizer, config, out, monitor=bar, source=source, **options)
+    return recover(model, tokenizer, config, out, teacher=teacher or None, monitor=bar,
+                   source=source, **options)  # fmt: skip
 
 
 def _merge_table(errors: dict) -> Table:

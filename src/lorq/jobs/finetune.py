@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from lorq.io.native import input_paths, is_lorq_dir, save
+from lorq.train.distill import Teacher
 from lorq.train.trainer import FinetuneConfig, FinetuneResult, Monitor, finetune
 from lorq.util.atomic import check_not_input, check_output, exclusive
 
@@ -99,10 +100,11 @@ def prepare_checkpoints(out: Path, config: FinetuneConfig, resume: bool) -> tupl
     return folder, changes
 
 
-def default_finetune_out(path: str | Path) -> Path:
-    """``PATH-finetuned`` beside the model directory ``path`` (``.`` included)."""
+def default_finetune_out(path: str | Path, suffix: str = "-finetuned") -> Path:
+    """``PATH-finetuned`` (or another ``suffix``) beside the model directory ``path`` (``.``
+    included)."""
     folder = Path(path).resolve()
-    return folder.with_name(folder.name + "-finetuned")
+    return folder.with_name(folder.name + suffix)
 
 
 def check_finetune_out(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
@@ -123,6 +125,7 @@ def finetune_model(
     overwrite: bool = False,
     monitor: Monitor | None = None,
     source: str | None = None,
+    teacher: Teacher | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model``'s LoRA factors (in place) and save it to ``out`` as a lorq model.
 
@@ -136,7 +139,7 @@ def finetune_model(
     with exclusive(out, check) if is_main_process() else contextlib.nullcontext():
         checkpoints, changes = prepare_checkpoints(out, config, resume)
         try:
-            result = finetune(model, tokenizer, config, checkpoints, resume, monitor)
+            result = finetune(model, tokenizer, config, checkpoints, resume, monitor, teacher)
         except BaseException:
             if not any(checkpoints.glob("checkpoint-*")):  # nothing to resume from: no trace
                 shutil.rmtree(checkpoints, ignore_errors=True)
@@ -145,7 +148,9 @@ def finetune_model(
             return result
         record = {"config": config.to_dict(), "result": result.to_dict(), "from": source}
         record["changed_on_resume"] = changes
-        save(model, out, tokenizer, {"finetune": record}, overwrite)
+        if teacher is not None:
+            record["teacher"] = teacher.identity
+        save(model, out, tokenizer, {"recover" if teacher else "finetune": record}, overwrite)
         if not keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
     return result

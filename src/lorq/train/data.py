@@ -197,4 +197,7 @@ class Collator:
             ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch_out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "index" in batch[0]:  # distillation: which cached teacher rows each example has
+            batch_out["index"] = torch.tensor([item["index"] for item in batch])
+        return batch_out

@@ -31,6 +31,7 @@ from torch import nn
 from lorq.config import _Serializable
 from lorq.text.corpus import TextConfig, load_blocks
 from lorq.train.data import Collator, ExampleDataset, training_examples
+from lorq.train.distill import Teacher, distill_loss, indexed, seen_examples, teacher_caches
 
 TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_FILE = "lorq_complete"  # written last, atomically: the checkpoint is whole
@@ -92,6 +93,24 @@ class FinetuneConfig(_Serializable):
 
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(FinetuneConfig))
+TOP_K = 64  # teacher tokens kept per position (ALGORITHMS.md §9: 64–256)
+
+
+@dataclass(frozen=True)
+class RecoverConfig(FinetuneConfig):
+    """What end-to-end recovery does: a fine-tune whose loss is the KL to the original model's
+    next-token distributions, kept as their ``top_k`` (``lorq.recovery.topk``)."""
+
+    lr: float = 1e-4
+    top_k: int = TOP_K
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k!r} is not supported; allowed: an integer ≥ 1")
+
+
+RECOVER_FIELDS = frozenset(f.name for f in dataclasses.fields(RecoverConfig))
 
 
 @dataclass
@@ -100,7 +119,8 @@ class FinetuneResult:
 
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)
-    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, perplexity)
+    evaluations: list[tuple[int, float]] = field(default_factory=list)  # (step, metric)
+    metric: str = "perplexity"  # of the evaluations: perplexity, or kl (distillation)
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: str | None = None
@@ -122,6 +142,7 @@ class FinetuneResult:
             "steps": self.steps,
             "losses": self.losses,
             "evaluations": self.evaluations,
+            "metric": self.metric,
             "tokens": self.tokens,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
@@ -171,7 +192,17 @@ def _trainer_class():
     import transformers
 
     class LorqTrainer(transformers.Trainer):
-        """Checkpoints hold the trainable tensors only (the frozen Q never changes)."""
+        """Checkpoints hold the trainable tensors only (the frozen Q never changes). With
+        ``caches`` the loss is the KL to the cached teacher (``lorq.train.distill``)."""
+
+        caches = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            if self.caches is None:
+                return super().compute_loss(model, inputs, return_outputs, **kwargs)
+            cache = self.caches.train if model.training else self.caches.eval
+            loss = distill_loss(model, inputs, cache)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             directory = Path(output_dir or self.args.output_dir)
@@ -278,8 +309,10 @@ def _watch(result: FinetuneResult, monitor: Monitor | None, state: dict[str, Any
         def on_log(self, args, trainer_state, control, logs=None, **kwargs):
             step, logs = trainer_state.global_step, logs or {}
             if "eval_loss" in logs:
-                result.evaluations.append((step, math.exp(logs["eval_loss"])))
-                emit("eval", {"step": step, "perplexity": result.evaluations[-1][1]})
+                value = logs["eval_loss"]
+                value = math.exp(value) if result.metric == "perplexity" else value
+                result.evaluations.append((step, value))
+                emit("eval", {"step": step, result.metric: value})
             if "loss" not in logs:
                 return
             if not math.isfinite(logs["loss"]):
@@ -339,6 +372,19 @@ def _train(trainer, resumed: str | None) -> None:
         ) from None
 
 
+def _datasets(examples, blocks: torch.Tensor, teacher: Teacher | None, config, checkpoints):
+    """The training and evaluation datasets, and with a teacher its caches (each item then
+    carries its ``index`` into them)."""
+    train = ExampleDataset(examples)
+    evaluation = [{"input_ids": row, "labels": row} for row in blocks.tolist()]
+    if teacher is None:
+        return train, evaluation, None
+    examples = seen_examples(examples, config.steps, config.batch_size * config.grad_accum)
+    caches = teacher_caches(teacher, examples, blocks, config.top_k, checkpoints)
+    train = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    return indexed(train), indexed(evaluation), caches
+
+
 def finetune(
     model: nn.Module,
     tokenizer: Any,
@@ -346,8 +392,11 @@ def finetune(
     checkpoints: str | Path,
     resume: bool = True,
     monitor: Monitor | None = None,
+    teacher: Teacher | None = None,
 ) -> FinetuneResult:
     """Train the LoRA factors of a compressed ``model`` in place; checkpoints under ``checkpoints``.
+    With ``teacher`` (a :class:`RecoverConfig`), toward the teacher's next-token distributions
+    instead of the text's next tokens (``lorq.train.distill``).
 
     With ``resume``, the newest checkpoint there is continued (same parameters as an uninterrupted
     run). A NaN / infinite loss stops training before the bad step is checkpointed and raises
@@ -362,16 +411,19 @@ def finetune(
     text = TextConfig(seq_len=config.seq_len, max_blocks=config.eval_blocks)
     blocks = load_blocks(tokenizer, text, "evaluation")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result, state = FinetuneResult(steps=0), {}
+    result, state = FinetuneResult(steps=0, metric="kl" if teacher else "perplexity"), {}
     resumed = last_checkpoint(checkpoints) if resume else None
+    train, evaluation, caches = _datasets(examples, blocks, teacher, config, checkpoints)
     trainer = _trainer_class()(
         model=model,
         args=_arguments(config, checkpoints),
-        train_dataset=ExampleDataset(examples),
-        eval_dataset=[{"input_ids": row, "labels": row} for row in blocks.tolist()],
+        train_dataset=train,
+        eval_dataset=evaluation,
         data_collator=Collator(0 if pad is None else pad),
         callbacks=[_watch(result, monitor, state)],
     )
+    if teacher is not None:
+        trainer.caches, trainer.model_accepts_loss_kwargs = caches, False  # a per-batch mean
     trainer.remove_callback(PrinterCallback)  # lorq reports through ``monitor``
     trainer.evaluate()
     _train(trainer, resumed)

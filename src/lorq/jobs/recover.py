@@ -1,0 +1,54 @@
+"""The ``lorq recover`` job as one library call: end-to-end recovery of a compressed model
+(ALGORITHMS.md §9) — the fine-tune job with the KL to the original model as its loss.
+
+    lorq model ─▶ teacher cache (the original's top-k, once) ─▶ train B, A ─▶ lorq model in ``out``
+
+The original is the model the directory's lorq.json names as its source (or ``teacher``); it is
+loaded once to make the cache and let go before training. Checkpoints, resume, progress and the
+saved provenance (``recover``: config, result, teacher) follow ``lorq finetune``'s conventions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorq.io.models import load_model, recorded_model
+from lorq.io.native import model_meta
+from lorq.jobs.finetune import finetune_model
+from lorq.train.distill import Teacher
+from lorq.train.trainer import FinetuneResult, RecoverConfig
+
+RECOVERED = "-recovered"  # the default output: PATH-recovered beside the input
+
+
+def teacher_of(model: nn.Module, teacher: str | None = None) -> Teacher:
+    """The original of ``model``: ``teacher`` (a model name or path) or its recorded source."""
+    name = teacher or recorded_model(model_meta(model).get("source") or {})
+    if name is None:
+        raise ValueError(
+            "the model's lorq.json names no original model to recover toward; pass teacher= "
+            "(--teacher NAME_OR_PATH)"
+        )
+    return Teacher(lambda: load_model(name, with_tokenizer=False, packed=True).model.eval(),
+                   {"teacher": name})  # fmt: skip
+
+
+def recover(
+    model: nn.Module,
+    tokenizer: Any,
+    config: RecoverConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    teacher: str | None = None,
+    **options: Any,
+) -> FinetuneResult:
+    """Train ``model``'s factors (in place) toward its original's next-token distributions and
+    save it to ``out``; ``options`` as :func:`lorq.jobs.finetune.finetune_model`'s."""
+    if out is None:
+        raise ValueError("recover needs out= (the CLI's default is PATH-recovered)")
+    config = config or RecoverConfig()
+    return finetune_model(model, tokenizer, config, out, teacher=teacher_of(model, teacher),
+                          **options)  # fmt: skip
