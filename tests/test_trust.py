@@ -239,6 +239,8 @@ CASES = [
     ([*COMPRESS, "--method", "qa-lora", "--budget-mb", "50"], "budget_mb=50.0 is not supported"),
     ([*COMPRESS, "--budget-mb", "50", "--plan", "IN/list.json"], "give --plan or --budget-mb"),
     ([*COMPRESS, "--recover", "layer"], "recover='layer' is not supported"),
+    (["recover", "IN/lorq", "--top-k", "0"], "top_k=0 is not supported"),
+    (["recover", "IN/lorq", "--lr", "0"], "lr=0.0 is not supported"),
     ([*COMPRESS, "--recover", "block", "--method", "plain"], "method='plain' has none"),
     ([*COMPRESS, "--recover", "block", "--recover-lr", "2"], "recover_lr=2.0 is not supported"),
     ([*COMPRESS, "--recover", "block", "--recover-steps", "-1"], "recover_steps=-1 is not"),
@@ -314,11 +316,13 @@ BROKEN = {
     "lorq-types": "wrong JSON type",
 }
 READERS = [["eval", "D"], ["generate", "D", "--prompt", "hi"], ["finetune", "D", "--out", "o"],
-           ["merge", "D", "--out", "o"], ["export", "D", "--out", "o"]]  # fmt: skip
+           ["recover", "D", "--out", "o"], ["merge", "D", "--out", "o"],
+           ["export", "D", "--out", "o"]]  # fmt: skip
 # every verb that writes × every bad output location: (args, its input, --overwrite, refusals)
 WRITERS = {
     "compress": (COMPRESS, "TINY", True, ["not a lorq model directory"] * 2),
     "finetune": (["finetune", "IN/lorq"], "IN/lorq", True, ["not a lorq model directory"] * 2),
+    "recover": (["recover", "IN/lorq"], "IN/lorq", True, ["not a lorq model directory"] * 2),
     "merge": (["merge", "IN/lorq"], "IN/lorq", True, ["not a lorq export directory"] * 2),
     "export": (["export", "IN/lorq"], "IN/lorq", True, ["not a lorq export directory"] * 2),
     "plan": (["plan", "--budget", "3", "--model", "TINY"], None, False,

@@ -152,13 +152,18 @@ def job_plan_weighting(
     activation-weighted decompositions gave the lowest KL at 2.75 and 3.25 bits), else as given."""
     if plan_weighting is not None or weighting is not None or budget is None:
         return plan_weighting
+    return "fisher" if causal_model(model) else None
+
+
+def causal_model(model: str) -> bool:
+    """Whether ``model`` is a causal LM (False when it cannot be read: the pre-work check
+    reports what is wrong with it)."""
     from lorq.io.models import is_causal, resolve, source_config
 
     try:
-        causal = is_causal(source_config(resolve(model)))
-    except (ValueError, OSError):  # the pre-work check reports what is wrong with the model
-        return None
-    return "fisher" if causal else None
+        return is_causal(source_config(resolve(model)))
+    except (ValueError, OSError):
+        return False
 
 
 def calibration_of(source: str, seq_len: int, tokens: int | None):

@@ -216,9 +216,10 @@ def text_needs(config: CompressConfig, calibration: Any, eval_blocks: int) -> li
     for it; empty for, e.g., plain round-to-nearest without evaluation."""
     needs = []
     if config.calibrated and (calibration is None or calibration.needs_tokenizer):
+        recovery = f" / recover={config.recover!r}" if config.recover != "none" else ""
         needs.append(
             f"the calibration text of weighting={config.weighting!r} / "
-            f"rounding={config.rounding!r} (--weighting, --rounding)"
+            f"rounding={config.rounding!r}{recovery} (--weighting, --rounding, --recover)"
         )
     if eval_blocks > 0:
         needs.append("the evaluation (eval_blocks; --eval-blocks 0 skips it)")

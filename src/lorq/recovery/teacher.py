@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorq.nn import decoded_once
 from lorq.recovery.topk import TopK
 
 Positions = Sequence[int]  # the positions of one example whose next-token distribution counts
@@ -90,7 +91,7 @@ def build_cache(
     parts: list[TopK] = []
     offsets = [0]
     device = next(teacher.parameters()).device
-    with torch.no_grad():
+    with torch.no_grad(), decoded_once(teacher):  # a packed teacher: decoded once, not per example
         for ids, positions in examples:
             logits = teacher(input_ids=torch.tensor([list(ids)], device=device)).logits[0]
             parts.append(TopK.of(logits[list(positions)].cpu(), k))
