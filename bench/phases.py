@@ -6,6 +6,9 @@ compression, evaluation and save functions (what ``lorq.compress_model`` and ``l
 wrapped to record RSS at their start, their peak and their end (anonymous and file-backed RSS at
 the end, from /proc/self/status).
 
+Its own ``peak_mb`` is the job's peak: ``/usr/bin/time -v`` around this script reports less,
+since resetting VmHWM also resets the high-water mark the kernel reports at exit.
+
     python bench/phases.py                      # the default job, into /tmp/bench-phases
     python bench/phases.py -- --eval-blocks 4   # extra arguments go to lorq compress
 """
@@ -74,7 +77,7 @@ def main() -> None:
 
     from lorq.cli import app
 
-    names = ("lorq.jobs.compress", "lorq.evaluation.measure", "lorq.io", "lorq.io.models")
+    names = ("lorq.jobs.compress_run", "lorq.evaluation.measure", "lorq.io", "lorq.io.models")
     compress, evaluate, io, models = map(importlib.import_module, names)
 
     after_imports = status()

@@ -16,7 +16,7 @@ the original model's), each compressed both ways, KL / perplexity on 8 evaluatio
 duplicated code the ``duplicates`` tool finds in each.
 
     python bench/pipeline.py --part default --before /tmp/before/src
-    python bench/pipeline.py --part grid
+    python bench/pipeline.py --part grid [--budgets 2.75 3.0 3.25]
     python bench/pipeline.py --part lines --before /tmp/before/src
 
 Results: bench/results/pipeline.json (merged by part), a table on stdout.
@@ -89,10 +89,10 @@ def part_grid(args) -> list[dict]:
     loaded = lorq.io.models.load_model("smollm2", packed=True)
     tokens = Calibration().load(loaded.tokenizer)
     config = lorq.CompressConfig(
-        budget=BUDGETS[0], weighting="activations", plan_weighting="fisher"
+        budget=args.budgets[0], weighting="activations", plan_weighting="fisher"
     )
     start = time.perf_counter()
-    plans = plan_budgets_for(loaded.model, config, list(BUDGETS), calibration=tokens)
+    plans = plan_budgets_for(loaded.model, config, args.budgets, calibration=tokens)
     print(f"plans: {time.perf_counter() - start:.0f} s", flush=True)
     text = Evaluation(loaded.tokenizer, args.eval_blocks)
     rows = []
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--part", choices=("default", "grid", "lines"), required=True)
     parser.add_argument("--before", type=Path, help="the src folder of the code to compare with")
     parser.add_argument("--eval-blocks", type=int, default=8)
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     args = parser.parse_args()
     rows = {"default": part_default, "grid": part_grid, "lines": part_lines}[args.part](args)
     save(args.part, rows)

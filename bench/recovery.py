@@ -1,0 +1,132 @@
+"""Block-wise recovery (``--recover block``, ALGORITHMS.md §9) on the built-in SmolLM2.
+
+The default job's configuration (LQ-LoRA, nf3, r = 16, activation weighting, block-sequential,
+64 × 128 calibration tokens) and, with ``--budget``, Fisher-planned mixed precision at that
+budget, each compressed without recovery and with it at every ``--lr`` (same calibration tokens,
+same plan): seconds of the compression, and KL / perplexity against the original on
+``--eval-blocks`` blocks of the built-in evaluation split (text neither calibration saw nor
+recovery trained on). One process, one run after the other.
+
+    python bench/recovery.py                               # the default job, lr 1e-4 and 1e-3
+    python bench/recovery.py --budget 2.75 --lr 1e-3       # a budget plan
+    python bench/recovery.py --end-to-end --steps 40       # lorq recover after the default job
+
+``--end-to-end``: the default job's model saved, then ``lorq.recover`` (the KL to the original on
+its cached top-64, ``--steps`` AdamW steps of 4 × 128 tokens of the built-in training text at each
+``--lr``), each result measured the same way as above; seconds of the recovery (teacher cache
+included).
+
+Results: bench/results/recovery.json (merged by configuration), a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "recovery.json"
+
+
+def rows_for(config, lrs: list[float], steps: int, eval_blocks: int) -> list[dict]:
+    """The compression of ``config`` without recovery and with it at each learning rate."""
+    import lorq
+    from lorq.calibrate.tokens import Calibration
+    from lorq.evaluation.measure import measure
+    from lorq.jobs.compress import plan_budgets_for
+    from lorq.jobs.evaluate import Evaluation
+    from lorq.model.targets import shared_copy
+
+    loaded = lorq.io.models.load_model("smollm2", packed=True)
+    tokens = Calibration().load(loaded.tokenizer)
+    plan = None
+    if config.budget is not None:
+        plan = plan_budgets_for(loaded.model, config, [config.budget], calibration=tokens)[0]
+    text = Evaluation(loaded.tokenizer, eval_blocks)
+    runs = [("none", replace(config, recover="none"))]
+    runs += [(f"block, lr {lr:g}", replace(config, recover="block", recover_steps=steps,
+                                           recover_lr=lr)) for lr in lrs]  # fmt: skip
+    rows = []
+    for label, run in runs:
+        start = time.perf_counter()
+        model = lorq.compress(shared_copy(loaded.model), run, tokens, plan=plan).model
+        seconds = time.perf_counter() - start
+        result = measure(model, text.blocks, loaded.model, "").result
+        del model
+        rows.append({"recover": label, "steps": run.recover_steps if run.recover == "block" else 0,
+                     "seconds": round(seconds, 1), "kl": result.kl,
+                     "perplexity": result.perplexity})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def end_to_end_rows(lrs: list[float], steps: int, eval_blocks: int) -> list[dict]:
+    """The default job's model, then recovered end to end at each learning rate."""
+    import tempfile
+
+    import lorq
+    from lorq.evaluation.measure import measure
+    from lorq.jobs.evaluate import Evaluation
+
+    loaded = lorq.io.models.load_model("smollm2", packed=True)
+    text = Evaluation(loaded.tokenizer, eval_blocks)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lorq-recovery-") as work:
+        start = time.perf_counter()
+        config = lorq.CompressConfig(weighting="activations")  # the default job
+        result = lorq.compress_model("smollm2", config, eval_blocks=0)
+        lorq.save(result.model, Path(work) / "c", loaded.tokenizer)
+        seconds = time.perf_counter() - start
+        for lr in [None, *lrs]:
+            model = lorq.load(Path(work) / "c")
+            if lr is not None:
+                start = time.perf_counter()
+                config = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps)
+                lorq.recover(model, loaded.tokenizer, config, Path(work) / f"r{lr:g}")
+                seconds = time.perf_counter() - start
+            measured = measure(model, text.blocks, loaded.model, "").result
+            rows.append({"recover": "none" if lr is None else f"end-to-end, lr {lr:g}",
+                         "steps": steps if lr else 0, "seconds": round(seconds, 1),
+                         "kl": measured.kl, "perplexity": measured.perplexity})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, help="bits/parameter of a Fisher plan")
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--end-to-end", action="store_true", help="lorq recover (module doc)")
+    args = parser.parse_args()
+    if args.end_to_end:
+        return report("end to end", end_to_end_rows(args.lr, args.steps, args.eval_blocks))
+
+    import lorq
+
+    config = lorq.CompressConfig(weighting="activations")
+    if args.budget is not None:
+        config = replace(config, budget=args.budget, plan_weighting="fisher")
+    rows = rows_for(config, args.lr, args.steps, args.eval_blocks)
+    report("default job" if args.budget is None else f"budget {args.budget:g}", rows)
+
+
+def report(key: str, rows: list[dict]) -> None:
+    """``rows`` into the results file under ``key``, and a table on stdout."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[key] = {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"| {key} | recovery | steps | seconds | KL | perplexity |\n|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| | {row['recover']} | {row['steps']} | {row['seconds']} | {row['kl']:.4f} | "
+              f"{row['perplexity']:.3f} |")  # fmt: skip
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
