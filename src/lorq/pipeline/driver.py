@@ -77,14 +77,14 @@ def block_step(run: Run, index: int, inputs: BlockInputs | None) -> BlockInputs 
 
 def _statistics(run: Run, index: int, block, targets, inputs: BlockInputs | None):
     """(H of the block's targets, the original block's output) — (None, None) without inputs;
-    given statistics are used as they are."""
-    if run.given.hessians is not None:
-        return {n: run.given.hessians[n] for n in targets if n in run.given.hessians}, None
+    given statistics are used as they are (the inputs then flow for the recovery only)."""
+    keep = not run.sequential
+    given = run.given.hessians
+    if given is not None or not run.needs_hessians:
+        hessians = {n: given[n] for n in targets if n in given} if given is not None else None
+        return hessians, (_forward(run, block, inputs) if inputs is not None and keep else None)
     if inputs is None:
         return None, None
-    keep = not run.sequential
-    if not run.needs_hessians:  # the inputs flow for the recovery only
-        return None, (_forward(run, block, inputs) if keep else None)
     hessians, output = block_hessians(block, targets, inputs, keep, run.world)
     if run.on_statistics is not None:
         run.on_statistics(index, hessians)
