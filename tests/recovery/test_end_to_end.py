@@ -97,3 +97,11 @@ def test_a_model_without_a_recorded_original_needs_a_teacher(compressed, tmp_pat
     lorq.save(model, copy, AutoTokenizer.from_pretrained(compressed))
     result = run("recover", copy, *TRAIN, "--out", tmp_path / "r")
     assert result.exit_code == 2 and "--teacher" in result.output, result.output
+
+
+def test_the_library_refuses_a_finetune_config(compressed, tmp_path):
+    model = lorq.load(compressed)
+    tokenizer = AutoTokenizer.from_pretrained(compressed)
+    with pytest.raises(ValueError, match="takes a RecoverConfig"):
+        lorq.recover(model, tokenizer, lorq.FinetuneConfig(steps=1), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -50,5 +50,10 @@ def recover(
     if out is None:
         raise ValueError("recover needs out= (the CLI's default is PATH-recovered)")
     config = config or RecoverConfig()
+    if not isinstance(config, RecoverConfig):
+        raise ValueError(
+            f"recover takes a RecoverConfig (its top_k and training settings), not "
+            f"{type(config).__name__}; use lorq.finetune for a next-token fine-tune"
+        )
     return finetune_model(model, tokenizer, config, out, teacher=teacher_of(model, teacher),
                           **options)  # fmt: skip
