@@ -112,7 +112,8 @@ def capture_inputs(
     return inputs
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_output(output: Any) -> torch.Tensor:
+    """A block's hidden states: its output, or the first element of the tuple it returns."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -124,5 +125,5 @@ def run_block(
     out = torch.empty_like(inputs.hidden) if out is None else out
     with torch.no_grad(), decoded_once(block):
         for i, (args, kwargs) in enumerate(inputs.kwargs):
-            out[i] = _first(block(inputs.hidden[i : i + 1], *args, **kwargs))[0]
+            out[i] = first_output(block(inputs.hidden[i : i + 1], *args, **kwargs))[0]
     return out

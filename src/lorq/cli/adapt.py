@@ -127,7 +127,7 @@ def finetune(
 
     with user_errors():
         config = FinetuneConfig(**{k: v for k, v in locals().items() if k in CONFIG_FIELDS})
-    _train_job(path, config, out, dict(locals()), None)
+    _train_job(path, config, out, dict(locals()))
 
 
 @app.command()
@@ -163,27 +163,31 @@ def recover(
 
     with user_errors():
         config = RecoverConfig(**{k: v for k, v in locals().items() if k in RECOVER_FIELDS})
-    _train_job(path, config, out, dict(locals()), teacher or "")
+    _train_job(path, config, out, dict(locals()))
 
 
-def _train_job(path: Path, config, out: Path | None, given: dict, teacher: str | None) -> None:
-    """``lorq finetune`` (``teacher`` None) or ``lorq recover`` (a teacher, "": the recorded
-    source): one library call, a table of what it did."""
+def _train_job(path: Path, config, out: Path | None, given: dict) -> None:
+    """``lorq finetune``, or ``lorq recover`` for a :class:`RecoverConfig` (its ``--teacher``
+    in ``given``): one library call, a table of what it did."""
     from lorq.io import load_with_tokenizer
     from lorq.jobs.finetune import check_finetune_out, default_finetune_out, is_main_process
+    from lorq.jobs.recover import RECOVERED
+    from lorq.train.trainer import RecoverConfig
     from lorq.util.runtime import fixed_mmap_threshold
 
     if given["low_memory"]:
         fixed_mmap_threshold()
     bar = TrainingBar()
     with user_errors():
-        suffix = "-finetuned" if teacher is None else "-recovered"
-        out = out or default_finetune_out(path, suffix)
+        if out is None and isinstance(config, RecoverConfig):
+            out = default_finetune_out(path, RECOVERED)
+        out = out or default_finetune_out(path)
         check_finetune_out(out, given["overwrite"], inputs=[path])
         model, tokenizer = load_with_tokenizer(path)
         check_room(out, folder_nbytes(path))
         options = {k: given[k] for k in ("resume", "keep_checkpoints", "overwrite")}
         try:
+            teacher = given.get("teacher")  # recover's --teacher (None: the recorded source)
             result = _train_call(model, tokenizer, config, out, options, str(path), teacher, bar)
         finally:
             bar.close()
@@ -193,13 +197,15 @@ def _train_job(path: Path, config, out: Path | None, given: dict, teacher: str |
 
 
 def _train_call(model, tokenizer, config, out, options, source, teacher, bar):
+    """finetune_model, or for a RecoverConfig recover (``teacher`` None: the recorded source)."""
     from lorq.jobs.finetune import finetune_model
     from lorq.jobs.recover import recover
+    from lorq.train.trainer import RecoverConfig
 
-    if teacher is None:
+    if not isinstance(config, RecoverConfig):
         return finetune_model(model, tokenizer, config, out, monitor=bar, source=source, **options)
-    return recover(model, tokenizer, config, out, teacher=teacher or None, monitor=bar,
-                   source=source, **options)  # fmt: skip
+    return recover(model, tokenizer, config, out, teacher=teacher, monitor=bar, source=source,
+                   **options)  # fmt: skip
 
 
 def _merge_table(errors: dict) -> Table:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorq.calibrate.blocks import BlockInputs
+from lorq.calibrate.blocks import BlockInputs, first_output
 
 FACTORS = ("lora_A", "lora_B")
 RECOVERY_BATCH = 4  # calibration sequences per step
@@ -36,10 +36,6 @@ class Recovered:
     stopped: int | None = None  # the step whose loss was not finite, when one was
 
 
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def block_loss(block: nn.Module, inputs: BlockInputs, target: torch.Tensor, rows=None):
     """Mean squared error of block(X̂) against ``target`` over the sequences ``rows`` (all when
     None), every element weighted alike; a scalar tensor (with gradients when enabled)."""
@@ -47,7 +43,7 @@ def block_loss(block: nn.Module, inputs: BlockInputs, target: torch.Tensor, rows
     total, count = 0.0, 0
     for i in rows:
         args, kwargs = inputs.kwargs[i]
-        y = _first(block(inputs.hidden[i : i + 1], *args, **kwargs))
+        y = first_output(block(inputs.hidden[i : i + 1], *args, **kwargs))
         total = total + (y.float() - target[i : i + 1].float()).pow(2).sum()
         count += y.numel()
     return total / count
