@@ -30,7 +30,7 @@ lint: install
 	$(BIN)/ruff format --check
 
 test: lint
-	$(BIN)/pytest -q -m "not slow and not scale and not llamacpp"
+	$(BIN)/pytest -q -m "not slow and not scale and not llamacpp" --durations=25
 
 # the tests on the built-in real models (SmolLM2, MiniLM; ~10 min)
 test-slow: install

@@ -82,7 +82,14 @@ LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq 
     ("lorq ILP gguf + GPTQ, Fisher plan 87.5 MiB r8", {**FISHER_ILP, "budget_mb": 87.5, "rank": 8}),
     ("lorq ILP gguf + GPTQ, Fisher plan 89.2 MiB r8", {**FISHER_ILP, "budget_mb": 89.2, "rank": 8}),
     ("lorq ILP gguf + GPTQ, Fisher plan 100.6 MiB r16", {**FISHER_ILP, "budget_mb": 100.6}),
-)
+    *(
+        (
+            f"lorq ILP gguf + GPTQ, Fisher plan {mib} MiB r{rank} + block recovery",
+            {**FISHER_ILP, "budget_mb": mib, "rank": rank, "recover": "block"},
+        )
+        for mib, rank in ((84.1, 4), (87.5, 8), (89.2, 8), (100.6, 16))
+    ),
+)  # (block recovery: factors and the types' d / dmin, 100 steps a block, ALGORITHMS.md §9)
 
 
 def tools() -> Path:

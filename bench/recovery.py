@@ -31,8 +31,21 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recovery.json"
 
 
-def rows_for(config, lrs: list[float], steps: int, eval_blocks: int) -> list[dict]:
-    """The compression of ``config`` without recovery and with it at each learning rate."""
+def block_runs(config, lrs: list[float], scale_lrs: list[float], steps: int) -> list:
+    """(label, config): no recovery, then block-wise at each factor and scale learning rate
+    (scale lr 0: the factors only)."""
+    runs = [("none", replace(config, recover="none"))]
+    for lr in lrs:
+        for scale_lr in scale_lrs:
+            label = f"block, lr {lr:g}" + (f", scales {scale_lr:g}" if scale_lr else "")
+            scales = {"recover_scales": bool(scale_lr), "recover_scale_lr": scale_lr or 1e-3}
+            run = replace(config, recover="block", recover_steps=steps, recover_lr=lr, **scales)
+            runs.append((label, run))
+    return runs
+
+
+def rows_for(config, runs: list, eval_blocks: int) -> list[dict]:
+    """The compression of each of ``runs`` (label, config), measured."""
     import lorq
     from lorq.calibrate.tokens import Calibration
     from lorq.evaluation.measure import measure
@@ -46,9 +59,6 @@ def rows_for(config, lrs: list[float], steps: int, eval_blocks: int) -> list[dic
     if config.budget is not None:
         plan = plan_budgets_for(loaded.model, config, [config.budget], calibration=tokens)[0]
     text = Evaluation(loaded.tokenizer, eval_blocks)
-    runs = [("none", replace(config, recover="none"))]
-    runs += [(f"block, lr {lr:g}", replace(config, recover="block", recover_steps=steps,
-                                           recover_lr=lr)) for lr in lrs]  # fmt: skip
     rows = []
     for label, run in runs:
         start = time.perf_counter()
@@ -99,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, help="bits/parameter of a Fisher plan")
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-3])
+    parser.add_argument("--scale-lr", type=float, nargs="+", default=[0.0, 1e-3],
+                        help="the scales' rates (0: factors only)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--end-to-end", action="store_true", help="lorq recover (module doc)")
@@ -111,7 +123,8 @@ def main() -> None:
     config = lorq.CompressConfig(weighting="activations")
     if args.budget is not None:
         config = replace(config, budget=args.budget, plan_weighting="fisher")
-    rows = rows_for(config, args.lr, args.steps, args.eval_blocks)
+    runs = block_runs(config, args.lr, args.scale_lr, args.steps)
+    rows = rows_for(config, runs, args.eval_blocks)
     report("default job" if args.budget is None else f"budget {args.budget:g}", rows)
 
 

@@ -241,7 +241,7 @@ CASES = [
     ([*COMPRESS, "--recover", "layer"], "recover='layer' is not supported"),
     (["recover", "IN/lorq", "--top-k", "0"], "top_k=0 is not supported"),
     (["recover", "IN/lorq", "--lr", "0"], "lr=0.0 is not supported"),
-    ([*COMPRESS, "--recover", "block", "--method", "plain"], "method='plain' has none"),
+    ([*COMPRESS, "--recover", "block", "--recover-scale-lr", "5"], "recover_scale_lr=5.0 is not"),
     ([*COMPRESS, "--recover", "block", "--recover-lr", "2"], "recover_lr=2.0 is not supported"),
     ([*COMPRESS, "--recover", "block", "--recover-steps", "-1"], "recover_steps=-1 is not"),
     ([*COMPRESS, "--weighting", "activations", "--calibration-tokens", "0"], "calibration-tokens"),

@@ -40,23 +40,27 @@ DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # docs/algorithms.md §2.2 (T = 5),
 WEIGHTINGS = ("none", "fisher", "activations", "both")
 ROUNDINGS = ("nearest", "weighted", "gptq")
 DAMP = 0.01  # λ of H_λ = H + λ·mean(diag H)·I (docs/algorithms.md §5)
-# Block-wise recovery (docs/algorithms.md §9): Adam steps of 4 calibration sequences and the
-# factors' learning rate (EfficientQAT's Block-AP: ~1e-4 for the factors)
+# Block-wise recovery (docs/algorithms.md §9): Adam steps of 4 calibration sequences, the
+# factors' learning rate (EfficientQAT's Block-AP: ~1e-4 for the factors) and the scales' (in
+# units of their matrix's mean scale, lorq.nn.scales)
 RECOVER_STEPS = 100
 RECOVER_LR = 1e-4
+RECOVER_SCALE_LR = 1e-3
 
 
-def _check_recovery(recover: str, steps: int, lr: float, method: str) -> None:
-    _check_choice("recover", recover, ("none", "block"))
-    if recover == "block" and method == "plain":
-        raise ValueError(
-            "recover='block' trains the low-rank factors, and method='plain' has none; "
-            "use --method lq, loftq or qa-lora, or --recover none"
-        )
+def _check_rate(field: str, lr: Any) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise ValueError(f"{field}={lr!r} is not supported; allowed: 0 < lr < 1")
+
+
+def _check_recovery(config: CompressConfig) -> None:
+    _check_choice("recover", config.recover, ("none", "block"))
+    _check_choice("recover_scales", config.recover_scales, (True, False))
+    steps = config.recover_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"recover_steps={steps!r} is not supported; allowed: an integer ≥ 0")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-        raise ValueError(f"recover_lr={lr!r} is not supported; allowed: 0 < lr < 1")
+    _check_rate("recover_lr", config.recover_lr)
+    _check_rate("recover_scale_lr", config.recover_scale_lr)
 
 
 # Block-sequential statistics by default (bench/README.md, "One pipeline": measured on the
@@ -189,8 +193,9 @@ class CompressConfig(_Serializable):
     come from the outputs of the compressed earlier blocks (False: of the original ones).
     ``gguf_codes`` (qa-lora): a source layer already packed in ``quant`` (a GGUF's Q4_1) keeps
     its own codes as the base. ``recover="block"`` (docs/algorithms.md §9): after each block is
-    decomposed, its factors are trained toward the original block's output on the calibration
-    inputs (``recover_steps`` Adam steps at ``recover_lr``).
+    decomposed, its factors — and with ``recover_scales`` the scales its formats store — are
+    trained toward the original block's output on the calibration inputs (``recover_steps`` Adam
+    steps at ``recover_lr``; the scales at ``recover_scale_lr`` of their typical value).
     """
 
     method: Literal["lq", "loftq", "plain", "qa-lora"] = "lq"
@@ -218,12 +223,14 @@ class CompressConfig(_Serializable):
     recover: Literal["none", "block"] = "none"
     recover_steps: int = RECOVER_STEPS
     recover_lr: float = RECOVER_LR
+    recover_scales: bool = True
+    recover_scale_lr: float = RECOVER_SCALE_LR
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
         _check_choice("sequential", self.sequential, (True, False))
         _check_choice("gguf_codes", self.gguf_codes, (True, False))
-        _check_recovery(self.recover, self.recover_steps, self.recover_lr, self.method)
+        _check_recovery(self)
         _check_weighting(self.weighting, self.rounding, self.damp)
         _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
         _check_choice("plan_rounding", self.plan_rounding, (None, *ROUNDINGS))

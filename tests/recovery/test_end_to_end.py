@@ -105,3 +105,43 @@ def test_the_library_refuses_a_finetune_config(compressed, tmp_path):
     with pytest.raises(ValueError, match="takes a RecoverConfig"):
         lorq.recover(model, tokenizer, lorq.FinetuneConfig(steps=1), tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def packed(model) -> dict:
+    return {n: m.q for n, m in model.named_modules() if hasattr(m, "quant_config")}
+
+
+def test_scales_recover_too_and_the_saved_model_is_the_evaluated_one(
+    compressed, tiny_dir, tmp_path
+):
+    out = tmp_path / "r"
+    result = run("recover", compressed, *TRAIN, "--scales", "--scale-lr", "1e-2", "--out", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "lorq.json").read_text())["recover"]
+    assert record["config"]["scales"] is True
+    (_, before), (_, after) = record["result"]["evaluations"]
+    assert after < before
+    start, end = packed(lorq.load(compressed)), packed(lorq.load(out))
+    for name, q in start.items():
+        assert torch.equal(end[name].codes, q.codes), name  # the codes never move
+        assert not torch.equal(end[name].block_scales(), q.block_scales()), name
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    blocks = load_blocks(tokenizer, TextConfig(seq_len=32, max_blocks=2), "evaluation")
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    assert after == pytest.approx(held_out_kl(lorq.load(out), original, blocks, 16), rel=1e-3)
+
+
+def test_a_model_without_factors_recovers_its_scales_only_when_asked(tiny_dir, tmp_path):
+    compressed, merged = tmp_path / "qa", tmp_path / "merged"
+    args = ["--method", "qa-lora", "--quant", "q4_1", "--rank", "4", "--eval-blocks", "0"]
+    result = run("compress", "--model", tiny_dir, *args, "--no-baseline", "--out", compressed)
+    assert result.exit_code == 0, result.output
+    assert run("merge", compressed, "--out", merged).exit_code == 0
+    result = run("recover", merged, *TRAIN, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--scales" in result.output, result.output
+    assert not (tmp_path / "r").exists()
+    result = run("recover", merged, *TRAIN, "--scales", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "r" / "lorq.json").read_text())["recover"]
+    (_, before), (_, after) = record["result"]["evaluations"]
+    assert after < before

@@ -134,6 +134,12 @@ def finetune(
 def recover(
     path: Annotated[Path, typer.Argument(help="a directory written by lorq compress")],
     top_k: Annotated[int, typer.Option(help="teacher tokens kept per position")] = 64,
+    scales: Annotated[
+        bool, typer.Option(help="train the formats' stored scales too (GGUF d/dmin, NF absmax…)")
+    ] = False,
+    scale_lr: Annotated[
+        float, typer.Option(help="--scales: their rate, in units of their matrix's mean")
+    ] = 1e-3,
     teacher: Annotated[
         str | None, typer.Option(help="the original model (default: lorq.json's source)")
     ] = None,
@@ -157,8 +163,9 @@ def recover(
     keep_checkpoints: KeepOption = False,
     low_memory: LowMemoryOption = False,
 ) -> None:
-    """Train the low-rank factors toward the original model's next-token distributions (KL on
-    its cached top-k), the fine-tune's conventions otherwise."""
+    """Train the low-rank factors (and with --scales the stored scales) toward the original
+    model's next-token distributions (KL on its cached top-k), the fine-tune's conventions
+    otherwise."""
     from lorq.train.trainer import RECOVER_FIELDS, RecoverConfig
 
     with user_errors():

@@ -13,7 +13,7 @@ import typer
 from lorq._version import __version__
 from lorq.cli.app import app, check_out_dir, console, errors, load_quietly, user_errors
 from lorq.cli.tables import plan_tables, presets_table, quantize_report_table, results_table
-from lorq.config import RECOVER_LR, RECOVER_STEPS, SEQUENTIAL
+from lorq.config import RECOVER_LR, RECOVER_SCALE_LR, RECOVER_STEPS, SEQUENTIAL
 from lorq.io.models import DEFAULT_MODEL, resolve
 
 DEFAULT_REPORT_PRESETS = ["nf4", "nf3", "nf2", "nf4-fp32-scales", "int4-g32", "int4-g64", "q4_1"]
@@ -94,12 +94,19 @@ OffloadOption = Annotated[
 RecoverOption = Annotated[
     str,
     typer.Option(
-        help="none | block: after each block is decomposed, train its factors toward the "
-        "original block's output on the calibration text"
+        help="none | block: after each block is decomposed, train its factors (and scales, "
+        "--recover-scales) toward the original block's output on the calibration text"
     ),
 ]
 RecoverStepsOption = Annotated[int, typer.Option(help="--recover block: Adam steps per block")]
 RecoverLrOption = Annotated[float, typer.Option(help="--recover block: learning rate")]
+CompressEvalOption = Annotated[int, typer.Option(help="evaluation blocks of 256 tokens (0: none)")]
+RecoverScalesOption = Annotated[
+    bool, typer.Option(help="--recover block: train the formats' stored scales too")
+]
+RecoverScaleLrOption = Annotated[
+    float, typer.Option(help="--recover block: the scales' rate, in units of their mean")
+]
 TokenizerOption = Annotated[
     str | None,
     typer.Option(
@@ -315,9 +322,7 @@ def compress(
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
-    eval_blocks: Annotated[
-        int, typer.Option(help="evaluation blocks of 256 tokens (0: none)")
-    ] = 16,
+    eval_blocks: CompressEvalOption = 16,
     baseline: Annotated[bool, typer.Option(help="also measure plain NF at the same bits")] = True,
     gptq: Annotated[bool, typer.Option(help="the same as --rounding gptq")] = False,
     embeddings: EmbeddingsOption = None,
@@ -336,6 +341,8 @@ def compress(
     recover: RecoverOption = "none",
     recover_steps: RecoverStepsOption = RECOVER_STEPS,
     recover_lr: RecoverLrOption = RECOVER_LR,
+    recover_scales: RecoverScalesOption = True,
+    recover_scale_lr: RecoverScaleLrOption = RECOVER_SCALE_LR,
 ) -> None:
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.config import CompressConfig
@@ -361,7 +368,7 @@ def compress(
 
 # the lorq compress options that are CompressConfig fields as they are
 CONFIG_FLAGS = ("embeddings", "factor_bits", "budget_mb", "sequential", "gguf_codes", "recover",
-                "recover_steps", "recover_lr")  # fmt: skip
+                "recover_steps", "recover_lr", "recover_scales", "recover_scale_lr")  # fmt: skip
 
 
 def print_compressed(result, model: str, out: Path) -> None:

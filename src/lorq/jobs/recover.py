@@ -18,6 +18,10 @@ from torch import nn
 from lorq.io.models import load_model, recorded_model
 from lorq.io.native import model_meta
 from lorq.jobs.finetune import finetune_model
+from lorq.nn.dense import device_of
+from lorq.nn.scales import check_memory, trainable_layers, training_bytes
+from lorq.pipeline.devices import free_memory
+from lorq.quant import format_of
 from lorq.train.distill import Teacher
 from lorq.train.trainer import FinetuneResult, RecoverConfig
 
@@ -55,5 +59,10 @@ def recover(
             f"recover takes a RecoverConfig (its top_k and training settings), not "
             f"{type(config).__name__}; use lorq.finetune for a next-token fine-tune"
         )
+    if config.scales:
+        layers = [(m.q.numel, len(format_of(m.quant_config).trainable_keys(m.quant_config)))
+                  for m in trainable_layers(model)]  # fmt: skip
+        need, free = training_bytes(layers), free_memory(device_of(model))
+        check_memory(need, free, "training the stored scales (--scales)", "recover without it")
     return finetune_model(model, tokenizer, config, out, teacher=teacher_of(model, teacher),
                           **options)  # fmt: skip

@@ -5,7 +5,8 @@
 Q lives as packed buffers (codes, scales, zeros) named by :func:`buffer_name` — never as a dense
 copy between calls. The forward dequantizes Q into the input's dtype (one layer's dense weight,
 freed after the matmul) and the backward decodes it again (``lorq.nn.functional``), so training
-holds no dense copy of Q between forward and backward. Nothing is trainable.
+holds no dense copy of Q between forward and backward. Nothing is trainable, except the stored
+scales while recovery attaches them (:mod:`lorq.nn.scales`).
 
 The adapter layers extend this class and share its buffers, ``q``, ``shape`` and
 ``quantized_nbytes``: :class:`~lorq.nn.QuantLoraLinear` (kind "lora") and
@@ -72,6 +73,9 @@ class PackedBuffers(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Q (out × in) in ``dtype``: decoded for this call, or once while :func:`decoded_once`
         holds this layer (the same values either way)."""
+        attached = self.__dict__.get(SCALES)
+        if attached is not None:  # trained scales (lorq.nn.scales): Q with their gradients
+            return attached.decode(self).to(dtype)
         cache = self.__dict__.get(DECODED)
         if cache is None:
             return self.q.dequantize(dtype)
@@ -81,6 +85,7 @@ class PackedBuffers(nn.Module):
 
 
 DECODED = "_lorq_decoded"  # the instance attribute of a layer's decoded Q while it is cached
+SCALES = "_lorq_scales"  # the instance attribute of a layer's attached scales (lorq.nn.scales)
 
 
 @contextlib.contextmanager
@@ -128,7 +133,11 @@ class QuantLinear(PackedBuffers):
         return cls(quantized_from_buffers(config, shape, buffers), bias)
 
     def quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x Qᵀ + bias in ``x.dtype``; Q is dequantized for this call (and again in backward)."""
+        """x Qᵀ + bias in ``x.dtype``; Q is dequantized for this call (and again in backward),
+        or, while its scales train (``lorq.nn.scales``), decoded from them with gradients."""
+        if SCALES in self.__dict__:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self.dequantized(x.dtype), bias)
         return quant_linear(x, self.dequantized, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

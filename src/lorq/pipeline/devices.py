@@ -78,6 +78,13 @@ def available_memory() -> int:
     return 8 << 30
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free where ``device``'s tensors live: the GPU's free memory, else the host's."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory()
+
+
 def activation_offload(offload: bool | None, out: Path, calibration, width: int) -> Path | None:
     """The folder for X's disk files, or None to keep X in memory (see the module docstring);
     ``width``: values per token held at once (2·d for X_{b−1} and X_b; (N + 2)·d while the Fisher

@@ -106,8 +106,9 @@ def _recover(run: Run, index: int, block, inputs: BlockInputs, target) -> dict:
     """Block-wise recovery of the compressed block (``lorq.recovery.block``), its losses."""
     config = run.config
     schedule = (config.recover_steps, config.recover_lr, RECOVERY_BATCH)
+    scales = config.recover_scale_lr / config.recover_lr if config.recover_scales else None
     with decoded_once(block):
-        done = recover_block(block, inputs, target, *schedule)
+        done = recover_block(block, inputs, target, *schedule, scales)
     run.recovered[index] = record = {"block": index, **asdict(done)}
     return record
 

@@ -9,6 +9,7 @@ evaluating a model. A hub id that is not in the local cache is checked after loa
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,11 @@ from lorq.io.models import (
     unusable_as_value_error,
 )
 from lorq.model.packing import check_embeddings
-from lorq.model.skeleton import skeleton
+from lorq.model.skeleton import decoder_blocks, skeleton
 from lorq.model.targets import targets_of, weight_shape
 from lorq.nn.qa_lora_linear import check_qa_base
+from lorq.nn.scales import check_memory, training_bytes
+from lorq.pipeline.devices import available_memory
 from lorq.quant import QuantConfig, as_config, format_of
 
 Shapes = dict[str, tuple[int, int]]
@@ -141,6 +144,23 @@ def check_compress(
         _check_rounding(config, [entry.config for entry in plan.entries])
     else:
         check_shapes(config, shapes)
+    check_recovery_memory(architecture, config, shapes)
+
+
+def check_recovery_memory(architecture: nn.Module, config: CompressConfig, shapes: Shapes) -> None:
+    """Block-wise recovery of the stored scales holds, for the block it trains, a float32 basis
+    per scale (two at most a format) and each layer's dense Q with its gradient: refused before
+    any work when the largest block's exceeds the free memory."""
+    if config.recover != "block" or not config.recover_scales:
+        return
+    blocks, sizes = decoder_blocks(architecture), defaultdict(int)
+    for name, (rows, columns) in shapes.items():
+        index = blocks.index_of(name)
+        if index is not None:
+            sizes[index] += rows * columns
+    need = training_bytes([(max(sizes.values(), default=0), 2)])
+    instead = "use --no-recover-scales"
+    check_memory(need, available_memory(), "block-wise recovery of the scales", instead)
 
 
 def check_run(
@@ -196,7 +216,6 @@ def write_as_you_go(model: str, asked: bool = False) -> str | None:
     None: load it whole (the bytes are the same either way)."""
     if asked:
         return ASKED
-    from lorq.pipeline.devices import available_memory
 
     architecture = skeleton_of(resolve(model))
     if architecture is None:

@@ -40,6 +40,7 @@ from lorq.quant.base import (
 )
 from lorq.quant.packing import decode_packed, pack, pack_blocks, packed_nbytes, unpack
 from lorq.quant.tensor import QuantizedTensor
+from lorq.quant.trainable import Trainable, float_buffers
 
 BLOCK_RANGE = (16, 1024)
 BUFFERS = ("codes", "scales", "zeros")
@@ -203,6 +204,14 @@ class Affine(QuantFormat):
 
     def block_zeros(self, q: QuantizedTensor) -> torch.Tensor | None:
         return block_zeros(q)
+
+    def trainable_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        assert isinstance(config, AffineConfig)
+        return ("scales",) if config.ZERO == "int" else ("scales", "zeros")
+
+    def trainable(self, q: QuantizedTensor) -> Trainable:
+        """The scales (and float mins) in ``scale_dtype``; integer zero points stay."""
+        return float_buffers(q, self.trainable_keys(q.config))
 
     def quantize(self, weight: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
         assert isinstance(config, AffineConfig)

@@ -26,6 +26,7 @@ import torch
 
 if TYPE_CHECKING:
     from lorq.quant.tensor import QuantizedTensor
+    from lorq.quant.trainable import Trainable
 
 FLOAT_BITS: dict[str, int] = {"fp16": 16, "bf16": 16, "fp32": 32}
 TORCH_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -180,6 +181,14 @@ class QuantFormat:
     def block_zeros(self, q: QuantizedTensor) -> torch.Tensor | None:
         """Zero points or mins of every block as float32 (num_blocks,); None when there are none."""
         return None
+
+    def trainable_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        """The continuous parameters recovery may train (``lorq.quant.trainable``); () for none."""
+        return ()
+
+    def trainable(self, q: QuantizedTensor) -> Trainable:
+        """``q``'s :meth:`trainable_keys` as a :class:`~lorq.quant.trainable.Trainable`."""
+        raise ValueError(f"{q.config.name} stores no continuous parameters recovery can train")
 
     def check_gptq(self, config: QuantConfig) -> None:
         """Raise ValueError unless GPTQ can round to this format's grid (``gptq_grid``)."""

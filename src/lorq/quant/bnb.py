@@ -25,6 +25,7 @@ are constants of the format, not stored per matrix.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 from typing import ClassVar
@@ -38,11 +39,13 @@ from lorq.quant.base import (
     check_choice,
     check_power_of_two,
     check_weight,
+    format_of,
     register_format,
 )
 from lorq.quant.codebook import nf_levels
 from lorq.quant.packing import decode_packed, pack_blocks, packed_nbytes
 from lorq.quant.tensor import QuantizedTensor
+from lorq.quant.trainable import Trainable, float_buffers
 
 NESTED_BLOCK = 256  # bitsandbytes' block of absmax values in the second level
 QUANT_TYPES = ("nf4", "fp4")
@@ -126,6 +129,28 @@ def block_absmax(q: QuantizedTensor) -> torch.Tensor:
     return table[codes.long()] * nested[index] + offset
 
 
+def _nested_trainable(q: QuantizedTensor, config: BnbConfig) -> Trainable:
+    """a_b' rounds to dynamic[c]·n_j + offset, c the nearest of the 256 levels."""
+    nested, offset = q.buffers["nested_absmax"], q.buffers["offset"]
+    table = dynamic_map().to(nested.device)
+    index = torch.arange(q.num_blocks, device=nested.device) // NESTED_BLOCK
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        scaled = torch.clamp((v - offset) * (1.0 / nested.clamp(min=1e-38))[index], -1, 1)
+        return torch.bucketize(scaled.contiguous(), (table[:-1] + table[1:]) / 2)
+
+    def write(values: dict[str, torch.Tensor]) -> QuantizedTensor:
+        codes = grid(values["absmax"]).to(torch.uint8)
+        return QuantizedTensor(config, q.shape, {**q.buffers, "absmax": codes})
+
+    plain = dataclasses.replace(config, double_quant=False)
+    ones = torch.ones(q.num_blocks, device=nested.device)
+    unscaled = QuantizedTensor(plain, q.shape, {"codes": q.codes, "absmax": ones})
+    basis = format_of(plain).decode(unscaled, torch.float32)
+    rounder = lambda _, v: table[grid(v)] * nested[index] + offset  # noqa: E731
+    return Trainable({"absmax": block_absmax(q)}, {"absmax": basis}, rounder, write)
+
+
 class Bitsandbytes(QuantFormat):
     name = "bnb"
     config_type = BnbConfig
@@ -160,6 +185,17 @@ class Bitsandbytes(QuantFormat):
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         return block_absmax(q)
+
+    def trainable_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        return ("absmax",)
+
+    def trainable(self, q: QuantizedTensor) -> Trainable:
+        """The absmax of every block: fp32, or on the dynamic map's grid of its 256-block
+        (whose nested absmax and the offset stay) with double quantization."""
+        assert isinstance(q.config, BnbConfig)
+        if not q.config.double_quant:
+            return float_buffers(q, ("absmax",))
+        return _nested_trainable(q, q.config)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         absmax = block_absmax(q)

@@ -41,6 +41,7 @@ from lorq.quant.base import (
 )
 from lorq.quant.packing import fp16_at, fp16_bytes
 from lorq.quant.tensor import QuantizedTensor
+from lorq.quant.trainable import Trainable, linear_trainable, to_float
 
 BLOCK = 32
 CHUNK_BLOCKS = 1 << 14  # blocks encoded / decoded at once: bounds temporary memory
@@ -226,6 +227,7 @@ class BlockType(NamedTuple):
     levels: tuple[int, ...] = ()  # the level of each code, increasing; () for 0 … 2^bits − 1
     block: int = BLOCK  # weights per block along a row: 32, or 256 for the K-quants
     weighted: bool = True  # ``encode(x, w)`` searches its scales under importance weights w
+    fields: tuple[tuple[str, int], ...] = (("d", 0),)  # its fp16 parameters: name, byte offset
 
     def level_values(self, device: torch.device) -> torch.Tensor:
         levels = self.levels or tuple(range(1 << self.bits))
@@ -233,19 +235,29 @@ class BlockType(NamedTuple):
 
 
 K = kquants
+DMIN = (("d", 0), ("dmin", 2))  # Q4_K, Q5_K: d and dmin open the block
+Q2K_FIELDS = (("d", 80), ("dmin", 82))  # Q2_K: they close it
 TYPES: dict[str, BlockType] = {
     "q8_0": BlockType(
         8, 34, _encode_q8_0, _decode_q8_0, _put_q8_0, tuple(range(-128, 128)), weighted=False
     ),
     "q4_0": BlockType(4, 18, _encode_q4_0, _decode_q4_0, _put_nibbles),
     "q5_0": BlockType(5, 22, _encode_q5_0, _decode_q5_0, _put_q5_0),
-    "q5_1": BlockType(5, 24, _encode_q5_1, _decode_q5_1, _put_q5_1, weighted=False),
+    "q5_1": BlockType(
+        5, 24, _encode_q5_1, _decode_q5_1, _put_q5_1, weighted=False, fields=(("d", 0), ("m", 2))
+    ),
     "iq4_nl": BlockType(4, 18, _encode_iq4_nl, _decode_iq4_nl, _put_nibbles, IQ4NL_VALUES),
-    "q4_k": BlockType(4, 144, K.encode_q4_k, K.decode_q4_k, K.put_q4_k, block=K.SUPER),
-    "q5_k": BlockType(5, 176, K.encode_q5_k, K.decode_q5_k, K.put_q5_k, block=K.SUPER),
-    "q6_k": BlockType(6, 210, K.encode_q6_k, K.decode_q6_k, K.put_q6_k, block=K.SUPER),
-    "q2_k": BlockType(2, 84, K.encode_q2_k, K.decode_q2_k, K.put_q2_k, block=K.SUPER),
-    "q3_k": BlockType(3, 110, K.encode_q3_k, K.decode_q3_k, K.put_q3_k, block=K.SUPER),
+    "q4_k": BlockType(4, 144, K.encode_q4_k, K.decode_q4_k, K.put_q4_k, block=K.SUPER, fields=DMIN),
+    "q5_k": BlockType(5, 176, K.encode_q5_k, K.decode_q5_k, K.put_q5_k, block=K.SUPER, fields=DMIN),
+    "q6_k": BlockType(
+        6, 210, K.encode_q6_k, K.decode_q6_k, K.put_q6_k, block=K.SUPER, fields=(("d", 208),)
+    ),
+    "q2_k": BlockType(
+        2, 84, K.encode_q2_k, K.decode_q2_k, K.put_q2_k, block=K.SUPER, fields=Q2K_FIELDS
+    ),
+    "q3_k": BlockType(
+        3, 110, K.encode_q3_k, K.decode_q3_k, K.put_q3_k, block=K.SUPER, fields=(("d", 108),)
+    ),
 }
 
 
@@ -415,6 +427,24 @@ class GGMLBlocks(QuantFormat):
     def gptq_grid(self, weight: torch.Tensor, config: QuantConfig) -> BlockGrid:
         assert isinstance(config, GGMLConfig)
         return BlockGrid(weight, config)
+
+    def trainable_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        assert isinstance(config, GGMLConfig)
+        return tuple(name for name, _ in config.block_type.fields)
+
+    def trainable(self, q: QuantizedTensor) -> Trainable:
+        """Every block's fp16 ``d`` (and ``dmin`` / ``m``); codes and 6-bit sub-scales stay."""
+        assert isinstance(q.config, GGMLConfig)
+        raw, fields = self._raw(q), dict(q.config.block_type.fields)
+
+        def write(values: dict[str, torch.Tensor]) -> QuantizedTensor:
+            out = raw.clone()
+            for name, at in fields.items():
+                out[:, at : at + 2] = fp16_bytes(values[name][:, None])
+            return QuantizedTensor(q.config, q.shape, {"blocks": out.reshape(-1)})
+
+        values = {name: fp16_at(raw, at).reshape(-1) for name, at in fields.items()}
+        return linear_trainable(q, values, lambda _, v: to_float(v, torch.float16), write)
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         """d of every block (its magnitude is the grid step; Q4_0 / Q5_0 store it negative)."""

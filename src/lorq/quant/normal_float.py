@@ -17,6 +17,7 @@ double-quantized form (``lorq.quant.double_quant``). Buffers (n = out·in, nb = 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,6 +32,7 @@ from lorq.quant.base import (
     check_choice,
     check_power_of_two,
     check_weight,
+    format_of,
     register_format,
     round_up_to_dtype,
     safe_reciprocal,
@@ -40,6 +42,7 @@ from lorq.quant.codebook import nf_grid, nf_levels, nf_midpoints
 from lorq.quant.double_quant import QuantizedScales, quantize_scales
 from lorq.quant.packing import decode_packed, pack, pack_blocks, packed_nbytes
 from lorq.quant.tensor import QuantizedTensor
+from lorq.quant.trainable import Trainable, float_buffers
 
 BLOCK_RANGE = (16, 4096)
 SCALE_KEYS = ("scales.codes", "scales.super_scales", "scales.offset")
@@ -130,6 +133,28 @@ class NFGrid:
         return QuantizedTensor(self.config, self.shape, {"codes": codes, **self.buffers})
 
 
+def double_quant_trainable(q: QuantizedTensor, config: NFConfig) -> Trainable:
+    """s1' rounds to offset + code·m_j / (2^b0 − 1), code in 0 … 2^b0 − 1 (the stored grid)."""
+    codes, supers, offset = (q.buffers[k] for k in SCALE_KEYS)
+    levels, n = 2**config.scale_bits - 1, q.num_blocks  # type: ignore[operator]
+    step = (supers.float() / levels).repeat_interleave(config.scale_block_size)[:n]
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        index = torch.round((v - offset.float()) * safe_reciprocal(step))
+        return torch.where(step > 0, index, torch.zeros_like(index)).clamp_(0, levels)
+
+    def write(values: dict[str, torch.Tensor]) -> QuantizedTensor:
+        packed = pack(grid(values["scales"]).to(torch.uint8), config.scale_bits)
+        return QuantizedTensor(config, q.shape, {**q.buffers, "scales.codes": packed})
+
+    plain = dataclasses.replace(config, scale_bits=None, scale_dtype="fp32")
+    ones = torch.ones(n, device=codes.device)
+    unscaled = QuantizedTensor(plain, q.shape, {"codes": q.codes, "scales": ones})
+    basis = format_of(plain).decode(unscaled, torch.float32)
+    rounder = lambda _, v: offset.float() + grid(v) * step  # noqa: E731
+    return Trainable({"scales": nf_scales(q)}, {"scales": basis}, rounder, write)
+
+
 class NormalFloat(QuantFormat):
     name = "nf"
     config_type = NFConfig
@@ -168,6 +193,18 @@ class NormalFloat(QuantFormat):
 
     def block_scales(self, q: QuantizedTensor) -> torch.Tensor:
         return nf_scales(q)
+
+    def trainable_keys(self, config: QuantConfig) -> tuple[str, ...]:
+        return ("scales",)
+
+    def trainable(self, q: QuantizedTensor) -> Trainable:
+        """The absmax s1' of every block: on the second level's grid with double quantization
+        (its offset and super-block maxima stay), else in ``scale_dtype``."""
+        config = q.config
+        assert isinstance(config, NFConfig)
+        if config.scale_bits is None:
+            return float_buffers(q, ("scales",))
+        return double_quant_trainable(q, config)
 
     def decode(self, q: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         scales = nf_scales(q)

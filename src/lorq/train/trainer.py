@@ -20,6 +20,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorq.config import _Serializable
+from lorq.nn.scales import PREFIX, trained_scales
 from lorq.text.corpus import TextConfig, load_blocks
 from lorq.train.data import Collator, ExampleDataset, training_examples
 from lorq.train.distill import Teacher, distill_loss, indexed, seen_examples, teacher_caches
@@ -99,15 +101,23 @@ TOP_K = 64  # teacher tokens kept per position (ALGORITHMS.md §9: 64–256)
 @dataclass(frozen=True)
 class RecoverConfig(FinetuneConfig):
     """What end-to-end recovery does: a fine-tune whose loss is the KL to the original model's
-    next-token distributions, kept as their ``top_k`` (``lorq.recovery.topk``)."""
+    next-token distributions, kept as their ``top_k`` (``lorq.recovery.topk``). With ``scales``
+    the continuous parameters the formats store train too, at ``scale_lr`` of their matrix's
+    mean value (``lorq.nn.scales``)."""
 
     lr: float = 1e-4
     top_k: int = TOP_K
+    scales: bool = False
+    scale_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k={self.top_k!r} is not supported; allowed: an integer ≥ 1")
+        if self.scales not in (True, False):
+            raise ValueError(f"scales={self.scales!r} is not supported; allowed: True, False")
+        if isinstance(self.scale_lr, bool) or not 0 < self.scale_lr < 1:
+            raise ValueError(f"scale_lr={self.scale_lr!r} is not supported; allowed: 0 < lr < 1")
 
 
 RECOVER_FIELDS = frozenset(f.name for f in dataclasses.fields(RecoverConfig))
@@ -158,15 +168,21 @@ Monitor = Callable[[str, dict[str, Any]], None]  # (event: "start" | "step" | "e
 
 
 def set_trainable(model: nn.Module, extra: tuple[str, ...] = ()) -> list[str]:
-    """Only LoRA factors and parameters matching ``extra`` regexes train; returns their names."""
+    """Only LoRA factors, attached scales (``lorq.nn.scales``) and parameters matching ``extra``
+    regexes train; returns their names."""
     names = []
+    own = ("lora_A", "lora_B")
     for name, param in model.named_parameters():
-        train = name.endswith(("lora_A", "lora_B")) or any(re.search(p, name) for p in extra)
+        train = name.rpartition(".")[2].startswith((*own, PREFIX))
+        train = train or any(re.search(p, name) for p in extra)
         param.requires_grad_(train)
         if train:
             names.append(name)
     if not names:
-        raise ValueError("the model has no LoRA factors to train; pass a model from lorq compress")
+        raise ValueError(
+            "the model has no LoRA factors to train (a merged model has none); pass a model "
+            "from lorq compress, or train its stored scales with lorq recover --scales"
+        )
     return names
 
 
@@ -400,8 +416,16 @@ def finetune(
 
     With ``resume``, the newest checkpoint there is continued (same parameters as an uninterrupted
     run). A NaN / infinite loss stops training before the bad step is checkpointed and raises
-    :class:`NonFiniteLoss` naming the last good checkpoint.
+    :class:`NonFiniteLoss` naming the last good checkpoint. A :class:`RecoverConfig` with
+    ``scales`` trains the stored scales too; they are written into the packed buffers when
+    training ends (and left as they were when it fails).
     """
+    scales = isinstance(config, RecoverConfig) and config.scales
+    with trained_scales(model, config.scale_lr / config.lr) if scales else nullcontext():
+        return _finetune(model, tokenizer, config, checkpoints, resume, monitor, teacher)
+
+
+def _finetune(model, tokenizer, config, checkpoints, resume, monitor, teacher) -> FinetuneResult:
     from transformers import PrinterCallback
 
     checkpoints = Path(checkpoints)
