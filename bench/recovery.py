@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recovery.json"
+
+
+def peak_mb() -> int:
+    """The process's peak resident memory so far, MB (runs go one after the other, so a row's is
+    an upper bound of its own; a row above the ones before it is its own peak)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def block_runs(config, lrs: list[float], scale_lrs: list[float], steps: int) -> list:
@@ -67,14 +74,15 @@ def rows_for(config, runs: list, eval_blocks: int) -> list[dict]:
         result = measure(model, text.blocks, loaded.model, "").result
         del model
         rows.append({"recover": label, "steps": run.recover_steps if run.recover == "block" else 0,
-                     "seconds": round(seconds, 1), "kl": result.kl,
+                     "seconds": round(seconds, 1), "peak_mb": peak_mb(), "kl": result.kl,
                      "perplexity": result.perplexity})  # fmt: skip
         print(rows[-1], flush=True)
     return rows
 
 
-def end_to_end_rows(lrs: list[float], steps: int, eval_blocks: int) -> list[dict]:
-    """The default job's model, then recovered end to end at each learning rate."""
+def end_to_end_rows(lrs: list[float], scale_lrs, steps: int, eval_blocks: int) -> list[dict]:
+    """The default job's model, then recovered end to end at each learning rate (and scale
+    rate; 0: the factors only)."""
     import tempfile
 
     import lorq
@@ -90,16 +98,20 @@ def end_to_end_rows(lrs: list[float], steps: int, eval_blocks: int) -> list[dict
         result = lorq.compress_model("smollm2", config, eval_blocks=0)
         lorq.save(result.model, Path(work) / "c", loaded.tokenizer)
         seconds = time.perf_counter() - start
-        for lr in [None, *lrs]:
+        for lr, scale_lr in [(None, 0), *((a, b) for a in lrs for b in scale_lrs)]:
             model = lorq.load(Path(work) / "c")
+            label = "none" if lr is None else f"end-to-end, lr {lr:g}"
             if lr is not None:
                 start = time.perf_counter()
-                config = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps)
-                lorq.recover(model, loaded.tokenizer, config, Path(work) / f"r{lr:g}")
+                scales = {"scales": bool(scale_lr), "scale_lr": scale_lr or 1e-3}
+                config = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps,
+                                            **scales)  # fmt: skip
+                lorq.recover(model, loaded.tokenizer, config, Path(work) / f"r{lr:g}-{scale_lr:g}")
                 seconds = time.perf_counter() - start
+                label += f", scales {scale_lr:g}" if scale_lr else ""
             measured = measure(model, text.blocks, loaded.model, "").result
-            rows.append({"recover": "none" if lr is None else f"end-to-end, lr {lr:g}",
-                         "steps": steps if lr else 0, "seconds": round(seconds, 1),
+            rows.append({"recover": label, "steps": steps if lr else 0,
+                         "seconds": round(seconds, 1), "peak_mb": peak_mb(),
                          "kl": measured.kl, "perplexity": measured.perplexity})  # fmt: skip
             print(rows[-1], flush=True)
     return rows
@@ -116,7 +128,8 @@ def main() -> None:
     parser.add_argument("--end-to-end", action="store_true", help="lorq recover (module doc)")
     args = parser.parse_args()
     if args.end_to_end:
-        return report("end to end", end_to_end_rows(args.lr, args.steps, args.eval_blocks))
+        rows = end_to_end_rows(args.lr, args.scale_lr, args.steps, args.eval_blocks)
+        return report("end to end", rows)
 
     import lorq
 
@@ -129,15 +142,19 @@ def main() -> None:
 
 
 def report(key: str, rows: list[dict]) -> None:
-    """``rows`` into the results file under ``key``, and a table on stdout."""
+    """``rows`` into the results file under ``key`` (a row of the same recovery label replaced,
+    the others kept), and the merged table on stdout."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    kept = {row["recover"]: row for row in data.get(key, {}).get("rows", [])}
+    rows = list({**kept, **{row["recover"]: row for row in rows}}.values())
     data[key] = {"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"| {key} | recovery | steps | seconds | KL | perplexity |\n|---|---|---|---|---|---|")
+    print(f"| {key} | recovery | steps | seconds | peak MB | KL | perplexity |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| | {row['recover']} | {row['steps']} | {row['seconds']} | {row['kl']:.4f} | "
-              f"{row['perplexity']:.3f} |")  # fmt: skip
+        print(f"| | {row['recover']} | {row['steps']} | {row['seconds']} | {row.get('peak_mb')} | "
+              f"{row['kl']:.4f} | {row['perplexity']:.3f} |")  # fmt: skip
     print(f"wrote {RESULTS}")
 
 

@@ -50,9 +50,12 @@ import lorq
 from lorq.config import CompressConfig
 config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations",
                         rounding="gptq", iters=int(sys.argv[3]))
-if len(sys.argv) > 5:  # a budget: the cost table block by block, the Fisher for its costs
+if sys.argv[5:] == ["budget"]:  # a budget: the cost table block by block, the Fisher for its costs
     config = CompressConfig(method="lq", budget=3.0, rank=4, weighting="activations",
                             plan_weighting="fisher", iters=int(sys.argv[3]))
+if sys.argv[5:] == ["recover"]:  # block-wise recovery of the factors and the scales
+    config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations",
+                            iters=int(sys.argv[3]), recover="block", recover_steps=5)
 tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
 r = lorq.compress_model(sys.argv[1], config, sys.argv[2], calibration=tokens, device="cpu",
                         eval_blocks=0, baseline=False, resume=sys.argv[4] == "resume")
@@ -61,13 +64,20 @@ print("COMPUTED", ",".join(r.computed))
 
 
 def run_script(
-    src: Path, out: Path, mode: str, iters: int = 2, launcher=(), budget: bool = False
+    src: Path, out: Path, mode: str, iters: int = 2, launcher=(), budget: bool = False, job=None
 ) -> subprocess.Popen:
     """The job in a fresh Python process (or under ``launcher``, e.g. torchrun)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     script = out.parent / "job.py"
     script.write_text(SCRIPT)
-    args = [str(src), str(out), str(iters), mode, *(["budget"] if budget else [])]
+    args = [
+        str(src),
+        str(out),
+        str(iters),
+        mode,
+        *(["budget"] if budget else []),
+        *([job] if job else []),
+    ]
     command = [*(launcher or [sys.executable]), str(script), *args]
     return subprocess.Popen(
         command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
@@ -188,6 +198,27 @@ def test_two_processes_plan_a_budget_as_one(tmp_path):
     two = run_script(src, tmp_path / "two", "new", launcher=torchrun, budget=True)
     assert two.wait(300) == 0, two.stderr.read()
     assert "lorq-plan.json" in digests(tmp_path / "one")
+    assert digests(tmp_path / "two") == digests(tmp_path / "one")
+
+
+def test_recovery_in_two_processes_and_resumed_writes_the_bytes_of_one(tmp_path):
+    """Block-wise recovery (factors and scales) under torchrun, and a run killed after two of
+    its four shards resumed: the files of one uninterrupted process."""
+    src = checkpoint(tmp_path / "src", layers=3)
+    one = run_script(src, tmp_path / "one", "new", job="recover")
+    assert one.wait(300) == 0, one.stderr.read()
+    assert json.loads((tmp_path / "one" / "lorq.json").read_text())["recovery"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]  # fmt: skip
+    two = run_script(src, tmp_path / "two", "new", launcher=torchrun, job="recover")
+    assert two.wait(300) == 0, two.stderr.read()
+    assert digests(tmp_path / "two") == digests(tmp_path / "one")
+    (tmp_path / "two" / "lorq.json").unlink()  # as if killed after two shards
+    for shard in ("model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors"):
+        (tmp_path / "two" / shard).unlink()
+    resumed = run_script(src, tmp_path / "two", "resume", job="recover")
+    assert resumed.wait(300) == 0, resumed.stderr.read()
+    assert "COMPUTED model-00003-of-00004.safetensors,model-00004-of-00004" in resumed.stdout.read()
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
 
 
