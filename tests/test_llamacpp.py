@@ -102,6 +102,32 @@ def test_llama_cpp_runs_lorq_base_plus_adapter_as_lorq_does(quant, tools, text_f
     assert abs(with_adapter - ours) < abs(base_only - ours) / 4
 
 
+@pytest.mark.parametrize("quant", ["q4_0", "q5_1"])
+def test_trained_scales_reach_llama_cpp_as_lorq_evaluates_them(quant, tools, text_file, tmp_path):
+    """The stored d (and m) moved as recovery moves them (lorq.nn.scales, written back on the
+    fp16 grid): llama.cpp's perplexity of the exported base + adapter is lorq's."""
+    from lorq.nn.scales import attach_scales, detach_scales
+
+    loaded = load_model("smollm2", packed=True)
+    source = Path(loaded.source.path) / loaded.source.gguf_file
+    model = loaded.model
+    lorq.compress(model, lorq.CompressConfig(method="loftq", quant=quant, rank=8, iters=1))
+    before = lorq_perplexity(model, loaded.tokenizer, text_file)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every scale moved by ~5 % of its matrix's mean, then stored
+        for param in attach_scales(model, 0.05):
+            param.copy_(torch.randn(param.shape, generator=generator))
+    detach_scales(model, keep=True)
+    meta = {"path": str(source.parent), "gguf_file": source.name}
+    set_model_meta(model, {**model_meta(model), "source": meta})
+    export_gguf(model, tmp_path / "m.gguf", dtype="fp32")
+    ours = lorq_perplexity(model, loaded.tokenizer, text_file)
+    theirs = llama_perplexity(tools, tmp_path / "m.gguf", text_file, tmp_path / "m.lora.gguf")
+    print(f"ppl {quant}: lorq before {before:.4f}, moved {ours:.4f}, llama.cpp {theirs:.4f}")
+    assert theirs == pytest.approx(ours, rel=TOLERANCE)
+    assert abs(theirs - ours) < abs(before - ours) / 4  # the moved scales are what matches
+
+
 Q4_1_D = "lorq's q4_1 rounds d up to fp16 (every code stays in range), llama.cpp to nearest"
 LLAMA_TYPES = [
     "q4_0",

@@ -421,6 +421,8 @@ def finetune(
     training ends (and left as they were when it fails).
     """
     scales = isinstance(config, RecoverConfig) and config.scales
+    if scales and torch.cuda.is_available():
+        model.to("cuda")  # where the Trainer trains, before the scales' bases are made there
     with trained_scales(model, config.scale_lr / config.lr) if scales else nullcontext():
         return _finetune(model, tokenizer, config, checkpoints, resume, monitor, teacher)
 
