@@ -32,7 +32,8 @@ lint: install
 test: lint
 	$(BIN)/pytest -q -m "not slow and not scale and not llamacpp" --durations=25
 
-# the tests on the built-in real models (SmolLM2, MiniLM; ~10 min)
+# the tests on the built-in real models (SmolLM2, MiniLM; ~10 min) and the torchrun / kill -9
+# runs of streamed jobs (~2 min)
 test-slow: install
 	$(BIN)/pytest -q -m "slow and not scale and not llamacpp"
 

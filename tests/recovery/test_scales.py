@@ -126,9 +126,9 @@ def test_recovered_scales_reach_the_gguf_file(tmp_path):
 def test_too_little_memory_for_the_scales_is_announced_before_work(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
     """The estimate (a float32 basis per scale, the dense Q and its gradient) against the free
     memory: refused by name, nothing written; without the scales the job goes on."""
-    from lorq.pipeline import guards
+    from lorq.pipeline import devices
 
-    monkeypatch.setattr(guards, "available_memory", lambda: 1000)
+    monkeypatch.setattr(devices, "available_memory", lambda: 1000)
     args = ["compress", "--model", tiny_dir, "--quant", "q4_0", "--rank", "2", "--eval-blocks",
             "0", "--no-baseline", "--recover", "block", "--recover-steps", "1"]  # fmt: skip
     result = run(*args, "--out", tmp_path / "out")

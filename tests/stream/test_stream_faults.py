@@ -91,6 +91,7 @@ def finished_shards(out: Path) -> list[str]:
         return []
 
 
+@pytest.mark.slow  # a subprocess run (torchrun / kill -9): make test-slow
 def test_sigkill_then_resume_is_byte_identical(tmp_path):
     """kill -9 after some shards; the resumed run computes only the others, and the directory
     is byte-identical to an uninterrupted run's."""
@@ -167,6 +168,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
         compress_to(str(src), tmp_path / "out", CONFIG, device="cuda")
 
 
+@pytest.mark.slow  # a subprocess run (torchrun / kill -9): make test-slow
 def test_two_processes_write_the_bytes_of_one(tmp_path):
     """torchrun --nproc-per-node 2 (gloo): the same files as one process."""
     src = checkpoint(tmp_path / "src", layers=3)
@@ -187,6 +189,7 @@ def test_two_processes_write_the_bytes_of_one(tmp_path):
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
 
 
+@pytest.mark.slow  # a subprocess run (torchrun / kill -9): make test-slow
 def test_two_processes_plan_a_budget_as_one(tmp_path):
     """A budget under torchrun: the Fisher pass on rank 0, each block's cost rows split over the
     ranks and gathered in order, the same plan and the same files as one process."""
@@ -201,6 +204,7 @@ def test_two_processes_plan_a_budget_as_one(tmp_path):
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
 
 
+@pytest.mark.slow  # a subprocess run (torchrun / kill -9): make test-slow
 def test_recovery_in_two_processes_and_resumed_writes_the_bytes_of_one(tmp_path):
     """Block-wise recovery (factors and scales) under torchrun, and a run killed after two of
     its four shards resumed: the files of one uninterrupted process."""

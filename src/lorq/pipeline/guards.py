@@ -36,7 +36,7 @@ from lorq.model.skeleton import decoder_blocks, skeleton
 from lorq.model.targets import targets_of, weight_shape
 from lorq.nn.qa_lora_linear import check_qa_base
 from lorq.nn.scales import check_memory, training_bytes
-from lorq.pipeline.devices import available_memory
+from lorq.pipeline import devices
 from lorq.quant import QuantConfig, as_config, format_of
 
 Shapes = dict[str, tuple[int, int]]
@@ -160,7 +160,7 @@ def check_recovery_memory(architecture: nn.Module, config: CompressConfig, shape
             sizes[index] += rows * columns
     need = training_bytes([(max(sizes.values(), default=0), 2)])
     instead = "use --no-recover-scales"
-    check_memory(need, available_memory(), "block-wise recovery of the scales", instead)
+    check_memory(need, devices.available_memory(), "block-wise recovery of the scales", instead)
 
 
 def check_run(
@@ -221,7 +221,7 @@ def write_as_you_go(model: str, asked: bool = False) -> str | None:
     if architecture is None:
         return None  # a hub id not on this machine: the load says what it is
     need = 4 * sum(p.numel() for p in architecture.parameters())
-    free = available_memory()
+    free = devices.available_memory()
     if need > free // 2:
         return (
             f"its weights take {need / 1e9:.1f} GB in fp32, more than half of the "
