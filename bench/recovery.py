@@ -30,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "recovery.json"
+NF4 = "bnb NF4-DQ, 4.127 bits (reference; B = 0)"
 
 
 def peak_mb() -> int:
@@ -69,7 +70,8 @@ def rows_for(config, runs: list, eval_blocks: int) -> list[dict]:
     rows = []
     for label, run in runs:
         start = time.perf_counter()
-        model = lorq.compress(shared_copy(loaded.model), run, tokens, plan=plan).model
+        planned = plan if run.budget is not None else None
+        model = lorq.compress(shared_copy(loaded.model), run, tokens, plan=planned).model
         seconds = time.perf_counter() - start
         result = measure(model, text.blocks, loaded.model, "").result
         del model
@@ -135,8 +137,10 @@ def main() -> None:
 
     config = lorq.CompressConfig(weighting="activations")
     if args.budget is not None:
-        config = replace(config, budget=args.budget, plan_weighting="fisher")
+        config = replace(config, quant=None, budget=args.budget, plan_weighting="fisher")
     runs = block_runs(config, args.lr, args.scale_lr, args.steps)
+    if args.budget is not None:  # the reference: bitsandbytes NF4 with double quantization
+        runs.insert(0, (NF4, lorq.CompressConfig(method="plain", quant="bnb-nf4")))
     rows = rows_for(config, runs, args.eval_blocks)
     report("default job" if args.budget is None else f"budget {args.budget:g}", rows)
 
