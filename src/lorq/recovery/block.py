@@ -18,7 +18,6 @@ stopped.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +103,9 @@ def recover_block(
         return Recovered(before, before, 0, False)
     factors = factors_of(block)
     saved = [p.detach().clone() for p in factors]
-    with trained_scales(block, scales) if scales else _no_scales() as session:
+    with (
+        trained_scales(block, scales) if scales else contextlib.nullcontext(Session([])) as session
+    ):
         stopped = _train(block, inputs, target, factors + session.params, (steps, lr, batch))
         with torch.no_grad():
             after = float(block_loss(block, inputs, target))
@@ -115,11 +116,6 @@ def recover_block(
             for p, value in zip(factors, saved, strict=True):
                 p.copy_(value)
     return Recovered(before, after if kept else before, steps, kept, stopped)
-
-
-@contextlib.contextmanager
-def _no_scales() -> Iterator[Session]:
-    yield Session([])
 
 
 def _train(block, inputs, target, params, schedule) -> int | None:
