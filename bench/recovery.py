@@ -10,11 +10,13 @@ recovery trained on). One process, one run after the other.
     python bench/recovery.py                               # the default job, lr 1e-4 and 1e-3
     python bench/recovery.py --budget 2.75 --lr 1e-3       # a budget plan
     python bench/recovery.py --end-to-end --steps 40       # lorq recover after the default job
+    python bench/recovery.py --end-to-end --after-block --budget 3.25   # block, then end to end
 
-``--end-to-end``: the default job's model saved, then ``lorq.recover`` (the KL to the original on
-its cached top-64, ``--steps`` AdamW steps of 4 × 128 tokens of the built-in training text at each
-``--lr``), each result measured the same way as above; seconds of the recovery (teacher cache
-included).
+``--end-to-end``: the configuration's model (the default job, or the ``--budget`` plan; with
+``--after-block`` recovered block-wise at the defaults first) saved, then ``lorq.recover`` (the
+KL to the original on its cached top-64, ``--steps`` AdamW steps of 4 × 128 tokens of the
+built-in training text at each ``--lr``), each result measured the same way as above; seconds
+of the recovery (teacher cache included).
 
 Results: bench/results/recovery.json (merged by configuration), a table on stdout.
 """
@@ -52,70 +54,78 @@ def block_runs(config, lrs: list[float], scale_lrs: list[float], steps: int) -> 
     return runs
 
 
-def rows_for(config, runs: list, eval_blocks: int) -> list[dict]:
-    """The compression of each of ``runs`` (label, config), measured."""
+def loaded_inputs(config, eval_blocks: int):
+    """The built-in SmolLM2 (packed), its calibration tokens, the Fisher plan of ``config``'s
+    budget (None without one) and the evaluation text."""
     import lorq
     from lorq.calibrate.tokens import Calibration
-    from lorq.evaluation.measure import measure
     from lorq.jobs.compress import plan_budgets_for
     from lorq.jobs.evaluate import Evaluation
-    from lorq.model.targets import shared_copy
 
     loaded = lorq.io.models.load_model("smollm2", packed=True)
     tokens = Calibration().load(loaded.tokenizer)
     plan = None
     if config.budget is not None:
         plan = plan_budgets_for(loaded.model, config, [config.budget], calibration=tokens)[0]
-    text = Evaluation(loaded.tokenizer, eval_blocks)
+    return loaded, tokens, plan, Evaluation(loaded.tokenizer, eval_blocks)
+
+
+def row(label: str, steps: int, seconds: float, model, text, original) -> dict:
+    """One measured row (KL and perplexity of ``model`` against ``original`` on ``text``)."""
+    from lorq.evaluation.measure import measure
+
+    result = measure(model, text.blocks, original, "").result
+    out = {"recover": label, "steps": steps, "seconds": round(seconds, 1), "peak_mb": peak_mb(),
+           "kl": result.kl, "perplexity": result.perplexity}  # fmt: skip
+    print(out, flush=True)
+    return out
+
+
+def rows_for(config, runs: list, eval_blocks: int) -> list[dict]:
+    """The compression of each of ``runs`` (label, config), measured."""
+    import lorq
+    from lorq.model.targets import shared_copy
+
+    loaded, tokens, plan, text = loaded_inputs(config, eval_blocks)
     rows = []
     for label, run in runs:
         start = time.perf_counter()
         planned = plan if run.budget is not None else None
         model = lorq.compress(shared_copy(loaded.model), run, tokens, plan=planned).model
-        seconds = time.perf_counter() - start
-        result = measure(model, text.blocks, loaded.model, "").result
+        steps = run.recover_steps if run.recover == "block" else 0
+        rows.append(row(label, steps, time.perf_counter() - start, model, text, loaded.model))
         del model
-        rows.append({"recover": label, "steps": run.recover_steps if run.recover == "block" else 0,
-                     "seconds": round(seconds, 1), "peak_mb": peak_mb(), "kl": result.kl,
-                     "perplexity": result.perplexity})  # fmt: skip
-        print(rows[-1], flush=True)
     return rows
 
 
-def end_to_end_rows(lrs: list[float], scale_lrs, steps: int, eval_blocks: int) -> list[dict]:
-    """The default job's model, then recovered end to end at each learning rate (and scale
-    rate; 0: the factors only)."""
+def end_to_end_rows(config, lrs: list[float], scale_lrs, steps: int, eval_blocks: int) -> list:
+    """``config``'s model (compressed once, saved), then recovered end to end at each learning
+    rate (and scale rate; 0: the factors only)."""
     import tempfile
 
     import lorq
-    from lorq.evaluation.measure import measure
-    from lorq.jobs.evaluate import Evaluation
+    from lorq.model.targets import shared_copy
 
-    loaded = lorq.io.models.load_model("smollm2", packed=True)
-    text = Evaluation(loaded.tokenizer, eval_blocks)
+    loaded, tokens, plan, text = loaded_inputs(config, eval_blocks)
+    first = "none" if config.recover == "none" else "block"
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorq-recovery-") as work:
         start = time.perf_counter()
-        config = lorq.CompressConfig(weighting="activations")  # the default job
-        result = lorq.compress_model("smollm2", config, eval_blocks=0)
-        lorq.save(result.model, Path(work) / "c", loaded.tokenizer)
+        model = lorq.compress(shared_copy(loaded.model), config, tokens, plan=plan).model
+        lorq.save(model, Path(work) / "c", loaded.tokenizer)
         seconds = time.perf_counter() - start
         for lr, scale_lr in [(None, 0), *((a, b) for a in lrs for b in scale_lrs)]:
             model = lorq.load(Path(work) / "c")
-            label = "none" if lr is None else f"end-to-end, lr {lr:g}"
+            label = first if lr is None else f"{first} + end-to-end, lr {lr:g}"
             if lr is not None:
                 start = time.perf_counter()
                 scales = {"scales": bool(scale_lr), "scale_lr": scale_lr or 1e-3}
-                config = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps,
-                                            **scales)  # fmt: skip
-                lorq.recover(model, loaded.tokenizer, config, Path(work) / f"r{lr:g}-{scale_lr:g}")
+                run = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps,
+                                         **scales)  # fmt: skip
+                lorq.recover(model, loaded.tokenizer, run, Path(work) / f"r{lr:g}-{scale_lr:g}")
                 seconds = time.perf_counter() - start
                 label += f", scales {scale_lr:g}" if scale_lr else ""
-            measured = measure(model, text.blocks, loaded.model, "").result
-            rows.append({"recover": label, "steps": steps if lr else 0,
-                         "seconds": round(seconds, 1), "peak_mb": peak_mb(),
-                         "kl": measured.kl, "perplexity": measured.perplexity})  # fmt: skip
-            print(rows[-1], flush=True)
+            rows.append(row(label, steps if lr else 0, seconds, model, text, loaded.model))
     return rows
 
 
@@ -128,21 +138,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--end-to-end", action="store_true", help="lorq recover (module doc)")
+    parser.add_argument("--after-block", action="store_true",
+                        help="--end-to-end after block-wise recovery at its defaults")  # fmt: skip
     args = parser.parse_args()
-    if args.end_to_end:
-        rows = end_to_end_rows(args.lr, args.scale_lr, args.steps, args.eval_blocks)
-        return report("end to end", rows)
-
     import lorq
 
     config = lorq.CompressConfig(weighting="activations")
     if args.budget is not None:
         config = replace(config, quant=None, budget=args.budget, plan_weighting="fisher")
+    key = "default job" if args.budget is None else f"budget {args.budget:g}"
+    if args.end_to_end:
+        config = replace(config, recover="block" if args.after_block else "none")
+        rows = end_to_end_rows(config, args.lr, args.scale_lr, args.steps, args.eval_blocks)
+        return report(f"end to end, {key}", rows)
     runs = block_runs(config, args.lr, args.scale_lr, args.steps)
     if args.budget is not None:  # the reference: bitsandbytes NF4 with double quantization
         runs.insert(0, (NF4, lorq.CompressConfig(method="plain", quant="bnb-nf4")))
-    rows = rows_for(config, runs, args.eval_blocks)
-    report("default job" if args.budget is None else f"budget {args.budget:g}", rows)
+    report(key, rows_for(config, runs, args.eval_blocks))
 
 
 def report(key: str, rows: list[dict]) -> None:
