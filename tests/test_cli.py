@@ -97,6 +97,24 @@ def test_activation_weighted_compress_and_plan(tiny_dir, tmp_path):
     assert "fisher plan" in result.output
 
 
+def test_kl_plan(tiny_dir, tmp_path):
+    """--plan-weighting kl: the plan's costs are α·t², its table says the KL it predicts (the
+    sum of its entries' costs), the JSON keeps α; a compress with it records the weighting."""
+    common = ("--model", tiny_dir, "--rank", "2", "--budget", "3", "--calibration-tokens", "256")
+    result = run("plan", *common, "--plan-weighting", "kl", "--out", tmp_path / "kl.json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "kl.json").read_text())
+    predicted = sum(e["error"] for e in plan["entries"])
+    assert plan["weighting"] == "kl" and f"{predicted:.4f}" in result.output
+    assert "predicted KL" in result.output
+    out = tmp_path / "out"
+    result = run("compress", *common, "--plan-weighting", "kl", "--eval-blocks", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "lorq.json").read_text())["plan"]["weighting"] == "kl"
+    result = run("plan", *common, "--plan-weighting", "kld", "--out", tmp_path / "x.json")
+    assert result.exit_code == 2 and "kl" in result.output and not (tmp_path / "x.json").exists()
+
+
 def test_compress_with_a_plan_file(tiny_dir, tmp_path):
     """Oracle: compress --budget builds the same plan itself."""
     plan = tmp_path / "plan.json"

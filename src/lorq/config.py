@@ -38,6 +38,7 @@ class _Serializable:
 
 DEFAULT_ITERATIONS = {"loftq": 5, "lq": 20}  # docs/algorithms.md §2.2 (T = 5), §2.3 (T_max = 20)
 WEIGHTINGS = ("none", "fisher", "activations", "both")
+PLAN_WEIGHTINGS = (*WEIGHTINGS, "kl")  # "kl": H-norm costs × each target's α (§10)
 ROUNDINGS = ("nearest", "weighted", "gptq")
 DAMP = 0.01  # λ of H_λ = H + λ·mean(diag H)·I (docs/algorithms.md §5)
 # Block-wise recovery (docs/algorithms.md §9): Adam steps of 4 calibration sequences, the
@@ -81,7 +82,8 @@ def uses_fisher(weighting: str) -> bool:
 
 
 def uses_activations(weighting: str) -> bool:
-    return weighting in ("activations", "both")
+    """Whether an error needs the layers' H: a KL plan's costs are the H-norm's (× α)."""
+    return weighting in ("activations", "both", "kl")
 
 
 def _check_weighting(weighting: str, rounding: str, damp: float) -> None:
@@ -181,7 +183,9 @@ class CompressConfig(_Serializable):
     H_λ = H + λ·mean(diag H)·I.
     For qa-lora, "activations" initialises the pooled adapter by the closed form (else B = 0)
     and "gptq" rounds the base. ``plan_weighting`` (with a budget): another error for the plan's
-    costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions;
+    costs than for the decomposition, e.g. "fisher" costs with "activations" decompositions,
+    or "kl": each matrix's relative output error t (H-norm) times its sensitivity α, measured
+    on the model (docs/algorithms.md §10), so the costs add up to the KL the plan predicts;
     ``plan_rounding``: another rounding for them, e.g. "weighted" costs (one encode per
     candidate) for "gptq" decompositions.
     ``include`` / ``exclude`` are regexes on module names
@@ -215,7 +219,7 @@ class CompressConfig(_Serializable):
     embeddings: str | QuantConfig | None = None
     factor_bits: int | None = None
     damp: float = DAMP
-    plan_weighting: Literal["none", "fisher", "activations", "both"] | None = None
+    plan_weighting: Literal["none", "fisher", "activations", "both", "kl"] | None = None
     budget_mb: float | None = None
     plan_rounding: Literal["nearest", "weighted", "gptq"] | None = None
     sequential: bool = SEQUENTIAL
@@ -232,7 +236,7 @@ class CompressConfig(_Serializable):
         _check_choice("gguf_codes", self.gguf_codes, (True, False))
         _check_recovery(self)
         _check_weighting(self.weighting, self.rounding, self.damp)
-        _check_choice("plan_weighting", self.plan_weighting, (None, *WEIGHTINGS))
+        _check_choice("plan_weighting", self.plan_weighting, (None, *PLAN_WEIGHTINGS))
         _check_choice("plan_rounding", self.plan_rounding, (None, *ROUNDINGS))
         for field in ("plan_weighting", "plan_rounding"):
             if getattr(self, field) is not None and not self.budgeted:

@@ -192,3 +192,36 @@ def test_activations_offloaded_to_disk_give_the_same_bytes(tmp_path):
         )  # fmt: skip
     assert_same_bytes(shard_tensors(tmp_path / "outFalse"), shard_tensors(tmp_path / "outTrue"))
     assert not (tmp_path / "outTrue" / ".activations").exists()  # scratch removed at the end
+
+
+KL_BUDGET = CompressConfig(
+    method="lq", budget=3.0, rank=4, weighting="activations", plan_weighting="kl"
+)
+
+
+def test_streamed_kl_plan_equals_in_memory_and_resumes_its_sensitivities(tmp_path):
+    """A KL plan (§10): the sensitivities measured while streaming (probes carried block by block
+    through the checkpoint read part by part) and the plan equal the in-memory job's; they are
+    kept beside the plan, and a resumed run that finds them reads them (measures none again)."""
+    from lorq.budget import BudgetPlan
+    from lorq.pipeline.passes import PLAN_FILE
+    from lorq.pipeline.sensitivity import SENSITIVITY_FILE
+
+    out = tmp_path / "out"
+    tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    compress_to(str(tmp_path / "src"), out, KL_BUDGET, calibration=tokens(), device="cpu")
+    memory = compress(tiny_causal("llama", 0, num_hidden_layers=3), KL_BUDGET, tokens())
+    streamed = BudgetPlan.load(out / PLAN_FILE)
+    assert streamed.sensitivities == memory.plan.sensitivities
+    assert [e.config for e in streamed.entries] == [e.config for e in memory.plan.entries]
+    kept = json.loads((out / SENSITIVITY_FILE).read_text())
+    assert kept == streamed.sensitivities and len(kept) == 21
+    assert len({e.config for e in streamed.entries}) > 1  # a mixed plan
+    (out / "lorq.json").unlink()  # as if killed after the sensitivities, before the plan
+    (out / PLAN_FILE).unlink()
+    for shard in out.glob("model-*.safetensors"):
+        shard.unlink()
+    doubled = {name: 2 * alpha for name, alpha in kept.items()}
+    (out / SENSITIVITY_FILE).write_text(json.dumps(doubled))
+    compress_to(str(tmp_path / "src"), out, KL_BUDGET, calibration=tokens(), resume=True)
+    assert BudgetPlan.load(out / PLAN_FILE).sensitivities == pytest.approx(doubled)

@@ -53,6 +53,9 @@ config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations
 if sys.argv[5:] == ["budget"]:  # a budget: the cost table block by block, the Fisher for its costs
     config = CompressConfig(method="lq", budget=3.0, rank=4, weighting="activations",
                             plan_weighting="fisher", iters=int(sys.argv[3]))
+if sys.argv[5:] == ["budget", "kl"]:  # a KL plan: the sensitivities' probes over the processes
+    config = CompressConfig(method="lq", budget=3.0, rank=4, weighting="activations",
+                            plan_weighting="kl", iters=int(sys.argv[3]))
 if sys.argv[5:] == ["recover"]:  # block-wise recovery of the factors and the scales
     config = CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations",
                             iters=int(sys.argv[3]), recover="block", recover_steps=5)
@@ -201,6 +204,21 @@ def test_two_processes_plan_a_budget_as_one(tmp_path):
     two = run_script(src, tmp_path / "two", "new", launcher=torchrun, budget=True)
     assert two.wait(300) == 0, two.stderr.read()
     assert "lorq-plan.json" in digests(tmp_path / "one")
+    assert digests(tmp_path / "two") == digests(tmp_path / "one")
+
+
+@pytest.mark.slow  # a subprocess run (torchrun): make test-slow
+def test_two_processes_measure_kl_sensitivities_as_one(tmp_path):
+    """A KL plan under torchrun: each rank carries the probes of its share of the targets, the
+    α are gathered; the sensitivities, the plan and every file equal one process's."""
+    src = checkpoint(tmp_path / "src", layers=2)
+    one = run_script(src, tmp_path / "one", "new", budget=True, job="kl")
+    assert one.wait(300) == 0, one.stderr.read()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]  # fmt: skip
+    two = run_script(src, tmp_path / "two", "new", launcher=torchrun, budget=True, job="kl")
+    assert two.wait(300) == 0, two.stderr.read()
+    assert "lorq-sensitivity.json" in digests(tmp_path / "one")
     assert digests(tmp_path / "two") == digests(tmp_path / "one")
 
 

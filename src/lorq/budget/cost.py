@@ -3,6 +3,9 @@
     bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
     cost[i, c] = err(W_i − Q_i − s·B_i·A_i)²                 the decomposition under config c
 
+With a plan weighted by the KL (docs/algorithms.md §10) the costs are the H-norm's, then
+:func:`kl_costs` turns them into predicted KL: cost[i, c] = α_i · err[i, c]² / ‖W_i L_i‖².
+
 err is the decomposition's own (``lorq.decomposition.common``): Frobenius, Fisher-weighted, or the
 H-norm ‖R·L‖_F, whose square is the matrix's expected output error on the calibration inputs, so
 the ILP then minimises the sum of the layers' output MSEs (docs/algorithms.md §5).
@@ -201,3 +204,15 @@ def cost_table(
         cost=np.array([r[1] for r in rows], dtype=np.float64),
         norms=np.array([r[2] for r in rows], dtype=np.float64),
     )
+
+
+def kl_costs(table: CostTable, alphas: Mapping[str, float]) -> CostTable:
+    """The H-norm ``table`` in the currency of the KL (docs/algorithms.md §10): cost[i, c] =
+    α_i t²_{i,c} with t² = err² / ‖W L‖², and norms = α (so cost / norm stays t²)."""
+    missing = [name for name in table.names if name not in alphas]
+    if missing:
+        raise ValueError(f"no KL sensitivity for {missing[0]} (and {len(missing) - 1} more)")
+    alpha = np.maximum([alphas[name] for name in table.names], 0.0).astype(np.float64)
+    relative = table.cost / np.where(table.norms > 0, table.norms, 1.0)[:, None]
+    cost = np.where(np.isfinite(table.cost), alpha[:, None] * relative, np.inf)
+    return dataclasses.replace(table, cost=cost, norms=alpha)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.budget.cost import CostTable, cost_table, shape_bits
+from lorq.budget.cost import CostTable, cost_table, kl_costs, shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
 from lorq.config import LEGACY_METHODS, DecomposeConfig
@@ -56,7 +56,7 @@ class BudgetPlan:
     gap: float
     table_seconds: float
     solve_seconds: float
-    weighting: str = "none"  # the costs' error: none | fisher | activations | both
+    weighting: str = "none"  # the costs' error: none | fisher | activations | both | kl
     rounding: str = "nearest"  # how Q was rounded for the costs: nearest | gptq
 
     @property
@@ -74,6 +74,17 @@ class BudgetPlan:
     @property
     def total_error(self) -> float:
         return sum(e.error for e in self.entries)
+
+    @property
+    def sensitivities(self) -> dict[str, float] | None:
+        """{matrix: α} of a KL plan (kept as its entries' norms), else None."""
+        return {e.name: e.norm for e in self.entries} if self.weighting == "kl" else None
+
+    @property
+    def predicted_kl(self) -> float | None:
+        """Σ α_l t_l²: the KL the plan predicts (docs/algorithms.md §10); None unless its costs
+        are the KL's."""
+        return self.total_error if self.weighting == "kl" else None
 
     @property
     def relative_error(self) -> float:
@@ -154,13 +165,16 @@ def plan_budgets(
     hessians: Mapping[str, torch.Tensor] | None = None,
     weighting: str | None = None,
     rounding: str = "nearest",
+    sensitivities: Mapping[str, float] | None = None,
 ) -> list[BudgetPlan]:
     """Choose a quantization config per matrix minimising total error under each budget.
 
     ``matrices``: {name: weight (out × in)}; ``fisher``: optional {name: F (out × in)};
     ``hessians``: {name: H = XᵀX/N (in × in)} for ``weighting`` "activations" / "both" or
-    ``rounding="gptq"``. ``weighting`` defaults to "fisher" when ``fisher`` is given, else
-    "none". One cost table serves every budget (the table is the expensive part; a solve is not).
+    ``rounding="gptq"``, and with ``sensitivities`` {name: α} for "kl" (costs α·t², the KL the
+    plan predicts; α from ``lorq.calibrate.sensitivity``). ``weighting`` defaults to "fisher"
+    when ``fisher`` is given, else "none". One cost table serves every budget (the table is the
+    expensive part; a solve is not).
     """
     if weighting is None:
         weighting = "fisher" if fisher is not None else "none"
@@ -176,6 +190,10 @@ def plan_budgets(
     start = time.perf_counter()
     config = table_config(method, rank, iters, weighting, rounding)
     table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
+    if weighting == "kl":
+        if sensitivities is None:
+            raise ValueError("weighting='kl' needs sensitivities={matrix name: α} (§10)")
+        table = kl_costs(table, sensitivities)
     seconds = time.perf_counter() - start
     job = (method, rank, (weighting, rounding))
     return plans_of_table(table, shapes, budgets, job, seconds, time_limit)
@@ -184,12 +202,13 @@ def plan_budgets(
 def table_config(
     method: str, rank: int, iters: int, weighting: str, rounding: str
 ) -> DecomposeConfig:
-    """The decomposition a cost table measures each candidate with (its quant replaced)."""
+    """The decomposition a cost table measures each candidate with (its quant replaced); a KL
+    plan's table is the H-norm's (``lorq.budget.cost.kl_costs`` scales it)."""
     return DecomposeConfig(
         method="loftq" if method == "loftq" else "lq",
         rank=rank,
         iters=iters,
-        weighting=weighting,  # type: ignore[arg-type]
+        weighting="activations" if weighting == "kl" else weighting,  # type: ignore[arg-type]
         rounding=rounding,  # type: ignore[arg-type]
     )
 

@@ -84,7 +84,10 @@ def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
     summary.add_row(
         "cost weighting, rounding", f"{WEIGHTING_LABELS[plan.weighting]}, {plan.rounding}"
     )
-    summary.add_row("total squared error", f"{plan.total_error:.6g}")
+    if plan.predicted_kl is not None:
+        summary.add_row("predicted KL (Σ α·t²)", f"{plan.predicted_kl:.4f}")
+    else:
+        summary.add_row("total squared error", f"{plan.total_error:.6g}")
     summary.add_row("solver", f"{plan.status}, gap {plan.gap:.2e}, {plan.solve_seconds:.2f} s")
     summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
     return grid, summary
@@ -95,6 +98,7 @@ WEIGHTING_LABELS = {
     "fisher": "Fisher (‖√F ⊙ (W − Ŵ)‖²)",
     "activations": "activations (output MSE)",
     "both": "activations + Fisher rows",
+    "kl": "KL (α · relative output error²)",
 }
 
 

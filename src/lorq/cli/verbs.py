@@ -33,8 +33,9 @@ FisherOption = Annotated[bool, typer.Option(help="the same as --weighting fisher
 PlanWeightingOption = Annotated[
     str | None,
     typer.Option(
-        help="with --budget: another weighting for the plan's costs (default: fisher for a "
-        "causal LM when --weighting is not given, else --weighting's)"
+        help="with --budget: another weighting for the plan's costs, or kl (output error × "
+        "each matrix's measured KL sensitivity; default: fisher for a causal LM when "
+        "--weighting is not given, else --weighting's)"
     ),
 ]
 CandidatesOption = Annotated[

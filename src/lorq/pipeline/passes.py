@@ -25,15 +25,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorq.budget import BudgetPlan
-from lorq.budget.cost import CostTable, cost_table
+from lorq.budget.cost import CostTable, cost_table, kl_costs
 from lorq.budget.grid import candidate_grid
 from lorq.budget.plan import plans_of_table, table_config
-from lorq.calibrate.blocks import BlockInputs, forward_kwargs
+from lorq.calibrate.blocks import BlockInputs, forward_kwargs, run_block
 from lorq.calibrate.fisher import blocks_bypassed, blockwise_fisher
 from lorq.calibrate.hessian import Hessians, block_hessians, collect, input_leaders
 from lorq.config import uses_activations, uses_fisher
 from lorq.model.targets import dense_weight, weight_shape
 from lorq.pipeline.run import Run
+from lorq.pipeline.sensitivity import carry, finish, probes_for
 from lorq.util import dist
 
 FISHER_DIR = ".fisher"
@@ -165,16 +166,20 @@ def plan_pass(run: Run) -> None:
 
 
 def cost_rows(run: Run, grid) -> list[CostTable]:
-    """Every block's rows and the outside targets', in model order (cached per block)."""
+    """Every block's rows and the outside targets', in model order (cached per block); for a KL
+    plan, the targets' α into ``run.sensitivities`` on the way (``lorq.pipeline.sensitivity``)."""
     given = run.given.hessians is not None
-    inputs = run.capture() if needs_hessians(run) and not given else None
+    probes = probes_for(run)
+    wanted = (needs_hessians(run) and not given) or probes is not None
+    inputs = run.capture() if wanted else None
     advance = run.progress("cost table", len(run.targets))
     tables = []
     for index in [*range(len(run.blocks)), None]:
         file = run.sink.scratch / COSTS_DIR / f"{_stem(index)}.npz"
         cached = load_costs(file, grid) if file.is_file() else None
-        if cached is None or (inputs is not None and index is not None):
-            table, inputs = _block_rows(run, index, grid, inputs, want=cached is None)
+        walk = inputs is not None and (index is not None or probes is not None)
+        if cached is None or walk:
+            table, inputs = _block_rows(run, index, grid, inputs, cached is None, probes)
             if cached is None and run.world.is_writer and table is not None:
                 save_costs(table, file)
         table = cached if cached is not None else table
@@ -184,17 +189,22 @@ def cost_rows(run: Run, grid) -> list[CostTable]:
     return tables
 
 
-def _block_rows(run: Run, index: int | None, grid, inputs: BlockInputs | None, want: bool):
+def _block_rows(run: Run, index: int | None, grid, inputs: BlockInputs | None, want: bool, probes):
     """(the cost rows of block ``index``'s targets — each process computes its share, gathered
-    in order; None when not ``want``ed or without targets —, the original block's output)."""
+    in order; None when not ``want``ed or without targets —, the original block's output);
+    ``probes`` (or None) carried through the block, or finished at the top."""
     parts = run.source.block_part(index) if index is not None else run.source.outside_parts()
     run.load(parts, forward=inputs is not None)
     targets = run.block_targets(index)
     hessians, output = _original_statistics(run, index, targets, inputs)
     owners = run.world.deal([a * b for a, b in map(weight_shape, targets.values())])
-    mine = {n: m for (n, m), o in zip(targets.items(), owners, strict=True) if o == run.world.rank}
-    mine = mine if want else {}
+    share = {n: m for (n, m), o in zip(targets.items(), owners, strict=True) if o == run.world.rank}
+    mine = share if want else {}
     table = _costs_of(run, mine, grid, hessians, index) if mine else None
+    if probes is not None and index is not None:
+        carry(run, probes, index, share, hessians, inputs)
+    elif probes is not None:
+        finish(run, probes, share, hessians, inputs)
     run.source.release(parts)
     if want and targets:
         table = in_order(dist.gather_objects(table, run.world), list(targets))
@@ -203,8 +213,9 @@ def _block_rows(run: Run, index: int | None, grid, inputs: BlockInputs | None, w
 
 
 def _original_statistics(run: Run, index, targets, inputs: BlockInputs | None):
-    if run.given.hessians is not None:
-        return run.given.hessians, None
+    if run.given.hessians is not None:  # the stream flows on only for the probes
+        flows = inputs is not None and index is not None
+        return run.given.hessians, run_block(run.blocks.modules[index], inputs) if flows else None
     if inputs is None:
         return None, None
     if index is None:
@@ -226,7 +237,10 @@ def plans_of_rows(run: Run, tables: list[CostTable], budgets: list[float]) -> li
     config = run.config
     shapes = {name: weight_shape(run.model.get_submodule(name)) for name in run.targets}
     job = (config.method, config.rank, (config.cost_weighting, config.cost_rounding))
-    plans = plans_of_table(join_tables(tables), shapes, budgets, job, 0.0)
+    table = join_tables(tables)
+    if run.sensitivities is not None:
+        table = kl_costs(table, run.sensitivities)
+    plans = plans_of_table(table, shapes, budgets, job, 0.0)
     return [replace(plan, table_seconds=0.0, solve_seconds=0.0) for plan in plans]
 
 

@@ -52,6 +52,7 @@ class Run:
     fisher_folder: bool = False  # the Fisher of this run is computed into the scratch folder
     reference: torch.Tensor | None = None  # the original model's stream X (recovery, sequential)
     recovered: dict = field(default_factory=dict)  # block index → its recovery (lorq.recovery)
+    sensitivities: dict[str, float] | None = None  # {target: α} of a KL plan (§10)
     _tokens: torch.Tensor | None = None
 
     @property

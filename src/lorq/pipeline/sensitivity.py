@@ -1,0 +1,89 @@
+"""The KL sensitivities α of a run's targets (``lorq.calibrate.sensitivity``), measured during the
+cost rows' pass over the blocks: the probes ride along the clean stream, each process carries the
+probes of its share of the targets, and the top turns them into α at the end.
+
+    SCRATCH/lorq-sensitivity.json     {target: α}, written once by the first process; a resumed
+                                      run reads it and runs no probe
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lorq.calibrate.blocks import BlockInputs, forward_kwargs
+from lorq.calibrate.fisher import blocks_bypassed
+from lorq.calibrate.sensitivity import Probes, perturbation, probe_seed
+from lorq.nn.dense import dense_weight
+from lorq.pipeline.run import Run
+from lorq.util import dist
+from lorq.util.atomic import atomic_file
+
+SENSITIVITY_FILE = "lorq-sensitivity.json"
+
+
+def wants_sensitivities(run: Run) -> bool:
+    """Whether the run makes a plan whose costs are the KL's."""
+    return run.config.budgeted and run.plan is None and run.config.cost_weighting == "kl"
+
+
+def probes_for(run: Run) -> Probes | None:
+    """The probes to carry (None: the plan needs no α, or a killed run left them measured, then
+    read into ``run.sensitivities``)."""
+    if not wants_sensitivities(run):
+        return None
+    file = run.sink.scratch / SENSITIVITY_FILE
+    if dist.broadcast(file.is_file(), 0, run.world):
+        run.sensitivities = json.loads(file.read_text())
+        return None
+    return Probes(seed=run.config.seed)
+
+
+def carry(run: Run, probes: Probes, index: int, mine: dict[str, nn.Module], hessians, inputs):
+    """Block ``index`` (loaded) for the probes: the older ones through it, then those of the
+    targets ``mine`` (this process's share of its targets) started on its clean ``inputs``."""
+    block = run.blocks.modules[index]
+    probes.block(block, mine, lambda name: dense_weight(mine[name]).float(), hessians, inputs)
+
+
+def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: BlockInputs):
+    """α of every target from the probes at the top (the outside parts loaded; ``mine``: this
+    process's share of the targets outside the blocks, ``top``: the clean X_N) into
+    ``run.sensitivities`` and the scratch file."""
+    outside = {
+        name: (module, _delta(run, probes, name, module, hessians)) for name, module in mine.items()
+    }
+    alphas = probes.finish(top_logits(run), top.hidden, outside)
+    merged: dict[str, float] = {}
+    for part in dist.gather_objects(alphas, run.world):
+        merged.update(part)
+    run.sensitivities = {name: merged[name] for name in run.targets}
+    if run.world.is_writer:
+        with atomic_file(run.sink.scratch / SENSITIVITY_FILE) as tmp:
+            tmp.write_text(json.dumps(run.sensitivities, indent=1))
+
+
+def _delta(run: Run, probes: Probes, name: str, module: nn.Module, hessians) -> torch.Tensor:
+    weight = dense_weight(module).float()
+    return perturbation(weight, hessians[name], probes.t, probe_seed(name, probes.seed))
+
+
+def top_logits(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X_N (S × L × d) of the first S calibration sequences → their logits (S × L × V), through
+    the model's own final norm and head, the blocks standing aside."""
+    extra = forward_kwargs(run.model)
+    tokens = run.tokens()
+
+    def top(hidden: torch.Tensor) -> torch.Tensor:
+        rows = []
+        with torch.no_grad(), blocks_bypassed(run.blocks.modules) as inject:
+            for i in range(hidden.shape[0]):
+                inject(hidden[i : i + 1])
+                ids = tokens[i : i + 1].to(run.device)
+                rows.append(run.model(input_ids=ids, **extra).logits.float())
+        return torch.cat(rows)
+
+    return top

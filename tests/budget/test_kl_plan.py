@@ -1,0 +1,98 @@
+"""Plans calibrated to the KL (docs/algorithms.md §10): the sensitivities α the pipeline measures
+block by block, against an independent whole-model finite difference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorq.calibrate.sensitivity import SENSITIVITY_T, probe_seed
+from lorq.config import DAMP, CompressConfig
+from lorq.jobs.compress import plan_budgets_for
+from tests.conftest import tiny_llama
+
+
+def _peaked_llama():
+    """The tiny LLaMA with a head 30× larger: confident next-token distributions, whose KL a
+    small perturbation moves well above float32's resolution."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def _tokens(n: int = 4, length: int = 32) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+def _input_grams(model, tokens) -> dict[str, torch.Tensor]:
+    """XᵀX of every linear layer of the blocks over all tokens, by hooks on the whole model."""
+    grams, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+
+            def keep(_m, args, _out, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                grams[name] = grams.get(name, 0) + x.T @ x
+
+            handles.append(module.register_forward_hook(keep))
+    with torch.no_grad():
+        model(input_ids=tokens)
+    for handle in handles:
+        handle.remove()
+    return grams
+
+
+def _finite_difference(model, tokens, name: str, gram: torch.Tensor) -> float:
+    """KL(p ‖ p̂) / t² with W of ``name`` moved by t‖WL‖/‖GL‖·G, G seeded as the library seeds
+    it, L the Cholesky factor of the damped Gram matrix; the whole model run in float64."""
+    model = model.double()
+    module = model.get_submodule(name)
+    weight = module.weight.detach().clone()
+    damped = gram + DAMP * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    lower = torch.linalg.cholesky(damped)
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(probe_seed(name, 0)))
+    noise = noise.double()
+    scale = torch.linalg.norm(weight @ lower) / torch.linalg.norm(noise @ lower)
+    with torch.no_grad():
+        clean = model(input_ids=tokens).logits
+        module.weight += SENSITIVITY_T * scale * noise
+        moved = model(input_ids=tokens).logits
+        module.weight.copy_(weight)
+    log_p, log_q = clean.log_softmax(-1), moved.log_softmax(-1)
+    kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
+    model.float()
+    return float(kl) / SENSITIVITY_T**2
+
+
+def test_sensitivities_equal_a_whole_model_finite_difference():
+    """α of every target, measured block by block on 4 calibration sequences, equals the KL of
+    the whole model with that target alone perturbed (float64, independent H and KL) / t²."""
+    model, tokens = _peaked_llama(), _tokens()
+    config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl")
+    (plan,) = plan_budgets_for(model, config, [3.0], calibration=tokens)
+    alphas = plan.sensitivities
+    assert alphas is not None and len(alphas) == 14
+    grams = _input_grams(model, tokens)
+    expected = {name: _finite_difference(model, tokens, name, grams[name]) for name in alphas}
+    floor = 1e-4 * max(expected.values())  # the float32 forwards' noise on the smallest KLs
+    for name, alpha in alphas.items():
+        assert alpha == pytest.approx(expected[name], rel=2e-3, abs=floor), name
+    assert len(set(alphas.values())) == len(alphas)  # every target its own measurement
+
+
+def test_a_kl_plan_predicts_the_sum_of_its_costs():
+    """The plan's predicted KL is Σ α·t² over its entries, t² the H-norm relative error."""
+    model, tokens = _peaked_llama(), _tokens()
+    config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl")
+    (plan,) = plan_budgets_for(model, config, [3.0], calibration=tokens)
+    activations = CompressConfig(budget=3.0, rank=4, weighting="activations")
+    (reference,) = plan_budgets_for(model, activations, [3.0], calibration=tokens)
+    by_name = {e.name: e for e in reference.entries}
+    predicted = 0.0
+    for entry in plan.entries:
+        same = by_name[entry.name]
+        if same.config == entry.config:  # the same candidate: the same H-norm error
+            assert entry.error == pytest.approx(entry.norm * same.error / same.norm, rel=1e-9)
+        predicted += entry.error
+    assert plan.predicted_kl == pytest.approx(predicted)
+    assert reference.predicted_kl is None
