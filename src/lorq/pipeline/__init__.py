@@ -144,8 +144,10 @@ def _run(source, config, plan, text, where: Where, given: Given, progress) -> Ru
 
 def _needed(run: Run, calibration) -> Calibration | None:
     """The calibration a run uses: none when it collects no statistics."""
-    planning = run.config.budgeted and run.plan is None and run.given.hessians is None
-    collects = run.needs_fisher or run.needs_inputs or (planning and needs_hessians(run))
+    planning = run.config.budgeted and run.plan is None
+    statistics = needs_hessians(run) and run.given.hessians is None
+    probes = run.config.cost_weighting == "kl"  # the KL of the model runs on the text
+    collects = run.needs_fisher or run.needs_inputs or (planning and (statistics or probes))
     if not collects:
         return None
     if calibration is None:

@@ -1,0 +1,156 @@
+"""Plans calibrated to the KL (``--plan-weighting kl``, ALGORITHMS.md §10) on the built-in SmolLM2.
+
+The same decomposition for every plan (LQ-LoRA, r = 16, activation-weighted, block-sequential,
+64 × 128 calibration tokens, the default NF grid); only the plan's costs differ:
+
+    kl           α_l · t²_{l,c}: the measured KL sensitivity × relative output error (H-norm)
+    fisher       the Fisher-weighted weight error (the default for causal LMs until now)
+    activations  the summed output errors ‖(W − Ŵ) L‖² (t² × ‖W L‖², no α)
+
+Each plan at each ``--budgets`` is compressed and measured: KL and perplexity against the
+original on ``--eval-blocks`` blocks of the built-in evaluation text (neither the calibration
+text the plans and α were measured on, nor training text). The KL each plan predicts (Σ α·t²
+of its choices, from one H-norm cost table and the measured α) is reported beside the KL
+measured, for these plans and for ``--random`` more: ILP plans of costs jittered at random
+(log-normal, σ = 1) at random budgets in [2.5, 3.5], for a rank correlation over varied plans.
+
+    python bench/kl_plan.py                          # 2.75 and 3.0 bits, 6 random plans
+    python bench/kl_plan.py --budgets 2.5 3.25 3.5 --random 0 --weightings kl fisher
+
+Results: bench/results/kl_plan.json (rows merged by label), a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "kl_plan.json"
+WEIGHTINGS = ("kl", "fisher", "activations")
+
+
+def predicted(plan, table, alphas: dict[str, float]) -> float:
+    """Σ α_l t_l² of the plan's choices, t² from the H-norm ``table``."""
+    index = {c: j for j, c in enumerate(table.candidates)}
+    total = 0.0
+    for i, entry in enumerate(plan.entries):
+        assert table.names[i] == entry.name
+        total += alphas[entry.name] * table.cost[i, index[entry.config]] / table.norms[i]
+    return total
+
+
+def random_plans(table, shapes, job, count: int, seed: int = 0) -> list:
+    """``count`` ILP plans of the H-norm ``table`` with each cost jittered (log-normal, σ = 1),
+    at budgets drawn from [2.5, 3.5]."""
+    from lorq.budget.plan import plans_of_table
+
+    rng = np.random.default_rng(seed)
+    plans = []
+    for _ in range(count):
+        jittered = replace(table, cost=table.cost * rng.lognormal(0.0, 1.0, table.cost.shape))
+        budget = float(np.round(rng.uniform(2.5, 3.5), 3))
+        (plan,) = plans_of_table(jittered, shapes, [budget], job, 0.0)
+        plans.append(plan)
+    return plans
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2.75, 3.0])
+    parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=WEIGHTINGS)
+    parser.add_argument("--random", type=int, default=6, help="random plans (predicted vs KL)")
+    parser.add_argument("--eval-blocks", type=int, default=16)
+    args = parser.parse_args()
+
+    import lorq
+    from lorq.budget.cost import cost_table
+    from lorq.budget.grid import candidate_grid
+    from lorq.budget.plan import table_config
+    from lorq.calibrate.tokens import Calibration
+    from lorq.evaluation.measure import measure
+    from lorq.jobs.compress import plan_budgets_for
+    from lorq.jobs.evaluate import Evaluation
+    from lorq.jobs.statistics import estimate_hessians
+    from lorq.model.targets import dense_weight, shared_copy, targets_of
+
+    loaded = lorq.io.models.load_model("smollm2")
+    model, tokens = loaded.model, Calibration().load(loaded.tokenizer)
+    text = Evaluation(loaded.tokenizer, args.eval_blocks)
+    base = lorq.CompressConfig(weighting="activations", quant=None, budget=args.budgets[0])
+    names = list(targets_of(model, base))
+    targets = {name: model.get_submodule(name) for name in names}
+    start = time.perf_counter()
+    hessians = estimate_hessians(model, tokens, targets)
+    print(f"H of {len(names)} targets: {time.perf_counter() - start:.0f} s", flush=True)
+
+    plans, seconds = {}, {}
+    for weighting in ["kl", *[w for w in args.weightings if w != "kl"]]:
+        start = time.perf_counter()
+        config = replace(base, plan_weighting=weighting)
+        made = plan_budgets_for(model, config, args.budgets, hessians=hessians, calibration=tokens)
+        seconds[weighting] = round(time.perf_counter() - start, 1)
+        print(f"{weighting} plans: {seconds[weighting]} s", flush=True)
+        for budget, plan in zip(args.budgets, made, strict=True):
+            plans[f"{weighting} plan, {budget:g} bits"] = plan
+    alphas = plans[f"kl plan, {args.budgets[0]:g} bits"].sensitivities
+    assert alphas is not None
+
+    start = time.perf_counter()
+    weights = {name: dense_weight(m).float() for name, m in targets.items()}
+    decomposition = table_config("lq", base.rank, base.plan_iters, "activations", "nearest")
+    table = cost_table(weights, candidate_grid(base.candidates), "lq", decomposition,
+                       hessians=hessians)  # fmt: skip
+    print(f"H-norm table: {time.perf_counter() - start:.0f} s", flush=True)
+    shapes = {name: tuple(w.shape) for name, w in weights.items()}
+    job = ("lq", base.rank, ("activations", "nearest"))
+    for i, plan in enumerate(random_plans(table, shapes, job, args.random)):
+        plans[f"random plan {i + 1}, {plan.budget:g} bits"] = plan
+
+    rows = []
+    for label, plan in plans.items():
+        start = time.perf_counter()
+        config = replace(base, budget=plan.budget, plan_weighting=plan.weighting)
+        compressed = lorq.compress(shared_copy(model), config, tokens, plan=plan).model
+        result = measure(compressed, text.blocks, model, "").result
+        del compressed
+        rows.append({
+            "plan": label, "weighting": plan.weighting, "budget": plan.budget,
+            "bits": plan.achieved_bits, "predicted_kl": predicted(plan, table, alphas),
+            "kl": result.kl, "perplexity": result.perplexity,
+            "seconds": round(time.perf_counter() - start, 1),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    report(rows, seconds, alphas)
+
+
+def report(rows: list[dict], seconds: dict, alphas: dict) -> None:
+    """Rows into the results file (merged by label), the table and Spearman's ρ on stdout."""
+    from scipy.stats import spearmanr
+
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    merged = {row["plan"]: row for row in data.get("rows", [])}
+    merged.update({row["plan"]: row for row in rows})
+    rows = list(merged.values())
+    rho = float(spearmanr([r["predicted_kl"] for r in rows], [r["kl"] for r in rows]).statistic)
+    data.update({"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows,
+                 "plan_seconds": {**data.get("plan_seconds", {}), **seconds},
+                 "spearman": rho, "alphas": alphas})  # fmt: skip
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    print("| plan | bits Q | predicted KL | KL | perplexity | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["plan"].startswith("random"), r["plan"])):
+        print(f"| {r['plan']} | {r['bits']:.3f} | {r['predicted_kl']:.4f} | {r['kl']:.4f} | "
+              f"{r['perplexity']:.3f} | {r['seconds']} |")  # fmt: skip
+    print(f"Spearman ρ (predicted, measured) over {len(rows)} plans: {rho:.3f}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
