@@ -171,7 +171,51 @@ def report(key: str, rows: list[dict]) -> None:
     for row in rows:
         print(f"| | {row['recover']} | {row['steps']} | {row['seconds']} | {row.get('peak_mb')} | "
               f"{row['kl']:.4f} | {row['perplexity']:.3f} |")  # fmt: skip
-    print(f"wrote {RESULTS}")
+    plot(data, RESULTS.with_suffix(".png"))
+    print(f"wrote {RESULTS} and its plot")
+
+
+def series(label: str) -> str | None:
+    """The plotted line a row belongs to (None: a learning-rate variant left off the plot)."""
+    if label == "none":
+        return "no recovery"
+    if "end-to-end" in label:
+        return "block-wise + end to end" if label.startswith("block") else "end to end"
+    if label.startswith("block"):
+        return "block-wise (factors + scales)" if "scales" in label else None
+    return None
+
+
+def plot(data: dict, path: Path) -> None:
+    """KL against the quantized part's bits (nf3 = 3.127 for the default job), one line per
+    recovery, bnb NF4-DQ as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list] = {}
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for key, entry in data.items():
+        bits = 3.127 if key.endswith("default job") else float(key.split()[-1])
+        for row in entry["rows"]:
+            if row["recover"] == NF4:
+                ax.scatter([4.127], [row["kl"]], marker="*", s=150, color="black", label=NF4)
+            elif (name := series(row["recover"])) is not None:
+                plan = "uniform nf3" if key.endswith("default job") else "Fisher plan"
+                lines.setdefault(f"{plan}, {name}", []).append((bits, row["kl"]))
+    for name, points in sorted(lines.items()):
+        style = {"marker": "s", "ls": ""} if name.startswith("uniform") else {"marker": "o"}
+        ax.plot(*zip(*sorted(set(points)), strict=True), **style, label=name)
+    ax.set_xlabel("bits/param (quantized part)")
+    ax.set_ylabel("mean KL to the original (held-out text)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M: recovery (LQ-LoRA r16, activations)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

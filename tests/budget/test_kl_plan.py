@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lorq.calibrate.sensitivity import SENSITIVITY_T, probe_seed
 from lorq.config import DAMP, CompressConfig
 from lorq.jobs.compress import plan_budgets_for
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_bert, tiny_llama
 
 
 def _peaked_llama():
@@ -24,11 +24,11 @@ def _tokens(n: int = 4, length: int = 32) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(3))
 
 
-def _input_grams(model, tokens) -> dict[str, torch.Tensor]:
-    """XᵀX of every linear layer of the blocks over all tokens, by hooks on the whole model."""
+def _input_grams(model, tokens, names) -> dict[str, torch.Tensor]:
+    """XᵀX of every linear layer ``names`` over all tokens, by hooks on the whole model."""
     grams, handles = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if name in names:
 
             def keep(_m, args, _out, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
@@ -54,25 +54,31 @@ def _finite_difference(model, tokens, name: str, gram: torch.Tensor) -> float:
     noise = noise.double()
     scale = torch.linalg.norm(weight @ lower) / torch.linalg.norm(noise @ lower)
     with torch.no_grad():
-        clean = model(input_ids=tokens).logits
+        clean = model(input_ids=tokens)
         module.weight += SENSITIVITY_T * scale * noise
-        moved = model(input_ids=tokens).logits
+        moved = model(input_ids=tokens)
         module.weight.copy_(weight)
-    log_p, log_q = clean.log_softmax(-1), moved.log_softmax(-1)
-    kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
     model.float()
+    if not hasattr(clean, "logits"):  # an encoder: 1 − cos of the mean-pooled embeddings
+        a, b = clean.last_hidden_state.mean(1), moved.last_hidden_state.mean(1)
+        return float((1 - F.cosine_similarity(a, b, dim=-1)).mean()) / SENSITIVITY_T**2
+    log_p, log_q = clean.logits.log_softmax(-1), moved.logits.log_softmax(-1)
+    kl = F.kl_div(log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean")
     return float(kl) / SENSITIVITY_T**2
 
 
-def test_sensitivities_equal_a_whole_model_finite_difference():
-    """α of every target, measured block by block on 4 calibration sequences, equals the KL of
-    the whole model with that target alone perturbed (float64, independent H and KL) / t²."""
-    model, tokens = _peaked_llama(), _tokens()
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sensitivities_equal_a_whole_model_finite_difference(family):
+    """α of every target, measured block by block on 4 calibration sequences, equals the
+    divergence of the whole model with that target alone perturbed (float64, independent H) /
+    t²: the KL of a causal LM's next-token distributions, 1 − cos of an encoder's mean-pooled
+    embeddings."""
+    model, tokens = (_peaked_llama() if family == "llama" else tiny_bert()), _tokens()
     config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl")
     (plan,) = plan_budgets_for(model, config, [3.0], calibration=tokens)
     alphas = plan.sensitivities
-    assert alphas is not None and len(alphas) == 14
-    grams = _input_grams(model, tokens)
+    assert alphas is not None and len(alphas) == (14 if family == "llama" else 12)
+    grams = _input_grams(model, tokens, set(alphas))
     expected = {name: _finite_difference(model, tokens, name, grams[name]) for name in alphas}
     floor = 1e-4 * max(expected.values())  # the float32 forwards' noise on the smallest KLs
     for name, alpha in alphas.items():

@@ -7,7 +7,8 @@
 
 G is white in weight space, as the residual of rounding nearly is; the H-norm then gives its
 output error, the measure the plan's costs use. KL is the mean, over the tokens of the first S
-calibration sequences, of the full-vocabulary KL between next-token distributions.
+calibration sequences, of the full-vocabulary KL between next-token distributions; for an
+encoder (no next-token distribution), the mean 1 − cos of the mean-pooled embeddings instead.
 
 Block by block: a probe's hidden states (S × L × d) leave the clean stream at its target's block
 (that block run with the target perturbed) and are carried through every later block while it is
@@ -72,10 +73,24 @@ def perturbed(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
 
 
 def mean_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over tokens of KL(softmax(reference) ‖ softmax(logits)); both (… × V)."""
+    """Mean over tokens of KL(softmax(reference) ‖ softmax(logits)); both (… × V): the
+    divergence of a causal LM's next-token distributions."""
     log_p = torch.log_softmax(reference.float().flatten(0, -2), -1)
     log_q = torch.log_softmax(logits.float().flatten(0, -2), -1)
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def mean_one_minus_cos(reference: torch.Tensor, pooled: torch.Tensor) -> float:
+    """Mean over sequences of 1 − cos(reference, pooled); both (S × d): the divergence of an
+    encoder's mean-pooled embeddings (KL-free; also ∝ t² for small t)."""
+    cos = F.cosine_similarity(reference.double(), pooled.double(), dim=-1)
+    return float((1.0 - cos).mean())
+
+
+def divergence(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """:func:`mean_kl` of logits (S × L × V), :func:`mean_one_minus_cos` of pooled embeddings
+    (S × d)."""
+    return (mean_kl if reference.dim() == 3 else mean_one_minus_cos)(reference, output)
 
 
 @dataclass
@@ -115,19 +130,20 @@ class Probes:
 
     def finish(
         self,
-        top: Callable[[torch.Tensor], torch.Tensor],
+        output: Callable[[torch.Tensor], torch.Tensor],
         clean: torch.Tensor,
         outside: dict[str, tuple[nn.Module, torch.Tensor]],
     ) -> dict[str, float]:
-        """{target: α}: each probe's logits by ``top`` (X_N (S × L × d) → logits) against the
-        clean stream's ``clean`` X_N; ``outside``: {name: (module, Δ)} perturbed at the top."""
-        reference = top(clean[: self.rows])
+        """{target: α}: each probe's ``output`` (X_N (S × L × d) → a causal LM's logits or an
+        encoder's pooled embeddings; :func:`divergence`) against the clean stream's ``clean``
+        X_N; ``outside``: {name: (module, Δ)} perturbed at the top."""
+        reference = output(clean[: self.rows])
         kls = {}
         for name in list(self.states):
-            kls[name] = mean_kl(reference, top(self.states.pop(name)))
+            kls[name] = divergence(reference, output(self.states.pop(name)))
         for name, (module, delta) in outside.items():
             with perturbed(module, delta):
-                kls[name] = mean_kl(reference, top(clean[: self.rows]))
+                kls[name] = divergence(reference, output(clean[: self.rows]))
         # a KL below 0 is the float noise of one that is 0
         alphas = {name: max(kl, 0.0) / self.t**2 for name, kl in kls.items()}
         bad = [name for name, a in alphas.items() if not math.isfinite(a)]

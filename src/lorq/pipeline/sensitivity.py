@@ -56,7 +56,7 @@ def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: 
     outside = {
         name: (module, _delta(run, probes, name, module, hessians)) for name, module in mine.items()
     }
-    alphas = probes.finish(top_logits(run), top.hidden, outside)
+    alphas = probes.finish(top_output(run), top.hidden, outside)
     merged: dict[str, float] = {}
     for part in dist.gather_objects(alphas, run.world):
         merged.update(part)
@@ -71,19 +71,21 @@ def _delta(run: Run, probes: Probes, name: str, module: nn.Module, hessians) -> 
     return perturbation(weight, hessians[name], probes.t, probe_seed(name, probes.seed))
 
 
-def top_logits(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
-    """X_N (S × L × d) of the first S calibration sequences → their logits (S × L × V), through
-    the model's own final norm and head, the blocks standing aside."""
+def top_output(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
+    """X_N (S × L × d) of the first S calibration sequences → the model's output through its own
+    top, the blocks standing aside: a causal LM's logits (S × L × V), an encoder's mean-pooled
+    last hidden states (S × d)."""
     extra = forward_kwargs(run.model)
     tokens = run.tokens()
 
-    def top(hidden: torch.Tensor) -> torch.Tensor:
+    def output(hidden: torch.Tensor) -> torch.Tensor:
         rows = []
         with torch.no_grad(), blocks_bypassed(run.blocks.modules) as inject:
             for i in range(hidden.shape[0]):
                 inject(hidden[i : i + 1])
-                ids = tokens[i : i + 1].to(run.device)
-                rows.append(run.model(input_ids=ids, **extra).logits.float())
-        return torch.cat(rows)
+                out = run.model(input_ids=tokens[i : i + 1].to(run.device), **extra)
+                logits = getattr(out, "logits", None)
+                rows.append(out.last_hidden_state.mean(1) if logits is None else logits)
+        return torch.cat(rows).float()
 
-    return top
+    return output
