@@ -327,3 +327,26 @@ def test_qa_lora_gptq_export(tiny_dir, tmp_path):
     assert config["quantization_config"]["bits"] == 4
     names = load_file(tmp_path / "gptq" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.qweight" in names
+
+
+def test_kl_plan_memory_is_announced_before_work(tiny_dir, tmp_path, monkeypatch):
+    """The probes' hidden states (targets × 4 sequences × L × d) and two outputs against the free
+    memory: refused by name with what to do instead, exit 2, nothing written."""
+    from transformers import AutoConfig
+
+    from lorq.pipeline import devices
+    from lorq.pipeline.guards import sensitivity_bytes
+
+    monkeypatch.setattr(devices, "available_memory", lambda: 1000)
+    args = ["plan", "--model", tiny_dir, "--rank", "2", "--budget", "3", "--plan-weighting", "kl"]
+    result = run(*args, "--calibration-tokens", "256", "--out", tmp_path / "p.json")
+    assert result.exit_code == 2, result.output
+    assert "sensitivity probes" in result.output and "--plan-weighting fisher" in result.output
+    assert not (tmp_path / "p.json").exists()
+
+    class Skeleton:  # the estimate from the config: 14 targets, 2 × 128 tokens, d, V
+        config = AutoConfig.from_pretrained(tiny_dir)
+
+    width, vocab = Skeleton.config.hidden_size, Skeleton.config.vocab_size
+    tokens = torch.zeros(2, 128, dtype=torch.long)
+    assert sensitivity_bytes(Skeleton(), 14, tokens) == 4 * 256 * (14 * width + 2 * vocab)

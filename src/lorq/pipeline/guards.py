@@ -21,6 +21,8 @@ from lorq.budget import BudgetPlan
 from lorq.budget.cost import shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget
+from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES
+from lorq.calibrate.tokens import Calibration
 from lorq.config import CompressConfig
 from lorq.io.models import (
     ModelSource,
@@ -145,6 +147,8 @@ def check_compress(
     else:
         check_shapes(config, shapes)
     check_recovery_memory(architecture, config, shapes)
+    if plan is None:
+        check_sensitivity_memory(architecture, config, len(shapes), calibration)
 
 
 def check_recovery_memory(architecture: nn.Module, config: CompressConfig, shapes: Shapes) -> None:
@@ -161,6 +165,33 @@ def check_recovery_memory(architecture: nn.Module, config: CompressConfig, shape
     need = training_bytes([(max(sizes.values(), default=0), 2)])
     instead = "use --no-recover-scales"
     check_memory(need, devices.available_memory(), "block-wise recovery of the scales", instead)
+
+
+def sensitivity_bytes(architecture: nn.Module, targets: int, calibration: Any) -> int:
+    """What a KL plan's probes hold (``lorq.calibrate.sensitivity``): every target's hidden
+    states on S sequences (targets × S × L × d) and two outputs (logits: S × L × V), float32."""
+    text = Calibration.of(calibration if calibration is not None else "builtin")
+    rows, length = (text.blocks, text.seq_len) if text.tokens is None else text.tokens.shape
+    tokens = min(rows, SENSITIVITY_SEQUENCES) * length
+    hf = architecture.config
+    width, vocab = getattr(hf, "hidden_size", 0) or 0, getattr(hf, "vocab_size", 0) or 0
+    return 4 * tokens * (targets * width + 2 * vocab)
+
+
+def check_sensitivity_memory(
+    architecture: nn.Module, config: CompressConfig, targets: int, calibration: Any
+) -> None:
+    """A new KL plan is refused before any work when its probes would not fit the free memory."""
+    if not config.budgeted or config.cost_weighting != "kl":
+        return
+    need, free = sensitivity_bytes(architecture, targets, calibration), devices.available_memory()
+    if need > free:
+        raise ValueError(
+            f"the KL plan's sensitivity probes hold about {need / 1e9:.1f} GB (each target's "
+            f"hidden states on {SENSITIVITY_SEQUENCES} calibration sequences) and "
+            f"{free / 1e9:.1f} GB is free; use --plan-weighting fisher, shorter calibration "
+            "sequences (--seq-len), or a machine with more memory"
+        )
 
 
 def check_run(
