@@ -69,6 +69,8 @@ GPTQ = {**ACT, "rounding": "gptq", "iters": 2}  # … GPTQ-rounded on the same H
 GGUF_ILP = {**GPTQ, "candidates": "gguf", "plan_rounding": "weighted"}
 # (the Fisher loads the model densely: its embedding table is packed in Q8_0 again)
 FISHER_ILP = {**GGUF_ILP, "plan_weighting": "fisher", "embeddings": "q8_0"}
+# the same with the plan's costs in the currency of the KL (ALGORITHMS.md §10)
+KL_ILP = {**FISHER_ILP, "plan_weighting": "kl"}
 LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq export --dtype)
     ("lorq plain q4_0 (no adapter)", {"method": "plain", "quant": "q4_0"}),
     ("lorq LoftQ q4_0 r16", {"method": "loftq", "quant": "q4_0", "iters": 1, "adapter": "fp32"}),
@@ -88,6 +90,14 @@ LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq 
             {**FISHER_ILP, "budget_mb": mib, "rank": rank, "recover": "block"},
         )
         for mib, rank in ((84.1, 4), (87.5, 8), (89.2, 8), (100.6, 16))
+    ),
+    *(
+        (
+            f"lorq ILP gguf + GPTQ, KL plan {mib} MiB r{rank}{tail}",
+            {**KL_ILP, "budget_mb": mib, "rank": rank, "recover": recover},
+        )
+        for mib, rank in ((84.1, 4), (87.5, 8), (89.2, 8), (100.6, 16))
+        for tail, recover in (("", "none"), (" + block recovery", "block"))
     ),
 )  # (block recovery: factors and the types' d / dmin, 100 steps a block, ALGORITHMS.md §9)
 
