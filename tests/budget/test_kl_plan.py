@@ -4,11 +4,11 @@ block by block, against an independent whole-model finite difference."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_bert, tiny_llama
 
 from lorq.calibrate.sensitivity import SENSITIVITY_T, probe_seed
 from lorq.config import DAMP, CompressConfig
 from lorq.jobs.compress import plan_budgets_for
-from tests.conftest import tiny_bert, tiny_llama
 
 
 def _peaked_llama():
