@@ -26,12 +26,33 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def exact_4bit(model):
+    """``model`` with bitsandbytes' CPU fast path off: on a CPU with AVX512-BF16, bitsandbytes
+    (≥ 0.49) repacks a 4-bit layer's codes at its first forward in eval mode and computes in
+    bf16 (and asserts a multiple of 32 output rows); the oracle here is the format's own
+    dequantization, which the layer computes with the fast path off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_round_trips_straddling_blocks() -> bool:
+    """Whether this bitsandbytes decodes a (64 × 96) NF4 weight, whose 64-value blocks straddle
+    rows, as it encoded it (0.50 on the CPU does not: errors of 2σ where NF4's are ≤ 0.5σ)."""
+    import bitsandbytes.functional as bnbf
+
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    return float((bnbf.dequantize_4bit(packed, state) - weight).abs().max()) < 1.0
+
+
 def peft_on(base_dir, adapter_dir, base=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = base if base is not None else AutoModelForCausalLM.from_pretrained(base_dir)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    return exact_4bit(PeftModel.from_pretrained(base, adapter_dir).eval())
 
 
 @pytest.mark.parametrize(
@@ -151,7 +172,7 @@ def test_a_peft_model_on_the_bnb_base_trains_only_its_factors(tmp_path):
 
     model = compressed(BUILDERS["llama"], "bnb-nf4")
     export_bnb(model, tmp_path / "h")
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "h" / "base")
+    base = exact_4bit(AutoModelForCausalLM.from_pretrained(tmp_path / "h" / "base"))
     peft_model = PeftModel.from_pretrained(base, tmp_path / "h" / "adapter", is_trainable=True)
     before = {n: t.clone() for n, t in peft_model.state_dict().items()}
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -183,5 +204,7 @@ def test_a_packed_tied_embedding_leaves_dense_and_tied(fmt, tmp_path):
     with safe_open(tmp_path / "h" / "base" / "model.safetensors", "pt") as f:
         assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()  # noqa: SIM118
     if fmt == "bnb":
+        if not bnb_round_trips_straddling_blocks():  # the model's 96-wide down_proj rows
+            pytest.xfail("this bitsandbytes decodes rows that are not whole blocks wrongly")
         loaded = peft_on(tmp_path / "h" / "base", tmp_path / "h" / "adapter")
         torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
