@@ -103,7 +103,6 @@ class Probes:
     rows: int = SENSITIVITY_SEQUENCES
     seed: int = 0
     states: dict[str, torch.Tensor] = field(default_factory=dict)
-    blocks_run: int = 0  # block forwards of S sequences so far
 
     def first_rows(self, inputs: BlockInputs) -> BlockInputs:
         return BlockInputs(inputs.hidden[: self.rows], inputs.kwargs[: self.rows])
@@ -121,12 +120,14 @@ class Probes:
         clean = self.first_rows(inputs)
         for state in self.states.values():
             run_block(block, BlockInputs(state, clean.kwargs), state)
-            self.blocks_run += 1
         for name, module in targets.items():
-            delta = perturbation(weights(name), hessians[name], self.t, probe_seed(name, self.seed))
+            try:
+                seed = probe_seed(name, self.seed)
+                delta = perturbation(weights(name), hessians[name], self.t, seed)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
             with perturbed(module, delta):
                 self.states[name] = run_block(block, clean, clean.hidden.clone())
-            self.blocks_run += 1
 
     def finish(
         self,
