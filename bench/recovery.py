@@ -200,7 +200,8 @@ def plot(data: dict, path: Path) -> None:
         bits = 3.127 if key.endswith("default job") else float(key.split()[-1])
         for row in entry["rows"]:
             if row["recover"] == NF4:
-                ax.scatter([4.127], [row["kl"]], marker="*", s=150, color="black", label=NF4)
+                label = None if NF4 in ax.get_legend_handles_labels()[1] else NF4
+                ax.scatter([4.127], [row["kl"]], marker="*", s=150, color="black", label=label)
             elif (name := series(row["recover"])) is not None:
                 plan = "uniform nf3" if key.endswith("default job") else "Fisher plan"
                 lines.setdefault(f"{plan}, {name}", []).append((bits, row["kl"]))
