@@ -102,3 +102,25 @@ def test_a_kl_plan_predicts_the_sum_of_its_costs():
         predicted += entry.error
     assert plan.predicted_kl == pytest.approx(predicted)
     assert reference.predicted_kl is None
+
+
+def test_plan_budgets_plans_from_given_sensitivities():
+    """plan_budgets(weighting="kl", sensitivities=α) on the matrices and their H makes the plan
+    the pipeline makes with the same α and H; without α it is refused by name."""
+    from lorq.budget import plan_budget
+    from lorq.jobs.statistics import estimate_hessians
+    from lorq.model.targets import dense_weight, targets_of
+
+    model, tokens = _peaked_llama(), _tokens()
+    config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl")
+    targets = targets_of(model, config)
+    hessians = estimate_hessians(model, tokens, targets)
+    (made,) = plan_budgets_for(model, config, [3.0], hessians=hessians, calibration=tokens)
+    matrices = {name: dense_weight(m).float() for name, m in targets.items()}
+    given = plan_budget(
+        matrices, 3.0, rank=4, hessians=hessians, weighting="kl", sensitivities=made.sensitivities
+    )
+    assert [e.config for e in given.entries] == [e.config for e in made.entries]
+    assert given.predicted_kl == pytest.approx(made.predicted_kl, rel=1e-9)
+    with pytest.raises(ValueError, match="sensitivities"):
+        plan_budget(matrices, 3.0, rank=4, hessians=hessians, weighting="kl")

@@ -178,6 +178,8 @@ def plan_budgets(
     """
     if weighting is None:
         weighting = "fisher" if fisher is not None else "none"
+    if weighting == "kl" and sensitivities is None:  # before the table: it is the long part
+        raise ValueError("weighting='kl' needs sensitivities={matrix name: α} (docs §10)")
     method = LEGACY_METHODS.get(method, method)
     grid = candidate_grid(candidates)
     # read once: a mapping may decode each matrix on access (lorq.model.targets.DenseWeights)
@@ -191,8 +193,7 @@ def plan_budgets(
     config = table_config(method, rank, iters, weighting, rounding)
     table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
     if weighting == "kl":
-        if sensitivities is None:
-            raise ValueError("weighting='kl' needs sensitivities={matrix name: α} (§10)")
+        assert sensitivities is not None
         table = kl_costs(table, sensitivities)
     seconds = time.perf_counter() - start
     job = (method, rank, (weighting, rounding))
