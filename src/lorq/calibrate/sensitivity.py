@@ -104,6 +104,13 @@ class Probes:
     seed: int = 0
     states: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def delta(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """Target ``name``'s Δ (its seed, t); a weight it cannot be scaled to is named."""
+        try:
+            return perturbation(weight, hessian, self.t, probe_seed(name, self.seed))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
     def first_rows(self, inputs: BlockInputs) -> BlockInputs:
         return BlockInputs(inputs.hidden[: self.rows], inputs.kwargs[: self.rows])
 
@@ -121,12 +128,7 @@ class Probes:
         for state in self.states.values():
             run_block(block, BlockInputs(state, clean.kwargs), state)
         for name, module in targets.items():
-            try:
-                seed = probe_seed(name, self.seed)
-                delta = perturbation(weights(name), hessians[name], self.t, seed)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
-            with perturbed(module, delta):
+            with perturbed(module, self.delta(name, weights(name), hessians[name])):
                 self.states[name] = run_block(block, clean, clean.hidden.clone())
 
     def finish(

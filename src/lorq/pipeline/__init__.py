@@ -31,6 +31,7 @@ from lorq.pipeline.devices import activation_offload, dtype_name, resolve_device
 from lorq.pipeline.driver import compress_blocks
 from lorq.pipeline.passes import cost_rows, fisher_pass, needs_hessians, plans_of_rows
 from lorq.pipeline.run import Given, Run
+from lorq.pipeline.sensitivity import wants_sensitivities
 from lorq.pipeline.sinks import DirectorySink, MemorySink
 from lorq.pipeline.sources import CheckpointSource, GGUFSource, ResidentSource, Source
 from lorq.pipeline.writer import shard_writer
@@ -146,8 +147,8 @@ def _needed(run: Run, calibration) -> Calibration | None:
     """The calibration a run uses: none when it collects no statistics."""
     planning = run.config.budgeted and run.plan is None
     statistics = needs_hessians(run) and run.given.hessians is None
-    probes = run.config.cost_weighting == "kl"  # the KL of the model runs on the text
-    collects = run.needs_fisher or run.needs_inputs or (planning and (statistics or probes))
+    probes = wants_sensitivities(run)  # the KL of the model runs on the text
+    collects = run.needs_fisher or run.needs_inputs or (planning and statistics) or probes
     if not collects:
         return None
     if calibration is None:

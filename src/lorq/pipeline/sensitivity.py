@@ -16,7 +16,7 @@ from torch import nn
 
 from lorq.calibrate.blocks import BlockInputs, forward_kwargs
 from lorq.calibrate.fisher import blocks_bypassed
-from lorq.calibrate.sensitivity import Probes, perturbation, probe_seed
+from lorq.calibrate.sensitivity import Probes
 from lorq.nn.dense import dense_weight
 from lorq.pipeline.run import Run
 from lorq.util import dist
@@ -54,7 +54,8 @@ def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: 
     process's share of the targets outside the blocks, ``top``: the clean X_N) into
     ``run.sensitivities`` and the scratch file."""
     outside = {
-        name: (module, _delta(run, probes, name, module, hessians)) for name, module in mine.items()
+        name: (module, probes.delta(name, dense_weight(module).float(), hessians[name]))
+        for name, module in mine.items()
     }
     alphas = probes.finish(top_output(run), top.hidden, outside)
     merged: dict[str, float] = {}
@@ -64,11 +65,6 @@ def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: 
     if run.world.is_writer:
         with atomic_file(run.sink.scratch / SENSITIVITY_FILE) as tmp:
             tmp.write_text(json.dumps(run.sensitivities, indent=1))
-
-
-def _delta(run: Run, probes: Probes, name: str, module: nn.Module, hessians) -> torch.Tensor:
-    weight = dense_weight(module).float()
-    return perturbation(weight, hessians[name], probes.t, probe_seed(name, probes.seed))
 
 
 def top_output(run: Run) -> Callable[[torch.Tensor], torch.Tensor]:
