@@ -65,6 +65,20 @@ def tiny_causal(family: str, seed: int = 0, **sizes):
     return model_cls(config).eval()
 
 
+def low_rank_llama(seed: int = 0, **sizes):
+    """A tiny LLaMA whose q/k projections have a strong rank-2 part (an adapter pays there, so a
+    plan of ranks mixes them)."""
+    model = tiny_causal("llama", seed, **sizes)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("q_proj", "k_proj")):
+                out, inp = module.weight.shape
+                low = torch.randn(out, 2, generator=g) @ torch.randn(2, inp, generator=g)
+                module.weight.add_(0.3 * low)
+    return model
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

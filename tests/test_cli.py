@@ -6,6 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import lorq
 from lorq.cli import app
 from lorq.io.models import builtin_path
 
@@ -113,6 +114,41 @@ def test_kl_plan(tiny_dir, tmp_path):
     assert json.loads((out / "lorq.json").read_text())["plan"]["weighting"] == "kl"
     result = run("plan", *common, "--plan-weighting", "kld", "--out", tmp_path / "x.json")
     assert result.exit_code == 2 and "kl" in result.output and not (tmp_path / "x.json").exists()
+
+
+def test_planned_ranks(tiny_dir, tmp_path):
+    """--plan-ranks / --plan-factor-bits: the plan's entries carry their rank and factor bits,
+    the table counts them; compress --plan builds exactly those layers; a rank grid larger than
+    a matrix, or without a budget, is refused before work (exit 2, nothing written)."""
+    common = ("--model", tiny_dir, "--budget", "4", "--plan-ranks", "0,2")
+    plan = tmp_path / "plan.json"
+    result = run("plan", *common, "--plan-factor-bits", "16,8", "--out", plan)
+    assert result.exit_code == 0, result.output
+    entries = json.loads(plan.read_text())["entries"]
+    assert {e["rank"] for e in entries} <= {0, 2} and "ranks chosen" in result.output
+    out = tmp_path / "out"
+    result = run(
+        "compress", "--model", tiny_dir, "--plan", plan, "--eval-blocks", "0", "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    layers = lorq.nn.packed_linears(lorq.load(out))
+    for entry in entries:
+        assert getattr(layers[entry["name"]], "rank", 0) == entry["rank"], entry["name"]
+    bad = run(
+        "plan",
+        "--model",
+        tiny_dir,
+        "--budget",
+        "4",
+        "--plan-ranks",
+        "0,1000",
+        "--out",
+        tmp_path / "x.json",
+    )
+    assert bad.exit_code == 2 and "plan rank 1000 must be smaller" in bad.output
+    assert not (tmp_path / "x.json").exists() and "Traceback" not in bad.output
+    bad = run("compress", "--model", tiny_dir, "--plan-ranks", "0,2", "--out", tmp_path / "y")
+    assert bad.exit_code == 2 and "give budget=" in bad.output and not (tmp_path / "y").exists()
 
 
 def test_compress_with_a_plan_file(tiny_dir, tmp_path):

@@ -64,6 +64,52 @@ def _check_recovery(config: CompressConfig) -> None:
     _check_rate("recover_scale_lr", config.recover_scale_lr)
 
 
+def _check_adapters(config: CompressConfig) -> None:
+    """``plan_ranks`` / ``plan_factor_bits``: the ILP chooses each matrix's adapter (rank 0:
+    none; factor bits 16 or 8) under a budget that counts it; LQ-LoRA only."""
+    for name in ("plan_ranks", "plan_factor_bits"):
+        value = getattr(config, name)
+        if isinstance(value, list | str | int):
+            value = _int_tuple(name, value)
+            object.__setattr__(config, name, value)
+        if value is None:
+            continue
+        if not config.budgeted:
+            raise ValueError(
+                f"{name}={list(value)} lets a budget plan choose the adapters; give budget= "
+                "(bits/param) or budget_mb= (MiB), or leave it unset"
+            )
+        if config.method != "lq":
+            raise ValueError(
+                f"{name}={list(value)} plans LQ-LoRA's adapters; method={config.method!r} has "
+                "one rank for every matrix (use method='lq')"
+            )
+    bits = config.plan_factor_bits or ()
+    if any(b not in (16, 8) for b in bits) or (config.plan_factor_bits is not None and not bits):
+        raise ValueError(f"plan_factor_bits={list(bits)} is not supported; allowed: 16 and/or 8")
+    if bits and config.factor_bits is not None:
+        raise ValueError("give factor_bits (one for every matrix) or plan_factor_bits, not both")
+    if 8 in bits and config.budget_mb is not None:
+        raise ValueError(
+            "plan_factor_bits with 8 does not fit budget_mb: the GGUF adapter stores F16 factors"
+        )
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """'0,8,16' / [0, 8, 16] / 8 → (0, 8, 16); ValueError naming ``name`` otherwise."""
+    items = value.split(",") if isinstance(value, str) else value
+    items = items if isinstance(items, list | tuple) else [items]
+    try:
+        numbers = tuple(dict.fromkeys(int(str(v).strip()) for v in items if str(v).strip()))
+    except ValueError:
+        raise ValueError(
+            f"{name}={value!r} is not supported; allowed: integers, e.g. 0,8,16"
+        ) from None
+    if not numbers or any(n < 0 for n in numbers):
+        raise ValueError(f"{name}={value!r} is not supported; allowed: integers ≥ 0, e.g. 0,8,16")
+    return numbers
+
+
 # Block-sequential statistics by default (bench/README.md, "One pipeline": measured on the
 # default job and the budget grid).
 SEQUENTIAL = True
@@ -229,9 +275,12 @@ class CompressConfig(_Serializable):
     recover_lr: float = RECOVER_LR
     recover_scales: bool = True
     recover_scale_lr: float = RECOVER_SCALE_LR
+    plan_ranks: tuple[int, ...] | None = None
+    plan_factor_bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
+        _check_adapters(self)
         _check_choice("sequential", self.sequential, (True, False))
         _check_choice("gguf_codes", self.gguf_codes, (True, False))
         _check_recovery(self)
@@ -353,6 +402,17 @@ class CompressConfig(_Serializable):
     def quant_config(self) -> QuantConfig | None:
         """The uniform config (None with a budget)."""
         return None if self.quant is None else as_config(self.quant)
+
+    @property
+    def plans_adapters(self) -> bool:
+        """Whether the plan chooses each matrix's rank and factor bits."""
+        return self.plan_ranks is not None or self.plan_factor_bits is not None
+
+    def adapter_grid(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """(ranks, factor bits) the plan chooses from, or None (rank fixed, not budgeted)."""
+        if not self.plans_adapters:
+            return None
+        return self.plan_ranks or (self.rank,), self.plan_factor_bits or (16,)
 
     def decompose_config(self, quant: QuantConfig) -> DecomposeConfig:
         """The DecomposeConfig of one matrix quantized with ``quant``."""

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import compress_to, tiny_bert, tiny_causal, tiny_gpt2
+from conftest import compress_to, low_rank_llama, tiny_bert, tiny_causal, tiny_gpt2
 from safetensors.torch import load_file
 
 import lorq
@@ -164,6 +164,37 @@ def test_streamed_budget_plan_equals_in_memory(tmp_path):
         str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu", stream=True
     )
     assert alone.to_dict() == streamed.to_dict()
+
+
+PLANNED = CompressConfig(
+    budget=4.2, candidates="nf2,nf3,nf4", plan_ranks=(0, 4), plan_factor_bits=(16, 8),
+    weighting="activations", plan_weighting="fisher",
+)  # fmt: skip
+
+
+def test_streamed_planned_ranks_equal_in_memory_and_resume(tmp_path):
+    """A plan of ranks and factor bits (§10.1): streamed from a checkpoint it is the in-memory
+    job's plan and bytes; killed after its first block, a resumed run completes the same
+    bytes."""
+    from lorq.budget import BudgetPlan
+    from lorq.pipeline.passes import PLAN_FILE
+
+    low_rank_llama(num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    compress_to(str(tmp_path / "src"), out, PLANNED, calibration=tokens(), device="cpu")
+    memory = compress(low_rank_llama(num_hidden_layers=3), PLANNED, tokens())
+    streamed = BudgetPlan.load(out / PLAN_FILE)
+    assert streamed.entries == memory.plan.entries
+    assert len({e.adapter_label for e in streamed.entries}) > 1  # ranks (or bits) mixed
+    lorq.save(memory, tmp_path / "mem")
+    expected = load_file(tmp_path / "mem" / "model.safetensors")
+    assert_same_bytes(expected, shard_tensors(out))
+    (out / "lorq.json").unlink()  # as if killed after the first block's shard
+    for shard in sorted(out.glob("model-*.safetensors"))[1:]:
+        shard.unlink()
+    resumed = compress_to(str(tmp_path / "src"), out, PLANNED, calibration=tokens(), resume=True)
+    assert resumed.reused and resumed.computed
+    assert_same_bytes(expected, shard_tensors(out))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

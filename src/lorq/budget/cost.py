@@ -3,6 +3,11 @@
     bits[i, c] = 8 · nbytes(Q_i under c)                     the real stored size, scalars included
     cost[i, c] = err(W_i − Q_i − s·B_i·A_i)²                 the decomposition under config c
 
+With planned adapters (``lorq.budget.choices``) a column is (format, rank r, factor bits b):
+bits adds the factors' stored bits, and the cost is the rank-r decomposition's with B, A on their
+b-bit grid (Q rounded from the unrounded factors, as the compress job rounds them afterwards);
+rank 0 is Q = round(W) alone.
+
 With a plan weighted by the KL (docs/algorithms.md §10) the costs are the H-norm's, then
 :func:`kl_costs` turns them into predicted KL: cost[i, c] = α_i · err[i, c]² / ‖W_i L_i‖².
 
@@ -27,12 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorq.budget.choices import Choices, adapter_bits, as_choices
 from lorq.budget.shared import nf_dequantized
 from lorq.config import LEGACY_METHODS, DecomposeConfig
 from lorq.decomposition import decompose
 from lorq.decomposition.common import LowRankStep, Rounding, Weighting, check_rank
+from lorq.decomposition.svd import split_factors
 from lorq.quant import QuantConfig
 from lorq.quant.base import check_weight, fits
+from lorq.quant.factors import round_rows
 from lorq.quant.tensor import storage_nbytes
 from lorq.util.progress import Progress, no_progress
 
@@ -49,6 +57,14 @@ class CostTable:
     bits: np.ndarray  # (n, c) float64, total bits of matrix i under config c
     cost: np.ndarray  # (n, c) float64, squared (weighted) error
     norms: np.ndarray  # (n,) float64, squared (weighted) norm of W: relative errors
+    choices: Choices | None = None  # with planned adapters: the columns' ranks and factor bits
+
+    def adapter_of(self, column: int) -> tuple[int | None, int | None]:
+        """(rank, factor bits) of ``column``; (None, None) when the rank is fixed."""
+        if self.choices is None:
+            return None, None
+        _, rank, bits = self.choices.columns[column]
+        return rank, bits
 
     @property
     def total_params(self) -> int:
@@ -85,12 +101,18 @@ def _spread(values: list[float], fit: Sequence[bool]) -> list[float]:
     return [next(it) if ok else np.inf for ok in fit]
 
 
-def shape_bits(name: str, shape: tuple[int, int], candidates: Sequence[QuantConfig]) -> list:
-    """Stored bits of a matrix of ``shape`` under every candidate (+inf: it does not fit)."""
-    fit = fitting(name, shape, candidates)
+def shape_bits(
+    name: str, shape: tuple[int, int], candidates: Choices | Sequence[QuantConfig]
+) -> list:
+    """Stored bits of a matrix of ``shape`` in every column (+inf: its format does not fit);
+    with planned adapters the factors' bits included."""
+    choices = as_choices(candidates)
+    fit = dict(zip(choices.quants, fitting(name, shape, choices.quants), strict=True))
+    if choices.planned:
+        choices.check_shape(name, shape)
     return [
-        8.0 * storage_nbytes(c, shape) if ok else np.inf
-        for c, ok in zip(candidates, fit, strict=True)
+        8.0 * storage_nbytes(q, shape) + adapter_bits(shape, r or 0, b or 16) if fit[q] else np.inf
+        for q, r, b in choices.columns
     ]
 
 
@@ -111,24 +133,37 @@ def _costs(
     weighting: Weighting,
     rounding: Rounding,
     shared_work: bool,
-) -> tuple[list[float], list[float]]:
-    """Bits and cost of Q = round(W − s·B·A) (``low_rank`` None: of W) for every candidate;
-    NF candidates rounded to nearest from shared work (``lorq.budget.shared``) when
+    finals: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[list[float], list[list[float]]]:
+    """Bits of Q = round(W − s·B·A) (``low_rank`` None: of W) for every candidate, and its cost
+    with each of ``finals`` (default: ``low_rank`` itself) as the low-rank part beside it; NF
+    candidates rounded to nearest from shared work (``lorq.budget.shared``) when
     ``shared_work``, the others quantized and decoded one by one."""
     target = weight if low_rank is None else weight - low_rank
+    finals = [low_rank] if finals is None else list(finals)
     bits, cost = {}, {}
     if shared_work and rounding.nearest:
         shape = (weight.shape[0], weight.shape[1])
         for i, dense in nf_dequantized(target, candidates):
             bits[i] = 8.0 * storage_nbytes(candidates[i], shape)
-            cost[i] = _error(weighting, weight, dense, low_rank)
+            cost[i] = [_error(weighting, weight, dense, low) for low in finals]
     for i, candidate in enumerate(candidates):
         if i not in cost:
             q = rounding(target, candidate)
             bits[i] = 8.0 * q.nbytes
-            cost[i] = _error(weighting, weight, q.dequantize(), low_rank)
+            dense = q.dequantize()
+            cost[i] = [_error(weighting, weight, dense, low) for low in finals]
     order = range(len(candidates))
-    return [bits[i] for i in order], [cost[i] for i in order]
+    return [bits[i] for i in order], [[cost[i][k] for i in order] for k in range(len(finals))]
+
+
+def _factor_grids(low, scaling: float, factor_bits: Sequence[int]) -> list[torch.Tensor]:
+    """s·B·A with B, A as stored at each of ``factor_bits`` (16: as they are)."""
+    lora_B, lora_A = split_factors(low, scaling)
+    dense = {16: low.dense()}
+    if 8 in factor_bits:
+        dense[8] = scaling * (round_rows(lora_B) @ round_rows(lora_A))
+    return [dense[b] for b in factor_bits]
 
 
 def _row(
@@ -151,7 +186,8 @@ def _row(
         # LQ-LoRA's first step, svd_r(W), does not depend on the config: one SVD per matrix
         step = None if method == "plain" else LowRankStep(config, weighting, weight)
         low = None if step is None else step(weight).dense()
-        return (*_costs(weight, low, candidates, weighting, rounding, shared_work), norm)
+        bits, (cost,) = _costs(weight, low, candidates, weighting, rounding, shared_work)
+        return bits, cost, norm
     bits, cost = [], []
     for candidate in candidates:
         d = decompose(weight, dataclasses.replace(config, quant=candidate), fisher, hessian)
@@ -160,9 +196,43 @@ def _row(
     return bits, cost, norm
 
 
+def _planned_row(
+    weight: torch.Tensor,
+    quants: Sequence[QuantConfig],
+    choices: Choices,
+    config: DecomposeConfig,
+    statistics: tuple[torch.Tensor | None, torch.Tensor | None],
+    shared_work: bool,
+) -> tuple[dict, dict, float]:
+    """({(format, rank, factor bits): bits}, {…: cost}, norm) of one matrix with planned
+    adapters (LQ-LoRA's first step, or plain quantization at rank 0), formats ``quants``."""
+    fisher, hessian = statistics
+    weight = weight.detach().float()
+    check_weight(weight)
+    weighting = Weighting.build(weight, config, fisher, hessian)
+    rounding = Rounding(config, hessian, weight.device, weighting.chol)
+    bits, cost = {}, {}
+    for rank in choices.ranks or ():
+        factor_bits = [None] if rank == 0 else list(choices.factor_bits)
+        low, finals = None, None
+        if rank:
+            ranked = dataclasses.replace(config, rank=rank)
+            svd = LowRankStep(ranked, weighting, weight)(weight)
+            low = svd.dense()
+            finals = _factor_grids(svd, ranked.scaling, factor_bits)
+        qbits, costs = _costs(weight, low, quants, weighting, rounding, shared_work, finals)
+        shape = (weight.shape[0], weight.shape[1])
+        for b, row in zip(factor_bits, costs, strict=True):
+            extra = adapter_bits(shape, rank, b or 16)
+            for q, q_bits, c in zip(quants, qbits, row, strict=True):
+                bits[q, rank, b] = q_bits + extra
+                cost[q, rank, b] = c
+    return bits, cost, weighting.error(weight) ** 2
+
+
 def cost_table(
     matrices: Mapping[str, torch.Tensor],
-    candidates: Sequence[QuantConfig],
+    candidates: Choices | Sequence[QuantConfig],
     method: str = "lq",
     config: DecomposeConfig | None = None,
     fisher: Mapping[str, torch.Tensor] | None = None,
@@ -170,7 +240,8 @@ def cost_table(
     hessians: Mapping[str, torch.Tensor] | None = None,
     shared_work: bool = True,
 ) -> CostTable:
-    """Bits and squared error of every matrix (out × in) under every candidate config.
+    """Bits and squared error of every matrix (out × in) in every column: each candidate config,
+    or with planned adapters (``Choices`` with ranks) each (config, rank, factor bits).
 
     ``config`` gives rank, iterations, SVD, seed, weighting and rounding of the decomposition
     (its ``quant`` is replaced by each candidate); ``fisher``: {matrix name: F}, ``hessians``:
@@ -183,26 +254,56 @@ def cost_table(
         raise ValueError(f"method={method!r} is not supported; allowed: {', '.join(METHODS)}")
     if not matrices:
         raise ValueError("no matrices to plan for (the model has no target linear layers)")
+    choices = as_choices(candidates)
     config = config or DecomposeConfig(iters=1)
     if method != "plain":
         config = dataclasses.replace(config, method=method)
-    advance = progress(f"cost table ({method}, r={config.rank})", len(matrices))
+    check_planned(choices, method, config)
+    ranks = choices.ranks if choices.planned else config.rank
+    advance = progress(f"cost table ({method}, r={ranks})", len(matrices))
     rows, numels = [], []
     for name, weight in matrices.items():  # each weight read once (it may be decoded on access)
         statistics = (fisher or {}).get(name), (hessians or {}).get(name)
-        fit = fitting(name, (weight.shape[0], weight.shape[1]), candidates)
-        usable = [c for c, ok in zip(candidates, fit, strict=True) if ok]
-        bits, cost, norm = _row(weight, usable, method, config, statistics, shared_work)
-        rows.append((_spread(bits, fit), _spread(cost, fit), norm))
+        rows.append(_table_row(name, weight, choices, method, config, statistics, shared_work))
         numels.append(weight.numel())
         advance(1)
     return CostTable(
         names=tuple(matrices),
         numels=np.array(numels, dtype=np.int64),
-        candidates=tuple(candidates),
+        candidates=tuple(q for q, _, _ in choices.columns),
         bits=np.array([r[0] for r in rows], dtype=np.float64),
         cost=np.array([r[1] for r in rows], dtype=np.float64),
         norms=np.array([r[2] for r in rows], dtype=np.float64),
+        choices=choices if choices.planned else None,
+    )
+
+
+def check_planned(choices: Choices, method: str, config: DecomposeConfig) -> None:
+    """Planned adapters are costed by LQ-LoRA's first step: method lq, one iteration."""
+    if choices.planned and (method != "lq" or config.iterations != 1):
+        raise ValueError(
+            f"a plan of ranks costs LQ-LoRA's first step (method 'lq', plan_iters=1), not "
+            f"method {method!r} with {config.iterations} iterations; plan the formats alone "
+            "(no rank grid) for it"
+        )
+
+
+def _table_row(name, weight, choices, method, config, statistics, shared_work) -> tuple:
+    """(bits, cost) of every column of one matrix (+inf where its format does not fit), norm;
+    ``statistics``: its (F, H) or Nones."""
+    shape = (weight.shape[0], weight.shape[1])
+    fit = fitting(name, shape, choices.quants)
+    usable = [c for c, ok in zip(choices.quants, fit, strict=True) if ok]
+    if not choices.planned:
+        bits, cost, norm = _row(weight, usable, method, config, statistics, shared_work)
+        return _spread(bits, fit), _spread(cost, fit), norm
+    choices.check_shape(name, shape)
+    bits, cost, norm = _planned_row(weight, usable, choices, config, statistics, shared_work)
+    columns = choices.columns
+    return (
+        [bits.get(column, np.inf) for column in columns],
+        [cost.get(column, np.inf) for column in columns],
+        norm,
     )
 
 

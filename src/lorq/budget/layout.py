@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -18,8 +19,9 @@ def layer_and_kind(name: str) -> tuple[int | None, str]:
     return int(match.group(1)), f".{name}."[match.end() :].strip(".")
 
 
-def bits_grid(names_bits: dict[str, float]) -> tuple[list[int | None], list[str], dict]:
-    """Layers (rows), kinds (columns) and {(layer, kind): bits/param} for tables and heatmaps."""
+def bits_grid(names_bits: dict[str, Any]) -> tuple[list[int | None], list[str], dict]:
+    """Layers (rows), kinds (columns) and {(layer, kind): value} (bits/param, a plan entry) for
+    tables and heatmaps."""
     cells = {layer_and_kind(name): bits for name, bits in names_bits.items()}
     layers = sorted({k[0] for k in cells}, key=lambda x: -1 if x is None else x)
     kinds = list(dict.fromkeys(k[1] for k in cells))

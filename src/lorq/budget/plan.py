@@ -1,7 +1,11 @@
 """BudgetPlan: the chosen config of every matrix under a bit budget, saved as JSON.
 
 achieved bits/param = Σ_i bits_i / Σ_i numel_i                       (quantized part)
-with low-rank factors = (Σ_i bits_i + Σ_i r·(out_i + in_i)·b_lora) / Σ_i numel_i
+with low-rank factors = (Σ_i bits_i + Σ_i adapter_bits(r_i, b_i)) / Σ_i numel_i
+
+The rank r is the plan's own for every matrix, its factors outside the budget; or, with planned
+adapters (``ranks=``), each entry's r_i (0: none) and factor bits b_i, and the budget is the
+total's (``lorq.budget.choices``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorq.budget.cost import CostTable, cost_table, kl_costs, shape_bits
+from lorq.budget.choices import Choices, adapter_bits
+from lorq.budget.cost import CostTable, check_planned, cost_table, kl_costs, shape_bits
 from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget, solve
 from lorq.config import LEGACY_METHODS, DecomposeConfig
@@ -36,6 +41,20 @@ class PlanEntry:
     bits: float  # total stored bits of the quantized matrix
     error: float  # squared (weighted) error of the planned decomposition
     norm: float  # squared (weighted) norm of W
+    rank: int | None = None  # the planned adapter's rank (None: the plan's rank, not budgeted)
+    factor_bits: int | None = None  # the planned factors' bits (16 or 8; None at rank 0)
+
+    @property
+    def adapter_bits(self) -> float:
+        """Stored bits of the planned factors (0 when the rank is not planned or is 0)."""
+        return adapter_bits(self.shape, self.rank or 0, self.factor_bits or 16)
+
+    @property
+    def adapter_label(self) -> str:
+        """ "r8", "r8·8" (8-bit factors), "r0"; "" when the rank is not planned."""
+        if self.rank is None:
+            return ""
+        return f"r{self.rank}" + ("·8" if self.factor_bits == 8 else "")
 
     @property
     def numel(self) -> int:
@@ -76,6 +95,21 @@ class BudgetPlan:
         return sum(e.error for e in self.entries)
 
     @property
+    def adapters_planned(self) -> bool:
+        """Whether the plan chose every matrix's rank and factor bits (its budget counts them)."""
+        return any(e.rank is not None for e in self.entries)
+
+    @property
+    def achieved_total_bits(self) -> float:
+        """Bits/param the budget constrains: the quantized part, plus planned factors."""
+        return self.achieved_bits + sum(e.adapter_bits for e in self.entries) / self.total_params
+
+    def adapter_of(self, name: str) -> tuple[int, int | None]:
+        """(rank, factor bits) of matrix ``name``: planned, or (the plan's rank, None)."""
+        entry = {e.name: e for e in self.entries}[name]
+        return (self.rank, None) if entry.rank is None else (entry.rank, entry.factor_bits)
+
+    @property
     def sensitivities(self) -> dict[str, float] | None:
         """{matrix: α} of a KL plan (kept as its entries' norms), else None."""
         return {e.name: e.norm for e in self.entries} if self.weighting == "kl" else None
@@ -93,6 +127,8 @@ class BudgetPlan:
 
     def bits_with_low_rank(self, factor_bits: int = 16) -> float:
         """Average bits/param counting B and A (r·(out + in) values each) at ``factor_bits``."""
+        if self.adapters_planned:
+            return self.achieved_total_bits
         if self.method == "plain":
             return self.achieved_bits
         extra = sum(self.rank * (e.shape[0] + e.shape[1]) * factor_bits for e in self.entries)
@@ -166,6 +202,8 @@ def plan_budgets(
     weighting: str | None = None,
     rounding: str = "nearest",
     sensitivities: Mapping[str, float] | None = None,
+    ranks: Sequence[int] | None = None,
+    factor_bits: Sequence[int] = (16,),
 ) -> list[BudgetPlan]:
     """Choose a quantization config per matrix minimising total error under each budget.
 
@@ -173,7 +211,9 @@ def plan_budgets(
     ``hessians``: {name: H = XᵀX/N (in × in)} for ``weighting`` "activations" / "both" or
     ``rounding="gptq"``, and with ``sensitivities`` {name: α} for "kl" (costs α·t², the KL the
     plan predicts; α from ``lorq.calibrate.sensitivity``). ``weighting`` defaults to "fisher"
-    when ``fisher`` is given, else "none". One cost table serves every budget (the table is the
+    when ``fisher`` is given, else "none". ``ranks`` (e.g. (0, 8, 16)) with ``factor_bits``
+    ⊆ (16, 8): the plan also chooses each matrix's rank and factor bits, and each budget counts
+    the factors (``rank`` is then unused). One cost table serves every budget (the table is the
     expensive part; a solve is not).
     """
     if weighting is None:
@@ -181,7 +221,8 @@ def plan_budgets(
     if weighting == "kl" and sensitivities is None:  # before the table: it is the long part
         raise ValueError("weighting='kl' needs sensitivities={matrix name: α} (docs §10)")
     method = LEGACY_METHODS.get(method, method)
-    grid = candidate_grid(candidates)
+    grid = Choices(candidate_grid(candidates), _tuple(ranks), tuple(factor_bits))
+    check_planned(grid, method, table_config(method, rank, iters, weighting, rounding))
     # read once: a mapping may decode each matrix on access (lorq.model.targets.DenseWeights)
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
     if shapes:  # the feasible range depends on shapes only: fail before the expensive table
@@ -198,6 +239,10 @@ def plan_budgets(
     seconds = time.perf_counter() - start
     job = (method, rank, (weighting, rounding))
     return plans_of_table(table, shapes, budgets, job, seconds, time_limit)
+
+
+def _tuple(ranks: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if ranks is None else tuple(dict.fromkeys(ranks))
 
 
 def table_config(
@@ -244,14 +289,7 @@ def _solve_plan(
     start = time.perf_counter()
     solution = solve(table, budget_bits, time_limit)
     entries = tuple(
-        PlanEntry(
-            name,
-            shapes[name],
-            table.candidates[c],
-            float(table.bits[i, c]),
-            float(table.cost[i, c]),
-            float(table.norms[i]),
-        )
+        _entry(table, i, c, shapes[name])
         for i, (name, c) in enumerate(zip(table.names, solution.choice, strict=True))
     )
     return BudgetPlan(
@@ -264,4 +302,21 @@ def _solve_plan(
         table_seconds,
         time.perf_counter() - start,
         *statistics,
+    )
+
+
+def _entry(table: CostTable, row: int, column: int, shape: tuple[int, int]) -> PlanEntry:
+    """Matrix ``row``'s choice ``column``: its bits are the quantized part's (the planned
+    factors' counted by the entry)."""
+    rank, factor_bits = table.adapter_of(column)
+    extra = adapter_bits(shape, rank or 0, factor_bits or 16)
+    return PlanEntry(
+        table.names[row],
+        shape,
+        table.candidates[column],
+        float(table.bits[row, column]) - extra,
+        float(table.cost[row, column]),
+        float(table.norms[row]),
+        rank,
+        factor_bits,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,24 +64,28 @@ def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
     """The plan's bits per layer and module, and its summary."""
     from lorq.budget.layout import bits_grid
 
-    layers, kinds, cells = bits_grid({e.name: e.bits_per_param for e in plan.entries})
-    grid = Table(title="bits/param per layer and module", show_lines=False)
+    layers, kinds, cells = bits_grid({e.name: e for e in plan.entries})
+    title = "bits/param per layer and module" + (", rank" * plan.adapters_planned)
+    grid = Table(title=title, show_lines=False)
     grid.add_column("layer", justify="right")
     for kind in kinds:
         grid.add_column(kind.split(".")[-1], justify="right")
     for layer in layers:
         row = [cells.get((layer, kind)) for kind in kinds]
-        grid.add_row(
-            "-" if layer is None else str(layer), *("" if b is None else f"{b:.2f}" for b in row)
-        )
+        grid.add_row("-" if layer is None else str(layer), *(_cell(e) for e in row))
     with_factors = plan.bits_with_low_rank(16)
+    factors = "planned factors" if plan.adapters_planned else "low-rank factors (bf16)"
     summary = Table(show_header=False)
-    summary.add_row("budget (bits/param)", f"{plan.budget:.4f}")
+    counted = "quantized part + planned factors" if plan.adapters_planned else "quantized part"
+    summary.add_row(f"budget (bits/param, {counted})", f"{plan.budget:.4f}")
     summary.add_row("achieved, quantized part", f"{plan.achieved_bits:.4f}")
-    summary.add_row("achieved, with low-rank factors (bf16)", f"{with_factors:.4f}")
+    summary.add_row(f"achieved, with {factors}", f"{with_factors:.4f}")
     summary.add_row("quantized linears (MB)", f"{sum(e.bits for e in plan.entries) / 8e6:.2f}")
     lora_mb = (with_factors - plan.achieved_bits) * plan.total_params / 8e6
-    summary.add_row("low-rank factors, bf16 (MB)", f"{lora_mb:.2f}")
+    summary.add_row(f"{factors} (MB)", f"{lora_mb:.2f}")
+    if plan.adapters_planned:
+        ranks = Counter(e.adapter_label for e in plan.entries)
+        summary.add_row("ranks chosen", ", ".join(f"{k}: {n}" for k, n in sorted(ranks.items())))
     summary.add_row(
         "cost weighting, rounding", f"{WEIGHTING_LABELS[plan.weighting]}, {plan.rounding}"
     )
@@ -89,8 +94,16 @@ def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
     else:
         summary.add_row("total squared error", f"{plan.total_error:.6g}")
     summary.add_row("solver", f"{plan.status}, gap {plan.gap:.2e}, {plan.solve_seconds:.2f} s")
-    summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
+    if plan.table_seconds:  # a plan of the block pipeline keeps no timings (the same bytes)
+        summary.add_row("cost table", f"{plan.table_seconds:.1f} s")
     return grid, summary
+
+
+def _cell(entry) -> str:
+    """bits/param of a plan entry, and its planned rank (·8: 8-bit factors)."""
+    if entry is None:
+        return ""
+    return f"{entry.bits_per_param:.2f} {entry.adapter_label}".rstrip()
 
 
 WEIGHTING_LABELS = {

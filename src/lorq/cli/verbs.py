@@ -124,6 +124,17 @@ SequentialOption = Annotated[
 FactorBitsOption = Annotated[
     int | None, typer.Option(help="8: store the low-rank factors in 8 bits (row-wise int8)")
 ]
+PlanRanksOption = Annotated[
+    str | None,
+    typer.Option(
+        help="with a budget: the ranks the plan chooses from per matrix, e.g. 0,8,16 (0: no "
+        "adapter); the budget then counts the factors"
+    ),
+]
+PlanFactorBitsOption = Annotated[
+    str | None,
+    typer.Option(help="with a budget: the factor precisions the plan chooses from: 16, 8 or 16,8"),
+]
 
 
 def statistics_options(
@@ -238,6 +249,8 @@ def plan(
     rounding: RoundingOption = None,
     plan_weighting: PlanWeightingOption = None,
     candidates: CandidatesOption = "default",
+    plan_ranks: PlanRanksOption = None,
+    plan_factor_bits: PlanFactorBitsOption = None,
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
@@ -260,17 +273,10 @@ def plan(
     with user_errors() as stage:
         if budget is None and budget_mb is None:
             raise ValueError("give --budget (bits/param) or --budget-mb (MiB of the GGUF files)")
-        config = CompressConfig(
-            method,
-            budget=budget,
-            budget_mb=budget_mb,
-            rank=rank,
-            candidates=candidates,
-            sequential=sequential,
-            **statistics_options(
-                weighting, fisher, rounding, False, plan_weighting, (model, budget or budget_mb)
-            ),
+        statistics = statistics_options(
+            weighting, fisher, rounding, False, plan_weighting, (model, budget or budget_mb)
         )
+        config = CompressConfig(method, **_flags(locals(), PLAN_FLAGS), **statistics)
         _check_plan_target(out)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, allow_pickle=allow_pickle, calibration=text)
@@ -320,6 +326,8 @@ def compress(
     rounding: RoundingOption = None,
     plan_weighting: PlanWeightingOption = None,
     candidates: CandidatesOption = "default",
+    plan_ranks: PlanRanksOption = None,
+    plan_factor_bits: PlanFactorBitsOption = None,
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
@@ -356,20 +364,30 @@ def compress(
         given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
         new_plan = (model, None if given else budget or budget_mb)
         statistics = statistics_options(weighting, fisher, rounding, gptq, plan_weighting, new_plan)
-        fields = {k: v for k, v in locals().items() if k in CONFIG_FLAGS}
+        fields = _flags(locals(), CONFIG_FLAGS)
         config = CompressConfig(method, quant, budget, candidates, rank, **statistics, **fields)
         text = calibration_of(calibration, seq_len, calibration_tokens)
         check_compress(model, config, given, allow_pickle, text)
-        job = dict(eval_blocks=eval_blocks, baseline=baseline, calibration=text, plan=given)
-        job.update(progress=stage, device=device, dtype=dtype, allow_pickle=allow_pickle)
-        job.update(resume=resume, overwrite=overwrite, offload_activations=offload_activations)
-        result = compress_job(model, config, out, {**job, "tokenizer": tokenizer}, stream or resume)
+        job = dict(_flags(locals(), JOB_FLAGS), calibration=text, plan=given, progress=stage)
+        result = compress_job(model, config, out, job, stream or resume)
     print_compressed(result, model, out)
 
 
+def _flags(values: dict, names: tuple[str, ...]) -> dict:
+    """The entries of ``values`` (a command's locals) named in ``names``."""
+    return {k: v for k, v in values.items() if k in names}
+
+
+# the lorq compress options that are compress_job's options as they are
+JOB_FLAGS = ("eval_blocks", "baseline", "device", "dtype", "allow_pickle", "resume", "overwrite",
+             "offload_activations", "tokenizer")  # fmt: skip
+# the lorq plan options that are CompressConfig fields as they are
+PLAN_FLAGS = ("budget", "budget_mb", "rank", "candidates", "sequential", "plan_ranks",
+              "plan_factor_bits")  # fmt: skip
 # the lorq compress options that are CompressConfig fields as they are
 CONFIG_FLAGS = ("embeddings", "factor_bits", "budget_mb", "sequential", "gguf_codes", "recover",
-                "recover_steps", "recover_lr", "recover_scales", "recover_scale_lr")  # fmt: skip
+                "recover_steps", "recover_lr", "recover_scales", "recover_scale_lr",
+                "plan_ranks", "plan_factor_bits")  # fmt: skip
 
 
 def print_compressed(result, model: str, out: Path) -> None:

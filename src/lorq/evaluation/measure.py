@@ -77,16 +77,20 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 
 def compressed_bits(model: torch.nn.Module, factor_bits: int = 16) -> tuple[float, float]:
-    """Bits/param of the quantized layers: Q alone, and with B, A at ``factor_bits``."""
+    """Bits/param of the quantized layers: Q alone, and with B, A at ``factor_bits`` (a factor
+    on its 8-bit grid, as ``lorq.io.native`` stores it: its 8-bit bytes)."""
     from lorq.nn import packed_linears
+    from lorq.quant.factors import exact_rows
 
     layers = list(packed_linears(model).values())
     if not layers:
         raise ValueError("the model has no quantized layers")
     numel = sum(m.in_features * m.out_features for m in layers)
     quant = sum(8 * m.quantized_nbytes() for m in layers)
-    factors = [m.lora_A.numel() + m.lora_B.numel() for m in layers if m.has_lora]
-    return quant / numel, (quant + factor_bits * sum(factors)) / numel
+    factors = [f.detach() for m in layers if m.has_lora for f in (m.lora_A, m.lora_B)]
+    rows = [(f, exact_rows(f.float())) for f in factors]
+    stored = sum(factor_bits * f.numel() if r is None else 8 * r.nbytes for f, r in rows)
+    return quant / numel, (quant + stored) / numel
 
 
 @dataclass(frozen=True)

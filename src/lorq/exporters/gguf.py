@@ -141,7 +141,7 @@ def gguf_budget(
     model: nn.Module,
     targets: dict[str, tuple[int, int]],
     megabytes: float,
-    rank: int,
+    rank: int | None,
     *,
     embeddings: QuantConfig | None = None,
     tokenizer: Any = None,
@@ -150,7 +150,9 @@ def gguf_budget(
 ) -> GGUFBudget:
     """The bits/param the ``targets`` ({module name: (out, in)}) of ``model`` (before compression)
     may take so that its GGUF base and rank-``rank`` adapter in ``adapter_dtype`` fit ``megabytes``
-    MiB; ValueError when the other bytes alone exceed it."""
+    MiB; ValueError when the other bytes alone exceed it. ``rank`` None: a plan chooses the
+    ranks and counts the factors' data with the codes; the adapter's metadata and tensor infos
+    (and room to align each tensor) count here."""
     config = hf_config(model)
     if config is None:
         raise ValueError("the model has no Hugging Face config; GGUF export needs one")
@@ -159,17 +161,19 @@ def gguf_budget(
     kv, tensors = _other_sizes(model, config, names, embeddings, tokenizer, source)
     own = {names[f"{t}.weight"][0] for t in targets}
     base = file_size(kv, [(n, shape, 0 if n in own else size) for n, shape, size in tensors])
-    factors = {
-        t: (torch.zeros(rank, i), torch.zeros(o, rank), 1.0) for t, (o, i) in targets.items()
-    }
+    r = 1 if rank is None else rank
+    factors = {t: (torch.zeros(r, i), torch.zeros(o, r), 1.0) for t, (o, i) in targets.items()}
     kv, tensors = adapter_contents(factors, config, torch_dtype(adapter_dtype))
-    adapter = file_size(kv, [(n, tuple(d.shape), d.nbytes) for n, d, _ in tensors])
+    data = rank is not None
+    adapter = file_size(kv, [(n, tuple(d.shape), d.nbytes * data) for n, d, _ in tensors])
     params = sum(o * i for o, i in targets.values())
-    budget = GGUFBudget(megabytes, base, adapter, 31 * len(targets), params, adapter_dtype)
+    padding = 31 * len(targets) * (1 if data else 3)  # planned: room for A and B as well
+    budget = GGUFBudget(megabytes, base, adapter, padding, params, adapter_dtype)
     if budget.code_bytes <= 0:
         raise ValueError(
             f"budget_mb={megabytes:g} leaves nothing for the quantized layers: the base file's "
-            f"metadata and other tensors take {base / MIB:.2f} MiB and the rank-{rank} adapter "
+            f"metadata and other tensors take {base / MIB:.2f} MiB and the "
+            f"{'planned' if rank is None else f'rank-{rank}'} adapter "
             f"({adapter_dtype}) {adapter / MIB:.2f} MiB; give more than "
             f"{(base + adapter) / MIB:.2f} MiB"
         )

@@ -6,15 +6,16 @@ entry — into the layer that replaces it (docs/algorithms.md §2, §5).
     loftq    LoftQ: quantize first, T = 5            W ≈ Q + s·B·A      (QuantLoraLinear)
     qa-lora  an INT-k base (RTN, GPTQ, or the source's own codes) + a group-pooled adapter
 
-The pipeline calls ``method_of(config.method).compress(target, config)`` and knows no method by
-name; a new method is one module here and one line in ``METHODS``.
+The pipeline calls ``method_of(config.method, rank).compress(target, config)`` and knows no
+method by name; a new method is one module here and one line in ``METHODS``. A matrix a plan
+gives rank 0 gets ``QuantOnly``: Q alone, no adapter.
 """
 
 from __future__ import annotations
 
 from lorq.methods.base import Compressed, Method, Target
 from lorq.methods.lowrank import LowRank
-from lorq.methods.plain import Plain
+from lorq.methods.plain import Plain, QuantOnly
 from lorq.methods.qa_lora import QALora
 
 METHODS: dict[str, Method] = {
@@ -25,9 +26,10 @@ METHODS: dict[str, Method] = {
 }
 
 
-def method_of(name: str) -> Method:
-    """The method registered as ``name`` (CompressConfig has validated it)."""
-    return METHODS[name]
+def method_of(name: str, rank: int | None = None) -> Method:
+    """The method registered as ``name`` (CompressConfig has validated it); Q alone at
+    ``rank`` 0."""
+    return QuantOnly() if rank == 0 else METHODS[name]
 
 
 __all__ = ["METHODS", "Compressed", "Method", "Target", "method_of"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorq.budget import BudgetPlan
-from lorq.budget.grid import candidate_grid
+from lorq.budget.choices import plan_choices
 from lorq.calibrate.tokens import Calibration
 from lorq.config import CompressConfig
 from lorq.io.native import FORMAT_VERSION, set_model_meta
@@ -123,7 +123,7 @@ def plan_pipeline(
     try:
         run.offload = _offload(run, where.offload)
         fisher_pass(run)
-        tables = cost_rows(run, candidate_grid(config.candidates))
+        tables = cost_rows(run, plan_choices(config))
         return plans_of_rows(run, tables, budgets or [config.budget])
     finally:
         run.sink.close()

@@ -3,8 +3,9 @@ source before any work:
 
     bits/param = 8 · (M · 2²⁰ − every other byte of the base and adapter files) / P
 
-(``lorq.exporters.gguf.gguf_budget``: metadata, tokenizer, embeddings, norms, the rank-r adapter;
-P the targets' parameters), capped at what the largest candidates take.
+(``lorq.exporters.gguf.gguf_budget``: metadata, tokenizer, embeddings, norms, the rank-r adapter —
+its metadata alone when the plan chooses the ranks and counts their factors; P the targets'
+parameters), capped at what the largest candidates take.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorq.budget.choices import plan_choices
 from lorq.budget.cost import feasible_range, shape_bits
-from lorq.budget.grid import candidate_grid
 from lorq.config import CompressConfig
 from lorq.exporters.gguf import MIB, GGUFBudget, gguf_budget
 from lorq.model.targets import targets_of, weight_shape
@@ -41,7 +42,7 @@ def megabyte_budget(
     source.load(parts, None, torch.device("cpu"))
     try:
         budget = gguf_budget(
-            source.model, shapes, config.budget_mb, config.rank, embeddings=embeddings,
+            source.model, shapes, config.budget_mb, _rank(config), embeddings=embeddings,
             tokenizer=tokenizer, source=gguf,
         )  # fmt: skip
     finally:
@@ -49,10 +50,16 @@ def megabyte_budget(
     return replace(config, budget=_feasible_bits(budget, config, shapes), budget_mb=None), budget
 
 
+def _rank(config: CompressConfig) -> int | None:
+    """The adapter's one rank, or None when the plan chooses the ranks (its factors are costed
+    as the codes are)."""
+    return None if config.plans_adapters else config.rank
+
+
 def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes) -> float:
     """The budget's bits/param, at most what the largest candidates take; ValueError in MiB when
     even the smallest do not fit."""
-    grid = candidate_grid(config.candidates)
+    grid = plan_choices(config)
     bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
     low, high = feasible_range(bits, np.array([o * i for o, i in shapes.values()], np.int64))
     if budget.bits < low:
@@ -60,7 +67,7 @@ def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes) -> float:
         raise ValueError(
             f"budget_mb={budget.megabytes:g} leaves {budget.bits:.3f} bits/param for the "
             f"quantized layers after {other:.1f} MiB of other bytes (metadata, embeddings, norms, "
-            f"the rank-{config.rank} adapter); the candidates need at least {low:.3f}: give at "
+            f"the adapter); the candidates need at least {low:.3f}: give at "
             f"least {budget.megabytes_for(low):.1f} MiB, or pack the embeddings (embeddings=)"
         )
     return min(budget.bits, high)

@@ -65,7 +65,7 @@ def block_step(run: Run, index: int, inputs: BlockInputs | None) -> BlockInputs 
     extra = {"errors": {n: run.errors[n] for n in targets}}
     if target is not None:
         extra["recovery"] = _recover(run, index, block, inputs, target)
-    _finalize(block, run.config.factor_bits)
+    _finalize(run, block, list(targets))
     if inputs is not None:
         hidden = _forward(run, block, inputs) if run.sequential else original
         inputs = replace(inputs, hidden=hidden)
@@ -116,7 +116,6 @@ def _recover(run: Run, index: int, block, inputs: BlockInputs, target) -> dict:
 def compress_targets(run: Run, targets: dict[str, nn.Module], hessians, fisher) -> None:
     """Each target of this process (the i-th of the block when i mod W = rank) → its method's
     layer, in place; then every process gets every layer from its owner."""
-    method = method_of(run.config.method)
     names = list(targets)
     owners = run.world.deal([_numel(targets[n]) for n in names])
     for i, name in enumerate(names):
@@ -128,7 +127,9 @@ def compress_targets(run: Run, targets: dict[str, nn.Module], hessians, fisher) 
             fisher.pop(name, None) if fisher is not None else None,
             (run.given.base or {}).get(name),
         )  # fmt: skip
-        done = method.compress(target, run.config)
+        rank, _ = run.adapter_of(name)
+        config = run.config if rank in (0, run.config.rank) else replace(run.config, rank=rank)
+        done = method_of(config.method, rank).compress(target, config)
         set_module(run.model, name, done.layer)
         run.errors[name] = done.error
         run.advance(1)
@@ -150,11 +151,13 @@ def _share(run: Run, names: list[str], owners: list[int]) -> None:
         run.errors[name] = error
 
 
-def _finalize(module: nn.Module, factor_bits: int | None) -> None:
-    """Factors on their 8-bit grid (``factor_bits=8``); all but the factors frozen."""
-    if factor_bits == 8:
-        round_factors(module)
-    freeze_all_but_lora(module)
+def _finalize(run: Run, block: nn.Module, names: list[str]) -> None:
+    """The factors of targets ``names`` stored in 8 bits on their grid; all but the factors of
+    ``block`` frozen."""
+    for name in names:
+        if run.adapter_of(name)[1] == 8:
+            round_factors(run.model.get_submodule(name))
+    freeze_all_but_lora(block)
 
 
 def _forward(run: Run, block: nn.Module, inputs: BlockInputs) -> torch.Tensor:
@@ -215,8 +218,8 @@ def outside_step(run: Run, inputs: BlockInputs | None) -> None:
     if run.config.embeddings is not None:
         pack_embeddings(run.model, as_config(run.config.embeddings))
     parts = run.source.outside_parts()
-    for _, module, _ in parts:
-        _finalize_own(module, run.config.factor_bits)
+    for name, module, _ in parts:
+        _finalize_own(module, run.adapter_of(name)[1] if name in targets else None)
     run.sink.write(None, run.model, parts, {"errors": {n: run.errors[n] for n in targets}})
     _drop(run, parts, targets)
 

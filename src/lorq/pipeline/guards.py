@@ -18,8 +18,8 @@ import numpy as np
 from torch import nn
 
 from lorq.budget import BudgetPlan
+from lorq.budget.choices import plan_choices
 from lorq.budget.cost import shape_bits
-from lorq.budget.grid import candidate_grid
 from lorq.budget.ilp import check_budget
 from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES
 from lorq.calibrate.tokens import Calibration
@@ -65,7 +65,11 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
     """Rank below every matrix's sides; the uniform format fits every matrix, or the budget lies
     in the range the candidates can reach."""
     smallest = min(shapes.items(), key=lambda item: min(item[1]))
-    if config.method in ("lq", "loftq") and config.rank >= min(smallest[1]):
+    if (
+        config.method in ("lq", "loftq")
+        and not config.plans_adapters
+        and config.rank >= min(smallest[1])
+    ):
         raise ValueError(
             f"rank={config.rank} must be smaller than min(out, in) = {min(smallest[1])} of "
             f"{smallest[0]} {smallest[1]}; choose a smaller rank"
@@ -81,8 +85,8 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
                 raise ValueError(f"{name}: {err}") from None
         _check_rounding(config, [quant])
         return
-    grid = candidate_grid(config.candidates)
-    _check_rounding(config, grid)
+    grid = plan_choices(config)
+    _check_rounding(config, grid.quants)
     bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
     numels = np.array([out * inp for out, inp in shapes.values()], dtype=np.int64)
     if config.budget is not None:  # a budget in MiB is checked once the model is loaded
@@ -110,7 +114,7 @@ def check_plan(
             f"the plan is for method {plan.method!r} at {plan.budget} bits/param, not "
             f"{config.method!r} at {config.budget}; make a plan with these settings (lorq plan)"
         )
-    if config.method != "plain" and plan.rank != config.rank:
+    if config.method != "plain" and not plan.adapters_planned and plan.rank != config.rank:
         raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
     if shapes is None:
         return

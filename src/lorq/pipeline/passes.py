@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorq.budget import BudgetPlan
+from lorq.budget.choices import Choices, plan_choices
 from lorq.budget.cost import CostTable, cost_table, kl_costs
-from lorq.budget.grid import candidate_grid
 from lorq.budget.plan import plans_of_table, table_config
 from lorq.calibrate.blocks import BlockInputs, forward_kwargs, run_block
 from lorq.calibrate.fisher import blocks_bypassed, blockwise_fisher
@@ -156,7 +156,7 @@ def plan_pass(run: Run) -> None:
         return
     file = run.sink.scratch / PLAN_FILE
     if not dist.broadcast(file.is_file(), 0, run.world):
-        grid = candidate_grid(run.config.candidates)
+        grid = plan_choices(run.config)
         tables = cost_rows(run, grid)
         if run.world.is_writer:
             (plan,) = plans_of_rows(run, tables, [run.config.budget])
@@ -253,12 +253,13 @@ def save_costs(table: CostTable, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def load_costs(file: Path, candidates) -> CostTable:
+def load_costs(file: Path, choices: Choices) -> CostTable:
     with np.load(file) as data:
         names = tuple(str(n) for n in data["names"])
-        return CostTable(
-            names, data["numels"], tuple(candidates), data["bits"], data["cost"], data["norms"]
-        )
+        columns = tuple(q for q, _, _ in choices.columns)
+        planned = choices if choices.planned else None
+        arrays = data["numels"], columns, data["bits"], data["cost"], data["norms"]
+        return CostTable(names, *arrays, planned)
 
 
 def join_tables(tables: list[CostTable]) -> CostTable:
@@ -270,6 +271,7 @@ def join_tables(tables: list[CostTable]) -> CostTable:
         bits=np.concatenate([t.bits for t in tables]),
         cost=np.concatenate([t.cost for t in tables]),
         norms=np.concatenate([t.norms for t in tables]),
+        choices=tables[0].choices,
     )
 
 
@@ -279,7 +281,7 @@ def in_order(tables: list[CostTable | None], names: list[str]) -> CostTable:
     rows = [joined.names.index(name) for name in names]
     return CostTable(
         tuple(names), joined.numels[rows], joined.candidates, joined.bits[rows],
-        joined.cost[rows], joined.norms[rows],
+        joined.cost[rows], joined.norms[rows], joined.choices,
     )  # fmt: skip
 
 

@@ -113,6 +113,14 @@ class Run:
             return self.plan.config_of(name)
         return as_config(self.config.quant)
 
+    def adapter_of(self, name: str) -> tuple[int, int | None]:
+        """(rank, factor bits) of target ``name``: the plan's when it chose them, else the
+        config's (factor bits None: as computed; 8: rounded to the 8-bit grid)."""
+        if self.plan is not None and self.plan.adapters_planned:
+            rank, bits = self.plan.adapter_of(name)
+            return rank, 8 if bits == 8 else None
+        return self.config.rank, self.config.factor_bits
+
     def capture(self, dense: bool = False) -> BlockInputs:
         """X_0 of the calibration tokens: block 1's inputs, the outside parts resident meanwhile
         (in the run's dtype, on its device; ``dense`` as for the Fisher)."""
