@@ -99,6 +99,14 @@ LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq 
         for mib, rank in ((84.1, 4), (87.5, 8), (89.2, 8), (100.6, 16))
         for tail, recover in (("", "none"), (" + block recovery", "block"))
     ),
+    *(  # the plan chooses every matrix's rank too, the F16 adapter inside the budget (§10.1)
+        (
+            f"lorq ILP gguf + GPTQ, Fisher plan {mib} MiB, ranks 0,4,8,16 planned{tail}",
+            {**FISHER_ILP, "budget_mb": mib, "plan_ranks": (0, 4, 8, 16), "recover": recover},
+        )
+        for mib in (84.1, 87.5, 89.2, 100.6)
+        for tail, recover in (("", "none"), (" + block recovery", "block"))
+    ),
 )  # (block recovery: factors and the types' d / dmin, 100 steps a block, ALGORITHMS.md §9)
 
 

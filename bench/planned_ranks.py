@@ -12,6 +12,10 @@ table and solve seconds, compress seconds, KL. One process, one run after the ot
 
     python bench/planned_ranks.py                         # B = 2.75, ranks 0,8,16,32 × 16,8
     python bench/planned_ranks.py --budget 2.75 3.25 --ranks 0 8 16 32 64
+    python bench/planned_ranks.py --solve-only            # the ILP's seconds on the larger grid
+
+``--solve-only``: the unweighted cost table of SmolLM2's 210 matrices over the grid, then HiGHS'
+seconds to solve it at 2.5 … 4.5 bits/param against the 16-column (fixed-rank) table's.
 
 Results: bench/results/planned_ranks.json (merged by budget), a table on stdout.
 """
@@ -73,7 +77,10 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[0, 8, 16, 32])
     parser.add_argument("--factor-bits", type=int, nargs="+", default=[16, 8])
     parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--solve-only", action="store_true", help="the ILP's seconds alone")
     args = parser.parse_args()
+    if args.solve_only:
+        return solve_seconds(args.ranks, args.factor_bits)
     import lorq
     from lorq.calibrate.tokens import Calibration
     from lorq.jobs.evaluate import Evaluation
@@ -110,6 +117,33 @@ def main() -> None:
             ),
         ]
         report(f"budget {budget:g} (total {total:.4f})", rows)
+
+
+def solve_seconds(ranks: list[int], factor_bits: list[int]) -> None:
+    """HiGHS' seconds on the fixed-rank and the planned grid of SmolLM2's matrices."""
+    import lorq
+    from lorq.budget import candidate_grid, cost_table, solve
+    from lorq.budget.choices import Choices
+    from lorq.config import DecomposeConfig
+    from lorq.model.targets import dense_weight, targets_of
+
+    model = lorq.io.models.load_model("smollm2", packed=True).model
+    targets = targets_of(model, lorq.CompressConfig())
+    weights = {name: dense_weight(m).float() for name, m in targets.items()}
+    grid = candidate_grid("default")
+    for label, choices in (
+        ("fixed r16", Choices(grid)),
+        ("planned", Choices(grid, tuple(ranks), tuple(factor_bits))),
+    ):
+        table = cost_table(weights, choices, "lq", DecomposeConfig(rank=16, iters=1))
+        low, high = table.feasible_range()
+        for budget in (2.5, 3.0, 3.5, 4.0, 4.5):
+            if low <= budget <= high:
+                start = time.perf_counter()
+                solution = solve(table, budget)
+                seconds = time.perf_counter() - start
+                print(f"| {label} | {table.bits.shape[0]} × {table.bits.shape[1]} | {budget} | "
+                      f"{solution.status} | {seconds:.2f} |")  # fmt: skip
 
 
 def report(key: str, rows: list[dict]) -> None:
