@@ -124,3 +124,32 @@ def test_plan_budgets_plans_from_given_sensitivities():
     assert given.predicted_kl == pytest.approx(made.predicted_kl, rel=1e-9)
     with pytest.raises(ValueError, match="sensitivities"):
         plan_budget(matrices, 3.0, rank=4, hessians=hessians, weighting="kl")
+
+
+def test_a_kl_plan_of_ranks_predicts_the_sum_of_its_columns_costs():
+    """A KL plan over formats × ranks (§10.1): each entry's cost is α · t² of its own column (the
+    activation-weighted plan of the same grid's error over its norm, times α), and the plan
+    predicts their sum."""
+    from lorq.budget import plan_budget
+    from lorq.jobs.statistics import estimate_hessians
+    from lorq.model.targets import dense_weight, targets_of
+
+    model, tokens = _peaked_llama(), _tokens()
+    config = CompressConfig(budget=3.0, rank=4, weighting="activations")
+    targets = targets_of(model, config)
+    hessians = estimate_hessians(model, tokens, targets)
+    matrices = {name: dense_weight(m).float() for name, m in targets.items()}
+    alphas = {name: 1.0 + i for i, name in enumerate(matrices)}
+    common = dict(hessians=hessians, ranks=(0, 4), factor_bits=(16, 8))
+    plan = plan_budget(matrices, 4.0, "nf2,nf3,nf4", weighting="kl", sensitivities=alphas, **common)
+    assert plan.adapters_planned and plan.achieved_total_bits <= 4.0
+    for entry in plan.entries:  # the same column priced by the H-norm alone
+        (alone,) = plan_budget(
+            {entry.name: matrices[entry.name]}, entry.bits_per_param + entry.adapter_bits
+            / entry.numel, [entry.config], weighting="activations",
+            hessians={entry.name: hessians[entry.name]}, ranks=(entry.rank,),
+            factor_bits=(entry.factor_bits or 16,),
+        ).entries  # fmt: skip
+        expected = alphas[entry.name] * alone.error / alone.norm
+        assert entry.error == pytest.approx(expected, rel=1e-9), entry.name
+    assert plan.predicted_kl == pytest.approx(sum(e.error for e in plan.entries))
