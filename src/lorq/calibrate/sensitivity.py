@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorq.calibrate.blocks import BlockInputs, run_block
+from lorq.calibrate.blocks import BlockInputs, first_output, run_block
 from lorq.config import DecomposeConfig
 from lorq.decomposition.common import Weighting
+from lorq.nn import decoded_once
 
 SENSITIVITY_T = 0.05  # the probes' relative output error t
 SENSITIVITY_SEQUENCES = 4  # S: the first calibration sequences the KL is measured on
@@ -93,6 +94,19 @@ def divergence(reference: torch.Tensor, output: torch.Tensor) -> float:
     return (mean_kl if reference.dim() == 3 else mean_one_minus_cos)(reference, output)
 
 
+def carry_streams(block: nn.Module, streams: list[torch.Tensor], kwargs: list, chunk: int = 32):
+    """Each of ``streams`` (S × L × d, in place) through ``block``: for every sequence i the
+    streams' row i run as batches of ``chunk`` with sequence i's kwargs (their batch of one
+    broadcasts), the block's matrices decoded once."""
+    with torch.no_grad(), decoded_once(block):
+        for i, (args, extra) in enumerate(kwargs):
+            for start in range(0, len(streams), chunk):
+                group = streams[start : start + chunk]
+                out = first_output(block(torch.stack([s[i] for s in group]), *args, **extra))
+                for stream, row in zip(group, out, strict=True):
+                    stream[i] = row
+
+
 @dataclass
 class Probes:
     """The probes of one process: each target's perturbed stream since its block.
@@ -125,8 +139,7 @@ class Probes:
         """Carry every probe through ``block`` (its original weights), then start the probes of
         ``targets`` (this process's share of the block's) from the clean ``inputs``."""
         clean = self.first_rows(inputs)
-        for state in self.states.values():
-            run_block(block, BlockInputs(state, clean.kwargs), state)
+        carry_streams(block, list(self.states.values()), clean.kwargs)
         for name, module in targets.items():
             with perturbed(module, self.delta(name, weights(name), hessians[name])):
                 self.states[name] = run_block(block, clean, clean.hidden.clone())
