@@ -50,6 +50,7 @@ from gguf import GGUFReader
 
 import lorq
 from lorq.exporters.gguf import adapter_path, export_gguf
+from lorq.exporters.hf import has_adapters
 from lorq.exporters.quantized import other_tensors
 from lorq.io.gguf_write import write_gguf
 from lorq.io.models import load_model
@@ -69,6 +70,8 @@ GPTQ = {**ACT, "rounding": "gptq", "iters": 2}  # … GPTQ-rounded on the same H
 GGUF_ILP = {**GPTQ, "candidates": "gguf", "plan_rounding": "weighted"}
 # (the Fisher loads the model densely: its embedding table is packed in Q8_0 again)
 FISHER_ILP = {**GGUF_ILP, "plan_weighting": "fisher", "embeddings": "q8_0"}
+NO_Q4_1 = "q8_0,q4_0,q5_0,q5_1,iq4_nl,q4_k,q5_k,q6_k,q2_k,q3_k"  # the gguf grid without q4_1
+PLANNED = {**FISHER_ILP, "candidates": NO_Q4_1, "plan_ranks": (0, 4, 8, 16)}
 # the same with the plan's costs in the currency of the KL (ALGORITHMS.md §10)
 KL_ILP = {**FISHER_ILP, "plan_weighting": "kl"}
 LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq export --dtype)
@@ -99,10 +102,13 @@ LORQ = (  # label, CompressConfig fields (rank 16 unless given; "adapter": lorq 
         for mib, rank in ((84.1, 4), (87.5, 8), (89.2, 8), (100.6, 16))
         for tail, recover in (("", "none"), (" + block recovery", "block"))
     ),
-    *(  # the plan chooses every matrix's rank too, the F16 adapter inside the budget (§10.1)
+    # the plan chooses every matrix's rank too, the F16 adapter inside the budget (§10.1). Not
+    # Q4_1: the built-in model is a Q4_1 GGUF, so at rank 0 Q4_1 gives its own codes back (no
+    # error at all), which llama.cpp's quants of the F16 cannot; with it these rows measure that
+    *(
         (
-            f"lorq ILP gguf + GPTQ, Fisher plan {mib} MiB, ranks 0,4,8,16 planned{tail}",
-            {**FISHER_ILP, "budget_mb": mib, "plan_ranks": (0, 4, 8, 16), "recover": recover},
+            f"lorq ILP gguf (no q4_1) + GPTQ, Fisher plan {mib} MiB, ranks 0,4,8,16 planned{tail}",
+            {**PLANNED, "budget_mb": mib, "recover": recover},
         )
         for mib in (84.1, 87.5, 89.2, 100.6)
         for tail, recover in (("", "none"), (" + block recovery", "block"))
@@ -204,8 +210,10 @@ def lorq_row(fields: dict, work: Path, bin_dir: Path, args, params: int) -> dict
     set_model_meta(model, {**model_meta(model), "source": record})
     out = work / f"lorq-{fields['method']}-{adapter_dtype}.gguf"
     export_gguf(model, out, dtype=adapter_dtype, overwrite=True)
-    lora = adapter_path(out) if fields["method"] != "plain" else None
+    lora = adapter_path(out) if has_adapters(model) else None  # a plan may give none a rank
     row = {**score(bin_dir, out, work / "kld", args, lora), "seconds": time.perf_counter() - start}
+    if result.plan is not None and result.plan.adapters_planned:
+        row["ranks"] = dict(sorted(Counter(e.adapter_label for e in result.plan.entries).items()))
     return {**row, **size([out, *([lora] if lora else [])], params), **linear(out, lora)}
 
 
