@@ -207,7 +207,7 @@ class Measurement:
     """One row of a results table; the model itself can be freed once measured."""
 
     label: str
-    bits: tuple[float | None, float | None]  # Q alone, with B, A in bf16 (None: not quantized)
+    bits: tuple[float | None, float | None]  # Q alone, with B, A as saved (None: not quantized)
     megabytes: float  # every parameter and buffer in memory
     result: EvalResult
 
