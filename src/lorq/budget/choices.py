@@ -25,14 +25,17 @@ from lorq.quant import QuantConfig
 FACTOR_BITS = (16, 8)
 
 
-def adapter_bits(shape: tuple[int, int], rank: int, factor_bits: int) -> float:
+def adapter_bits(shape: tuple[int, int], rank: int | None, factor_bits: int | None) -> float:
     """Stored bits of the rank-``rank`` factors B (out × r), A (r × in) of a matrix of
-    ``shape`` at ``factor_bits`` (lorq.quant.factors for 8)."""
+    ``shape`` at ``factor_bits`` (None: 16; lorq.quant.factors for 8); 0 without an adapter
+    (rank 0, or None when the rank is not planned)."""
     out, inp = shape
-    if factor_bits == 16:
+    if not rank:
+        return 0.0
+    if factor_bits in (16, None):
         return 16.0 * rank * (out + inp)
     if factor_bits == 8:
-        return 8.0 * rank * (out + inp) + (32.0 * (out + rank) if rank else 0.0)
+        return 8.0 * rank * (out + inp) + 32.0 * (out + rank)
     raise ValueError(f"factor_bits={factor_bits!r} is not supported; allowed: {FACTOR_BITS}")
 
 

@@ -111,7 +111,7 @@ def shape_bits(
     if choices.planned:
         choices.check_shape(name, shape)
     return [
-        8.0 * storage_nbytes(q, shape) + adapter_bits(shape, r or 0, b or 16) if fit[q] else np.inf
+        8.0 * storage_nbytes(q, shape) + adapter_bits(shape, r, b) if fit[q] else np.inf
         for q, r, b in choices.columns
     ]
 
@@ -166,6 +166,18 @@ def _factor_grids(low, scaling: float, factor_bits: Sequence[int]) -> list[torch
     return [dense[b] for b in factor_bits]
 
 
+def _measures(
+    weight: torch.Tensor,
+    config: DecomposeConfig,
+    statistics: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> tuple[Weighting, Rounding]:
+    """The error and the rounding of the costs of one matrix (fp32), from its (F, H)."""
+    fisher, hessian = statistics
+    check_weight(weight)
+    weighting = Weighting.build(weight, config, fisher, hessian)
+    return weighting, Rounding(config, hessian, weight.device, weighting.chol)
+
+
 def _row(
     weight: torch.Tensor,
     candidates: Sequence[QuantConfig],
@@ -178,9 +190,7 @@ def _row(
     weight = weight.detach().float()
     if method != "plain":
         check_rank(weight, config.rank)
-    check_weight(weight)
-    weighting = Weighting.build(weight, config, fisher, hessian)
-    rounding = Rounding(config, hessian, weight.device, weighting.chol)
+    weighting, rounding = _measures(weight, config, statistics)
     norm = weighting.error(weight) ** 2
     if method == "plain" or (method == "lq" and config.iterations == 1):
         # LQ-LoRA's first step, svd_r(W), does not depend on the config: one SVD per matrix
@@ -206,11 +216,9 @@ def _planned_row(
 ) -> tuple[dict, dict, float]:
     """({(format, rank, factor bits): bits}, {…: cost}, norm) of one matrix with planned
     adapters (LQ-LoRA's first step, or plain quantization at rank 0), formats ``quants``."""
-    fisher, hessian = statistics
     weight = weight.detach().float()
-    check_weight(weight)
-    weighting = Weighting.build(weight, config, fisher, hessian)
-    rounding = Rounding(config, hessian, weight.device, weighting.chol)
+    weighting, rounding = _measures(weight, config, statistics)
+    shape = (weight.shape[0], weight.shape[1])
     bits, cost = {}, {}
     for rank in choices.ranks or ():
         factor_bits = [None] if rank == 0 else list(choices.factor_bits)
@@ -221,9 +229,8 @@ def _planned_row(
             low = svd.dense()
             finals = _factor_grids(svd, ranked.scaling, factor_bits)
         qbits, costs = _costs(weight, low, quants, weighting, rounding, shared_work, finals)
-        shape = (weight.shape[0], weight.shape[1])
         for b, row in zip(factor_bits, costs, strict=True):
-            extra = adapter_bits(shape, rank, b or 16)
+            extra = adapter_bits(shape, rank, b)
             for q, q_bits, c in zip(quants, qbits, row, strict=True):
                 bits[q, rank, b] = q_bits + extra
                 cost[q, rank, b] = c

@@ -47,7 +47,7 @@ class PlanEntry:
     @property
     def adapter_bits(self) -> float:
         """Stored bits of the planned factors (0 when the rank is not planned or is 0)."""
-        return adapter_bits(self.shape, self.rank or 0, self.factor_bits or 16)
+        return adapter_bits(self.shape, self.rank, self.factor_bits)
 
     @property
     def adapter_label(self) -> str:
@@ -222,7 +222,8 @@ def plan_budgets(
         raise ValueError("weighting='kl' needs sensitivities={matrix name: α} (docs §10)")
     method = LEGACY_METHODS.get(method, method)
     grid = Choices(candidate_grid(candidates), _tuple(ranks), tuple(factor_bits))
-    check_planned(grid, method, table_config(method, rank, iters, weighting, rounding))
+    config = table_config(method, rank, iters, weighting, rounding)
+    check_planned(grid, method, config)
     # read once: a mapping may decode each matrix on access (lorq.model.targets.DenseWeights)
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in matrices.items()}
     if shapes:  # the feasible range depends on shapes only: fail before the expensive table
@@ -231,7 +232,6 @@ def plan_budgets(
         for budget_bits in budgets:
             check_budget(bits, numels, budget_bits)
     start = time.perf_counter()
-    config = table_config(method, rank, iters, weighting, rounding)
     table = cost_table(matrices, grid, method, config, fisher, progress, hessians)
     if weighting == "kl":
         assert sensitivities is not None
@@ -309,7 +309,7 @@ def _entry(table: CostTable, row: int, column: int, shape: tuple[int, int]) -> P
     """Matrix ``row``'s choice ``column``: its bits are the quantized part's (the planned
     factors' counted by the entry)."""
     rank, factor_bits = table.adapter_of(column)
-    extra = adapter_bits(shape, rank or 0, factor_bits or 16)
+    extra = adapter_bits(shape, rank, factor_bits)
     return PlanEntry(
         table.names[row],
         shape,

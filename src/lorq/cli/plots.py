@@ -29,11 +29,11 @@ def plan_heatmap(plan: BudgetPlan, path: str | Path) -> None:
     ax.set_xticks(range(len(kinds)), [k.split(".")[-1] for k in kinds], rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), ["-" if x is None else str(x) for x in layers])
     ax.set_ylabel("layer")
-    if plan.adapters_planned:  # each cell's rank (·8: 8-bit factors)
+    planned = plan.adapters_planned
+    if planned:  # each cell's rank (·8: 8-bit factors)
         for (layer, kind), e in cells.items():
             at = (kinds.index(kind), layers.index(layer))
             ax.text(*at, e.adapter_label, ha="center", va="center", fontsize=6, color="white")
-    planned = plan.adapters_planned
     ranks = "ranks planned (cells)" if planned else f"r={plan.rank}"
     achieved = plan.achieved_total_bits if planned else plan.achieved_bits
     ax.set_title(
