@@ -159,7 +159,7 @@ def test_missing_and_unknown_tensors_are_refused(tmp_path):
             {k: v for k, v in dense.items() if k != "model.norm.weight"},
             config,
         )
-    with pytest.raises(ValueError, match="not LLaMA parameters"):
+    with pytest.raises(ValueError, match="not the model's parameters"):
         write_gguf(
             tmp_path / "o.gguf", layers, {**dense, "model.extra.weight": torch.ones(3)}, config
         )

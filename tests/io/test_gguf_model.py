@@ -12,7 +12,7 @@ from test_gguf import export
 from torch import nn
 
 from lorq.config import CompressConfig
-from lorq.io.gguf import llama_tensors
+from lorq.io.gguf import gguf_tensors
 from lorq.io.gguf_model import load_packed
 from lorq.io.models import load_model
 from lorq.jobs.compress import compress
@@ -117,7 +117,7 @@ def test_listed_tensors_read_the_files_bytes(tmp_path):
     from gguf import GGUFReader
 
     _, path = export(tiny_llama(), tmp_path / "m.gguf")
-    tensors = llama_tensors(path)
+    tensors = gguf_tensors(path)
     by_name = {t.name: t for t in GGUFReader(path).tensors}
     assert sorted(by_name) == sorted(t.name for t in tensors)
     for t in tensors:

@@ -1,4 +1,5 @@
-"""Export target ``gguf``: a quantized LLaMA model for llama.cpp (and transformers' GGUF loader).
+"""Export target ``gguf``: a quantized model for llama.cpp (and transformers' GGUF loader), of any
+architecture ``lorq.io.gguf_arch`` lists.
 
     merged model (no factors)   NAME.gguf        every layer's Q in its GGUF type
     model with LoRA factors     NAME.gguf        the base: every layer's Q in its GGUF type

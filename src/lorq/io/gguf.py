@@ -11,14 +11,13 @@ llama.cpp permutes the rows of attn_q / attn_k for its RoPE kernel (h < heads, d
 
 Groups run along the input dimension, so the permutation moves whole rows of blocks. Tensor names
 come from the ``gguf`` package's ``TensorNameMap`` applied to the parameter names of the
-transformers model, as transformers' GGUF loader does. Read: the architectures of LLaMA's tensor
-layout (``READ_ARCHITECTURES``: llama — Mistral's GGUFs are written as llama — and qwen2, whose
-attn_q / attn_k rows llama.cpp does not permute and whose q/k/v have biases). Written: llama
-(``lorq.io.gguf_write``).
+transformers model, as transformers' GGUF loader does. The architectures read and written, and
+what each stores differently (RoPE row order, norm offsets), are ``lorq.io.gguf_arch``'s.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorq.io.gguf_arch import Architecture, gguf_enum, of_gguf, of_model_type
 from lorq.io.gguf_types import from_gguf, gguf_config
 from lorq.quant import QuantConfig, QuantizedTensor
 from lorq.util.atomic import has_magic
 
-ARCHITECTURE = "llama"  # what lorq writes
-READ_ARCHITECTURES = ("llama", "qwen2")  # what lorq reads packed (LLaMA's tensor layout)
-ROPE_PERMUTED = ("llama",)  # architectures whose attn_q / attn_k rows llama.cpp permutes
 MAGIC = b"GGUF"
 DENSE_ROWS = 4096  # rows of a dense tensor dequantized at once
 MAX_LISTED = 5  # names quoted in an error message
+SMALL_ARRAY = 4096  # metadata arrays gguf_header keeps (a vocabulary is longer)
 is_gguf_file = has_magic(MAGIC)
 
 
@@ -58,18 +56,64 @@ def open_gguf(path: Path):
         )
     size = path.stat().st_size
     for tensor in reader.tensors:
+        check_type(path, tensor.name, tensor.tensor_type)
         if int(tensor.data_offset) + int(tensor.n_bytes) > size:
             raise ValueError(
                 f"{path} is truncated: tensor {tensor.name!r} ends past the file's {size} bytes; "
                 "copy or download it again"
             )
-    architecture = field_value(reader, "general.architecture")
-    if architecture not in READ_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: GGUF architecture {architecture!r} is not supported yet; "
-            f"supported: {', '.join(READ_ARCHITECTURES)} (LLaMA-family models)"
-        )
+    of_gguf(field_value(reader, "general.architecture"), f"{path}: ")
     return reader
+
+
+@dataclass(frozen=True)
+class Header:
+    """A GGUF file's metadata (arrays longer than ``SMALL_ARRAY``, the vocabulary, left out)
+    and tensor infos: (name, GGML type, ggml shape, data offset, data bytes)."""
+
+    fields: dict[str, Any]
+    tensors: tuple[tuple[str, Any, tuple[int, ...], int, int], ...]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def gguf_header(path: str | Path) -> Header:
+    """The checked header of a GGUF file (:func:`open_gguf`), parsed once per file version: a
+    job reads it for the config and the tensor listing without a second parse."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _header(str(path.resolve()), (stat.st_mtime_ns, stat.st_size) if stat else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _header(path: str, stamp: tuple[int, int] | None) -> Header:
+    reader = open_gguf(Path(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if len(f.data) <= SMALL_ARRAY}
+    tensors = tuple(
+        (t.name, t.tensor_type, tuple(int(n) for n in t.shape), int(t.data_offset), int(t.n_bytes))
+        for t in reader.tensors
+    )
+    return Header(fields, tensors)
+
+
+def check_type(path: Path, name: str, tensor_type: Any) -> None:
+    """ValueError naming a tensor whose GGML type neither lorq nor ``gguf`` can decode."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)][1]
+    try:
+        dequantize(np.zeros((1, block_bytes), np.uint8), tensor_type)
+    except NotImplementedError:
+        from lorq.io.gguf_types import gguf_presets
+
+        raise ValueError(
+            f"{path}: tensor {name!r} is of GGML type {GGMLQuantizationType(tensor_type).name}, "
+            "which lorq cannot decode; lorq reads F32, F16, BF16 and llama.cpp's quantized types "
+            f"(packed as they are: {', '.join(gguf_presets())}); re-quantize the file with "
+            "llama-quantize to one of those"
+        ) from None
 
 
 def field_value(reader, key: str, default: Any = None) -> Any:
@@ -77,8 +121,8 @@ def field_value(reader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def int_field(reader, key: str, path: Path, default: int | None = None) -> int:
-    value = field_value(reader, key, default)
+def int_field(header: Header, key: str, path: Path, default: int | None = None) -> int:
+    value = header.get(key, default)
     if not isinstance(value, int):
         raise ValueError(f"{path}: metadata {key!r} is {value!r}, not an integer; incomplete GGUF")
     return value
@@ -98,38 +142,33 @@ def rope_heads(gguf_name: str, heads: int, kv_heads: int) -> int | None:
     return kv_heads if ".attn_k." in gguf_name else None
 
 
-def _architecture(name: str) -> tuple[Any, Any, Any]:
-    """(transformers config class, model class, gguf MODEL_ARCH) of a readable architecture."""
-    import transformers
-    from gguf import MODEL_ARCH
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, MODEL_ARCH.LLAMA),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, MODEL_ARCH.QWEN2),
-    }
-    if name not in classes:
-        raise ValueError(
-            f"GGUF architecture {name!r} is not supported yet; supported: "
-            f"{', '.join(READ_ARCHITECTURES)} (LLaMA-family models)"
-        )
-    return classes[name]
+def in_file_order(arch: Architecture, gguf_name: str, data, config: dict[str, Any]):
+    """``data`` (rows in transformers' order) with its rows as ``arch`` stores tensor
+    ``gguf_name``: llama.cpp's RoPE order for a permuted architecture's attn_q / attn_k."""
+    if not arch.rope_permuted:
+        return data
+    heads = config["num_attention_heads"]
+    rope = rope_heads(gguf_name, heads, config.get("num_key_value_heads") or heads)
+    return data if rope is None else data[rope_rows(data.shape[0], rope)]
 
 
 def gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """GGUF name and shape of every parameter of the transformers model ``config`` describes
-    (its ``model_type``: llama when absent, or qwen2).
+    (its ``model_type``: llama when absent; ``lorq.io.gguf_arch``).
 
     The model is built on the meta device (nothing allocated); tied parameters are listed under
     every name (``lm_head.weight`` too).
     """
     from gguf import get_tensor_name_map
+    from transformers import AutoConfig
 
-    config_cls, model_cls, arch = _architecture(config.get("model_type") or ARCHITECTURE)
-    fields = {k: v for k, v in config.items() if k != "model_type"}
     from lorq.model.skeleton import skeleton
 
-    model = skeleton(config_cls(**fields), model_class=model_cls, real_buffers=False)
-    name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    arch = of_model_type(config.get("model_type"))
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(config.get("model_type") or arch.model_type, **fields)
+    model = skeleton(hf_config, causal=True, real_buffers=False)
+    name_map = get_tensor_name_map(gguf_enum(arch), model.config.num_hidden_layers)
     out = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -139,8 +178,8 @@ def gguf_names(config: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
-class LlamaTensor:
-    """One tensor of a LLaMA GGUF file and the transformers parameter it holds (None: none).
+class GGUFTensor:
+    """One tensor of a GGUF file and the transformers parameter it holds (None: none).
 
     It keeps where the bytes are, not the file's reader: the reader's parsed metadata (the
     vocabulary as Python objects) and its memory map are released once the listing is made, and
@@ -155,6 +194,7 @@ class LlamaTensor:
     offset: int  # of the first byte in the file
     nbytes: int
     rope_heads: int | None  # heads of an attn_q / attn_k tensor llama.cpp permuted, else None
+    shift: float = 0.0  # the file holds transformers' value + shift (Gemma's norms)
 
     @property
     def packed_config(self) -> QuantConfig | None:
@@ -202,48 +242,49 @@ class LlamaTensor:
             chunk = out[start : start + DENSE_ROWS]
             values = dequantize(self.read_rows(start, DENSE_ROWS), self.tensor_type)
             chunk.copy_(torch.from_numpy(values.astype(np.float32).reshape(chunk.shape)))
+        out = out - self.shift if self.shift else out
         return self.rows_in_hf_order(out)
 
 
-def llama_tensors(path: str | Path) -> list[LlamaTensor]:
-    """Every tensor of a LLaMA-family GGUF file with its transformers parameter name."""
+def gguf_tensors(path: str | Path) -> list[GGUFTensor]:
+    """Every tensor of a GGUF file of a readable architecture with its transformers name."""
     path = Path(path)
-    reader = open_gguf(path)
-    arch = field_value(reader, "general.architecture")
-    heads = int_field(reader, f"{arch}.attention.head_count", path)
-    kv_heads = int_field(reader, f"{arch}.attention.head_count_kv", path, heads)
-    layers = int_field(reader, f"{arch}.block_count", path)
-    names = gguf_names({"model_type": arch, "num_hidden_layers": layers})
+    header = gguf_header(path)
+    arch: Architecture = of_gguf(header.get("general.architecture"))
+    heads = int_field(header, f"{arch.gguf}.attention.head_count", path)
+    kv_heads = int_field(header, f"{arch.gguf}.attention.head_count_kv", path, heads)
+    layers = int_field(header, f"{arch.gguf}.block_count", path)
+    names = gguf_names({"model_type": arch.model_type, "num_hidden_layers": layers})
     to_param = {gguf: hf for hf, (gguf, _) in names.items()}
-    permuted = arch in ROPE_PERMUTED
     return [
-        LlamaTensor(
-            param=to_param.get(t.name),
-            name=t.name,
-            tensor_type=t.tensor_type,
-            shape=tuple(int(n) for n in t.shape),
+        GGUFTensor(
+            param=to_param.get(name),
+            name=name,
+            tensor_type=tensor_type,
+            shape=shape,
             path=path,
-            offset=int(t.data_offset),
-            nbytes=int(t.n_bytes),
-            rope_heads=rope_heads(t.name, heads, kv_heads) if permuted else None,
+            offset=offset,
+            nbytes=nbytes,
+            rope_heads=rope_heads(name, heads, kv_heads) if arch.rope_permuted else None,
+            shift=arch.stored(name),
         )
-        for t in reader.tensors
+        for name, tensor_type, shape, offset, nbytes in header.tensors
     ]
 
 
 def read_gguf_quantized(path: str | Path) -> dict[str, QuantizedTensor]:
-    """Every 2-D tensor of a lorq format (Q4_1) in a LLaMA GGUF file as a QuantizedTensor, by HF
-    module name.
+    """Every 2-D tensor of a lorq format (Q4_1, Q4_K, …) in a GGUF file as a QuantizedTensor, by
+    HF module name.
 
     Keys are module names of the transformers model (``model.layers.0.self_attn.q_proj``); the
     codes, scales and mins are the file's own, with attn_q / attn_k rows put back in transformers'
     order. Tensors of any other type are skipped (load those densely).
     """
     out: dict[str, QuantizedTensor] = {}
-    for t in llama_tensors(path):
+    for t in gguf_tensors(path):
         if t.packed_config is None:
             continue
         if t.param is None:
-            raise ValueError(f"{path}: tensor {t.name!r} has no transformers LLaMA name")
+            raise ValueError(f"{path}: tensor {t.name!r} has no transformers name")
         out[t.param.removesuffix(".weight")] = t.quantized()
     return out

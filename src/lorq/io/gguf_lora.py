@@ -1,11 +1,12 @@
 """A llama.cpp LoRA adapter as GGUF: lorq's factors, applied by llama.cpp at run time on the base
 GGUF (``--lora NAME.lora.gguf``; docs/algorithms.md §7), as ``convert_lora_to_gguf.py`` writes it.
 
-    general.architecture "llama"   general.type "adapter"   adapter.type "lora"
+    general.architecture   the base's     general.type "adapter"   adapter.type "lora"
     adapter.lora.alpha α (float32)
     <base tensor>.lora_a   F32 or F16, A (r × in)    ggml ne = [in, r]
-    <base tensor>.lora_b   F32 or F16, B (out × r)   ggml ne = [r, out]; attn_q / attn_k rows
-                                                     permuted for RoPE as the base tensor's rows
+    <base tensor>.lora_b   F32 or F16, B (out × r)   ggml ne = [r, out]; rows in the base
+                                                     tensor's order (llama: attn_q / attn_k
+                                                     permuted for RoPE)
 
 llama.cpp adds (α / r)·B·A·x to a layer's output (α = 0: 1·B·A·x), one α for the whole file. When
 every layer has the same rank r and scaling s, α = s·r and the factors are written as they are;
@@ -19,8 +20,9 @@ from typing import Any
 
 import torch
 
-from lorq.io.gguf import gguf_names, is_gguf_file, rope_heads, rope_rows
-from lorq.io.gguf_write import check_llama_config, write_file
+from lorq.io.gguf import gguf_names, in_file_order, is_gguf_file
+from lorq.io.gguf_arch import of_model_type
+from lorq.io.gguf_write import write_file
 from lorq.util.atomic import atomic_file
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module → (A, B, s)
@@ -41,22 +43,19 @@ ADAPTER_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
 def _tensors(factors: Factors, config: dict[str, Any], alpha: float, dtype: torch.dtype) -> list:
     """(GGUF name, data, None) of every factor, in the base model's parameter order."""
     names = gguf_names(config)
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    arch = of_model_type(config.get("model_type"))
     out = []
     for module, (a, b, scaling) in factors.items():
         key = f"{module}.weight"
         if key not in names:
-            raise ValueError(f"{module} is not a linear layer of the LLaMA architecture")
+            raise ValueError(f"{module} is not a linear layer of the {arch.gguf} architecture")
         gguf_name, shape = names[key]
         if (b.shape[0], a.shape[1]) != shape or a.shape[0] != b.shape[1] or a.shape[0] < 1:
             raise ValueError(
                 f"{module}: factors B {tuple(b.shape)} · A {tuple(a.shape)} do not fit the "
                 f"weight {shape}"
             )
-        b = b.detach().float() * (1.0 if alpha else scaling)
-        rope = rope_heads(gguf_name, heads, kv_heads)
-        b = b if rope is None else b[rope_rows(b.shape[0], rope)]
+        b = in_file_order(arch, gguf_name, b.detach().float() * (1.0 if alpha else scaling), config)
         out.append((f"{gguf_name}.lora_a", a.detach().to("cpu", dtype).contiguous(), None))
         out.append((f"{gguf_name}.lora_b", b.to("cpu", dtype).contiguous(), None))
     return out
@@ -73,10 +72,10 @@ def adapter_contents(factors: Factors, hf_config: dict[str, Any], dtype: torch.d
     if not factors:
         raise ValueError("the model has no LoRA factors; a merged model has no adapter to write")
     config = dict(hf_config)
-    check_llama_config(config)
     alpha = adapter_alpha(factors)
     string = GGUFValueType.STRING
     kv = {
+        Keys.General.ARCHITECTURE: (of_model_type(config.get("model_type")).gguf, string, None),
         Keys.General.TYPE: ("adapter", string, None),
         Keys.Adapter.TYPE: ("lora", string, None),
         Keys.Adapter.LORA_ALPHA: (alpha, GGUFValueType.FLOAT32, None),
@@ -91,7 +90,7 @@ def write_gguf_lora(
     overwrite: bool = False,
     dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write ``factors`` ({module name: (A, B, s)}) of a LLaMA model as a llama.cpp LoRA adapter
+    """Write ``factors`` ({module name: (A, B, s)}) of a model as a llama.cpp LoRA adapter
     GGUF, atomically, its tensors in ``dtype`` (F16 as ``convert_lora_to_gguf.py`` writes by
     default, or F32); returns its path."""
     kv, tensors = adapter_contents(factors, hf_config, dtype)

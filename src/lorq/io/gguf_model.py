@@ -1,5 +1,6 @@
-"""A LLaMA-family GGUF file (llama, qwen2) as a transformers model whose packed layers stay
-packed, loaded whole or one part (a transformer block, the embeddings and head) at a time.
+"""A GGUF file (an architecture of ``lorq.io.gguf_arch``) as a transformers model whose packed
+layers stay packed, loaded whole or one part (a transformer block, the embeddings and head) at a
+time.
 
     W = the file's own blocks       every linear of a lorq format (Q4_1, Q4_K, …) → QuantLinear
     E = the file's own blocks       a token embedding of one (Q8_0) → QuantEmbedding (+ tied head)
@@ -22,10 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorq.io.gguf import MAX_LISTED, LlamaTensor, llama_tensors
+from lorq.io.gguf import MAX_LISTED, GGUFTensor, gguf_tensors
+from lorq.io.gguf_meta import read_config
 from lorq.model.skeleton import release_parts, skeleton, tensors_of
 from lorq.model.targets import set_module
 from lorq.nn import QuantEmbedding, QuantLinear
+from lorq.nn.quant_embedding import embedding_scale
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -34,18 +37,15 @@ Part = tuple[str, nn.Module, bool]  # (qualified name, module, its submodules to
 
 
 class GGUFModel:
-    """The causal LM of a LLaMA GGUF file on the meta device, filled part by part."""
+    """The causal LM of a GGUF file on the meta device, filled part by part."""
 
     def __init__(self, path: str | Path, config: PretrainedConfig | None = None):
-        from transformers import AutoConfig
 
         self.path = Path(path)
-        tensors = [t for t in llama_tensors(self.path) if t.param is not None]  # bad file: here
-        self.tensors: dict[str, LlamaTensor] = {t.param: t for t in tensors}
+        tensors = [t for t in gguf_tensors(self.path) if t.param is not None]  # bad file: here
+        self.tensors: dict[str, GGUFTensor] = {t.param: t for t in tensors}
         if config is None:
-            config = AutoConfig.from_pretrained(
-                self.path.parent, gguf_file=self.path.name, local_files_only=True
-            )
+            config = read_config(self.path)
         self.model = skeleton(config, causal=True)
         self.replaced: dict[str, nn.Module] = {}  # module name → the meta module it replaced
         self.tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -80,10 +80,10 @@ class GGUFModel:
         value = value.to(dtype if value.dim() >= 2 else torch.float32)
         owner._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
 
-    def _packed(self, name: str, tensor: LlamaTensor, owner: nn.Module, dtype) -> nn.Module:
+    def _packed(self, name: str, tensor: GGUFTensor, owner: nn.Module, dtype) -> nn.Module:
         """The QuantEmbedding / QuantLinear over the file's codes (with the layer's bias)."""
         if isinstance(owner, nn.Embedding):
-            return QuantEmbedding(tensor.quantized(), dtype)
+            return QuantEmbedding(tensor.quantized(), dtype, embedding_scale(owner))
         bias = None
         if owner.bias is not None:
             stored = self.tensors.get(f"{name}.bias")
@@ -137,6 +137,6 @@ def _within(name: str, prefixes: list[str]) -> bool:
 def load_packed(
     path: str | Path, dtype: torch.dtype = torch.float32, config: PretrainedConfig | None = None
 ) -> nn.Module:
-    """The causal LM of a LLaMA GGUF file, its packed linears as QuantLinear, the rest in
+    """The causal LM of a GGUF file, its packed linears as QuantLinear, the rest in
     ``dtype``. ``config``: transformers' config of the file when the caller has read it."""
     return GGUFModel(path, config).whole(dtype)

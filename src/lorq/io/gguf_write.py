@@ -1,10 +1,11 @@
-"""Writing a LLaMA model as a GGUF file, packed layers as their codes (``lorq.io.gguf`` reads).
+"""Writing a model as a GGUF file, packed layers as their codes (``lorq.io.gguf`` reads).
 
 Every QuantizedTensor whose format has a GGUF identity (``lorq.io.gguf_types``: q4_1 → Q4_1,
 q8_0 → Q8_0) is written as its blocks, bit for bit; dense tensors as F32 (1-D: norms, biases) and
-F16 (2-D: embeddings, a dense LM head or any linear left unquantized). attn_q / attn_k rows are
-permuted for llama.cpp's RoPE. Metadata and tokenizer come from a source GGUF when given, else
-from the Hugging Face config and a byte-level BPE tokenizer. The file appears atomically.
+F16 (2-D: embeddings, a dense LM head or any linear left unquantized), each as its architecture
+stores it (``lorq.io.gguf_arch``: llama's attn_q / attn_k rows permuted for RoPE, Gemma's norms
+as 1 + w). Metadata and tokenizer come from a source GGUF when given, else from the Hugging Face
+config (``lorq.io.gguf_meta``) and a byte-level BPE tokenizer. The file appears atomically.
 """
 
 from __future__ import annotations
@@ -16,15 +17,9 @@ from typing import Any
 
 import torch
 
-from lorq.io.gguf import (
-    ARCHITECTURE,
-    MAX_LISTED,
-    gguf_names,
-    is_gguf_file,
-    open_gguf,
-    rope_heads,
-    rope_rows,
-)
+from lorq.io.gguf import MAX_LISTED, gguf_names, in_file_order, is_gguf_file, open_gguf
+from lorq.io.gguf_arch import of_model_type
+from lorq.io.gguf_meta import model_kv
 from lorq.io.gguf_types import gguf_presets, gguf_type, to_gguf
 from lorq.quant import QuantizedTensor
 from lorq.util.atomic import atomic_file, check_output
@@ -49,51 +44,6 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
-def _rope_theta(config: dict[str, Any]) -> float:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(
-            f"GGUF export of rope_type={kind!r} is not supported yet; supported: plain RoPE "
-            "(rope_type 'default'); save with lorq.save instead"
-        )
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def check_llama_config(config: dict[str, Any]) -> None:
-    model_type = config.get("model_type")
-    if model_type != ARCHITECTURE:
-        raise ValueError(
-            f"GGUF export of model_type={model_type!r} is not supported yet; supported: "
-            f"{ARCHITECTURE!r} (LLaMA); save other models with lorq.save"
-        )
-
-
-def _llama_kv(config: dict[str, Any]) -> KV:
-    """llama.* metadata of a transformers LlamaConfig dict (what transformers reads back)."""
-    from gguf import GGUFValueType, Keys
-
-    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    values = {
-        Keys.LLM.CONTEXT_LENGTH: (config["max_position_embeddings"], u32),
-        Keys.LLM.EMBEDDING_LENGTH: (config["hidden_size"], u32),
-        Keys.LLM.BLOCK_COUNT: (config["num_hidden_layers"], u32),
-        Keys.LLM.FEED_FORWARD_LENGTH: (config["intermediate_size"], u32),
-        Keys.LLM.VOCAB_SIZE: (config["vocab_size"], u32),
-        Keys.Attention.HEAD_COUNT: (heads, u32),
-        Keys.Attention.HEAD_COUNT_KV: (config.get("num_key_value_heads") or heads, u32),
-        Keys.Attention.LAYERNORM_RMS_EPS: (float(config["rms_norm_eps"]), f32),
-        Keys.Rope.DIMENSION_COUNT: (head_dim, u32),
-        Keys.Rope.FREQ_BASE: (_rope_theta(config), f32),
-    }
-    if head_dim * heads != config["hidden_size"]:
-        values[Keys.Attention.KEY_LENGTH] = (head_dim, u32)
-        values[Keys.Attention.VALUE_LENGTH] = (head_dim, u32)
-    return {k.format(arch=ARCHITECTURE): (v, t, None) for k, (v, t) in values.items()}
-
-
 def _byte_level_merges(tokenizer: Any) -> list[str]:
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state.get("model") or {}
@@ -105,11 +55,19 @@ def _byte_level_merges(tokenizer: Any) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
 
+def _pre_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's name of the tokenizer's split: "gpt-2" for GPT-2's own byte-level regex."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    return "gpt-2" if state.get("type") == "ByteLevel" and state.get("use_regex") else "default"
+
+
 def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> KV:
     """tokenizer.ggml.* metadata ("gpt2" byte-level BPE) of a transformers fast tokenizer.
 
     Ids the tokenizer lacks up to ``vocab_size`` become ``[PAD<i>]`` tokens of type UNUSED;
-    ``tokenizer.ggml.pre`` is "default" (llama.cpp's GPT-2 split; a source GGUF keeps its own).
+    ``tokenizer.ggml.pre`` is "gpt-2" for a plain byte-level pre-tokenizer (GPT-2's split),
+    else "default" (a source GGUF keeps its own); ``add_bos_token`` / ``add_eos_token`` say what
+    the tokenizer itself adds to a text.
     """
     from gguf import GGUFValueType, Keys, TokenType
 
@@ -126,7 +84,7 @@ def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> KV:
     for index, added in tokenizer.added_tokens_decoder.items():
         kinds[index] = int(TokenType.CONTROL if added.special else TokenType.USER_DEFINED)
     s, arr, tk = GGUFValueType.STRING, GGUFValueType.ARRAY, Keys.Tokenizer
-    kv: KV = {tk.MODEL: ("gpt2", s, None), tk.PRE: ("default", s, None)}
+    kv: KV = {tk.MODEL: ("gpt2", s, None), tk.PRE: (_pre_tokenizer(tokenizer), s, None)}
     kv[tk.LIST] = (tokens, arr, s)
     kv[tk.TOKEN_TYPE] = (kinds, arr, GGUFValueType.INT32)
     if merges:
@@ -135,6 +93,14 @@ def _tokenizer_kv(tokenizer: Any, vocab_size: int) -> KV:
     for key, name in ids.items():
         if getattr(tokenizer, f"{name}_token", None) is not None:
             kv[key] = (int(getattr(tokenizer, f"{name}_token_id")), GGUFValueType.UINT32, None)
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a")["input_ids"]
+    kv[tk.ADD_BOS] = (len(marked) > len(plain) and marked[0] != plain[0], GGUFValueType.BOOL, None)
+    kv[tk.ADD_EOS] = (
+        len(marked) > len(plain) and marked[-1] != plain[-1],
+        GGUFValueType.BOOL,
+        None,
+    )
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         kv[tk.CHAT_TEMPLATE] = (tokenizer.chat_template, s, None)
     return kv
@@ -145,7 +111,13 @@ def _source_kv(source: Path, expected: KV) -> KV:
     from gguf import GGUFValueType
 
     reader = open_gguf(source)
-    kv: KV = {}
+    arch = expected["general.architecture"]
+    if reader.fields["general.architecture"].contents() != arch[0]:
+        raise ValueError(
+            f"{source} is a {reader.fields['general.architecture'].contents()!r} GGUF but the "
+            f"model is {arch[0]!r}; pass the GGUF the model was loaded from, or no source_gguf"
+        )
+    kv: KV = {"general.architecture": arch}
     for key, field in reader.fields.items():
         if key.startswith(OWN_KEYS) or not field.types:
             continue
@@ -174,17 +146,21 @@ def _tensors(
     tied = bool(config.get("tie_word_embeddings"))
     if tied and "lm_head.weight" in given:
         raise ValueError("a quantized lm_head needs tie_word_embeddings=False; untie it first")
+    if tied:  # the embedding's own tensor (some architectures' name maps have no output)
+        dense = {k: v for k, v in dense.items() if k != "lm_head.weight"}
     both = sorted(set(given) & set(dense))
     unknown = sorted(set(given).union(dense) - set(names))
     wanted = [n for n in names if not (tied and n == "lm_head.weight")]
     missing = [n for n in wanted if n not in given and n not in dense]
-    for problem, bad in (("both quantized and dense", both), ("not LLaMA parameters", unknown)):
+    for problem, bad in (
+        ("both quantized and dense", both),
+        ("not the model's parameters", unknown),
+    ):
         if bad:
             raise ValueError(f"GGUF export: {bad[:MAX_LISTED]} are {problem}; pass each once")
     if missing:
         raise ValueError(f"GGUF export: missing tensors {missing[:MAX_LISTED]}; pass them in dense")
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
+    arch = of_model_type(config.get("model_type"))
     out = []
     for name in wanted:
         gguf_name, shape = names[name]
@@ -202,9 +178,9 @@ def _tensors(
             data = to_gguf(item)
         else:
             data = _dense(item)
-        rope = rope_heads(gguf_name, heads, kv_heads)
-        data = data if rope is None else data[rope_rows(data.shape[0], rope)]
-        out.append((gguf_name, data, ggml_type))
+            offset = arch.stored(gguf_name)
+            data = data + offset if offset and not data.is_meta else data
+        out.append((gguf_name, in_file_order(arch, gguf_name, data, config), ggml_type))
     return out
 
 
@@ -221,10 +197,12 @@ def _file_type(tensors: list[tuple[str, torch.Tensor, int | None]]) -> int:
 
 
 def _writer(path: Path, kv: KV, file_type: int) -> Any:
-    """A GGUFWriter of ``path`` holding ``kv`` and the keys every file gets."""
+    """A GGUFWriter of ``path`` holding ``kv`` (its ``general.architecture`` too) and the keys
+    every file gets."""
     from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, Keys
 
-    writer = GGUFWriter(path, ARCHITECTURE)
+    kv = dict(kv)
+    writer = GGUFWriter(path, kv.pop(Keys.General.ARCHITECTURE)[0])
     kv = {**kv, Keys.General.FILE_TYPE: (int(file_type), GGUFValueType.UINT32, None)}
     kv[Keys.General.QUANTIZATION_VERSION] = (GGML_QUANT_VERSION, GGUFValueType.UINT32, None)
     for key, (value, kind, sub_kind) in kv.items():
@@ -280,8 +258,7 @@ def gguf_contents(
 ) -> tuple[KV, list[tuple[str, torch.Tensor, int | None]]]:
     """(metadata, tensors) of the GGUF file :func:`write_gguf` writes, every input checked."""
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
-    check_llama_config(config)
-    kv = _llama_kv(config)
+    kv = model_kv(config)
     if source_gguf is not None:
         kv = _source_kv(Path(source_gguf), kv)
     elif tokenizer is not None:

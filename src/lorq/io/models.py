@@ -206,9 +206,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _packed_gguf(source: ModelSource, config) -> Path | None:
     """The local GGUF file of ``source`` when lorq can load it with Q4_1 layers kept packed
     (``config``: transformers' reading of its metadata, so the file is not parsed again)."""
-    from lorq.io.gguf import READ_ARCHITECTURES
+    from lorq.io.gguf_arch import ARCHITECTURES
 
-    if source.gguf_file is None or getattr(config, "model_type", None) not in READ_ARCHITECTURES:
+    readable = {t for arch in ARCHITECTURES for t in arch.model_types}
+    if source.gguf_file is None or getattr(config, "model_type", None) not in readable:
         return None
     path = Path(source.path) / source.gguf_file
     return path if path.is_file() else None
@@ -224,6 +225,11 @@ def local_files(source: ModelSource) -> list[str]:
 def _cached_config(source: ModelSource, local: bool, version: int):
     from transformers import AutoConfig
 
+    gguf = Path(source.path) / source.gguf_file if source.gguf_file else None
+    if gguf is not None and gguf.is_file():
+        from lorq.io.gguf_meta import read_config
+
+        return read_config(gguf)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     return AutoConfig.from_pretrained(
         source.path, local_files_only=local, trust_remote_code=False, **kwargs
