@@ -159,6 +159,8 @@ def _layer_spec(layer: QuantLinear | QuantEmbedding) -> dict[str, Any]:
     }
     if isinstance(layer, (QuantLoraLinear, QALoraLinear)):
         spec.update(rank=layer.rank, scaling=layer.scaling)
+    if isinstance(layer, QuantEmbedding) and layer.scale != 1.0:
+        spec["scale"] = layer.scale
     return spec
 
 
@@ -345,7 +347,7 @@ def build_layer(name: str, spec: dict[str, Any], named: dict[str, torch.Tensor])
     bias = own["bias"] if spec["bias"] else None
     kind = spec["kind"]
     if kind == "embedding":
-        return QuantEmbedding.from_buffers(config, shape, own)
+        return QuantEmbedding.from_buffers(config, shape, own, spec.get("scale", 1.0))
     if kind == "quant":
         return QuantLinear.from_buffers(config, shape, own, bias)
     classes: dict[str, type[QuantLoraLinear] | type[QALoraLinear]] = {

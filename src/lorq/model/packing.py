@@ -13,6 +13,7 @@ from torch import nn
 
 from lorq.config import CompressConfig
 from lorq.nn import QuantEmbedding, QuantLinear, tied_packed_head
+from lorq.nn.quant_embedding import embedding_scale
 from lorq.quant import QuantConfig, as_config, format_of, quantize
 from lorq.quant.factors import round_rows
 
@@ -53,7 +54,7 @@ def pack_embeddings(model: nn.Module, quant: QuantConfig) -> None:
     else:
         weight = embedding.q.dequantize() if isinstance(embedding, QuantEmbedding) else None
         weight = embedding.weight.detach().float() if weight is None else weight
-        table = QuantEmbedding(quantize(weight, quant))
+        table = QuantEmbedding(quantize(weight, quant), scale=embedding_scale(embedding))
         model.set_input_embeddings(table)
     if tied:
         model.set_output_embeddings(table.tied_head())

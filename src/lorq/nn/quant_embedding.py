@@ -1,6 +1,7 @@
 """QuantEmbedding: a frozen token embedding whose table E (vocab × dim) is stored packed.
 
-    y = E[ids]          ids (…) → y (…, dim), decoded in ``dtype`` for the rows asked for
+    y = c · E[ids]      ids (…) → y (…, dim), decoded in ``dtype`` for the rows asked for;
+                        c the model's embedding scale (Gemma: √dim; 1 for most models)
 
 The buffers are a QuantizedTensor's (named as :class:`~lorq.nn.QuantLinear`'s), so a tied output
 layer is a QuantLinear over the *same* tensors: ``tied_head()`` builds it, and saving writes the
@@ -24,10 +25,11 @@ class QuantEmbedding(PackedBuffers):
 
     kind: ClassVar[str] = "embedding"
 
-    def __init__(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32):
+    def __init__(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32, scale: float = 1.0):
         super().__init__()
         self.num_embeddings, self.embedding_dim = q.shape
         self.dtype = dtype
+        self.scale = float(scale)
         self.register_quantized(q)
 
     @property
@@ -36,12 +38,19 @@ class QuantEmbedding(PackedBuffers):
 
     @classmethod
     def from_buffers(
-        cls, config: QuantConfig, shape: tuple[int, int], buffers: dict[str, torch.Tensor]
+        cls,
+        config: QuantConfig,
+        shape: tuple[int, int],
+        buffers: dict[str, torch.Tensor],
+        scale: float = 1.0,
     ) -> QuantEmbedding:
-        return cls(quantized_from_buffers(config, shape, buffers))
+        return cls(quantized_from_buffers(config, shape, buffers), scale=scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.q.dequantize_rows(ids, self.dtype)
+        rows = self.q.dequantize_rows(ids, self.dtype)
+        if self.scale == 1.0:
+            return rows
+        return rows * torch.tensor(self.scale, dtype=rows.dtype)  # as transformers scales
 
     def tied_head(self):
         """The output layer tied to this table: a QuantLinear over the same buffers."""
@@ -50,7 +59,17 @@ class QuantEmbedding(PackedBuffers):
         return QuantLinear(self.q)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, quant={self.quant_config.name}"
+        scale = f", scale={self.scale:g}" if self.scale != 1.0 else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, quant={self.quant_config.name}{scale}"
+
+
+def embedding_scale(module: nn.Module) -> float:
+    """The factor a token embedding module multiplies its rows by (Gemma's scaled embeddings:
+    ``embed_scale``; a QuantEmbedding its ``scale``; 1 for a plain nn.Embedding)."""
+    if isinstance(module, QuantEmbedding):
+        return module.scale
+    scale = getattr(module, "embed_scale", None)
+    return 1.0 if scale is None else float(scale)
 
 
 def tied_packed_head(model: nn.Module) -> nn.Module | None:
