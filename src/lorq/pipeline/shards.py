@@ -47,7 +47,8 @@ def stored(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     leaf = name.rpartition(".")[2]
     if tensor.dtype not in NARROW or tensor.dim() < 2 or leaf.startswith(("q_", "lora_")):
         one = {name: tensor.float()}
-        return one[name], narrowed(one).get(name)
+        restore = narrowed(one)  # in place: read the narrowed value after it
+        return one[name], restore.get(name)
     if tensor.dtype == torch.float16:
         small = tensor.to(torch.bfloat16)
         tensor = small if torch.equal(small.to(torch.float16), tensor) else tensor
