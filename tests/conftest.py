@@ -65,6 +65,70 @@ def tiny_causal(family: str, seed: int = 0, **sizes):
     return model_cls(config).eval()
 
 
+ARCH_SIZES = {  # what llama.cpp computes the way transformers does, rows K-quants tile
+    "qwen3": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=128),
+    "gemma2": dict(head_dim=64, query_pre_attn_scalar=64),
+    "gemma3_text": dict(head_dim=64, query_pre_attn_scalar=64),
+    "phi3": dict(pad_token_id=0, bos_token_id=0, eos_token_id=0, sliding_window=None),
+    "starcoder2": dict(bos_token_id=0, eos_token_id=0),
+}
+
+
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model that is small still reads text, "
+    "and the tokenizer learns the merges of the words it sees most often in this sentence. "
+)
+
+
+def byte_bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE fast tokenizer of ``vocab_size`` tokens (256 bytes + merges learned from
+    a fixed text: deterministic, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    backend.train_from_iterator([TOKENIZER_TEXT] * 8, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+
+
+def tiny_arch(model_type: str, seed: int = 0, **sizes):
+    """A tiny random causal LM of a GGUF architecture (``lorq.io.gguf_arch``): 256-wide rows so
+    that every K-quant fits, biases and norm weights random (so that a file that drops or shifts
+    them shows); ``sizes`` override the config's fields."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=320,  # byte_bpe_tokenizer()'s bound
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    fields.update(ARCH_SIZES.get(model_type, {}), **sizes)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.copy_(torch.randn_like(param) * 0.1 + (0 if name.endswith("bias") else 1))
+    return model
+
+
 def low_rank_llama(seed: int = 0, **sizes):
     """A tiny LLaMA whose q/k projections have a strong rank-2 part (an adapter pays there, so a
     plan of ranks mixes them)."""

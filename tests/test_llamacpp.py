@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lorq
+from lorq.evaluation.measure import llama_cpp_perplexity
 from lorq.exporters.gguf import export_gguf
 from lorq.io.gguf_types import from_gguf, to_gguf
 from lorq.io.models import load_model
@@ -56,18 +57,9 @@ def llama_perplexity(tools: Path, model: Path, text: Path, lora: Path | None = N
 
 
 def lorq_perplexity(model, tokenizer, text: Path) -> float:
-    """llama-perplexity's score: per chunk of N_CTX tokens, the NLL of tokens N_CTX/2 + 1 … end
-    given all before them in the chunk (SmolLM2's GGUF adds no BOS)."""
+    """llama-perplexity's score computed by lorq (SmolLM2's GGUF adds no BOS)."""
     ids = torch.tensor(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"])
-    first, nll, count = N_CTX // 2, 0.0, 0
-    for c in range(CHUNKS):
-        chunk = ids[c * N_CTX : (c + 1) * N_CTX]
-        with torch.no_grad():
-            logits = model(input_ids=chunk[None]).logits[0].double()
-        logp = torch.log_softmax(logits[first : N_CTX - 1], dim=-1)
-        nll -= float(logp.gather(1, chunk[first + 1 :, None]).sum())
-        count += N_CTX - first - 1
-    return float(torch.exp(torch.tensor(nll / count)))
+    return llama_cpp_perplexity(model, ids, N_CTX, CHUNKS)
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "iq4_nl"])

@@ -249,3 +249,20 @@ def evaluation_blocks(tokenizer: Any, count: int) -> torch.Tensor:
     from lorq.text.corpus import TextConfig, load_blocks
 
     return load_blocks(tokenizer, TextConfig(seq_len=EVAL_SEQ_LEN, max_blocks=count), "evaluation")
+
+
+def llama_cpp_perplexity(model: nn.Module, ids: torch.Tensor, n_ctx: int, chunks: int) -> float:
+    """Perplexity as llama.cpp's ``llama-perplexity -c n_ctx --chunks chunks`` scores ``ids``
+    (1-D, special tokens as the text holds them): per chunk of ``n_ctx`` tokens, the NLL of
+    tokens n_ctx/2 + 1 … n_ctx − 1 given every token before them in the chunk."""
+    first, nll, count = n_ctx // 2, 0.0, 0
+    if ids.numel() < chunks * n_ctx:
+        raise ValueError(f"{ids.numel()} tokens are fewer than {chunks} chunks of {n_ctx}")
+    for c in range(chunks):
+        chunk = ids[c * n_ctx : (c + 1) * n_ctx]
+        with torch.no_grad():
+            logits = model(input_ids=chunk[None]).logits[0].double()
+        logp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
+        nll -= float(logp.gather(1, chunk[first + 1 :, None]).sum())
+        count += n_ctx - first - 1
+    return float(torch.exp(torch.tensor(nll / count)))

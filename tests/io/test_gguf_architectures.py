@@ -1,0 +1,174 @@
+"""Every GGUF architecture lorq reads and writes (``lorq.io.gguf_arch``), one tiny random model
+each, its linears in a mix of llama.cpp's block types. Oracles: the model's own logits with its
+weights quantized (lorq's import of lorq's export computes them, packed), and transformers' own
+GGUF loader (it reads the file's tensors to the same float weights: names, RoPE row order,
+Gemma's norm offset checked independently)."""
+
+import re
+
+import pytest
+import torch
+from conftest import byte_bpe_tokenizer, tiny_arch
+
+import lorq
+from lorq.io.gguf import gguf_tensors
+from lorq.io.gguf_model import load_packed
+from lorq.io.gguf_write import write_gguf
+from lorq.nn import QuantEmbedding
+from lorq.nn.quant_embedding import packed_linears
+
+MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "starcoder2"]
+TYPES = ["q4_k", "q6_k", "q8_0", "iq4_nl", "q5_k", "q3_k", "q2_k", "q4_0", "q5_1", "q4_1"]
+IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def quantized_export(model, path):
+    """``model``'s linears (each in the next of TYPES), its token embedding (Q8_0) and everything
+    else dense, written by
+    lorq as a GGUF; returns the model with the weights the file holds (its logits: the
+    oracle)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [n for n in linears if n != "lm_head"]
+    layers = {}
+    for i, name in enumerate(linears):
+        module = model.get_submodule(name)
+        layers[name] = lorq.quantize(module.weight.detach().float(), TYPES[i % len(TYPES)])
+        module.weight.data = layers[name].dequantize()
+    embedding = model.get_input_embeddings()  # packed as SmolLM2's file holds it (Q8_0)
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    layers[name] = lorq.quantize(embedding.weight.detach().float(), "q8_0")
+    embedding.weight.data = layers[name].dequantize()
+    own = {f"{n}.weight" for n in layers}
+    dense = {n: p for n, p in model.named_parameters() if n not in own}
+    for param in dense.values():  # GGUF holds a dense matrix as F16
+        param.data = param.data.half().float() if param.dim() == 2 else param.data
+    write_gguf(path, layers, dense, model.config.to_dict(), tokenizer=byte_bpe_tokenizer())
+    return model
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_architecture_round_trips_packed_with_its_logits(model_type, tmp_path):
+    reference = quantized_export(tiny_arch(model_type), tmp_path / "m.gguf")
+    packed = load_packed(tmp_path / "m.gguf")
+    assert type(packed).__name__ == type(reference).__name__.replace("Mistral", "Llama")
+    layers = packed_linears(packed)  # a tied head is the embedding's table
+    assert isinstance(packed.get_input_embeddings(), QuantEmbedding)
+    linears = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(layers) == sorted(n for n in linears if n != "lm_head")
+    for name, layer in layers.items():
+        torch.testing.assert_close(
+            layer.q.dequantize(), reference.get_submodule(name).weight, rtol=0, atol=0
+        )
+    with torch.no_grad():
+        ours, theirs = packed(input_ids=IDS).logits, reference(input_ids=IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_transformers_reads_every_tensor_lorq_writes(model_type, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference = quantized_export(tiny_arch(model_type), tmp_path / "m.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    ours = dict(reference.named_parameters())
+    read = dict(theirs.named_parameters())
+    assert sorted(read) == sorted(ours)
+    for name, value in read.items():
+        torch.testing.assert_close(value, ours[name].float(), rtol=0, atol=1e-6, msg=name)
+    assert {t.param for t in gguf_tensors(tmp_path / "m.gguf")} >= set(ours) - {"lm_head.weight"}
+
+
+def test_gguf_candidates_leave_out_k_quants_where_rows_do_not_tile():
+    """Qwen2-0.5B's 896 (here 640) wide rows: K-quants need 256-wide rows, so a plan over the
+    GGUF grid gives those matrices a 32-wide type and the 1280-wide down_proj may take a K-quant;
+    lorq exports and reads it back as planned."""
+    from lorq.budget.plan import plan_budgets
+    from lorq.quant.base import fits
+
+    model = tiny_arch(
+        "qwen2", hidden_size=640, intermediate_size=1280, num_attention_heads=5, num_hidden_layers=1
+    )
+    matrices = {
+        n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
+    matrices.pop("lm_head")
+    (plan,) = plan_budgets(matrices, [5.0], candidates="gguf", method="plain")
+    k_quants = {e.name for e in plan.entries if e.config.name.endswith("_k")}
+    assert k_quants and all(name.endswith("down_proj") for name in k_quants)
+    assert all(fits(e.config, e.shape) for e in plan.entries)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fields", "message"),
+    [
+        ("gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar=100"),
+        ("gemma2", {"tie_word_embeddings": False}, "untied lm_head"),
+        ("qwen2", {"use_sliding_window": True}, "use_sliding_window=True"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_type='yarn'",
+        ),
+        ("gpt2", {}, "model_type='gpt2' is not supported yet; supported model types: llama"),
+    ],
+)
+def test_what_llama_cpp_would_run_differently_is_refused_before_writing(
+    model_type, fields, message, tmp_path
+):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    config.update(fields)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_gguf(tmp_path / "m.gguf", {}, {}, config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensor_type_lorq_cannot_decode_is_named_before_loading(tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    quantized_export(tiny_arch("qwen3"), tmp_path / "m.gguf")
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    tensor = next(
+        t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.0.attn_norm.weight"
+    )
+    # the tensor info's type field: the 4 bytes before its 8-byte data offset
+    info = data.find(b"blk.0.attn_norm.weight") + len("blk.0.attn_norm.weight")
+    n_dims = int.from_bytes(data[info : info + 4], "little")
+    at = info + 4 + 8 * n_dims
+    assert int.from_bytes(data[at : at + 4], "little") == int(tensor.tensor_type)
+    data[at : at + 4] = int(GGMLQuantizationType.F64).to_bytes(4, "little")
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"'blk\.0\.attn_norm\.weight' is of GGML type F64"):
+        load_packed(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_a_packed_scaled_embedding_keeps_its_scale_saved_and_loaded(model_type, tmp_path):
+    """Gemma multiplies its embedding rows by √dim: the packed table does too, in memory and
+    after lorq.save / lorq.load (dropping the scale fails both)."""
+    reference = quantized_export(tiny_arch(model_type), tmp_path / "m.gguf")
+    packed = load_packed(tmp_path / "m.gguf")
+    assert packed.get_input_embeddings().scale == pytest.approx(256**0.5)
+    loaded = lorq.load(lorq.save(packed, tmp_path / "saved"))
+    with torch.no_grad():
+        expected = reference(input_ids=IDS).logits
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3", "starcoder2"])
+def test_a_gguf_source_of_any_architecture_streams_to_the_bytes_of_its_packed_load(
+    model_type, tmp_path
+):
+    """LQ-LoRA with activation statistics of a GGUF source, in memory and read block by block
+    into a directory: the same tensors (Gemma's scaled packed embedding, Phi-3's fused
+    matrices, StarCoder2's biases included)."""
+    from pipeline.test_same_bytes import CONFIGS, assert_same_bytes, tensors, tokens
+
+    quantized_export(tiny_arch(model_type), tmp_path / "m.gguf")
+    config = CONFIGS["lq-act"]
+    options = {"calibration": tokens(), "eval_blocks": 0, "baseline": False}
+    memory = lorq.compress_model(str(tmp_path / "m.gguf"), config, **options)
+    lorq.save(memory, tmp_path / "memory")
+    lorq.compress_model(str(tmp_path / "m.gguf"), config, tmp_path / "written", **options)
+    assert_same_bytes(tensors(tmp_path / "memory"), tensors(tmp_path / "written"))
