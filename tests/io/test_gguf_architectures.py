@@ -76,6 +76,10 @@ def test_transformers_reads_every_tensor_lorq_writes(model_type, tmp_path):
     for name, value in read.items():
         torch.testing.assert_close(value, ours[name].float(), rtol=0, atol=1e-6, msg=name)
     assert {t.param for t in gguf_tensors(tmp_path / "m.gguf")} >= set(ours) - {"lm_head.weight"}
+    if not model_type.startswith("gemma"):  # transformers leaves Gemma's query scale at 256
+        with torch.no_grad():
+            expected = load_packed(tmp_path / "m.gguf")(input_ids=IDS).logits
+            torch.testing.assert_close(theirs(input_ids=IDS).logits, expected, rtol=0, atol=1e-4)
 
 
 def test_gguf_candidates_leave_out_k_quants_where_rows_do_not_tile():
@@ -172,3 +176,29 @@ def test_a_gguf_source_of_any_architecture_streams_to_the_bytes_of_its_packed_lo
     lorq.save(memory, tmp_path / "memory")
     lorq.compress_model(str(tmp_path / "m.gguf"), config, tmp_path / "written", **options)
     assert_same_bytes(tensors(tmp_path / "memory"), tensors(tmp_path / "written"))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_merged_qa_lora_model_of_every_architecture_exports_its_codes(model_type, tmp_path):
+    """QA-LoRA (q4_1), B perturbed, merged into the mins: the GGUF holds the merged codes and
+    mins as they are, and lorq's packed import of it computes the merged model's logits."""
+    from lorq.exporters.gguf import export_gguf
+    from lorq.jobs.merge import merge_qa_lora
+
+    model = tiny_arch(model_type)
+    lorq.compress(model, lorq.CompressConfig(method="qa-lora", quant="q4_1", rank=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.05)
+    merge_qa_lora(model)
+    path = export_gguf(model, tmp_path / "m.gguf", byte_bpe_tokenizer())
+    packed = load_packed(path)
+    for name, layer in packed_linears(packed).items():
+        merged = model.get_submodule(name).q.tensors()
+        assert all(torch.equal(t, merged[k]) for k, t in layer.q.tensors().items()), name
+    with torch.no_grad():  # GGUF holds the dense embedding (and an untied head) as F16
+        for param in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            param.data = param.data.half().float()
+        ours, theirs = packed(input_ids=IDS).logits, model(input_ids=IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
