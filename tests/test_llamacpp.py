@@ -90,8 +90,9 @@ def test_llama_cpp_runs_lorq_base_plus_adapter_as_lorq_does(quant, tools, text_f
         f"llama.cpp + lora {with_adapter:.4f}, llama.cpp base alone {base_only:.4f}"
     )
     assert with_adapter == pytest.approx(ours, rel=TOLERANCE)
-    # the adapter is what matches: without it llama.cpp is several times further from lorq
-    assert abs(with_adapter - ours) < abs(base_only - ours) / 4
+    # the adapter is what matches: without it llama.cpp is at least twice as far from lorq
+    # (llama.cpp's own arithmetic moves its score by up to ~0.5 %: the control above)
+    assert abs(with_adapter - ours) < abs(base_only - ours) / 2
 
 
 @pytest.mark.parametrize("quant", ["q4_0", "q5_1"])

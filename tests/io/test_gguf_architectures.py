@@ -202,3 +202,21 @@ def test_a_merged_qa_lora_model_of_every_architecture_exports_its_codes(model_ty
             param.data = param.data.half().float()
         ours, theirs = packed(input_ids=IDS).logits, model(input_ids=IDS).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_gemma3_linear_rope_scaling_and_local_base_round_trip(tmp_path):
+    """Gemma 3 (4B and up): global layers' RoPE scaled linearly by 8, local layers' own base,
+    one global layer in six. Written as llama.cpp's keys, read back into the same config."""
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    model = tiny_arch("gemma3_text", num_hidden_layers=6, rope_parameters=rope, sliding_window=8)
+    assert model.config.layer_types.count("full_attention") == 1
+    reference = quantized_export(model, tmp_path / "m.gguf")
+    packed = load_packed(tmp_path / "m.gguf")
+    assert packed.config.layer_types == reference.config.layer_types
+    assert packed.config.rope_parameters == reference.config.rope_parameters
+    with torch.no_grad():  # 16 tokens: the 8-token window matters
+        ours, theirs = packed(input_ids=IDS).logits, reference(input_ids=IDS).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
