@@ -15,7 +15,7 @@ from lorq.io.models import ModelSource, source_nbytes
 RESULTS_CAPTION = (
     "bits: per parameter of the replaced linears (Q alone; with B, A as saved: bf16, or 8-bit "
     "rows where they sit on that grid, as B = 0 does); MB: all "
-    "parameters and buffers in memory (a GGUF's Q4_1 layers stay packed); ppl: perplexity on "
+    "parameters and buffers in memory (a GGUF's quantized layers stay packed); ppl: perplexity on "
     "the evaluation text; KL: mean KL divergence of next-token distributions to the original; "
     "cos: embedding cosine to the original"
 )
