@@ -16,6 +16,23 @@ def heavy_tailed() -> torch.Tensor:
     return torch.distributions.StudentT(3.0).sample((128, 512))
 
 
+def saved_tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a lorq directory's model shards, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(folder.glob("model*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def assert_same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+
+
 def tiny_llama(seed: int = 0):
     return tiny_causal("llama", seed)
 

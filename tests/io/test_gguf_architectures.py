@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import byte_bpe_tokenizer, tiny_arch
+from conftest import assert_same_bytes, byte_bpe_tokenizer, saved_tensors, tiny_arch
 
 import lorq
 from lorq.io.gguf import gguf_tensors
@@ -167,15 +167,14 @@ def test_a_gguf_source_of_any_architecture_streams_to_the_bytes_of_its_packed_lo
     """LQ-LoRA with activation statistics of a GGUF source, in memory and read block by block
     into a directory: the same tensors (Gemma's scaled packed embedding, Phi-3's fused
     matrices, StarCoder2's biases included)."""
-    from pipeline.test_same_bytes import CONFIGS, assert_same_bytes, tensors, tokens
-
     quantized_export(tiny_arch(model_type), tmp_path / "m.gguf")
-    config = CONFIGS["lq-act"]
-    options = {"calibration": tokens(), "eval_blocks": 0, "baseline": False}
+    config = lorq.CompressConfig(method="lq", quant="nf3", rank=4, weighting="activations")
+    calibration = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    options = {"calibration": calibration, "eval_blocks": 0, "baseline": False}
     memory = lorq.compress_model(str(tmp_path / "m.gguf"), config, **options)
     lorq.save(memory, tmp_path / "memory")
     lorq.compress_model(str(tmp_path / "m.gguf"), config, tmp_path / "written", **options)
-    assert_same_bytes(tensors(tmp_path / "memory"), tensors(tmp_path / "written"))
+    assert_same_bytes(saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "written"))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

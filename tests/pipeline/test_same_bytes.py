@@ -14,8 +14,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import compress_to, tied_llama, tiny_bert, tiny_causal, tiny_gpt2
-from safetensors.torch import load_file
+from conftest import (
+    assert_same_bytes,
+    compress_to,
+    saved_tensors,
+    tied_llama,
+    tiny_bert,
+    tiny_causal,
+    tiny_gpt2,
+)
 from torch import nn
 
 import lorq
@@ -58,20 +65,6 @@ def tokens(n: int = 4, length: int = 16) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
-
-
 def calibration_of(config: CompressConfig):
     return tokens() if config.activations or config.fisher else None
 
@@ -85,15 +78,15 @@ def test_every_source_and_sink_gives_the_same_bytes(tmp_path, family, name):
     MODELS[family]().save_pretrained(tmp_path / "src", max_shard_size="60KB")
     text = calibration_of(config)
     lorq.save(lorq.compress(MODELS[family](), config, text), tmp_path / "memory")
-    expected = tensors(tmp_path / "memory")
+    expected = saved_tensors(tmp_path / "memory")
     compress_to(str(tmp_path / "src"), tmp_path / "written", config, calibration=text)
-    assert_same_bytes(expected, tensors(tmp_path / "written"))
+    assert_same_bytes(expected, saved_tensors(tmp_path / "written"))
     if name in ("plain", "lq-act"):  # the checkpoint loaded whole by the job, then saved
         loaded = lorq.compress_model(
             str(tmp_path / "src"), config, calibration=text, eval_blocks=0, baseline=False
         )
         lorq.save(loaded, tmp_path / "loaded")
-        assert_same_bytes(expected, tensors(tmp_path / "loaded"))
+        assert_same_bytes(expected, saved_tensors(tmp_path / "loaded"))
 
 
 def gguf_file(tmp_path, tied: bool = True):
@@ -137,7 +130,7 @@ def test_a_gguf_source_read_part_by_part_gives_the_bytes_of_its_packed_load(tmp_
     lorq.save(memory, tmp_path / "memory")
     written = lorq.compress_model(str(path), config, tmp_path / "written", **options)
     assert written.model is None and written.path == tmp_path / "written"
-    assert_same_bytes(tensors(tmp_path / "memory"), tensors(tmp_path / "written"))
+    assert_same_bytes(saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "written"))
     assert written.metadata["plan"] == memory.metadata["plan"]
     if name == "qa-lora-own-codes":
         stored = lorq.load(tmp_path / "written")
