@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -121,6 +123,16 @@ def byte_bpe_tokenizer(vocab_size: int = 320):
     )
 
 
+LLAMA3_ROPE = {  # Llama 3.1's RoPE scaling (llama.cpp: the rope_freqs tensor)
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
 def tiny_arch(model_type: str, seed: int = 0, **sizes):
     """A tiny random causal LM of a GGUF architecture (``lorq.io.gguf_arch``): 256-wide rows so
     that every K-quant fits, biases and norm weights random (so that a file that drops or shifts
@@ -137,7 +149,7 @@ def tiny_arch(model_type: str, seed: int = 0, **sizes):
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    fields.update(ARCH_SIZES.get(model_type, {}), **sizes)
+    fields.update(copy.deepcopy({**ARCH_SIZES.get(model_type, {}), **sizes}))
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_arch
+from conftest import LLAMA3_ROPE, tiny_arch
 from test_llamacpp import TOLERANCE, llama_perplexity, lorq_perplexity, text_file, tools
 
 import lorq
@@ -35,6 +35,8 @@ from lorq.text.corpus import builtin_text
 pytestmark = [pytest.mark.llamacpp, pytest.mark.slow]
 __all__ = ["text_file", "tools"]  # fixtures used here
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "starcoder2"]
+MODEL_TYPES.append("llama3-rope")  # Llama 3.1+: RoPE scaled as rope_freqs, active at 256 tokens
+VARIANTS = {"llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE})}
 # the converter refuses these tiny models' byte-level tokenizer (gemma2 reads only SentencePiece;
 # a qwen2 folder's tokenizer loads as transformers' Qwen2Tokenizer, whose own split gives
 # SmolLM2's vocabulary a fingerprint the converter does not know): their keys are checked with
@@ -55,7 +57,8 @@ def source_folder(model_type: str, folder: Path):
     """A tiny random model saved as transformers saves it, weights large enough that its
     next-token distribution is far from uniform (a wrong weight shows in perplexity)."""
     tokenizer = smollm2_tokenizer()
-    model = tiny_arch(model_type, vocab_size=len(tokenizer), initializer_range=0.1)
+    model_type, fields = VARIANTS.get(model_type, (model_type, {}))
+    model = tiny_arch(model_type, vocab_size=len(tokenizer), initializer_range=0.1, **fields)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if model_type == "phi3":  # the converter takes phi3's BPE vocabulary from this class only
@@ -136,6 +139,15 @@ def test_lorq_writes_every_key_llama_cpp_converter_writes(model_type, tools, tmp
             assert ours[key] == pytest.approx(value, rel=1e-6), key
         else:
             assert ours[key] == value, key
+    if model_type == "llama3-rope":  # RoPE's divisors: the converter's tensor, value for value
+        from gguf import GGUFReader
+
+        def divisors(path):
+            tensor = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+            return torch.from_numpy(tensor.data.copy())
+
+        theirs_freqs = divisors(tmp_path / "theirs.gguf")
+        torch.testing.assert_close(divisors(tmp_path / "ours.gguf"), theirs_freqs)
 
 
 def quantize(tools: Path, source: Path, out: Path, kind: str = "Q4_K_M") -> Path:

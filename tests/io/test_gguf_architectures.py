@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_same_bytes, byte_bpe_tokenizer, saved_tensors, tiny_arch
+from conftest import LLAMA3_ROPE, assert_same_bytes, byte_bpe_tokenizer, saved_tensors, tiny_arch
 
 import lorq
 from lorq.io.gguf import gguf_tensors
@@ -107,6 +107,8 @@ def test_gguf_candidates_leave_out_k_quants_where_rows_do_not_tile():
     [
         ("gemma2", {"query_pre_attn_scalar": 100}, "query_pre_attn_scalar=100"),
         ("gemma2", {"tie_word_embeddings": False}, "untied lm_head"),
+        ("gemma2", {"final_logit_softcapping": None}, "final_logit_softcapping=None"),
+        ("gemma3_text", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
         ("qwen2", {"use_sliding_window": True}, "use_sliding_window=True"),
         (
             "llama",
@@ -219,3 +221,29 @@ def test_gemma3_linear_rope_scaling_and_local_base_round_trip(tmp_path):
     with torch.no_grad():  # 16 tokens: the 8-token window matters
         ours, theirs = packed(input_ids=IDS).logits, reference(input_ids=IDS).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path):
+    """Llama 3.1+: no key, a rope_freqs tensor of frequency divisors (as llama.cpp's converter
+    computes them); read back into rope_type llama3 with the same logits."""
+    from lorq.io.gguf_meta import llama3_factors
+
+    model = tiny_arch("llama", rope_parameters=dict(LLAMA3_ROPE))
+    reference = quantized_export(model, tmp_path / "m.gguf")
+    factors = llama3_factors(model.config.to_dict())
+    assert factors.min() == 1.0 and factors.max() == 8.0 and len(set(factors.tolist())) > 2
+    stored = {t.name: t for t in gguf_tensors(tmp_path / "m.gguf")}["rope_freqs.weight"]
+    assert torch.equal(stored.dense(), factors)
+    packed = load_packed(tmp_path / "m.gguf")
+    assert packed.config.rope_parameters == LLAMA3_ROPE
+    ids = torch.randint(0, 320, (1, 256), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # 256 positions: the scaled long wavelengths turn visibly
+        ours, theirs = packed(input_ids=ids).logits, reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_rope_divisors_of_another_shape_are_refused(tmp_path):
+    rope = {**LLAMA3_ROPE, "low_freq_factor": 2.0}
+    quantized_export(tiny_arch("llama", rope_parameters=rope), tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight holds RoPE frequency divisors"):
+        load_packed(tmp_path / "m.gguf")

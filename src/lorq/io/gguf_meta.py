@@ -14,8 +14,12 @@ the field named, so no file is written that llama.cpp would run differently.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from lorq.io.gguf_arch import Architecture, of_model_type
 
@@ -23,6 +27,49 @@ KV = dict[str, tuple[Any, Any, Any]]  # key -> (value, GGUFValueType, array elem
 SWA, FULL = "sliding_attention", "full_attention"
 GEMMA_PATTERN = 6  # llama.cpp's gemma3 default: every 6th layer attends globally
 BIG_GEMMA_LAYERS = {"gemma2": 46, "gemma3": 62}  # 27B: llama.cpp scales q by hidden/heads
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE frequency divisors, one per rotated pair
+LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_factors(config: dict[str, Any]) -> torch.Tensor | None:
+    """The divisors of RoPE's frequencies llama.cpp reads as ``rope_freqs`` for a model of
+    rope_type "llama3" (None otherwise), as its converter computes them: 1 for short wavelengths,
+    ``factor`` for long ones, a smooth step between."""
+    rope = _rope(config)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    dim = _head_dim(config)
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, old = rope.get("factor", 8.0), rope.get("original_max_position_embeddings", 8192)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < old / high, torch.ones_like(out), out)
+    return torch.where(wavelen > old / low, torch.full_like(out, factor), out).float()
+
+
+def _llama3_fields(header, path: Path, config) -> dict[str, Any]:
+    """Llama 3's RoPE parameters from the file's rope_freqs: the one family of every Llama 3.x
+    (low 1, high 4, 8192 original positions; factor the largest divisor), checked to give the
+    file's divisors; ValueError for divisors of any other shape."""
+    name, kind, _, offset, nbytes = next(t for t in header.tensors if t[0] == ROPE_FREQS)
+    if int(kind) != 0:  # GGML F32, as the converter writes it
+        raise ValueError(
+            f"{path}: {name} is not F32; the file was not written by llama.cpp's tools"
+        )
+    stored = torch.from_numpy(np.fromfile(path, np.float32, nbytes // 4, offset=offset).copy())
+    theta = header.get("llama.rope.freq_base", 10000.0)
+    rope = {"rope_type": "llama3", "rope_theta": theta, "factor": float(stored.max()), **LLAMA3}
+    fields = {"rope_parameters": rope}
+    expected = llama3_factors({**config.to_dict(), **fields})
+    if expected is None or expected.shape != stored.shape or not torch.allclose(expected, stored):
+        raise ValueError(
+            f"{path}: {name} holds RoPE frequency divisors that are not Llama 3's (low 1, high 4, "
+            "8192 positions); lorq cannot compute them as llama.cpp does, so it does not load "
+            "the file"
+        )
+    return fields
 
 
 def _rope(config: dict[str, Any], kind: str = FULL) -> dict[str, Any]:
@@ -33,12 +80,14 @@ def _rope(config: dict[str, Any], kind: str = FULL) -> dict[str, Any]:
     return {**rope, "rope_theta": float(theta)}
 
 
-def _scaling(rope: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+def _scaling(rope: dict[str, Any], llama3: bool = False) -> dict[str, tuple[Any, str]]:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return {}
     if kind == "linear":
         return {"rope.scaling.type": ("linear", "s"), "rope.scaling.factor": (rope["factor"], "f")}
+    if kind == "llama3" and llama3:  # no key: llama.cpp reads the factors as rope_freqs
+        return {}
     raise ValueError(
         f"GGUF export of rope_type={kind!r} is not supported yet; supported: plain RoPE "
         "(rope_type 'default') and 'linear'; save with lorq.save instead"
@@ -61,7 +110,7 @@ def _common(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
         "attention.head_count": (heads, "u"),
         "attention.head_count_kv": (config.get("num_key_value_heads") or heads, "u"),
         "rope.freq_base": (rope["rope_theta"], "f"),
-        **_scaling(rope),
+        **_scaling(rope, llama3=config.get("model_type") in ("llama", "mistral", None)),
     }
     if config.get("rms_norm_eps") is not None:
         keys["attention.layer_norm_rms_epsilon"] = (config["rms_norm_eps"], "f")
@@ -111,9 +160,15 @@ def _gemma2(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
             "GGUF export of a gemma2 model with an untied lm_head is not supported: llama.cpp's "
             "gemma2 computes the output from token_embd; save with lorq.save instead"
         )
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if not config.get(cap):
+            raise ValueError(
+                f"GGUF export of a gemma2 model with {cap}={config.get(cap)} is not supported: "
+                "llama.cpp's gemma2 always caps; save with lorq.save instead"
+            )
     return {
-        "attn_logit_softcapping": (config["attn_logit_softcapping"] or 0.0, "f"),
-        "final_logit_softcapping": (config["final_logit_softcapping"] or 0.0, "f"),
+        "attn_logit_softcapping": (config["attn_logit_softcapping"], "f"),
+        "final_logit_softcapping": (config["final_logit_softcapping"], "f"),
         "attention.sliding_window": (config["sliding_window"], "u"),
         "attention.key_length": (_head_dim(config), "u"),
         "attention.value_length": (_head_dim(config), "u"),
@@ -123,7 +178,11 @@ def _gemma2(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
 def _gemma3(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     _attention_scale(config, "gemma3")
     if config.get("attn_logit_softcapping"):
-        raise ValueError("a gemma3 model with attn_logit_softcapping is not what llama.cpp runs")
+        raise ValueError(
+            f"GGUF export of a gemma3 model with attn_logit_softcapping="
+            f"{config['attn_logit_softcapping']} is not supported: llama.cpp's gemma3 does not "
+            "cap attention logits; save with lorq.save instead"
+        )
     swa = [kind == SWA for kind in config["layer_types"]]
     keys = {
         "rope.freq_base_swa": (_rope(config, SWA)["rope_theta"], "f"),
@@ -249,6 +308,15 @@ def read_config(path: str | Path):
     header = gguf_header(path)
     arch = of_gguf(header.get("general.architecture"))
     fields = _file_fields(header.get, arch, config)
+    if any(t[0] == ROPE_FREQS for t in header.tensors):
+        fields.update(_llama3_fields(header, path, config))
+    longrope = [t[0] for t in header.tensors if t[0].startswith("rope_factors_")]
+    if longrope:
+        raise ValueError(
+            f"{path}: {longrope[0]} holds Phi-3's long-context RoPE factors ('longrope'), which "
+            "lorq does not apply yet; it does not load the file rather than compute other logits "
+            "than llama.cpp"
+        )
     embedding = next((t for t in header.tensors if t[0] == "token_embd.weight"), None)
     if embedding is not None:  # the file's own rows, whatever its metadata says or omits
         fields["vocab_size"] = embedding[2][-1]

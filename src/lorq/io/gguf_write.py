@@ -19,7 +19,7 @@ import torch
 
 from lorq.io.gguf import MAX_LISTED, gguf_names, in_file_order, is_gguf_file, open_gguf
 from lorq.io.gguf_arch import of_model_type
-from lorq.io.gguf_meta import model_kv
+from lorq.io.gguf_meta import ROPE_FREQS, llama3_factors, model_kv
 from lorq.io.gguf_types import gguf_presets, gguf_type, to_gguf
 from lorq.quant import QuantizedTensor
 from lorq.util.atomic import atomic_file, check_output
@@ -259,11 +259,13 @@ def gguf_contents(
     """(metadata, tensors) of the GGUF file :func:`write_gguf` writes, every input checked."""
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
     kv = model_kv(config)
+    factors = llama3_factors(config)  # llama.cpp's converter writes them first
+    extra = [] if factors is None else [(ROPE_FREQS, factors, None)]
     if source_gguf is not None:
         kv = _source_kv(Path(source_gguf), kv)
     elif tokenizer is not None:
         kv.update(_tokenizer_kv(tokenizer, config["vocab_size"]))
-    return kv, _tensors(layers, dense, config)
+    return kv, extra + _tensors(layers, dense, config)
 
 
 def write_gguf(
