@@ -13,7 +13,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import compress_to, low_rank_llama, tiny_bert, tiny_causal, tiny_gpt2
+from conftest import (
+    assert_same_bytes,
+    compress_to,
+    low_rank_llama,
+    saved_tensors,
+    tiny_bert,
+    tiny_causal,
+    tiny_gpt2,
+)
 from safetensors.torch import load_file
 
 import lorq
@@ -39,23 +47,9 @@ def tokens(n: int = 4, length: int = 16) -> torch.Tensor:
     return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def shard_tensors(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
 def in_memory(model, config, folder, calibration=None) -> dict[str, torch.Tensor]:
     lorq.save(compress(model, config, calibration), folder)
     return load_file(folder / "model.safetensors")
-
-
-def assert_same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), name
 
 
 FISHER = CompressConfig(method="lq", quant="nf3", rank=4, weighting="both", rounding="gptq")
@@ -68,7 +62,7 @@ def test_fisher_weighted_streaming_equals_in_memory(tmp_path, family):
     MODELS[family]().save_pretrained(tmp_path / "src")
     compress_to(str(tmp_path / "src"), tmp_path / "out", FISHER, calibration=tokens(), device="cpu")
     expected = in_memory(MODELS[family](), FISHER, tmp_path / "mem", tokens())
-    assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
+    assert_same_bytes(expected, saved_tensors(tmp_path / "out"))
     assert not (tmp_path / "out" / ".fisher").exists()  # scratch removed when finished
 
 
@@ -88,7 +82,7 @@ def test_streaming_equals_in_memory(tmp_path, family, config):
         str(tmp_path / "src"), tmp_path / "out", config, calibration=calibration, device="cpu"
     )
     expected = in_memory(MODELS[family](), config, tmp_path / "mem", calibration)
-    assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
+    assert_same_bytes(expected, saved_tensors(tmp_path / "out"))
     assert streamed.reused == ()
     loaded = lorq.load(tmp_path / "out")  # the sharded directory loads
     reference = lorq.load(tmp_path / "mem")
@@ -158,7 +152,7 @@ def test_streamed_budget_plan_equals_in_memory(tmp_path):
     assert len({e.config for e in streamed.entries}) > 1  # a mixed plan, not one preset
     lorq.save(memory, tmp_path / "mem")
     assert_same_bytes(
-        load_file(tmp_path / "mem" / "model.safetensors"), shard_tensors(tmp_path / "out")
+        load_file(tmp_path / "mem" / "model.safetensors"), saved_tensors(tmp_path / "out")
     )
     alone = lorq.plan_model(
         str(tmp_path / "src"), BUDGET, calibration=tokens(), device="cpu", stream=True
@@ -188,13 +182,13 @@ def test_streamed_planned_ranks_equal_in_memory_and_resume(tmp_path):
     assert len({e.adapter_label for e in streamed.entries}) > 1  # ranks (or bits) mixed
     lorq.save(memory, tmp_path / "mem")
     expected = load_file(tmp_path / "mem" / "model.safetensors")
-    assert_same_bytes(expected, shard_tensors(out))
+    assert_same_bytes(expected, saved_tensors(out))
     (out / "lorq.json").unlink()  # as if killed after the first block's shard
     for shard in sorted(out.glob("model-*.safetensors"))[1:]:
         shard.unlink()
     resumed = compress_to(str(tmp_path / "src"), out, PLANNED, calibration=tokens(), resume=True)
     assert resumed.reused and resumed.computed
-    assert_same_bytes(expected, shard_tensors(out))
+    assert_same_bytes(expected, saved_tensors(out))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -208,8 +202,8 @@ def test_16_bit_checkpoints_stream_to_the_in_memory_bytes(tmp_path, dtype):
     for param in reference.parameters():
         param.data = param.data.to(dtype).float()
     expected = in_memory(reference, PLAIN, tmp_path / "mem")
-    assert_same_bytes(expected, shard_tensors(tmp_path / "out"))
-    stored = shard_tensors(tmp_path / "out")["model.embed_tokens.weight"].dtype
+    assert_same_bytes(expected, saved_tensors(tmp_path / "out"))
+    stored = saved_tensors(tmp_path / "out")["model.embed_tokens.weight"].dtype
     assert stored in (torch.bfloat16, torch.float16)
 
 
@@ -221,7 +215,7 @@ def test_activations_offloaded_to_disk_give_the_same_bytes(tmp_path):
             str(tmp_path / "src"), tmp_path / f"out{offload}", FISHER, calibration=tokens(),
             device="cpu", offload_activations=offload,
         )  # fmt: skip
-    assert_same_bytes(shard_tensors(tmp_path / "outFalse"), shard_tensors(tmp_path / "outTrue"))
+    assert_same_bytes(saved_tensors(tmp_path / "outFalse"), saved_tensors(tmp_path / "outTrue"))
     assert not (tmp_path / "outTrue" / ".activations").exists()  # scratch removed at the end
 
 

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import assert_same_bytes, saved_tensors
 from safetensors.torch import load_file
 from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
-from test_stream import assert_same_bytes, shard_tensors
 
 FLAGS = ["--method", "lq", "--quant", "nf3", "--rank", "4", "--calibration-tokens", "256",
          "--seq-len", "32", "--weighting", "activations", "--eval-blocks", "0"]  # fmt: skip
@@ -31,7 +31,7 @@ def test_stream_flag_writes_what_the_library_call_writes(tiny_dir, tmp_path):  #
         str(tiny_dir), tmp_path / "lib", config, calibration=Calibration("builtin", 32, 8),
         device="cpu",
     )  # fmt: skip
-    assert_same_bytes(shard_tensors(tmp_path / "lib"), shard_tensors(tmp_path / "cli"))
+    assert_same_bytes(saved_tensors(tmp_path / "lib"), saved_tensors(tmp_path / "cli"))
     evaluated = run("compress", "--model", tiny_dir, *FLAGS[:-2], "--eval-blocks", "1",
                     "--stream", "--out", tmp_path / "cli", "--overwrite")  # fmt: skip
     assert evaluated.exit_code == 0, evaluated.output
@@ -139,7 +139,7 @@ def test_streamed_directory_evaluates_and_exports(tiny_dir, tmp_path):  # noqa: 
     exported = run("export", tmp_path / "s", "--out", tmp_path / "p", "--format", "peft")
     assert exported.exit_code == 0, exported.output
     adapter = read(next((tmp_path / "p" / "adapter").glob("*.safetensors")))
-    shards = shard_tensors(tmp_path / "s")
+    shards = saved_tensors(tmp_path / "s")
     name = "model.layers.0.self_attn.q_proj.lora_A"
     peft_name = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k)
     torch.testing.assert_close(adapter[peft_name].float(), shards[name].float())

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compress_to
+from conftest import assert_same_bytes, compress_to, saved_tensors
 from safetensors.torch import load_file
-from test_stream import assert_same_bytes, shard_tensors
 
 import lorq
 from lorq.config import CompressConfig
@@ -30,5 +29,5 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     assert len(streamed.errors) == 210  # every linear of the 30 blocks
     lorq.save(compress(loaded.model, CONFIG, tokens), tmp_path / "mem")
     assert_same_bytes(
-        load_file(tmp_path / "mem" / "model.safetensors"), shard_tensors(tmp_path / "out")
+        load_file(tmp_path / "mem" / "model.safetensors"), saved_tensors(tmp_path / "out")
     )

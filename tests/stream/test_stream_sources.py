@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compress_to, tiny_causal
-from safetensors.torch import load_file
+from conftest import assert_same_bytes, compress_to, saved_tensors, tiny_causal
 from test_cli import one_line_error, run, tiny_dir  # noqa: F401  (fixture)
 
 from lorq.config import CompressConfig
@@ -44,19 +43,6 @@ def hub_cache(root: Path, repo: str, model) -> Path:
     return snapshot
 
 
-def shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(folder.glob("model*.safetensors")):
-        out.update(load_file(file))
-    return out
-
-
-def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
-
-
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch) -> Path:
     """HF_HOME and HF_HUB_CACHE at an empty folder of ``tmp_path``, the hub switched off."""
@@ -76,7 +62,7 @@ def test_a_hub_id_streams_from_the_cache(tmp_path, offline_cache):
     by_id = compress_to("org/name", tmp_path / "by_id", PLAIN, device="cpu")
     by_folder = compress_to(str(snapshot), tmp_path / "by_folder", PLAIN, device="cpu")
     assert by_id.computed == by_folder.computed
-    assert_same_tensors(shard_tensors(tmp_path / "by_folder"), shard_tensors(tmp_path / "by_id"))
+    assert_same_bytes(saved_tensors(tmp_path / "by_folder"), saved_tensors(tmp_path / "by_id"))
 
 
 def test_a_hub_id_absent_from_the_cache_is_named(tmp_path, offline_cache):
