@@ -28,7 +28,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 RESULTS = HERE / "results" / "gguf_architectures.json"
-N_CTX, CHUNKS = 256, 4
 
 
 def timed(make):
@@ -38,19 +37,18 @@ def timed(make):
 
 
 def perplexity(model, ids) -> float:
+    """llama-perplexity's score computed by lorq, on the tests' chunks."""
+    from test_llamacpp import CHUNKS, N_CTX
+
     from lorq.evaluation.measure import llama_cpp_perplexity
 
     return llama_cpp_perplexity(model, ids, N_CTX, CHUNKS)
 
 
 def llama_ppl(bin_dir: Path, model: Path, text: Path, lora: Path | None = None) -> float:
-    import re
+    from test_llamacpp import llama_perplexity
 
-    from llama_cpp import run
-
-    command = [bin_dir / "llama-perplexity", "-m", model, "-f", text, "-c", N_CTX, "-b", N_CTX]
-    command += ["--chunks", CHUNKS, "-t", 2] + (["--lora", lora] if lora else [])
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", run(command)).group(1))
+    return llama_perplexity(bin_dir, model, text, lora)
 
 
 def source_file(model_type: str, work: Path, bin_dir: Path):

@@ -110,7 +110,7 @@ def _common(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
         "attention.head_count": (heads, "u"),
         "attention.head_count_kv": (config.get("num_key_value_heads") or heads, "u"),
         "rope.freq_base": (rope["rope_theta"], "f"),
-        **_scaling(rope, llama3=config.get("model_type") in ("llama", "mistral", None)),
+        **_scaling(rope, llama3=of_model_type(config.get("model_type")).gguf == "llama"),
     }
     if config.get("rms_norm_eps") is not None:
         keys["attention.layer_norm_rms_epsilon"] = (config["rms_norm_eps"], "f")
