@@ -122,7 +122,8 @@ def end_to_end_rows(config, lrs: list[float], scale_lrs, steps: int, eval_blocks
                 scales = {"scales": bool(scale_lr), "scale_lr": scale_lr or 1e-3}
                 run = lorq.RecoverConfig(steps=steps, lr=lr, seq_len=128, save_every=steps,
                                          **scales)  # fmt: skip
-                lorq.recover(model, loaded.tokenizer, run, Path(work) / f"r{lr:g}-{scale_lr:g}")
+                out = Path(work) / f"r{lr:g}-{scale_lr:g}"
+                lorq.recover(model, loaded.tokenizer, run, out, teacher="smollm2")
                 seconds = time.perf_counter() - start
                 label += f", scales {scale_lr:g}" if scale_lr else ""
             rows.append(row(label, steps if lr else 0, seconds, model, text, loaded.model))

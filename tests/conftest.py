@@ -284,3 +284,34 @@ def compress_to(model, out, config, sequential=None, **options):
     if sequential is not None:
         config = replace(config, sequential=sequential)
     return lorq.compress_model(model, config, out, eval_blocks=0, baseline=False, **options)
+
+
+GGUF_TYPES = ["q4_k", "q6_k", "q8_0", "iq4_nl", "q5_k", "q3_k", "q2_k", "q4_0", "q5_1", "q4_1"]
+
+
+def quantized_export(model, path):
+    """``model``'s linears (each in the next of GGUF_TYPES), its token embedding (Q8_0) and
+    everything else dense, written by lorq as a GGUF; returns the model with the weights the file
+    holds (its logits: the oracle)."""
+    import lorq
+    from lorq.io.gguf_write import write_gguf
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [n for n in linears if n != "lm_head"]
+    layers = {}
+    for i, name in enumerate(linears):
+        module = model.get_submodule(name)
+        layers[name] = lorq.quantize(
+            module.weight.detach().float(), GGUF_TYPES[i % len(GGUF_TYPES)]
+        )
+        module.weight.data = layers[name].dequantize()
+    embedding = model.get_input_embeddings()  # packed as SmolLM2's file holds it (Q8_0)
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    layers[name] = lorq.quantize(embedding.weight.detach().float(), "q8_0")
+    embedding.weight.data = layers[name].dequantize()
+    own = {f"{n}.weight" for n in layers}
+    dense = {n: p for n, p in model.named_parameters() if n not in own}
+    for param in dense.values():  # GGUF holds a dense matrix as F16
+        param.data = param.data.half().float() if param.dim() == 2 else param.data
+    write_gguf(path, layers, dense, model.config.to_dict(), tokenizer=byte_bpe_tokenizer())
+    return model

@@ -8,7 +8,14 @@ import re
 
 import pytest
 import torch
-from conftest import LLAMA3_ROPE, assert_same_bytes, byte_bpe_tokenizer, saved_tensors, tiny_arch
+from conftest import (
+    LLAMA3_ROPE,
+    assert_same_bytes,
+    byte_bpe_tokenizer,
+    quantized_export,
+    saved_tensors,
+    tiny_arch,
+)
 
 import lorq
 from lorq.io.gguf import gguf_tensors
@@ -18,32 +25,7 @@ from lorq.nn import QuantEmbedding
 from lorq.nn.quant_embedding import packed_linears
 
 MODEL_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "starcoder2"]
-TYPES = ["q4_k", "q6_k", "q8_0", "iq4_nl", "q5_k", "q3_k", "q2_k", "q4_0", "q5_1", "q4_1"]
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-def quantized_export(model, path):
-    """``model``'s linears (each in the next of TYPES), its token embedding (Q8_0) and everything
-    else dense, written by
-    lorq as a GGUF; returns the model with the weights the file holds (its logits: the
-    oracle)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    linears = [n for n in linears if n != "lm_head"]
-    layers = {}
-    for i, name in enumerate(linears):
-        module = model.get_submodule(name)
-        layers[name] = lorq.quantize(module.weight.detach().float(), TYPES[i % len(TYPES)])
-        module.weight.data = layers[name].dequantize()
-    embedding = model.get_input_embeddings()  # packed as SmolLM2's file holds it (Q8_0)
-    name = next(n for n, m in model.named_modules() if m is embedding)
-    layers[name] = lorq.quantize(embedding.weight.detach().float(), "q8_0")
-    embedding.weight.data = layers[name].dequantize()
-    own = {f"{n}.weight" for n in layers}
-    dense = {n: p for n, p in model.named_parameters() if n not in own}
-    for param in dense.values():  # GGUF holds a dense matrix as F16
-        param.data = param.data.half().float() if param.dim() == 2 else param.data
-    write_gguf(path, layers, dense, model.config.to_dict(), tokenizer=byte_bpe_tokenizer())
-    return model
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -4,7 +4,8 @@
     lorq model ─▶ teacher cache (the original's top-k, once) ─▶ train B, A ─▶ lorq model in ``out``
 
 The original is the model the directory's lorq.json names as its source (or ``teacher``); it is
-loaded once to make the cache and let go before training. Checkpoints, resume, progress and the
+read block by block to make the cache (lorq.pipeline.teacher) — a teacher larger than memory
+works — and never held beside the student. Checkpoints, resume, progress and the
 saved provenance (``recover``: config, result, teacher) follow ``lorq finetune``'s conventions.
 """
 
@@ -15,17 +16,22 @@ from typing import Any
 
 from torch import nn
 
-from lorq.io.models import load_model, recorded_model
+from lorq.io.models import recorded_model
 from lorq.io.native import model_meta
+from lorq.jobs.compress import streamed_source
 from lorq.jobs.finetune import finetune_model
 from lorq.nn.dense import device_of
 from lorq.nn.scales import check_memory, trainable_layers, training_bytes
 from lorq.pipeline.devices import free_memory
+from lorq.pipeline.teacher import teacher_rows
 from lorq.quant import format_of
+from lorq.recovery.teacher import Text
+from lorq.recovery.topk import TopK
 from lorq.train.distill import Teacher
 from lorq.train.trainer import FinetuneResult, RecoverConfig
 
 RECOVERED = "-recovered"  # the default output: PATH-recovered beside the input
+TEACHER_SCRATCH = ".teacher-activations"  # the teacher's hidden states, when offloaded
 
 
 def teacher_of(model: nn.Module, teacher: str | None = None) -> Teacher:
@@ -36,8 +42,12 @@ def teacher_of(model: nn.Module, teacher: str | None = None) -> Teacher:
             "the model's lorq.json names no original model to recover toward; pass teacher= "
             "(--teacher NAME_OR_PATH)"
         )
-    return Teacher(lambda: load_model(name, with_tokenizer=False, packed=True).model.eval(),
-                   {"teacher": name})  # fmt: skip
+    device = device_of(model)
+
+    def rows(texts: list[Text], k: int, scratch: Path) -> list[list[TopK]]:
+        return teacher_rows(streamed_source(name), texts, k, device, scratch / TEACHER_SCRATCH)
+
+    return Teacher(rows, {"teacher": name})
 
 
 def recover(

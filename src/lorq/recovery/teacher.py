@@ -7,7 +7,7 @@
 The file (safetensors: ``logp`` (P, k) float32, ``ids`` (P, k) int32, ``log_rest`` (P,) float32,
 ``offsets`` (E + 1,) int64) records what it was made from — the teacher, the text (sha256 of every
 example's ids and positions) and k — and a cache made for another teacher or text is refused,
-naming the difference. The teacher is held only while the cache is built.
+naming the difference. The rows are made block by block (lorq.pipeline.teacher).
 """
 
 from __future__ import annotations
@@ -23,15 +23,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
-from lorq.nn import decoded_once
 from lorq.recovery.topk import TopK
 
 Positions = Sequence[int]  # the positions of one example whose next-token distribution counts
+Text = Sequence[tuple[Sequence[int], Positions]]  # examples: token ids and counted positions
 
 
-def text_digest(examples: Sequence[tuple[Sequence[int], Positions]]) -> str:
+def text_digest(examples: Text) -> str:
     """sha256 of every example's token ids and counted positions, in order."""
     digest = hashlib.sha256()
     for ids, positions in examples:
@@ -80,23 +79,10 @@ class TeacherCache:
         return TeacherCache(rows, tensors["offsets"], recorded)
 
 
-def build_cache(
-    teacher: nn.Module,
-    examples: Sequence[tuple[Sequence[int], Positions]],
-    k: int,
-    made_from: dict[str, Any],
-    progress=None,
-) -> TeacherCache:
-    """The teacher's top-k at each example's positions, one example at a time (no KV cache)."""
-    parts: list[TopK] = []
+def cache_of(rows: Sequence[TopK], made_from: dict[str, Any]) -> TeacherCache:
+    """The cache of one text from its examples' rows, in order."""
     offsets = [0]
-    device = next(teacher.parameters()).device
-    with torch.no_grad(), decoded_once(teacher):  # a packed teacher: decoded once, not per example
-        for ids, positions in examples:
-            logits = teacher(input_ids=torch.tensor([list(ids)], device=device)).logits[0]
-            parts.append(TopK.of(logits[list(positions)].cpu(), k))
-            offsets.append(offsets[-1] + len(positions))
-            if progress is not None:
-                progress(1)
-    rows = TopK(*(torch.cat([getattr(p, f) for p in parts]) for f in ("logp", "ids", "log_rest")))
-    return TeacherCache(rows, torch.tensor(offsets, dtype=torch.int64), made_from)
+    for part in rows:
+        offsets.append(offsets[-1] + part.logp.shape[0])
+    fields = (torch.cat([getattr(p, f) for p in rows]) for f in ("logp", "ids", "log_rest"))
+    return TeacherCache(TopK(*fields), torch.tensor(offsets, dtype=torch.int64), made_from)

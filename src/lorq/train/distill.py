@@ -21,16 +21,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorq.recovery.teacher import TeacherCache, build_cache, text_digest
-from lorq.recovery.topk import topk_kl
+from lorq.recovery.teacher import TeacherCache, Text, cache_of, text_digest
+from lorq.recovery.topk import TopK, topk_kl
 from lorq.train.data import IGNORE, Example
 
 
 @dataclass(frozen=True)
 class Teacher:
-    """The original model, loaded only when a cache must be made, and what identifies it."""
+    """The original model, run only when a cache must be made, and what identifies it.
 
-    load: Callable[[], nn.Module]
+    ``rows(texts, k, scratch)``: per text, per example, the top-k at its positions
+    (lorq.pipeline.teacher.teacher_rows, block by block; ``scratch`` for its disk buffers).
+    """
+
+    rows: Callable[[list[Text], int, Path], list[list[TopK]]]
     identity: dict[str, Any]
 
 
@@ -62,10 +66,9 @@ def teacher_caches(
     blocks: torch.Tensor,
     k: int,
     folder: Path,
-    progress: Any = None,
 ) -> Caches:
     """The training examples' and evaluation blocks' caches: read from ``folder`` when there,
-    else made (the teacher loaded once for both, then let go) and written there."""
+    else made (one pass of the teacher's blocks for both) and written there."""
     evaluation = [Example(row, row) for row in blocks.tolist()]
     parts = {"train": examples, "eval": evaluation}
     made_from, missing = {}, []
@@ -75,16 +78,16 @@ def teacher_caches(
         if not (folder / f"teacher-{name}.safetensors").is_file():
             missing.append(name)
     caches = {}
-    model = teacher.load() if missing else None
-    for name, (record, text) in made_from.items():
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+    made = iter(teacher.rows([made_from[n][1] for n in missing], k, folder) if missing else [])
+    for name, (record, _) in made_from.items():
         path = folder / f"teacher-{name}.safetensors"
         if name in missing:
-            caches[name] = build_cache(model, text, k, record, progress)
-            folder.mkdir(parents=True, exist_ok=True)
+            caches[name] = cache_of(next(made), record)
             caches[name].save(path)
         else:
             caches[name] = TeacherCache.load(path, record)
-    del model
     return Caches(caches["train"], caches["eval"])
 
 
