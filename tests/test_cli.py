@@ -101,7 +101,8 @@ def test_activation_weighted_compress_and_plan(tiny_dir, tmp_path):
 def test_kl_plan(tiny_dir, tmp_path):
     """--plan-weighting kl: the plan's costs are α·t², its table says the KL it predicts (the
     sum of its entries' costs), the JSON keeps α; a compress with it records the weighting."""
-    common = ("--model", tiny_dir, "--rank", "2", "--budget", "3", "--calibration-tokens", "256")
+    common = ("--model", tiny_dir, "--rank", "2", "--budget", "3", "--calibration-tokens", "256",
+              "--seq-len", "64")  # fmt: skip
     result = run("plan", *common, "--plan-weighting", "kl", "--out", tmp_path / "kl.json")
     assert result.exit_code == 0, result.output
     plan = json.loads((tmp_path / "kl.json").read_text())
@@ -114,6 +115,10 @@ def test_kl_plan(tiny_dir, tmp_path):
     assert json.loads((out / "lorq.json").read_text())["plan"]["weighting"] == "kl"
     result = run("plan", *common, "--plan-weighting", "kld", "--out", tmp_path / "x.json")
     assert result.exit_code == 2 and "kl" in result.output and not (tmp_path / "x.json").exists()
+    short = [*common[:-2], "--seq-len", "128"]  # 2 sequences: too few to measure α on
+    result = run("plan", *short, "--plan-weighting", "kl", "--out", tmp_path / "y.json")
+    assert result.exit_code == 2 and "gives 2" in result.output, result.output
+    assert "--plan-weighting fisher" in result.output and not (tmp_path / "y.json").exists()
 
 
 def test_planned_ranks(tiny_dir, tmp_path):

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorq.calibrate.blocks import BlockInputs, forward_kwargs
 from lorq.calibrate.fisher import blocks_bypassed
-from lorq.calibrate.sensitivity import Probes
+from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES, Probes
 from lorq.nn.dense import dense_weight
 from lorq.pipeline.run import Run
 from lorq.util import dist
@@ -39,6 +39,13 @@ def probes_for(run: Run) -> Probes | None:
     if dist.broadcast(file.is_file(), 0, run.world):
         run.sensitivities = json.loads(file.read_text())
         return None
+    rows = len(run.tokens())
+    if rows < SENSITIVITY_SEQUENCES:
+        raise ValueError(
+            f"the KL plan measures its sensitivities on {SENSITIVITY_SEQUENCES} calibration "
+            f"sequences and the calibration text gives {rows}; give a longer text, shorter "
+            "sequences (--seq-len) or use --plan-weighting fisher"
+        )
     return Probes(seed=run.config.seed)
 
 
