@@ -67,17 +67,25 @@ def _finite_difference(model, tokens, name: str, gram: torch.Tensor) -> float:
     return float(kl) / SENSITIVITY_T**2
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+HEAD = {"include": ("proj", "lm_head"), "exclude": ()}  # an untied output layer a target too
+
+
+@pytest.mark.parametrize("family", ["llama", "llama+head", "bert"])
 def test_sensitivities_equal_a_whole_model_finite_difference(family):
     """α of every target, measured block by block on 4 calibration sequences, equals the
     divergence of the whole model with that target alone perturbed (float64, independent H) /
     t²: the KL of a causal LM's next-token distributions, 1 − cos of an encoder's mean-pooled
-    embeddings."""
-    model, tokens = (_peaked_llama() if family == "llama" else tiny_bert()), _tokens()
-    config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl")
+    embeddings. An untied output layer, made a target, is measured the same way (on X_N)."""
+    model, tokens = (tiny_bert() if family == "bert" else _peaked_llama()), _tokens()
+    targets = HEAD if family == "llama+head" else {}
+    config = CompressConfig(budget=3.0, rank=4, weighting="activations", plan_weighting="kl",
+                            **targets)  # fmt: skip
     (plan,) = plan_budgets_for(model, config, [3.0], calibration=tokens)
     alphas = plan.sensitivities
-    assert alphas is not None and len(alphas) == (14 if family == "llama" else 12)
+    assert alphas is not None
+    assert len(alphas) == {"llama": 14, "llama+head": 15, "bert": 12}[family]
+    assert ("lm_head" in alphas) == (family == "llama+head")
+    assert ("lm_head" in {e.name for e in plan.entries}) == (family == "llama+head")
     grams = _input_grams(model, tokens, set(alphas))
     expected = {name: _finite_difference(model, tokens, name, grams[name]) for name in alphas}
     floor = 1e-4 * max(expected.values())  # the float32 forwards' noise on the smallest KLs
