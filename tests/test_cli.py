@@ -121,6 +121,28 @@ def test_kl_plan(tiny_dir, tmp_path):
     assert "--plan-weighting fisher" in result.output and not (tmp_path / "y.json").exists()
 
 
+def test_plan_embeddings(tiny_dir, tmp_path):
+    """--plan-embeddings: the plan's JSON names the table and its entry, the summary shows its
+    format, compress --plan packs it; without --plan-weighting kl it is refused (exit 2)."""
+    common = ("--model", tiny_dir, "--rank", "2", "--budget", "4", "--calibration-tokens", "256",
+              "--seq-len", "64", "--plan-weighting", "kl")  # fmt: skip
+    plan = tmp_path / "plan.json"
+    result = run("plan", *common, "--plan-embeddings", "--out", plan)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(plan.read_text())
+    entry = next(e for e in saved["entries"] if e["name"] == saved["embedding"])
+    assert saved["embedding"] == "model.embed_tokens" and "token embedding" in result.output
+    out = tmp_path / "out"
+    result = run("compress", "--model", tiny_dir, "--plan", plan, "--rank", "2",
+                 "--eval-blocks", "0", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = lorq.load(out).get_input_embeddings()
+    assert table.quant_config.to_dict() == entry["config"] and 8 * table.q.nbytes == entry["bits"]
+    bad = run("plan", *common[:-2], "--plan-embeddings", "--out", tmp_path / "x.json")
+    assert bad.exit_code == 2 and "plan_weighting='kl'" in bad.output, bad.output
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_planned_ranks(tiny_dir, tmp_path):
     """--plan-ranks / --plan-factor-bits: the plan's entries carry their rank and factor bits,
     the table counts them; compress --plan builds exactly those layers; a rank grid larger than

@@ -95,6 +95,29 @@ def _check_adapters(config: CompressConfig) -> None:
         )
 
 
+def _check_plan_embeddings(config: CompressConfig) -> None:
+    """``plan_embeddings``: the token embedding is a row of a KL plan (docs/algorithms.md §10)."""
+    _check_choice("plan_embeddings", config.plan_embeddings, (True, False))
+    if not config.plan_embeddings:
+        return
+    if not config.budgeted or config.cost_weighting != "kl":
+        raise ValueError(
+            "plan_embeddings chooses the token embedding's format in a plan whose costs are the "
+            "KL's; give a budget (budget= or budget_mb=) with plan_weighting='kl'"
+        )
+    if config.embeddings is not None:
+        raise ValueError(
+            f"give embeddings={config.embeddings!r} (one format, fixed) or plan_embeddings "
+            "(the plan chooses it), not both"
+        )
+    grid = config.adapter_grid()
+    if grid is not None and 0 not in grid[0]:
+        raise ValueError(
+            f"plan_embeddings with plan_ranks={list(grid[0])}: the token embedding takes no "
+            "adapter, so the rank grid must include 0"
+        )
+
+
 def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
     """'0,8,16' / [0, 8, 16] / 8 → (0, 8, 16); ValueError naming ``name`` otherwise."""
     items = value.split(",") if isinstance(value, str) else value
@@ -237,7 +260,11 @@ class CompressConfig(_Serializable):
     ``include`` / ``exclude`` are regexes on module names
     (default: every linear layer of the blocks, no LM head). ``embeddings``: a preset or config
     for the token embedding table (and an untied output layer) — stored packed, no adapter;
-    None (default) keeps them as the source has them. ``factor_bits=8``: the initial factors
+    None (default) keeps them as the source has them. ``plan_embeddings`` (a KL plan): the
+    token embedding is a row of the plan, its format chosen among the candidates (no adapter)
+    at the cost α_E·t² (t its relative Frobenius error, α_E measured the same way), its bits in
+    the budget; a tied head is the same table, an untied one a target when ``include`` names
+    it. ``factor_bits=8``: the initial factors
     are rounded to 8 bits per value (row-wise int8, docs/algorithms.md §1.9) and saved so; they
     train and merge as floats. ``sequential`` (docs/algorithms.md §6): each block's statistics
     come from the outputs of the compressed earlier blocks (False: of the original ones).
@@ -277,10 +304,12 @@ class CompressConfig(_Serializable):
     recover_scale_lr: float = RECOVER_SCALE_LR
     plan_ranks: tuple[int, ...] | None = None
     plan_factor_bits: tuple[int, ...] | None = None
+    plan_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("factor_bits", self.factor_bits, (None, 8))
         _check_adapters(self)
+        _check_plan_embeddings(self)
         _check_choice("sequential", self.sequential, (True, False))
         _check_choice("gguf_codes", self.gguf_codes, (True, False))
         _check_recovery(self)

@@ -120,3 +120,29 @@ def test_a_budget_the_smallest_candidates_miss_is_refused_in_mib():
     roomy = lorq.CompressConfig(candidates="q4_0,q8_0", rank=RANK, budget_mb=megabytes * 10)
     result = lorq.compress_model(loaded, roomy, eval_blocks=0)  # more than q8_0 everywhere
     assert {e.config.name for e in result.plan.entries} == {"q8_0"}
+
+
+def test_a_planned_table_is_counted_with_the_codes_and_the_files_fit(tmp_path):
+    """plan_embeddings: the token embedding's data leaves the fixed bytes and joins the codes
+    (its params in the bits/param); the base file is then the fixed bytes + every planned
+    tensor's padded data, and both files fit."""
+    model = tiny_causal("llama", tie_word_embeddings=True)
+    tables = {"model.embed_tokens": (128, 64)}
+    probe = gguf_budget(model, shapes(model), 1024.0, RANK, tables=tables)
+    fixed = gguf_budget(model, shapes(model), 1024.0, RANK)
+    assert fixed.base_bytes - probe.base_bytes == 128 * 64 * 2  # the F16 table, now planned
+    assert probe.target_params - fixed.target_params == 128 * 64
+    megabytes = probe.megabytes_for(5.0)
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    config = lorq.CompressConfig(candidates="gguf", rank=RANK, iters=1, budget_mb=megabytes,
+                                 weighting="activations", plan_weighting="kl",
+                                 plan_embeddings=True)  # fmt: skip
+    loaded = LoadedModel(model, None, ModelSource("tiny", ""))
+    result = lorq.compress_model(loaded, config, calibration=tokens, eval_blocks=0)
+    table = result.model.get_input_embeddings()
+    assert result.plan.embedding_entry.bits == 8 * table.q.nbytes
+    out = export_gguf(result.model, tmp_path / "m.gguf")
+    codes = padded_codes(result.model, shapes(model)) + GGUFWriter.ggml_pad(table.q.nbytes, 32)
+    base, adapter = out.stat().st_size, adapter_path(out).stat().st_size
+    assert base - codes == probe.base_bytes
+    assert base + adapter <= megabytes * MIB

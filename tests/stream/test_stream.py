@@ -224,6 +224,27 @@ KL_BUDGET = CompressConfig(
 )
 
 
+def test_streamed_plan_of_the_table_equals_in_memory(tmp_path):
+    """plan_embeddings (§10): the token embedding's α (its probe started at X_0) and row, the
+    plan and the packed table streamed from a checkpoint equal the in-memory job's, byte for
+    byte; the saved plan names the table."""
+    from lorq.budget import BudgetPlan
+    from lorq.pipeline.passes import PLAN_FILE
+
+    config = replace(KL_BUDGET, plan_embeddings=True, budget=3.5)
+    out = tmp_path / "out"
+    tiny_causal("llama", 0, num_hidden_layers=3).save_pretrained(tmp_path / "src")
+    compress_to(str(tmp_path / "src"), out, config, calibration=tokens(), device="cpu")
+    memory = compress(tiny_causal("llama", 0, num_hidden_layers=3), config, tokens())
+    streamed = BudgetPlan.load(out / PLAN_FILE)
+    assert streamed.embedding == memory.plan.embedding == "model.embed_tokens"
+    assert streamed.sensitivities == memory.plan.sensitivities and len(streamed.entries) == 22
+    assert streamed.entries == memory.plan.entries
+    lorq.save(memory, tmp_path / "memory")
+    assert_same_bytes(saved_tensors(out), saved_tensors(tmp_path / "memory"))
+    assert any(k.startswith("model.embed_tokens.q_") for k in saved_tensors(out))
+
+
 def test_streamed_kl_plan_equals_in_memory_and_resumes_its_sensitivities(tmp_path):
     """A KL plan (§10): the sensitivities measured while streaming (probes carried block by block
     through the checkpoint read part by part) and the plan equal the in-memory job's; they are

@@ -116,6 +116,16 @@ def shape_bits(
     ]
 
 
+def embedding_bits(
+    name: str, shape: tuple[int, int], candidates: Choices | Sequence[QuantConfig]
+) -> list:
+    """:func:`shape_bits` of the token embedding (plan_embeddings): its format's stored bits in
+    a column without an adapter, +inf in one with (a table takes none)."""
+    choices = as_choices(candidates)
+    bits = shape_bits(name, shape, choices)
+    return [np.inf if r else b for b, (_, r, _) in zip(bits, choices.columns, strict=True)]
+
+
 def _error(
     weighting: Weighting, weight: torch.Tensor, q: torch.Tensor, low_rank: torch.Tensor | None
 ) -> float:
@@ -314,6 +324,29 @@ def _table_row(name, weight, choices, method, config, statistics, shared_work) -
     )
 
 
+def embedding_row(name: str, weight: torch.Tensor, candidates: Choices) -> CostTable:
+    """The token embedding E (vocab × dim) as one row of the table (plan_embeddings, §10): in
+    every column its format's stored bits and ‖E − Q‖²_F (Q = round(E) to nearest; norm ‖E‖²_F),
+    no adapter: a column with a rank > 0 gets +inf bits (the ILP never chooses it)."""
+    weight = weight.detach().float()
+    shape = (weight.shape[0], weight.shape[1])
+    choices = as_choices(candidates)
+    fit = fitting(name, shape, choices.quants)
+    fitting_quants = [q for q, ok in zip(choices.quants, fit, strict=True) if ok]
+    weighting, rounding = _measures(weight, DecomposeConfig(), (None, None))
+    _, (cost,) = _costs(weight, None, fitting_quants, weighting, rounding, True)
+    by_quant = dict(zip(fitting_quants, cost, strict=True))
+    return CostTable(
+        names=(name,),
+        numels=np.array([weight.numel()], dtype=np.int64),
+        candidates=tuple(q for q, _, _ in choices.columns),
+        bits=np.array([embedding_bits(name, shape, choices)], dtype=np.float64),
+        cost=np.array([[by_quant.get(q, np.inf) for q, _, _ in choices.columns]]),
+        norms=np.array([weighting.error(weight) ** 2], dtype=np.float64),
+        choices=choices if choices.planned else None,
+    )
+
+
 def kl_costs(table: CostTable, alphas: Mapping[str, float]) -> CostTable:
     """The H-norm ``table`` in the currency of the KL (docs/algorithms.md §10): cost[i, c] =
     α_i t²_{i,c} with t² = err² / ‖W L‖², and norms = α (so cost / norm stays t²)."""
@@ -322,5 +355,6 @@ def kl_costs(table: CostTable, alphas: Mapping[str, float]) -> CostTable:
         raise ValueError(f"no KL sensitivity for {missing[0]} (and {len(missing) - 1} more)")
     alpha = np.maximum([alphas[name] for name in table.names], 0.0).astype(np.float64)
     relative = table.cost / np.where(table.norms > 0, table.norms, 1.0)[:, None]
-    cost = np.where(np.isfinite(table.cost), alpha[:, None] * relative, np.inf)
+    with np.errstate(invalid="ignore"):  # α = 0 beside a candidate that does not fit
+        cost = np.where(np.isfinite(table.cost), alpha[:, None] * relative, np.inf)
     return dataclasses.replace(table, cost=cost, norms=alpha)

@@ -3,6 +3,9 @@
 achieved bits/param = Σ_i bits_i / Σ_i numel_i                       (quantized part)
 with low-rank factors = (Σ_i bits_i + Σ_i adapter_bits(r_i, b_i)) / Σ_i numel_i
 
+With ``plan_embeddings`` the token embedding E (vocab × dim) is one more entry i (no adapter), so
+both sums count it (``BudgetPlan.embedding`` names it; ``matrices`` are the other entries).
+
 The rank r is the plan's own for every matrix, its factors outside the budget; or, with planned
 adapters (``ranks=``), each entry's r_i (0: none) and factor bits b_i, and the budget is the
 total's (``lorq.budget.choices``).
@@ -77,6 +80,17 @@ class BudgetPlan:
     solve_seconds: float
     weighting: str = "none"  # the costs' error: none | fisher | activations | both | kl
     rounding: str = "nearest"  # how Q was rounded for the costs: nearest | gptq
+    embedding: str | None = None  # the entry that is the token embedding (plan_embeddings)
+
+    @property
+    def matrices(self) -> tuple[PlanEntry, ...]:
+        """The entries of the target matrices (every entry but the token embedding's)."""
+        return tuple(e for e in self.entries if e.name != self.embedding)
+
+    @property
+    def embedding_entry(self) -> PlanEntry | None:
+        """The token embedding's entry (its format, no adapter), or None when not planned."""
+        return next((e for e in self.entries if e.name == self.embedding), None)
 
     @property
     def weighted(self) -> bool:
@@ -131,7 +145,7 @@ class BudgetPlan:
             return self.achieved_total_bits
         if self.method == "plain":
             return self.achieved_bits
-        extra = sum(self.rank * (e.shape[0] + e.shape[1]) * factor_bits for e in self.entries)
+        extra = sum(self.rank * (e.shape[0] + e.shape[1]) * factor_bits for e in self.matrices)
         return self.achieved_bits + extra / self.total_params
 
     def config_of(self, name: str) -> QuantConfig:

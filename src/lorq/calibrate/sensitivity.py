@@ -10,6 +10,10 @@ output error, the measure the plan's costs use. KL is the mean, over the tokens 
 calibration sequences, of the full-vocabulary KL between next-token distributions; for an
 encoder (no next-token distribution), the mean 1 − cos of the mean-pooled embeddings instead.
 
+The token embedding E (plan_embeddings) is probed the same way with Δ_E white and relative to E
+as a whole, ‖Δ_E‖_F = t‖E‖_F (its cost's t is the table's relative Frobenius error): its stream
+starts at X_0 looked up in E + Δ_E, and a tied head computes with E + Δ_E at the top.
+
 Block by block: a probe's hidden states (S × L × d) leave the clean stream at its target's block
 (that block run with the target perturbed) and are carried through every later block while it is
 loaded, each block loaded once for all probes; the model's top turns each into logits at the end.
@@ -51,6 +55,34 @@ def perturbation(
     if not scale > 0 or scale == float("inf"):
         raise ValueError("a target's weight has zero output on the calibration inputs")
     return noise.mul_(t * scale)
+
+
+def table_perturbation(weight: torch.Tensor, t: float, seed: int) -> torch.Tensor:
+    """Δ (vocab × dim, float32) with ‖Δ‖_F / ‖E‖_F = t: the token embedding's probe, white noise
+    relative to the table as a whole (its rows are looked up, not multiplied by inputs)."""
+    weight = weight.detach().float()
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(weight.device)
+    scale = torch.linalg.norm(weight) / torch.linalg.norm(noise)
+    if not scale > 0 or not torch.isfinite(scale):
+        raise ValueError("the token embedding table is zero or not finite")
+    return noise.mul_(t * scale)
+
+
+@contextlib.contextmanager
+def looked_up(module: nn.Module, delta: torch.Tensor, scale: float) -> Iterator[None]:
+    """While active, the token embedding ``module`` returns (E + Δ)[ids]·scale (its own scale:
+    Gemma's √dim) for ids."""
+
+    def add(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(args[0], delta.to(device=output.device, dtype=output.dtype))
+        return output + rows * scale
+
+    handle = module.register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def probe_seed(name: str, seed: int) -> int:
@@ -149,14 +181,18 @@ class Probes:
         output: Callable[[torch.Tensor], torch.Tensor],
         clean: torch.Tensor,
         outside: dict[str, tuple[nn.Module, torch.Tensor]],
+        tied: dict[str, tuple[nn.Module, torch.Tensor]] | None = None,
     ) -> dict[str, float]:
         """{target: α}: each probe's ``output`` (X_N (S × L × d) → a causal LM's logits or an
         encoder's pooled embeddings; :func:`divergence`) against the clean stream's ``clean``
-        X_N; ``outside``: {name: (module, Δ)} perturbed at the top."""
+        X_N; ``outside``: {name: (module, Δ)} perturbed at the top; ``tied``: {name of a carried
+        probe: (module, Δ)} perturbed at the top too while that probe finishes (a tied head)."""
         reference = output(clean[: self.rows])
         kls = {}
         for name in list(self.states):
-            kls[name] = divergence(reference, output(self.states.pop(name)))
+            module, delta = (tied or {}).get(name, (None, None))
+            with perturbed(module, delta) if module is not None else contextlib.nullcontext():
+                kls[name] = divergence(reference, output(self.states.pop(name)))
         for name, (module, delta) in outside.items():
             with perturbed(module, delta):
                 kls[name] = divergence(reference, output(clean[: self.rows]))

@@ -77,11 +77,14 @@ def plan_tables(plan: BudgetPlan) -> tuple[Table, Table]:
     with_factors = plan.bits_with_low_rank(16)
     factors = "planned factors" if plan.adapters_planned else "low-rank factors (bf16)"
     summary = Table(show_header=False)
-    counted = "quantized part + planned factors" if plan.adapters_planned else "quantized part"
+    counted = "quantized part" + " + token embedding" * (plan.embedding is not None)
+    counted += " + planned factors" * plan.adapters_planned
     summary.add_row(f"budget (bits/param, {counted})", f"{plan.budget:.4f}")
     summary.add_row("achieved, quantized part", f"{plan.achieved_bits:.4f}")
     summary.add_row(f"achieved, with {factors}", f"{with_factors:.4f}")
-    summary.add_row("quantized linears (MB)", f"{sum(e.bits for e in plan.entries) / 8e6:.2f}")
+    summary.add_row("quantized linears (MB)", f"{sum(e.bits for e in plan.matrices) / 8e6:.2f}")
+    if (table := plan.embedding_entry) is not None:
+        summary.add_row(f"token embedding, {table.config.name} (MB)", f"{table.bits / 8e6:.2f}")
     lora_mb = (with_factors - plan.achieved_bits) * plan.total_params / 8e6
     summary.add_row(f"{factors} (MB)", f"{lora_mb:.2f}")
     if plan.adapters_planned:

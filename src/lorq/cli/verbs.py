@@ -135,6 +135,13 @@ PlanFactorBitsOption = Annotated[
     str | None,
     typer.Option(help="with a budget: the factor precisions the plan chooses from: 16, 8 or 16,8"),
 ]
+PlanEmbeddingsOption = Annotated[
+    bool,
+    typer.Option(
+        help="with a budget and --plan-weighting kl: the plan chooses the token embedding's "
+        "format too (its bits in the budget)"
+    ),
+]
 
 
 def statistics_options(
@@ -251,6 +258,7 @@ def plan(
     candidates: CandidatesOption = "default",
     plan_ranks: PlanRanksOption = None,
     plan_factor_bits: PlanFactorBitsOption = None,
+    plan_embeddings: PlanEmbeddingsOption = False,
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
@@ -328,6 +336,7 @@ def compress(
     candidates: CandidatesOption = "default",
     plan_ranks: PlanRanksOption = None,
     plan_factor_bits: PlanFactorBitsOption = None,
+    plan_embeddings: PlanEmbeddingsOption = False,
     calibration: CalibrationOption = "builtin",
     seq_len: SeqLenOption = 128,
     calibration_tokens: CalibrationTokensOption = None,
@@ -356,9 +365,6 @@ def compress(
     """Compress a model into quantized + low-rank layers, measure it against the original."""
     from lorq.config import CompressConfig
     from lorq.pipeline.guards import check_compress
-    from lorq.util.runtime import JOB_THRESHOLD_BYTES, fixed_mmap_threshold
-
-    fixed_mmap_threshold(JOB_THRESHOLD_BYTES)
 
     with user_errors() as stage:
         given, budget = plan_and_budget(plan_file, budget_mb, budget, quant)
@@ -383,11 +389,11 @@ JOB_FLAGS = ("eval_blocks", "baseline", "device", "dtype", "allow_pickle", "resu
              "offload_activations", "tokenizer")  # fmt: skip
 # the lorq plan options that are CompressConfig fields as they are
 PLAN_FLAGS = ("budget", "budget_mb", "rank", "candidates", "sequential", "plan_ranks",
-              "plan_factor_bits")  # fmt: skip
+              "plan_factor_bits", "plan_embeddings")  # fmt: skip
 # the lorq compress options that are CompressConfig fields as they are
 CONFIG_FLAGS = ("embeddings", "factor_bits", "budget_mb", "sequential", "gguf_codes", "recover",
                 "recover_steps", "recover_lr", "recover_scales", "recover_scale_lr",
-                "plan_ranks", "plan_factor_bits")  # fmt: skip
+                "plan_ranks", "plan_factor_bits", "plan_embeddings")  # fmt: skip
 
 
 def print_compressed(result, model: str, out: Path) -> None:
@@ -422,7 +428,9 @@ def compress_job(model: str, config, out: Path, job: dict, stream: bool):
     from lorq.io import save
     from lorq.jobs.compress import compress_model
     from lorq.pipeline.guards import ASKED, check_text, check_where, write_as_you_go
+    from lorq.util.runtime import JOB_THRESHOLD_BYTES, fixed_mmap_threshold
 
+    fixed_mmap_threshold(JOB_THRESHOLD_BYTES)  # before the model is read
     check_where(job["device"], job["dtype"], out, job["resume"])
     args = (config, job["calibration"], job["eval_blocks"], job["tokenizer"])
     job["tokenizer"] = check_text(model, *args)

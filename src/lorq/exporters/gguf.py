@@ -148,27 +148,30 @@ def gguf_budget(
     tokenizer: Any = None,
     source: Path | None = None,
     adapter_dtype: str = ADAPTER_DTYPE,
+    tables: dict[str, tuple[int, int]] | None = None,
 ) -> GGUFBudget:
     """The bits/param the ``targets`` ({module name: (out, in)}) of ``model`` (before compression)
     may take so that its GGUF base and rank-``rank`` adapter in ``adapter_dtype`` fit ``megabytes``
     MiB; ValueError when the other bytes alone exceed it. ``rank`` None: a plan chooses the
     ranks and counts the factors' data with the codes; the adapter's metadata and tensor infos
-    (and room to align each tensor) count here."""
+    (and room to align each tensor) count here. ``tables``: more rows whose data the plan counts
+    with the codes, without an adapter (the token embedding, plan_embeddings)."""
     config = hf_config(model)
     if config is None:
         raise ValueError("the model has no Hugging Face config; GGUF export needs one")
     names = gguf_names(config)
     source = source or source_gguf(model)
     kv, tensors = _other_sizes(model, config, names, embeddings, tokenizer, source)
-    own = {names[f"{t}.weight"][0] for t in targets}
+    rows = {**targets, **(tables or {})}
+    own = {names[f"{t}.weight"][0] for t in rows}
     base = file_size(kv, [(n, shape, 0 if n in own else size) for n, shape, size in tensors])
     r = 1 if rank is None else rank
     factors = {t: (torch.zeros(r, i), torch.zeros(o, r), 1.0) for t, (o, i) in targets.items()}
     kv, tensors = adapter_contents(factors, config, torch_dtype(adapter_dtype))
     data = rank is not None
     adapter = file_size(kv, [(n, tuple(d.shape), d.nbytes * data) for n, d, _ in tensors])
-    params = sum(o * i for o, i in targets.values())
-    padding = 31 * len(targets) * (1 if data else 3)  # planned: room for A and B as well
+    params = sum(o * i for o, i in rows.values())
+    padding = 31 * (len(targets) * (1 if data else 3) + len(rows) - len(targets))  # planned: A, B
     budget = GGUFBudget(megabytes, base, adapter, padding, params, adapter_dtype)
     if budget.code_bytes <= 0:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""What a compressed model stores beyond its linear layers, in the precision asked for:
+"""What a compressed model stores beyond its linear layers, in the precision asked for (or the
+plan chose, ``plan_embeddings``):
 
     token embeddings E (vocab × dim)  ─▶ QuantEmbedding of any format (a tied head shares it)
     low-rank factors B, A             ─▶ rounded to their 8-bit grid (lorq.quant.factors)
@@ -27,38 +28,68 @@ def round_factors(model: nn.Module) -> None:
                 layer.lora_B.copy_(round_rows(layer.lora_B))
 
 
-def check_embeddings(model: nn.Module, config: CompressConfig) -> QuantConfig | None:
-    """The embeddings' config, checked against the table's shape before any work."""
-    if config.embeddings is None:
-        return None
-    quant = as_config(config.embeddings)
+def input_embedding(model: nn.Module) -> tuple[str, nn.Module]:
+    """(qualified name, module) of the token embedding table; ValueError without one."""
     get = getattr(model, "get_input_embeddings", None)
     table = get() if get is not None else None
     if table is None:
-        raise ValueError("embeddings= needs a model with input embeddings (get_input_embeddings)")
+        raise ValueError(
+            "the model has no token embedding table (get_input_embeddings) to pack or plan"
+        )
+    return next(n for n, m in model.named_modules() if m is table), table
+
+
+def table_shape(table: nn.Module) -> tuple[int, int]:
+    """(vocab, dim) of a token embedding module, packed or plain."""
     shape = getattr(table, "shape", None) or tuple(table.weight.shape)
-    format_of(quant).check_shape(quant, (shape[0], shape[1]))
+    return int(shape[0]), int(shape[1])
+
+
+def table_weight(table: nn.Module) -> torch.Tensor:
+    """The table's values E (vocab × dim, fp32), decoded when packed (its scale not applied)."""
+    if isinstance(table, QuantEmbedding):
+        return table.q.dequantize().float()
+    return table.weight.detach().float()
+
+
+def tied_head(model: nn.Module) -> nn.Module | None:
+    """The output layer when it computes with the token embedding table itself (tied), else
+    None."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    packed = tied_packed_head(model)
+    if packed is not None:
+        return packed
+    plain = isinstance(head, nn.Linear) and head.weight is getattr(embedding, "weight", None)
+    return head if plain else None
+
+
+def check_embeddings(model: nn.Module, config: CompressConfig) -> QuantConfig | None:
+    """The embeddings' config, checked against the table's shape before any work."""
+    if config.plan_embeddings:
+        input_embedding(model)
+    if config.embeddings is None:
+        return None
+    quant = as_config(config.embeddings)
+    _, table = input_embedding(model)
+    format_of(quant).check_shape(quant, table_shape(table))
     return quant
 
 
-def pack_embeddings(model: nn.Module, quant: QuantConfig) -> None:
+def pack_embeddings(model: nn.Module, quant: QuantConfig, head: bool = True) -> None:
     """The token embedding table as a QuantEmbedding of ``quant`` (in place); a tied output layer
-    becomes a QuantLinear over the same buffers, an untied plain one a QuantLinear of its own."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    packed_head = tied_packed_head(model)
-    tied = packed_head is not None or (
-        isinstance(head, nn.Linear) and head.weight is getattr(embedding, "weight", None)
-    )
+    becomes a QuantLinear over the same buffers, an untied plain one a QuantLinear of its own
+    (unless not ``head``: a planned table leaves an untied head as it is)."""
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = tied_head(model) is not None
     if isinstance(embedding, QuantEmbedding) and embedding.quant_config == quant:
         table = embedding
     else:
-        weight = embedding.q.dequantize() if isinstance(embedding, QuantEmbedding) else None
-        weight = embedding.weight.detach().float() if weight is None else weight
+        weight = table_weight(embedding)
         table = QuantEmbedding(quantize(weight, quant), scale=embedding_scale(embedding))
         model.set_input_embeddings(table)
     if tied:
         model.set_output_embeddings(table.tied_head())
-    elif isinstance(head, nn.Linear):
+    elif head and isinstance(output, nn.Linear):
         model.set_output_embeddings(
-            QuantLinear(quantize(head.weight.detach().float(), quant), head.bias)
+            QuantLinear(quantize(output.weight.detach().float(), quant), output.bias)
         )

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from lorq.budget.choices import plan_choices
-from lorq.budget.cost import feasible_range, shape_bits
+from lorq.budget.cost import embedding_bits, feasible_range, shape_bits
 from lorq.config import CompressConfig
 from lorq.exporters.gguf import MIB, GGUFBudget, gguf_budget
 from lorq.model.targets import targets_of, weight_shape
+from lorq.pipeline.guards import planned_table
 from lorq.pipeline.sources import Source
 from lorq.quant import as_config
 
@@ -35,6 +36,7 @@ def megabyte_budget(
     if config.budget_mb is None:
         return config, None
     shapes = {n: weight_shape(m) for n, m in targets_of(source.model, config).items()}
+    tables = planned_table(source.model, config)
     origin = source.origin
     gguf = Path(origin.path) / origin.gguf_file if origin.gguf_file else None
     embeddings = as_config(config.embeddings) if config.embeddings is not None else None
@@ -43,11 +45,12 @@ def megabyte_budget(
     try:
         budget = gguf_budget(
             source.model, shapes, config.budget_mb, _rank(config), embeddings=embeddings,
-            tokenizer=tokenizer, source=gguf,
+            tokenizer=tokenizer, source=gguf, tables=tables,
         )  # fmt: skip
     finally:
         source.release(parts)
-    return replace(config, budget=_feasible_bits(budget, config, shapes), budget_mb=None), budget
+    bits = _feasible_bits(budget, config, shapes, tables)
+    return replace(config, budget=bits, budget_mb=None), budget
 
 
 def _rank(config: CompressConfig) -> int | None:
@@ -56,12 +59,14 @@ def _rank(config: CompressConfig) -> int | None:
     return None if config.plans_adapters else config.rank
 
 
-def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes) -> float:
+def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes, tables) -> float:
     """The budget's bits/param, at most what the largest candidates take; ValueError in MiB when
-    even the smallest do not fit."""
+    even the smallest do not fit (``tables``: the planned token embedding, counted too)."""
     grid = plan_choices(config)
-    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
-    low, high = feasible_range(bits, np.array([o * i for o, i in shapes.values()], np.int64))
+    rows = [shape_bits(name, shape, grid) for name, shape in shapes.items()]
+    rows += [embedding_bits(name, shape, grid) for name, shape in tables.items()]
+    numels = np.array([o * i for o, i in [*shapes.values(), *tables.values()]], np.int64)
+    low, high = feasible_range(np.array(rows), numels)
     if budget.bits < low:
         other = (budget.base_bytes + budget.adapter_bytes) / MIB
         raise ValueError(

@@ -204,7 +204,7 @@ def _past_finished(run: Run, index: int, inputs: BlockInputs | None) -> BlockInp
 
 def outside_step(run: Run, inputs: BlockInputs | None) -> None:
     """The tensors outside the blocks: the targets there (an LM head, on X_N), the embeddings
-    packed when asked; then written."""
+    packed when asked or planned; then written."""
     if run.sink.finished(None):
         return
     parts = run.source.outside_parts()
@@ -217,6 +217,8 @@ def outside_step(run: Run, inputs: BlockInputs | None) -> None:
     compress_targets(run, targets, hessians, FisherStore.of(run).read(None))
     if run.config.embeddings is not None:
         pack_embeddings(run.model, as_config(run.config.embeddings))
+    elif run.plan is not None and (planned := run.plan.embedding_entry) is not None:
+        pack_embeddings(run.model, planned.config, head=False)  # an untied head: as it is
     parts = run.source.outside_parts()
     for name, module, _ in parts:
         _finalize_own(module, run.adapter_of(name)[1] if name in targets else None)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorq.budget import BudgetPlan
 from lorq.budget.choices import plan_choices
-from lorq.budget.cost import shape_bits
+from lorq.budget.cost import embedding_bits, shape_bits
 from lorq.budget.ilp import check_budget
 from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES
 from lorq.calibrate.tokens import Calibration
@@ -33,7 +33,7 @@ from lorq.io.models import (
     source_config,
     unusable_as_value_error,
 )
-from lorq.model.packing import check_embeddings
+from lorq.model.packing import check_embeddings, input_embedding, table_shape
 from lorq.model.skeleton import decoder_blocks, skeleton
 from lorq.model.targets import targets_of, weight_shape
 from lorq.nn.qa_lora_linear import check_qa_base
@@ -61,9 +61,31 @@ def _bits(quant: QuantConfig, shape: tuple[int, int]) -> float:
     return 8.0 * fmt.nbytes(quant, shape)
 
 
-def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
+def planned_table(model: nn.Module, config: CompressConfig) -> Shapes:
+    """{name: (vocab, dim)} of the token embedding when the plan chooses its format, else {}."""
+    if not config.plan_embeddings:
+        return {}
+    name, table = input_embedding(model)
+    return {name: table_shape(table)}
+
+
+def check_planned_embedding(plan: BudgetPlan, model: nn.Module) -> None:
+    """A plan's token embedding entry must be this model's table, of its shape."""
+    entry = plan.embedding_entry
+    if entry is None:
+        return
+    name, table = input_embedding(model)
+    if (name, table_shape(table)) != (entry.name, tuple(entry.shape)):
+        raise ValueError(
+            f"the plan's token embedding {entry.name} {tuple(entry.shape)} is not this model's "
+            f"({name} {table_shape(table)}); make the plan for this model"
+        )
+
+
+def check_shapes(config: CompressConfig, shapes: Shapes, table: Shapes | None = None) -> None:
     """Rank below every matrix's sides; the uniform format fits every matrix, or the budget lies
-    in the range the candidates can reach."""
+    in the range the candidates can reach (with ``table``, the planned token embedding's row
+    counted too)."""
     smallest = min(shapes.items(), key=lambda item: min(item[1]))
     if (
         config.method in ("lq", "loftq")
@@ -87,8 +109,11 @@ def check_shapes(config: CompressConfig, shapes: Shapes) -> None:
         return
     grid = plan_choices(config)
     _check_rounding(config, grid.quants)
-    bits = np.array([shape_bits(name, shape, grid) for name, shape in shapes.items()])
-    numels = np.array([out * inp for out, inp in shapes.values()], dtype=np.int64)
+    rows = [shape_bits(name, shape, grid) for name, shape in shapes.items()]
+    rows += [embedding_bits(name, shape, grid) for name, shape in (table or {}).items()]
+    every = [*shapes.values(), *(table or {}).values()]
+    numels = np.array([out * inp for out, inp in every], dtype=np.int64)
+    bits = np.array(rows)
     if config.budget is not None:  # a budget in MiB is checked once the model is loaded
         check_budget(bits, numels, config.budget)
 
@@ -118,7 +143,7 @@ def check_plan(
         raise ValueError(f"the plan was made for rank {plan.rank}, not {config.rank}")
     if shapes is None:
         return
-    planned = {e.name: e.shape for e in plan.entries}
+    planned = {e.name: e.shape for e in plan.matrices}
     if planned != {name: tuple(shape) for name, shape in shapes.items()}:
         missing = sorted(set(shapes) ^ set(planned))[:MAX_LISTED]
         raise ValueError(
@@ -147,12 +172,14 @@ def check_compress(
     check_embeddings(architecture, config)
     if plan is not None:
         check_plan(plan, config, shapes)
-        _check_rounding(config, [entry.config for entry in plan.entries])
+        check_planned_embedding(plan, architecture)
+        _check_rounding(config, [entry.config for entry in plan.matrices])
     else:
-        check_shapes(config, shapes)
+        check_shapes(config, shapes, planned_table(architecture, config))
     check_recovery_memory(architecture, config, shapes)
     if plan is None:
-        check_sensitivity_memory(architecture, config, len(shapes), calibration)
+        probed = len(shapes) + config.plan_embeddings  # the token embedding's probe too
+        check_sensitivity_memory(architecture, config, probed, calibration)
 
 
 def check_recovery_memory(architecture: nn.Module, config: CompressConfig, shapes: Shapes) -> None:
@@ -215,6 +242,7 @@ def check_run(
         if config.method == "qa-lora":
             raise ValueError("method='qa-lora' uses one uniform base config; it takes no plan")
         check_plan(plan, config, {name: weight_shape(m) for name, m in targets.items()})
+        check_planned_embedding(plan, model)
     if given.base is not None:
         if config.method != "qa-lora":
             raise ValueError(

@@ -26,15 +26,16 @@ from torch import nn
 
 from lorq.budget import BudgetPlan
 from lorq.budget.choices import Choices, plan_choices
-from lorq.budget.cost import CostTable, cost_table, kl_costs
+from lorq.budget.cost import CostTable, cost_table, embedding_row, kl_costs
 from lorq.budget.plan import plans_of_table, table_config
 from lorq.calibrate.blocks import BlockInputs, forward_kwargs, run_block
 from lorq.calibrate.fisher import blocks_bypassed, blockwise_fisher
 from lorq.calibrate.hessian import Hessians, block_hessians, collect, input_leaders
 from lorq.config import uses_activations, uses_fisher
+from lorq.model.packing import input_embedding, table_shape, table_weight
 from lorq.model.targets import dense_weight, weight_shape
 from lorq.pipeline.run import Run
-from lorq.pipeline.sensitivity import carry, finish, probes_for
+from lorq.pipeline.sensitivity import carry, finish, probes_for, start_embedding
 from lorq.util import dist
 
 FISHER_DIR = ".fisher"
@@ -172,7 +173,10 @@ def cost_rows(run: Run, grid) -> list[CostTable]:
     probes = probes_for(run)
     wanted = (needs_hessians(run) and not given) or probes is not None
     inputs = run.capture() if wanted else None
-    advance = run.progress("cost table", len(run.targets))
+    if probes is not None:
+        start_embedding(run, probes)
+    rows = len(run.targets) + (run.planned_embedding is not None)
+    advance = run.progress("cost table", rows)
     tables = []
     for index in [*range(len(run.blocks)), None]:
         file = run.sink.scratch / COSTS_DIR / f"{_stem(index)}.npz"
@@ -201,15 +205,26 @@ def _block_rows(run: Run, index: int | None, grid, inputs: BlockInputs | None, w
     share = {n: m for (n, m), o in zip(targets.items(), owners, strict=True) if o == run.world.rank}
     mine = share if want else {}
     table = _costs_of(run, mine, grid, hessians, index) if mine else None
+    names = list(targets)
+    if index is None and run.planned_embedding is not None:  # the table's row (§10)
+        names.append(run.planned_embedding)
+        table = _with_embedding(run, table, grid) if want and run.world.is_writer else table
     if probes is not None and index is not None:
         carry(run, probes, index, share, hessians, inputs)
     elif probes is not None:
         finish(run, probes, share, hessians, inputs)
     run.source.release(parts)
-    if want and targets:
-        table = in_order(dist.gather_objects(table, run.world), list(targets))
+    if want and names:
+        table = in_order(dist.gather_objects(table, run.world), names)
     hidden = replace(inputs, hidden=output) if inputs is not None and output is not None else None
-    return (table if want and targets else None), hidden
+    return (table if want and names else None), hidden
+
+
+def _with_embedding(run: Run, table: CostTable | None, grid) -> CostTable:
+    """``table`` (this process's outside rows, or None) with the token embedding's row."""
+    name, module = input_embedding(run.model)
+    row = embedding_row(name, table_weight(module), grid)
+    return row if table is None else join_tables([table, row])
 
 
 def _original_statistics(run: Run, index, targets, inputs: BlockInputs | None):
@@ -236,12 +251,16 @@ def plans_of_rows(run: Run, tables: list[CostTable], budgets: list[float]) -> li
     """The ILP's plan at each budget over every row (no timings kept: the same bytes each run)."""
     config = run.config
     shapes = {name: weight_shape(run.model.get_submodule(name)) for name in run.targets}
+    embedding = run.planned_embedding
+    if embedding is not None:
+        shapes[embedding] = table_shape(run.model.get_submodule(embedding))
     job = (config.method, config.rank, (config.cost_weighting, config.cost_rounding))
     table = join_tables(tables)
     if run.sensitivities is not None:
         table = kl_costs(table, run.sensitivities)
     plans = plans_of_table(table, shapes, budgets, job, 0.0)
-    return [replace(plan, table_seconds=0.0, solve_seconds=0.0) for plan in plans]
+    timings = {"table_seconds": 0.0, "solve_seconds": 0.0}
+    return [replace(plan, **timings, embedding=embedding) for plan in plans]
 
 
 def save_costs(table: CostTable, file: Path) -> None:

@@ -15,6 +15,7 @@ from lorq.budget import BudgetPlan
 from lorq.calibrate.blocks import BlockInputs, capture_inputs
 from lorq.calibrate.tokens import Calibration
 from lorq.config import CompressConfig, uses_activations, uses_fisher
+from lorq.model.packing import input_embedding
 from lorq.pipeline.sources import Part, Source
 from lorq.quant import QuantConfig, QuantizedTensor, as_config
 from lorq.util import dist
@@ -62,6 +63,13 @@ class Run:
     @property
     def blocks(self):
         return self.source.blocks
+
+    @property
+    def planned_embedding(self) -> str | None:
+        """The token embedding's name when the plan chooses its format (plan_embeddings)."""
+        if not self.config.plan_embeddings:
+            return None
+        return input_embedding(self.model)[0]
 
     @property
     def needs_fisher(self) -> bool:

@@ -14,10 +14,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lorq.calibrate.blocks import BlockInputs, forward_kwargs
+from lorq.calibrate.blocks import BlockInputs, capture_inputs, forward_kwargs
 from lorq.calibrate.fisher import blocks_bypassed
-from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES, Probes
+from lorq.calibrate.sensitivity import (
+    SENSITIVITY_SEQUENCES,
+    Probes,
+    looked_up,
+    probe_seed,
+    table_perturbation,
+)
+from lorq.model.packing import input_embedding, table_weight, tied_head
 from lorq.nn.dense import dense_weight
+from lorq.nn.quant_embedding import embedding_scale
 from lorq.pipeline.run import Run
 from lorq.util import dist
 from lorq.util.atomic import atomic_file
@@ -56,6 +64,28 @@ def carry(run: Run, probes: Probes, index: int, mine: dict[str, nn.Module], hess
     probes.block(block, mine, lambda name: dense_weight(mine[name]).float(), hessians, inputs)
 
 
+def start_embedding(run: Run, probes: Probes) -> None:
+    """The token embedding's probe (plan_embeddings; the first process): X_0 of the first S
+    calibration sequences looked up in E + Δ_E, the outside parts resident meanwhile."""
+    if run.planned_embedding is None or not run.world.is_writer:
+        return
+    parts = run.source.outside_parts()
+    run.source.load(parts, run.dtype, run.device)
+    try:
+        name, table = input_embedding(run.model)
+        delta = _table_delta(probes, name, table)
+        tokens = run.tokens()[: probes.rows]
+        with looked_up(table, delta, embedding_scale(table)):
+            first = run.blocks.modules[0]
+            probes.states[name] = capture_inputs(run.model, first, tokens, run.device).hidden
+    finally:
+        run.source.release(parts)
+
+
+def _table_delta(probes: Probes, name: str, table: nn.Module):
+    return table_perturbation(table_weight(table), probes.t, probe_seed(name, probes.seed))
+
+
 def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: BlockInputs):
     """α of every target from the probes at the top (the outside parts loaded; ``mine``: this
     process's share of the targets outside the blocks, ``top``: the clean X_N) into
@@ -64,11 +94,16 @@ def finish(run: Run, probes: Probes, mine: dict[str, nn.Module], hessians, top: 
         name: (module, probes.delta(name, dense_weight(module).float(), hessians[name]))
         for name, module in mine.items()
     }
-    alphas = probes.finish(top_output(run), top.hidden, outside)
+    tied = {}
+    if run.planned_embedding in probes.states and (head := tied_head(run.model)) is not None:
+        name, table = input_embedding(run.model)
+        tied[name] = (head, _table_delta(probes, name, table))
+    alphas = probes.finish(top_output(run), top.hidden, outside, tied)
     merged: dict[str, float] = {}
     for part in dist.gather_objects(alphas, run.world):
         merged.update(part)
-    run.sensitivities = {name: merged[name] for name in run.targets}
+    names = [*run.targets, *([run.planned_embedding] if run.planned_embedding else [])]
+    run.sensitivities = {name: merged[name] for name in names}
     if run.world.is_writer:
         with atomic_file(run.sink.scratch / SENSITIVITY_FILE) as tmp:
             tmp.write_text(json.dumps(run.sensitivities, indent=1))
