@@ -13,9 +13,13 @@ text the plans and α were measured on, nor training text). The KL each plan pre
 of its choices, from one H-norm cost table and the measured α) is reported beside the KL
 measured, for these plans and for ``--random`` more: ILP plans of costs jittered at random
 (log-normal, σ = 1) at random budgets in [2.5, 3.5], for a rank correlation over varied plans.
+With ``--embeddings`` (the default) α of the token embedding is measured too, and at each budget
+a KL plan with the table as one more row (``plan_embeddings``) is compressed at the same total
+bytes as the linears at that budget beside the table the built-in GGUF holds (Q8_0).
 
     python bench/kl_plan.py                          # 2.75 and 3.0 bits, 4 random plans
     python bench/kl_plan.py --budgets 2.5 3.25 3.5 --random 0 --weightings kl fisher
+    python bench/kl_plan.py --budgets 3.0 --weightings kl --random 10   # + the table planned
 
 Results: bench/results/kl_plan.json (rows merged by label), a table on stdout.
 """
@@ -60,12 +64,40 @@ def random_plans(table, shapes, job, count: int, seed: int = 0) -> list:
     return plans
 
 
+def table_plan(model, table, shapes, alphas, budget: float, job) -> tuple:
+    """(label, plan, its table): the KL plan with the token embedding a row of it (--plan-
+    embeddings), at the total bits of the linears at ``budget`` beside the table as the built-in
+    GGUF holds it (Q8_0, 8.5 bits/param, decoded exactly): the same bytes, spent by the ILP."""
+    from lorq.budget.cost import embedding_row, kl_costs
+    from lorq.budget.grid import candidate_grid
+    from lorq.budget.plan import plans_of_table
+    from lorq.model.packing import input_embedding, table_weight
+    from lorq.pipeline.passes import join_tables
+
+    name, module = input_embedding(model)
+    weight = table_weight(module)
+    row = embedding_row(name, weight, candidate_grid("default"))
+    joined = kl_costs(join_tables([table, row]), alphas)
+    linear = float(table.numels.sum())
+    total = (budget * linear + 8.5 * weight.numel()) / (linear + weight.numel())
+    (plan,) = plans_of_table(joined, {**shapes, name: tuple(weight.shape)}, [total], job, 0.0)
+    plan = replace(plan, embedding=name, weighting="kl")
+    label = f"kl plan + token embedding, {total:.3f} bits (= {budget:g} + Q8_0 table)"
+    return label, plan, joined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.75, 3.0])
     parser.add_argument("--weightings", nargs="+", default=list(WEIGHTINGS), choices=WEIGHTINGS)
     parser.add_argument("--random", type=int, default=4, help="random plans (predicted vs KL)")
     parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument(
+        "--embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a KL plan with the token embedding in it (α_E measured)",
+    )
     args = parser.parse_args()
 
     import lorq
@@ -91,7 +123,8 @@ def main() -> None:
 
     plans, seconds = {}, {}
     start = time.perf_counter()  # α alone: a KL plan over two candidates (a cheap table)
-    probe = replace(base, plan_weighting="kl", candidates="nf3,nf4", budget=3.5)
+    probe = replace(base, plan_weighting="kl", candidates="nf3,nf4", budget=3.5,
+                    plan_embeddings=args.embeddings)  # fmt: skip
     (measured,) = plan_budgets_for(model, probe, [3.5], hessians=hessians, calibration=tokens)
     alphas = measured.sensitivities
     assert alphas is not None
@@ -121,6 +154,11 @@ def main() -> None:
     job = ("lq", base.rank, ("activations", "nearest"))
     for i, plan in enumerate(random_plans(table, shapes, job, args.random)):
         plans[f"random plan {i + 1}, {plan.budget:g} bits"] = plan
+    tables = {id(plan): table for plan in plans.values()}
+    if args.embeddings:
+        for budget in args.budgets:
+            label, plan, joined = table_plan(model, table, shapes, alphas, budget, job)
+            plans[label], tables[id(plan)] = plan, joined
 
     rows = []
     for label, plan in plans.items():
@@ -131,7 +169,8 @@ def main() -> None:
         del compressed
         rows.append({
             "plan": label, "weighting": plan.weighting, "budget": plan.budget,
-            "bits": plan.achieved_bits, "predicted_kl": predicted(plan, table, alphas),
+            "bits": plan.achieved_bits,
+            "predicted_kl": predicted(plan, tables[id(plan)], alphas),
             "kl": result.kl, "perplexity": result.perplexity,
             "seconds": round(time.perf_counter() - start, 1),
         })  # fmt: skip
