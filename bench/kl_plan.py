@@ -77,10 +77,11 @@ def table_plan(model, table, shapes, alphas, budget: float, job) -> tuple:
     name, module = input_embedding(model)
     weight = table_weight(module)
     row = embedding_row(name, weight, candidate_grid("default"))
-    joined = kl_costs(join_tables([table, row]), alphas)
+    joined = join_tables([table, row])  # relative errors: H-norm rows, the table's Frobenius
     linear = float(table.numels.sum())
     total = (budget * linear + 8.5 * weight.numel()) / (linear + weight.numel())
-    (plan,) = plans_of_table(joined, {**shapes, name: tuple(weight.shape)}, [total], job, 0.0)
+    every = {**shapes, name: tuple(weight.shape)}
+    (plan,) = plans_of_table(kl_costs(joined, alphas), every, [total], job, 0.0)
     plan = replace(plan, embedding=name, weighting="kl")
     label = f"kl plan + token embedding, {total:.3f} bits (= {budget:g} + Q8_0 table)"
     return label, plan, joined
