@@ -138,6 +138,11 @@ def test_plan_embeddings(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     table = lorq.load(out).get_input_embeddings()
     assert table.quant_config.to_dict() == entry["config"] and 8 * table.q.nbytes == entry["bits"]
+    # one job, its baseline (plain rounding in the plan's formats) measured beside it
+    both = ("--plan-embeddings", "--plan-ranks", "0,2", "--eval-blocks", "1")
+    result = run("compress", *common, *both, "--out", tmp_path / "out2")
+    assert result.exit_code == 0, result.output
+    assert "plain NF" in result.output and "kl plan" in result.output
     bad = run("plan", *common[:-2], "--plan-embeddings", "--out", tmp_path / "x.json")
     assert bad.exit_code == 2 and "plan_weighting='kl'" in bad.output, bad.output
     assert not (tmp_path / "x.json").exists()

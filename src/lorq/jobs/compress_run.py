@@ -151,6 +151,7 @@ def _baseline(original: nn.Module, config: CompressConfig, plan: BudgetPlan | No
         plain = replace(
             config, method="plain", iters=None, rounding="nearest", weighting="none",
             plan_weighting=None, plan_rounding=None, embeddings=None, factor_bits=None,
+            plan_ranks=None, plan_factor_bits=None, plan_embeddings=False,
         )  # fmt: skip
         planned = replace(plan, method="plain") if plan is not None else None
         source = ResidentSource(shared_copy(original), ModelSource(type(original).__name__, ""))
