@@ -20,6 +20,7 @@ bytes as the linears at that budget beside the table the built-in GGUF holds (Q8
     python bench/kl_plan.py                          # 2.75 and 3.0 bits, 4 random plans
     python bench/kl_plan.py --budgets 2.5 3.25 3.5 --random 0 --weightings kl fisher
     python bench/kl_plan.py --budgets 3.0 --weightings kl --random 10   # + the table planned
+    python bench/kl_plan.py --model minilm --budgets 2.75 3.25 --random 10   # 1 − cos
 
 Results: bench/results/kl_plan.json (rows merged by label), a table on stdout.
 """
@@ -99,7 +100,11 @@ def main() -> None:
         default=True,
         help="also a KL plan with the token embedding in it (α_E measured)",
     )
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"])
     args = parser.parse_args()
+    if args.model == "minilm":  # an encoder: α of 1 − cos, no Fisher; its table is fp32
+        args.weightings = [w for w in args.weightings if w != "fisher"]
+        args.embeddings = False
 
     import lorq
     from lorq.budget.cost import cost_table, kl_costs
@@ -112,7 +117,7 @@ def main() -> None:
     from lorq.jobs.statistics import estimate_hessians
     from lorq.model.targets import dense_weight, shared_copy, targets_of
 
-    loaded = lorq.io.models.load_model("smollm2")
+    loaded = lorq.io.models.load_model(args.model)
     model, tokens = loaded.model, Calibration().load(loaded.tokenizer)
     text = Evaluation(loaded.tokenizer, args.eval_blocks)
     base = lorq.CompressConfig(weighting="activations", quant=None, budget=args.budgets[0])
@@ -172,18 +177,27 @@ def main() -> None:
             "plan": label, "weighting": plan.weighting, "budget": plan.budget,
             "bits": plan.achieved_bits,
             "predicted_kl": predicted(plan, tables[id(plan)], alphas),
-            "kl": result.kl, "perplexity": result.perplexity,
+            "kl": divergence(result), "perplexity": result.perplexity,
             "seconds": round(time.perf_counter() - start, 1),
         })  # fmt: skip
         print(rows[-1], flush=True)
-    report(rows, seconds, alphas)
+    report(rows, seconds, alphas, results_file(args.model))
 
 
-def report(rows: list[dict], seconds: dict, alphas: dict) -> None:
+def divergence(result) -> float:
+    """The KL of a causal LM's next-token distributions; 1 − cos of an encoder's embeddings."""
+    return result.kl if result.kl is not None else 1.0 - result.cosine
+
+
+def results_file(model: str) -> Path:
+    return RESULTS if model == "smollm2" else RESULTS.with_name(f"kl_plan-{model}.json")
+
+
+def report(rows: list[dict], seconds: dict, alphas: dict, path: Path = RESULTS) -> None:
     """Rows into the results file (merged by label), the table and Spearman's ρ on stdout."""
     from scipy.stats import spearmanr
 
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data = json.loads(path.read_text()) if path.exists() else {}
     merged = {row["plan"]: row for row in data.get("rows", [])}
     merged.update({row["plan"]: row for row in rows})
     rows = list(merged.values())
@@ -191,15 +205,16 @@ def report(rows: list[dict], seconds: dict, alphas: dict) -> None:
     data.update({"updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows,
                  "plan_seconds": {**data.get("plan_seconds", {}), **seconds},
                  "spearman": rho, "alphas": alphas})  # fmt: skip
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-    print("| plan | bits Q | predicted KL | KL | perplexity | seconds |")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print("| plan | bits Q | predicted KL (1 − cos) | KL (1 − cos) | perplexity | seconds |")
     print("|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["plan"].startswith("random"), r["plan"])):
+        ppl = "-" if r["perplexity"] is None else f"{r['perplexity']:.3f}"
         print(f"| {r['plan']} | {r['bits']:.3f} | {r['predicted_kl']:.4f} | {r['kl']:.4f} | "
-              f"{r['perplexity']:.3f} | {r['seconds']} |")  # fmt: skip
+              f"{ppl} | {r['seconds']} |")  # fmt: skip
     print(f"Spearman ρ (predicted, measured) over {len(rows)} plans: {rho:.3f}")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
