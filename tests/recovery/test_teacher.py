@@ -10,6 +10,7 @@ import torch
 from conftest import quantized_export, tiny_arch, tiny_llama
 
 from lorq.jobs.compress import streamed_source
+from lorq.pipeline import devices
 from lorq.pipeline import teacher as blockwise
 from lorq.recovery.topk import TopK
 
@@ -91,7 +92,7 @@ def test_offloaded_states_give_the_same_rows_and_leave_no_file(tmp_path, monkeyp
         made.append(args[-1])  # the offload folder capture_inputs was given
         return real(*args)
 
-    monkeypatch.setattr(blockwise, "available_memory", lambda: 0)
+    monkeypatch.setattr(devices, "available_memory", lambda: 0)
     monkeypatch.setattr(blockwise, "capture_inputs", capture)
     rows = blockwise.teacher_rows(
         streamed_source(str(path)), given, K, torch.device("cpu"), scratch

@@ -126,6 +126,20 @@ def embedding_bits(
     return [np.inf if r else b for b, (_, r, _) in zip(bits, choices.columns, strict=True)]
 
 
+def rows_bits(
+    shapes: Mapping[str, tuple[int, int]],
+    tables: Mapping[str, tuple[int, int]],
+    candidates: Choices | Sequence[QuantConfig],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(bits (n, c), numels (n,)) of the matrices ``shapes`` (:func:`shape_bits`) and the planned
+    token embedding ``tables`` (:func:`embedding_bits`), in that order: what the budget's
+    feasible range is taken over."""
+    rows = [shape_bits(name, shape, candidates) for name, shape in shapes.items()]
+    rows += [embedding_bits(name, shape, candidates) for name, shape in tables.items()]
+    numels = [out * inp for out, inp in [*shapes.values(), *tables.values()]]
+    return np.array(rows), np.array(numels, dtype=np.int64)
+
+
 def _error(
     weighting: Weighting, weight: torch.Tensor, q: torch.Tensor, low_rank: torch.Tensor | None
 ) -> float:

@@ -14,11 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lorq.budget.choices import plan_choices
-from lorq.budget.cost import embedding_bits, feasible_range, shape_bits
+from lorq.budget.cost import feasible_range, rows_bits
 from lorq.config import CompressConfig
 from lorq.exporters.gguf import MIB, GGUFBudget, gguf_budget
 from lorq.model.targets import targets_of, weight_shape
@@ -62,11 +61,7 @@ def _rank(config: CompressConfig) -> int | None:
 def _feasible_bits(budget: GGUFBudget, config: CompressConfig, shapes, tables) -> float:
     """The budget's bits/param, at most what the largest candidates take; ValueError in MiB when
     even the smallest do not fit (``tables``: the planned token embedding, counted too)."""
-    grid = plan_choices(config)
-    rows = [shape_bits(name, shape, grid) for name, shape in shapes.items()]
-    rows += [embedding_bits(name, shape, grid) for name, shape in tables.items()]
-    numels = np.array([o * i for o, i in [*shapes.values(), *tables.values()]], np.int64)
-    low, high = feasible_range(np.array(rows), numels)
+    low, high = feasible_range(*rows_bits(shapes, tables, plan_choices(config)))
     if budget.bits < low:
         other = (budget.base_bytes + budget.adapter_bytes) / MIB
         raise ValueError(

@@ -91,7 +91,15 @@ def activation_offload(offload: bool | None, out: Path, calibration, width: int)
     pass keeps every block's input)."""
     if calibration is None or offload is False:
         return None
-    need = calibration.blocks * calibration.seq_len * width * 4
-    if offload is None and need <= available_memory() // 4:
-        return None
-    return out / ".activations"
+    folder = out / ".activations"
+    return (
+        folder
+        if offload
+        else spill_folder(calibration.blocks * calibration.seq_len * width, folder)
+    )
+
+
+def spill_folder(values: int, folder: Path) -> Path | None:
+    """``folder`` when ``values`` float32 activations would take over a quarter of the free
+    memory (they go to disk files there), else None (they stay in memory)."""
+    return folder if values * 4 > available_memory() // 4 else None

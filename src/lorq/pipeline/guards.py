@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from lorq.budget import BudgetPlan
 from lorq.budget.choices import plan_choices
-from lorq.budget.cost import embedding_bits, shape_bits
+from lorq.budget.cost import rows_bits
 from lorq.budget.ilp import check_budget
 from lorq.calibrate.sensitivity import SENSITIVITY_SEQUENCES
 from lorq.calibrate.tokens import Calibration
@@ -109,11 +108,7 @@ def check_shapes(config: CompressConfig, shapes: Shapes, table: Shapes | None = 
         return
     grid = plan_choices(config)
     _check_rounding(config, grid.quants)
-    rows = [shape_bits(name, shape, grid) for name, shape in shapes.items()]
-    rows += [embedding_bits(name, shape, grid) for name, shape in (table or {}).items()]
-    every = [*shapes.values(), *(table or {}).values()]
-    numels = np.array([out * inp for out, inp in every], dtype=np.int64)
-    bits = np.array(rows)
+    bits, numels = rows_bits(shapes, table or {}, grid)
     if config.budget is not None:  # a budget in MiB is checked once the model is loaded
         check_budget(bits, numels, config.budget)
 

@@ -22,7 +22,7 @@ import torch
 from lorq.calibrate.blocks import BlockInputs, capture_inputs, forward_kwargs, run_block
 from lorq.calibrate.fisher import blocks_bypassed
 from lorq.nn import decoded_once
-from lorq.pipeline.devices import available_memory
+from lorq.pipeline.devices import spill_folder
 from lorq.pipeline.sources import Source
 from lorq.recovery.teacher import Text
 from lorq.recovery.topk import TopK
@@ -74,11 +74,8 @@ def _by_length(flat: Sequence) -> dict[int, tuple[torch.Tensor, list[int]]]:
 
 
 def _offload(flat: Sequence, source: Source, scratch: Path) -> Path | None:
-    """``scratch`` when the examples' hidden states (fp32) would take over a quarter of the
-    free memory, else None."""
-    width = source.model.config.hidden_size
-    need = sum(len(ids) for ids, _ in flat) * width * 4
-    return scratch if need > available_memory() // 4 else None
+    """``scratch`` when the examples' hidden states would not fit beside the blocks."""
+    return spill_folder(sum(len(ids) for ids, _ in flat) * source.model.config.hidden_size, scratch)
 
 
 def _run(source: Source, index: int, states: dict[int, BlockInputs], device) -> None:
